@@ -1,0 +1,1 @@
+"""gRPC layer: proto <-> domain, input shape checks, error mapping, interceptors."""

@@ -1,0 +1,158 @@
+"""The server interceptor: request id, access log, authentication, error mapping.
+
+One interceptor wraps every unary-unary handler of our services once (wrapped handlers are
+cached per method). Which methods need a token is read from the ``(referral.v1.access)`` method
+option in the descriptor pool at start-up, so the proto is the single source of truth; a method
+of ours without the option stops the server from starting. Health and reflection are public and
+pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from referral.v1 import options_pb2
+from referral_service.api import errors
+from referral_service.domain.errors import DomainError, Reason, Unauthenticated
+from referral_service.domain.models import Principal
+
+access_log = logging.getLogger("referral_service.access")
+log = logging.getLogger("referral_service.api")
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Authenticate = Callable[[str], Awaitable[Principal]]
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def access_rules(services: Iterable[ServiceDescriptor]) -> dict[str, bool]:
+    """Map ``/package.Service/Method`` to True when the method needs an access token."""
+    rules: dict[str, bool] = {}
+    for service in services:
+        for method in service.methods:
+            level = method.GetOptions().Extensions[options_pb2.access]
+            if level == options_pb2.ACCESS_UNSPECIFIED:
+                raise RuntimeError(f"{method.full_name} has no (referral.v1.access) option")
+            rules[f"/{service.full_name}/{method.name}"] = level != options_pb2.ACCESS_PUBLIC
+    return rules
+
+
+def current_principal() -> Principal:
+    principal = principal_var.get()
+    if principal is None:  # only reachable if a method's access rule is wrong
+        raise Unauthenticated(Reason.TOKEN_MISSING, "this call needs an access token")
+    return principal
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in ("authorization", "x-request-id") and isinstance(value, str):
+            found.setdefault(key, value)
+    return found
+
+
+def _bearer(header: str | None) -> str:
+    if not header:
+        raise Unauthenticated(
+            Reason.TOKEN_MISSING,
+            "this call needs an access token: send 'authorization: Bearer <access_token>' metadata",
+        )
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            Reason.TOKEN_INVALID, "the authorization metadata must be 'Bearer <access_token>'"
+        )
+    return token.strip()
+
+
+class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, rules: dict[str, bool], authenticate: Authenticate) -> None:
+        self._rules = rules
+        self._authenticate = authenticate
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or method not in self._rules:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, self._rules[method], handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._handlers[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, needs_token: bool, inner: Behavior) -> Behavior:
+        authenticate = self._authenticate
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            meta = _metadata(context)
+            given = meta.get("x-request-id", "")
+            request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+            request_id_var.set(request_id)
+            code = grpc.StatusCode.OK
+            reason = ""
+            try:
+                if needs_token:
+                    principal_var.set(await authenticate(_bearer(meta.get("authorization"))))
+                response = await inner(request, context)
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                return response
+            except DomainError as error:
+                status = errors.from_domain(error, request_id)
+                code, reason = status.code, error.reason.value
+                await context.abort_with_status(status)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", method, extra={"request_id": request_id})
+                status = errors.internal(request_id)
+                code, reason = status.code, Reason.INTERNAL_ERROR.value
+                await context.abort_with_status(status)
+            finally:
+                principal = principal_var.get()
+                access_log.info(
+                    "%s %s %.1fms",
+                    method,
+                    code.name,
+                    (time.perf_counter() - started) * 1000,
+                    extra={
+                        "method": method,
+                        "code": code.name,
+                        "reason": reason,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "request_id": request_id,
+                        "peer": context.peer(),
+                        "user_id": principal.user_id if principal else None,
+                    },
+                )
+
+        return behavior

@@ -1,0 +1,78 @@
+"""referral.v1.ReferralService: protos in, domain calls, protos out. No business rules here."""
+
+from __future__ import annotations
+
+from datetime import UTC, timedelta
+
+import grpc
+
+from referral.v1 import referral_pb2, referral_pb2_grpc
+from referral_service.api import convert
+from referral_service.api.interceptors import current_principal
+from referral_service.domain.errors import FieldViolation, InvalidArgument
+from referral_service.domain.referrals import CreateCodeCommand, ReferralService
+
+# Timestamp range allowed by google.protobuf.Timestamp (0001-01-01 .. 9999-12-31).
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
+
+
+class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
+    def __init__(self, service: ReferralService) -> None:
+        self._service = service
+
+    async def CreateReferralCode(
+        self, request: referral_pb2.CreateReferralCodeRequest, context: grpc.aio.ServicerContext
+    ) -> referral_pb2.CreateReferralCodeResponse:
+        expire_time = ttl = None
+        which = request.WhichOneof("expiry")
+        if which == "expire_time":
+            ts = request.expire_time
+            if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS) or not (0 <= ts.nanos < 1_000_000_000):
+                raise InvalidArgument.fields(FieldViolation("expire_time", "is not a valid timestamp", "INVALID"))
+            expire_time = ts.ToDatetime(tzinfo=UTC)
+        elif which == "ttl":
+            duration = request.ttl
+            if abs(duration.seconds) > 315_576_000_000 or abs(duration.nanos) >= 1_000_000_000:
+                raise InvalidArgument.fields(FieldViolation("ttl", "is not a valid duration", "INVALID"))
+            ttl = timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
+        code = await self._service.create_code(
+            CreateCodeCommand(
+                owner_id=current_principal().user_id,
+                code=request.code,
+                expire_time=expire_time,
+                ttl=ttl,
+                max_uses=request.max_uses,
+                request_id=request.request_id,
+            )
+        )
+        return referral_pb2.CreateReferralCodeResponse(referral_code=convert.referral_code(code))
+
+    async def GetMyReferralCode(
+        self, request: referral_pb2.GetMyReferralCodeRequest, context: grpc.aio.ServicerContext
+    ) -> referral_pb2.GetMyReferralCodeResponse:
+        code = await self._service.my_code(current_principal().user_id)
+        return referral_pb2.GetMyReferralCodeResponse(referral_code=convert.referral_code(code))
+
+    async def DeleteReferralCode(
+        self, request: referral_pb2.DeleteReferralCodeRequest, context: grpc.aio.ServicerContext
+    ) -> referral_pb2.DeleteReferralCodeResponse:
+        await self._service.delete_code(current_principal().user_id)
+        return referral_pb2.DeleteReferralCodeResponse()
+
+    async def GetReferralCodeByEmail(
+        self, request: referral_pb2.GetReferralCodeByEmailRequest, context: grpc.aio.ServicerContext
+    ) -> referral_pb2.GetReferralCodeByEmailResponse:
+        code = await self._service.code_by_email(request.email)
+        return referral_pb2.GetReferralCodeByEmailResponse(referral_code=convert.referral_code(code))
+
+    async def ListReferrals(
+        self, request: referral_pb2.ListReferralsRequest, context: grpc.aio.ServicerContext
+    ) -> referral_pb2.ListReferralsResponse:
+        page = await self._service.list_referrals(
+            current_principal().user_id, request.referrer_id, request.page_size, request.page_token
+        )
+        return referral_pb2.ListReferralsResponse(
+            referrals=[convert.referral(item) for item in page.referrals],
+            next_page_token=page.next_page_token,
+            total_size=min(page.total_size, 2**31 - 1),
+        )

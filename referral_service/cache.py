@@ -1,0 +1,387 @@
+"""Cache and revocation store: Redis when ``REFERRAL_REDIS_URL`` is set, else in-process.
+
+Cache-aside with versioned fills, so a read racing a delete can never put the deleted value
+back (the predecessor served a deleted code from its cache 300 times out of 300):
+
+- ``lookup(key)`` returns a hit, or a miss carrying a *stamp* (the key's invalidation version
+  and the global epoch, read in the same round trip);
+- ``fill(key, stamp, value, ttl)`` stores the value only if no invalidation happened since the
+  stamp was taken (checked atomically in Redis by a Lua script);
+- ``invalidate(key)`` bumps the key's version and deletes the value, after the database commit.
+
+Redis is an accelerator, never a dependency: every call has a short socket timeout, and a
+circuit breaker stops calling it after a few failures, so an outage costs nothing but cache
+hits. If an invalidation cannot reach Redis, this process stops using the cache until it has
+bumped the global epoch, which makes every value written before the outage unreadable for every
+replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+log = logging.getLogger("referral_service.cache")
+T = TypeVar("T")
+
+_VERSION_TTL_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    hit: bool
+    #: On a hit, the cached bytes (``b""`` is a cached "nothing there").
+    value: bytes | None = None
+    #: On a miss, what ``fill`` needs; None when the cache must not be filled now.
+    stamp: object | None = None
+
+
+class Cache(Protocol):
+    backend: str
+
+    async def lookup(self, key: str) -> Lookup: ...
+    async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None: ...
+    async def invalidate(self, key: str) -> None: ...
+    async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool: ...
+    async def any_revoked(self, keys: Sequence[str]) -> bool | None: ...
+    async def seed_revocations(self, entries: Sequence[tuple[str, float]]) -> bool: ...
+    async def healthy(self) -> bool: ...
+    async def close(self) -> None: ...
+
+
+class CircuitBreaker:
+    """Closed -> (``threshold`` consecutive failures) -> open for ``reset_seconds`` -> one trial
+    call (half-open) -> closed on success, open again on failure."""
+
+    def __init__(
+        self,
+        threshold: int,
+        reset_seconds: float,
+        on_change: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._threshold = threshold
+        self._reset = reset_seconds
+        self._failures = 0
+        self._open_until = 0.0
+        self._trial = False
+        self._clock = clock
+        self._on_change = on_change
+        self.closed = True
+
+    def allow(self) -> bool:
+        if self.closed:
+            return True
+        if self._trial or self._clock() < self._open_until:
+            return False
+        self._trial = True
+        return True
+
+    def success(self) -> None:
+        self._failures = 0
+        self._trial = False
+        if not self.closed:
+            self.closed = True
+            log.info("redis is reachable again; cache and shared stores resumed")
+            if self._on_change:
+                self._on_change(True)
+
+    def failure(self, error: BaseException) -> None:
+        self._failures += 1
+        self._trial = False
+        if self.closed and self._failures >= self._threshold:
+            self.closed = False
+            log.warning(
+                "redis unavailable (%s: %s); serving from the database for at least %.1fs",
+                type(error).__name__,
+                error,
+                self._reset,
+            )
+            if self._on_change:
+                self._on_change(False)
+        if not self.closed:
+            self._open_until = self._clock() + self._reset
+
+
+# --- in-process ------------------------------------------------------------------------------
+
+
+class MemoryCache:
+    """Process-local cache and revocation store, bounded in size. Correct for one process; with
+    several workers and no Redis each worker has its own copy (see README)."""
+
+    backend = "memory"
+
+    def __init__(self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._invalidated: OrderedDict[str, int] = OrderedDict()
+        self._revoked: dict[str, float] = {}
+        self._seeded = False
+        self._generation = 0
+        self._forgotten = 0  # newest generation evicted from _invalidated
+        self._max = max_entries
+        self._clock = clock
+
+    async def lookup(self, key: str) -> Lookup:
+        entry = self._values.get(key)
+        if entry is not None:
+            value, expires = entry
+            if expires > self._clock():
+                return Lookup(hit=True, value=value)
+            del self._values[key]
+        return Lookup(hit=False, stamp=self._generation)
+
+    async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None:
+        assert isinstance(stamp, int)
+        if ttl_seconds <= 0 or stamp < self._forgotten:
+            return
+        if self._invalidated.get(key, -1) >= stamp:
+            return
+        self._values[key] = (value, self._clock() + ttl_seconds)
+        self._values.move_to_end(key)
+        while len(self._values) > self._max:
+            self._values.popitem(last=False)
+
+    async def invalidate(self, key: str) -> None:
+        self._generation += 1
+        self._values.pop(key, None)
+        self._invalidated[key] = self._generation
+        self._invalidated.move_to_end(key)
+        while len(self._invalidated) > self._max:
+            _, generation = self._invalidated.popitem(last=False)
+            self._forgotten = max(self._forgotten, generation + 1)
+
+    async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
+        now = self._clock()
+        if len(self._revoked) > self._max:
+            self._revoked = {k: t for k, t in self._revoked.items() if t > now}
+        for key in keys:
+            self._revoked[key] = max(self._revoked.get(key, 0.0), now + ttl_seconds)
+        return True
+
+    async def any_revoked(self, keys: Sequence[str]) -> bool | None:
+        if not self._seeded:
+            return None
+        now = self._clock()
+        return any(self._revoked.get(key, 0.0) > now for key in keys)
+
+    async def seed_revocations(self, entries: Sequence[tuple[str, float]]) -> bool:
+        await self.revoke([], 0)
+        for key, ttl in entries:
+            await self.revoke([key], ttl)
+        self._seeded = True
+        return True
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+_LOOKUP = """
+local v = redis.call('GET', KEYS[1])
+local ver = redis.call('GET', KEYS[2]) or '0'
+local ep = redis.call('GET', KEYS[3]) or '0'
+return {v or false, ver, ep}
+"""
+
+_FILL = """
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+# KEYS[1] is the sentinel written after the store was seeded from the database: without it
+# (Redis restarted empty, or was never seeded) the answer is unknown (-1) and the caller asks
+# the database instead.
+_ANY_REVOKED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local n = 0
+for i = 2, #KEYS do n = n + redis.call('EXISTS', KEYS[i]) end
+return n
+"""
+
+_INVALIDATE = """
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+class RedisCache:
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "referral:",
+        timeout: float = 0.25,
+        breaker_threshold: int = 3,
+        breaker_reset_seconds: float = 5.0,
+        on_health_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            max_connections=64,
+        )
+        self._prefix = prefix
+        self._timeout = timeout
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_seconds, self._changed)
+        self._on_health_change = on_health_change
+        self._lookup = self._redis.register_script(_LOOKUP)
+        self._fill = self._redis.register_script(_FILL)
+        self._invalidate = self._redis.register_script(_INVALIDATE)
+        self._any_revoked = self._redis.register_script(_ANY_REVOKED)
+        self._sentinel = f"{prefix}rev-seeded"
+        self._epoch_key = f"{prefix}epoch"
+        #: An invalidation failed: do not use cached values until the epoch has been bumped.
+        self._dirty = False
+        self._repair: asyncio.Task[None] | None = None
+
+    def _changed(self, up: bool) -> None:
+        if self._on_health_change:
+            self._on_health_change(up)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation under the breaker and an overall deadline; raise
+        ``ConnectionError`` when it is not attempted or fails."""
+        if not self.breaker.allow():
+            raise ConnectionError("redis circuit breaker is open")
+        try:
+            result = await asyncio.wait_for(fn(), timeout=self._timeout * 2)
+        except (aioredis.RedisError, OSError, TimeoutError) as error:
+            self.breaker.failure(error)
+            raise ConnectionError(str(error)) from error
+        self.breaker.success()
+        return result
+
+    def _keys(self, key: str) -> list[str]:
+        return [f"{self._prefix}v:{key}", f"{self._prefix}ver:{key}", self._epoch_key]
+
+    async def lookup(self, key: str) -> Lookup:
+        if self._dirty:
+            return Lookup(hit=False)
+        try:
+            raw, version, epoch = await self._call(lambda: self._lookup(keys=self._keys(key)))
+        except ConnectionError:
+            return Lookup(hit=False)
+        version = _text(version)
+        epoch = _text(epoch)
+        if raw:
+            head, _, payload = bytes(raw).partition(b"|")
+            if head.decode() == f"{epoch}:{version}":
+                return Lookup(hit=True, value=payload)
+        return Lookup(hit=False, stamp=(version, epoch))
+
+    async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None:
+        ttl_ms = int(ttl_seconds * 1000)
+        if self._dirty or ttl_ms <= 0 or not isinstance(stamp, tuple):
+            return
+        version, epoch = stamp
+        data = f"{epoch}:{version}|".encode() + value
+        try:
+            await self._call(lambda: self._fill(keys=self._keys(key), args=[version, epoch, data, ttl_ms]))
+        except ConnectionError:
+            return
+
+    async def invalidate(self, key: str) -> None:
+        try:
+            await self._call(lambda: self._invalidate(keys=self._keys(key)[:2], args=[_VERSION_TTL_MS]))
+        except ConnectionError:
+            self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        if not self._dirty:
+            log.warning("a cache invalidation could not reach redis; cache bypassed until repaired")
+        self._dirty = True
+        if self._repair is None or self._repair.done():
+            self._repair = asyncio.get_running_loop().create_task(self._repair_loop())
+
+    async def _repair_loop(self) -> None:
+        delay = 0.2
+        while self._dirty:
+            try:
+                await self._call(lambda: self._redis.incr(self._epoch_key))
+            except ConnectionError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._dirty = False
+            log.info("redis cache epoch bumped; cache in use again")
+
+    async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
+        ttl_ms = max(int(ttl_seconds * 1000), 1)
+
+        async def run() -> Any:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for key in keys:
+                    pipe.set(f"{self._prefix}rev:{key}", b"1", px=ttl_ms)
+                return await pipe.execute()
+
+        try:
+            await self._call(run)
+        except ConnectionError:
+            return False
+        return True
+
+    async def any_revoked(self, keys: Sequence[str]) -> bool | None:
+        names = [self._sentinel] + [f"{self._prefix}rev:{key}" for key in keys]
+        try:
+            count = await self._call(lambda: self._any_revoked(keys=names))
+        except ConnectionError:
+            return None
+        if int(count) < 0:
+            return None
+        return bool(count)
+
+    async def seed_revocations(self, entries: Sequence[tuple[str, float]]) -> bool:
+        async def run() -> Any:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, ttl in entries:
+                    pipe.set(f"{self._prefix}rev:{key}", b"1", px=max(int(ttl * 1000), 1))
+                pipe.set(self._sentinel, b"1")
+                return await pipe.execute()
+
+        try:
+            await self._call(run)
+        except ConnectionError:
+            return False
+        return True
+
+    async def healthy(self) -> bool:
+        try:
+            await self._call(self._redis.ping)
+        except ConnectionError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._repair is not None:
+            self._repair.cancel()
+        await self._redis.aclose()
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)

@@ -1,0 +1,136 @@
+"""``referral-service`` console command: ``serve``, ``migrate``, ``create-superuser``.
+
+Flags override the matching ``REFERRAL_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from referral_service import logs
+from referral_service.config import Settings
+
+log = logging.getLogger("referral_service")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("grpc_host", "grpc_port", "database_url", "redis_url", "data_dir", "log_level", "log_format"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+async def _serve(settings: Settings, migrate_first: bool) -> None:
+    from referral_service.app import build_app
+    from referral_service.storage import migrate
+
+    if migrate_first:
+        await migrate.upgrade_async(settings.effective_database_url)
+    app = await build_app(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls for up to %.1fs", settings.shutdown_grace_seconds)
+    await app.stop()
+
+
+async def _create_superuser(settings: Settings, email: str, password: str) -> int:
+    from referral_service.app import build_app
+    from referral_service.domain.errors import DomainError
+
+    app = await build_app(settings.model_copy(update={"grpc_port": 0}))
+    try:
+        user, created = await app.auth.create_superuser(email, password)
+    except DomainError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        for violation in error.violations:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        return 1
+    finally:
+        await app.stop(0)
+    print(f"{'created' if created else 'promoted existing user to'} superuser id={user.id} email={user.email}")
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    from_env = os.environ.get("REFERRAL_SUPERUSER_PASSWORD")
+    if from_env:
+        return from_env
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise SystemExit("error: passwords differ")
+    return first
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="referral-service", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", dest="database_url", help="REFERRAL_DATABASE_URL")
+    common.add_argument("--redis-url", dest="redis_url", help="REFERRAL_REDIS_URL")
+    common.add_argument("--data-dir", dest="data_dir", help="REFERRAL_DATA_DIR")
+    common.add_argument("--log-level", dest="log_level", help="REFERRAL_LOG_LEVEL")
+    common.add_argument("--log-format", dest="log_format", choices=["text", "json"], help="REFERRAL_LOG_FORMAT")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="serve gRPC")
+    serve.add_argument("--host", dest="grpc_host", help="REFERRAL_GRPC_HOST (default 127.0.0.1)")
+    serve.add_argument("--port", dest="grpc_port", type=int, help="REFERRAL_GRPC_PORT (default 50051)")
+    serve.add_argument("--migrate", action="store_true", help="apply migrations before serving")
+
+    commands.add_parser("migrate", parents=[common], help="apply database migrations")
+
+    superuser = commands.add_parser(
+        "create-superuser", parents=[common], help="create a superuser (or promote an existing user)"
+    )
+    superuser.add_argument("--email", required=True)
+    superuser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input (else REFERRAL_SUPERUSER_PASSWORD, else a prompt)",
+    )
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as error:
+        print(f"configuration error:\n{error}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format.value)
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(settings, args.migrate))
+            return 0
+        if args.command == "migrate":
+            from referral_service.storage import migrate
+
+            migrate.upgrade(settings.effective_database_url)
+            log.info("database is at the latest migration")
+            return 0
+        if args.command == "create-superuser":
+            return asyncio.run(_create_superuser(settings, args.email, _read_password(args)))
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

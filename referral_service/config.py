@@ -1,0 +1,165 @@
+"""Settings: the only place that reads the environment (``REFERRAL_*`` and ``.env``).
+
+The defaults make ``make run`` work with no configuration: an SQLite file under ``./data/``,
+the in-process cache, integrations off, and a JWT secret generated once into the data directory.
+The ``production`` profile refuses to start with any of those insecure or local-only defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Profile(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+MIN_SECRET_BYTES = 32
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variables are the field names upper-cased with
+    the ``REFERRAL_`` prefix, e.g. ``REFERRAL_DATABASE_URL``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REFERRAL_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    profile: Profile = Profile.DEVELOPMENT
+
+    # --- network -------------------------------------------------------------------------
+    grpc_host: str = "127.0.0.1"
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 50051
+    #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 10.0
+    #: Largest request message accepted, in bytes.
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    #: SO_REUSEPORT on the listening socket (off in tests).
+    so_reuseport: bool = False
+
+    # --- storage -------------------------------------------------------------------------
+    data_dir: Path = Path("data")
+    #: SQLAlchemy async URL. Default: SQLite file ``<data_dir>/referral.db``.
+    database_url: str | None = None
+    database_pool_size: Annotated[int, Field(ge=1)] = 10
+    #: Seconds to wait for a database connection or statement before failing the call.
+    database_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    #: Redis URL (``redis://host:6379/0``). Unset: the in-process cache and stores.
+    redis_url: str | None = None
+    #: Prefix of every Redis key this service writes.
+    redis_key_prefix: str = "referral:"
+    #: Socket connect/read timeout for Redis, seconds. Keep it small: Redis is an accelerator.
+    redis_timeout_seconds: Annotated[float, Field(gt=0)] = 0.25
+    #: Consecutive Redis failures that open the circuit breaker.
+    redis_breaker_threshold: Annotated[int, Field(ge=1)] = 3
+    #: Seconds the breaker stays open before one trial call.
+    redis_breaker_reset_seconds: Annotated[float, Field(gt=0)] = 5.0
+
+    # --- tokens --------------------------------------------------------------------------
+    #: HMAC secret for JWTs (at least 32 bytes). Required in production; in development a
+    #: random secret is generated once into ``<data_dir>/jwt-secret``.
+    jwt_secret: SecretStr | None = None
+    jwt_issuer: str = "referral-service"
+    jwt_audience: str = "referral-service"
+    access_token_ttl: timedelta = timedelta(minutes=15)
+    refresh_token_ttl: timedelta = timedelta(days=30)
+    #: Clock skew tolerated when checking exp/nbf/iat, seconds.
+    jwt_leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+
+    # --- passwords (argon2id; defaults are OWASP's minimum: m=19 MiB, t=2, p=1) -----------
+    argon2_time_cost: Annotated[int, Field(ge=2)] = 2
+    argon2_memory_kib: Annotated[int, Field(ge=19 * 1024)] = 19 * 1024
+    argon2_parallelism: Annotated[int, Field(ge=1)] = 1
+    #: Threads that hash passwords; default: one per core.
+    hash_workers: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
+    #: Hash jobs allowed to wait for a thread; beyond that callers wait without queueing work.
+    hash_queue: Annotated[int, Field(ge=1)] = 256
+
+    # --- referral codes ------------------------------------------------------------------
+    #: Furthest a code's expiry may lie in the future.
+    code_max_horizon: timedelta = timedelta(days=365)
+    #: Lifetime of cached ``GetReferralCodeByEmail`` answers (never past the code's expiry).
+    code_cache_ttl: timedelta = timedelta(minutes=5)
+    #: Lifetime of cached "no live code" answers.
+    code_negative_cache_ttl: timedelta = timedelta(seconds=30)
+    list_default_page_size: Annotated[int, Field(ge=1)] = 50
+    list_max_page_size: Annotated[int, Field(ge=1)] = 1000
+    #: How long a request_id is remembered (AIP-155).
+    request_id_ttl: timedelta = timedelta(days=1)
+
+    # --- logging -------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.TEXT
+
+    @field_validator("redis_url", "database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_profile(self) -> Settings:
+        if self.jwt_secret is not None:
+            if len(self.jwt_secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
+                raise ValueError(f"REFERRAL_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
+        if self.profile is Profile.PRODUCTION:
+            problems = []
+            if self.jwt_secret is None:
+                problems.append("REFERRAL_JWT_SECRET is not set")
+            if self.database_url is None or self.database_url.startswith("sqlite"):
+                problems.append("REFERRAL_DATABASE_URL must point at PostgreSQL")
+            if self.redis_url is None:
+                problems.append("REFERRAL_REDIS_URL is not set")
+            if problems:
+                raise ValueError("production profile refuses insecure defaults: " + "; ".join(problems))
+        if self.list_default_page_size > self.list_max_page_size:
+            raise ValueError("list_default_page_size exceeds list_max_page_size")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'referral.db'}"
+
+    def resolve_jwt_secret(self) -> bytes:
+        """The configured secret, or (development only) one generated once into the data
+        directory with mode 0600, so restarts and worker processes share it."""
+        if self.jwt_secret is not None:
+            return self.jwt_secret.get_secret_value().encode()
+        path = self.data_dir / "jwt-secret"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            # Write a private temporary file, then link it into place: atomic, and the first
+            # process to link wins, so concurrent workers all end up with the same secret.
+            tmp = path.with_name(f".jwt-secret.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48) + "\n")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        secret = path.read_text().strip()
+        if len(secret) < MIN_SECRET_BYTES:
+            raise RuntimeError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
+        return secret.encode()

@@ -1,0 +1,352 @@
+"""Auth use cases: register, log in, refresh, log out, who-am-I, and token authentication."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from referral_service.domain import validation as v
+from referral_service.domain.clock import utcnow
+from referral_service.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Reason,
+    Unauthenticated,
+    check,
+)
+from referral_service.domain.models import CodeState, Principal, TokenPair, User
+from referral_service.domain.passwords import PasswordHasher
+from referral_service.domain.revocations import Revocations
+from referral_service.domain.tokens import ACCESS_TYP, REFRESH_TYP, TokenCodec
+from referral_service.storage import repositories as repo
+from referral_service.storage.db import Database
+from referral_service.storage.repositories import Conflict
+
+log = logging.getLogger("referral_service.auth")
+
+#: Called with the owner's email key after a commit that changed their code (its use_count).
+CodeChanged = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterCommand:
+    email: str
+    password: str
+    referral_code: str = ""
+    request_id: str = ""
+
+
+class _Retry(Exception):
+    """A concurrent request with the same request_id won; read its result."""
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+class AuthService:
+    def __init__(
+        self,
+        db: Database,
+        hasher: PasswordHasher,
+        tokens: TokenCodec,
+        revocations: Revocations,
+        *,
+        request_id_ttl: timedelta,
+        on_code_used: CodeChanged | None = None,
+    ) -> None:
+        self._db = db
+        self._hasher = hasher
+        self._tokens = tokens
+        self._revocations = revocations
+        self._request_id_ttl = request_id_ttl
+        self._on_code_used = on_code_used
+
+    # --- register ----------------------------------------------------------------------------
+
+    async def register(self, cmd: RegisterCommand) -> User:
+        email = v.parse_email(cmd.email)
+        violations: list[FieldViolation] = []
+        if isinstance(email, FieldViolation):
+            violations.append(email)
+            email = None
+        password = v.normalize_password(cmd.password)
+        violations += v.password_violations(password, email)
+        code_key = ""
+        if cmd.referral_code:
+            code_violation = v.code_violation(cmd.referral_code.strip(), "referral_code")
+            if code_violation is not None:
+                violations.append(code_violation)
+            code_key = v.code_key(cmd.referral_code)
+        request_violation = v.request_id_violation(cmd.request_id)
+        if request_violation is not None:
+            violations.append(request_violation)
+        check(violations)
+        assert email is not None
+
+        fingerprint = _fingerprint(email.key, code_key)
+        if cmd.request_id:
+            earlier = await self._replay("register", cmd.request_id, fingerprint)
+            if earlier is not None:
+                return earlier
+
+        password_hash = await self._hasher.hash(password)
+        now = utcnow()
+        owner_email_key: str | None = None
+        try:
+            async with self._db.write() as session:
+                referrer_id = code_id = None
+                if code_key:
+                    code_id, referrer_id, owner_email_key = await self._claim_code(
+                        session, code_key, email.key, now
+                    )
+                try:
+                    row = await repo.add_user(
+                        session,
+                        email=email.display,
+                        email_key=email.key,
+                        password_hash=password_hash,
+                        now=now,
+                        referrer_id=referrer_id,
+                        referral_code_id=code_id,
+                    )
+                    if referrer_id is not None:
+                        await repo.count_referral(session, referrer_id)
+                    if cmd.request_id:
+                        await repo.remember_request(
+                            session,
+                            scope="register",
+                            request_id=cmd.request_id,
+                            fingerprint=fingerprint,
+                            resource_id=row.id,
+                            now=now,
+                            expire_time=now + self._request_id_ttl,
+                        )
+                except Conflict as conflict:
+                    if cmd.request_id:
+                        raise _Retry from conflict
+                    if conflict.constraint == "uq_users_email_key":
+                        raise AlreadyExists(
+                            Reason.EMAIL_ALREADY_REGISTERED,
+                            "an account with this email already exists",
+                            violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
+                        ) from None
+                    raise
+                user = repo.user_model(row)
+        except _Retry:
+            earlier = await self._replay("register", cmd.request_id, fingerprint)
+            if earlier is not None:
+                return earlier
+            raise AlreadyExists(
+                Reason.EMAIL_ALREADY_REGISTERED,
+                "an account with this email already exists",
+                violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
+            ) from None
+        if owner_email_key is not None and self._on_code_used is not None:
+            await self._on_code_used(owner_email_key)
+        log.info("user registered", extra={"user_id": user.id, "referrer_id": user.referrer_id})
+        return user
+
+    async def _claim_code(
+        self, session: AsyncSession, code_key: str, new_email_key: str, now: datetime
+    ) -> tuple[int, int, str]:
+        code = await repo.code_by_key(session, code_key)
+        if code is None:
+            raise InvalidArgument(
+                Reason.REFERRAL_CODE_UNKNOWN,
+                "the referral code does not exist",
+                violations=[FieldViolation("referral_code", "does not exist", "UNKNOWN")],
+            )
+        owner = await repo.user_by_id(session, code.owner_id)
+        assert owner is not None
+        if owner.email_key == new_email_key:
+            raise InvalidArgument(
+                Reason.SELF_REFERRAL,
+                "you cannot register with your own referral code",
+                violations=[FieldViolation("referral_code", "is your own code", "SELF_REFERRAL")],
+            )
+        if not await repo.claim_code_use(session, code.id, now):
+            await session.refresh(code)
+            state = repo.code_model(code).state(now)
+            reason, message = {
+                CodeState.REVOKED: (Reason.REFERRAL_CODE_REVOKED, "the referral code was withdrawn by its owner"),
+                CodeState.EXPIRED: (Reason.REFERRAL_CODE_EXPIRED, "the referral code has expired"),
+                CodeState.EXHAUSTED: (Reason.REFERRAL_CODE_EXHAUSTED, "the referral code has been used up"),
+            }.get(state, (Reason.REFERRAL_CODE_REVOKED, "the referral code is no longer valid"))
+            raise FailedPrecondition(reason, message, metadata={"code": code.code})
+        return code.id, owner.id, owner.email_key
+
+    async def _replay(self, scope: str, request_id: str, fingerprint: str) -> User | None:
+        async with self._db.read() as session:
+            record = await repo.idempotent_result(session, scope, request_id, utcnow())
+            if record is None:
+                return None
+            if record.fingerprint != fingerprint:
+                raise InvalidArgument(
+                    Reason.REQUEST_ID_CONFLICT,
+                    "request_id was already used for a different request",
+                    violations=[FieldViolation("request_id", "was used for a different request", "CONFLICT")],
+                )
+            row = await repo.user_by_id(session, record.resource_id)
+            assert row is not None
+            return repo.user_model(row)
+
+    async def create_superuser(self, email_raw: str, password_raw: str) -> tuple[User, bool]:
+        """Create a superuser, or promote the existing account with that email. Returns the
+        user and whether it was created."""
+        email = v.parse_email(email_raw)
+        if isinstance(email, FieldViolation):
+            raise InvalidArgument.fields(email)
+        now = utcnow()
+        async with self._db.write() as session:
+            existing = await repo.user_by_email_key(session, email.key)
+            if existing is not None:
+                await repo.make_superuser(session, existing.id, now)
+                await session.refresh(existing)
+                return repo.user_model(existing), False
+        password = v.normalize_password(password_raw)
+        check(v.password_violations(password, email))
+        password_hash = await self._hasher.hash(password)
+        async with self._db.write() as session:
+            try:
+                row = await repo.add_user(
+                    session,
+                    email=email.display,
+                    email_key=email.key,
+                    password_hash=password_hash,
+                    now=now,
+                    is_superuser=True,
+                )
+            except Conflict:
+                raise AlreadyExists(Reason.EMAIL_ALREADY_REGISTERED, "that email was just registered") from None
+            return repo.user_model(row), True
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    async def login(self, email_raw: str, password_raw: str) -> TokenPair:
+        violations: list[FieldViolation] = []
+        if not email_raw.strip():
+            violations.append(FieldViolation("email", "is required", "REQUIRED"))
+        if not password_raw:
+            violations.append(FieldViolation("password", "is required", "REQUIRED"))
+        elif len(password_raw) > v.PASSWORD_MAX * 4:
+            violations.append(FieldViolation("password", "is too long", "TOO_LONG"))
+        check(violations)
+        key = v.email_key(email_raw)
+        password = v.normalize_password(password_raw)
+        row = None
+        if key is not None:
+            async with self._db.read() as session:
+                row = await repo.user_by_email_key(session, key)
+        result = await self._hasher.verify(row.password_hash if row else None, password)
+        if row is None or not result.ok:
+            raise Unauthenticated(Reason.INVALID_CREDENTIALS, "the email or password is incorrect")
+        if not row.is_active:
+            raise PermissionDenied(Reason.ACCOUNT_DISABLED, "this account is disabled")
+        now = utcnow()
+        session_id = uuid.uuid4().hex
+        async with self._db.write() as session:
+            if result.new_hash is not None:
+                await repo.set_password_hash(session, row.id, result.new_hash, now)
+            pair = await self._issue(session, row.id, session_id, now)
+        log.info("login", extra={"user_id": row.id})
+        return pair
+
+    async def _issue(self, session: AsyncSession, user_id: int, session_id: str, now: datetime) -> TokenPair:
+        access = self._tokens.issue_access(user_id, session_id, now)
+        refresh = self._tokens.issue_refresh(user_id, session_id, now)
+        await repo.add_refresh_token(
+            session,
+            jti=refresh.jti,
+            session_id=session_id,
+            user_id=user_id,
+            now=now,
+            expire_time=refresh.expire_time,
+        )
+        return TokenPair(
+            access_token=access.token,
+            expires_in=int(self._tokens.access_ttl.total_seconds()),
+            refresh_token=refresh.token,
+            refresh_expires_in=int(self._tokens.refresh_ttl.total_seconds()),
+        )
+
+    async def refresh(self, refresh_token: str) -> TokenPair:
+        if not refresh_token:
+            raise InvalidArgument.fields(FieldViolation("refresh_token", "is required", "REQUIRED"))
+        token = self._tokens.verify(refresh_token, REFRESH_TYP)
+        now = utcnow()
+        async with self._db.write() as session:
+            if await repo.use_refresh_token(session, token.jti, token.user_id, now):
+                user = await repo.user_by_id(session, token.user_id)
+                if user is None or not user.is_active:
+                    raise PermissionDenied(Reason.ACCOUNT_DISABLED, "this account is disabled")
+                return await self._issue(session, token.user_id, token.session_id, now)
+            row = await repo.refresh_token(session, token.jti)
+        if row is None or row.user_id != token.user_id:
+            raise Unauthenticated(Reason.TOKEN_INVALID, "the refresh token is not recognised")
+        if row.revoke_time is not None:
+            raise Unauthenticated(Reason.TOKEN_REVOKED, "the refresh token has been revoked")
+        if row.used_time is None:
+            raise Unauthenticated(Reason.TOKEN_EXPIRED, "the refresh token has expired")
+        # Reuse of a rotated-out refresh token: it may have been stolen. Revoke the family
+        # (every refresh token and, for their remaining lifetime, every access token of it).
+        await self._revoke_sessions(token.user_id, [token.session_id], [], now)
+        log.warning("refresh token reuse; session revoked", extra={"user_id": token.user_id})
+        raise Unauthenticated(
+            Reason.REFRESH_TOKEN_REUSED,
+            "this refresh token was already used; the session has been revoked, log in again",
+        )
+
+    async def _revoke_sessions(
+        self, user_id: int, session_ids: list[str], extra: list[tuple[str, datetime]], now: datetime
+    ) -> None:
+        until = now + self._tokens.access_ttl + timedelta(minutes=1)
+        entries = [(f"sid:{sid}", until) for sid in dict.fromkeys(session_ids)] + extra
+        async with self._db.write() as session:
+            for sid in dict.fromkeys(session_ids):
+                await repo.revoke_session(session, sid, now)
+            await repo.add_revocations(session, entries)
+        await self._revocations.publish(entries, now)
+
+    async def logout(self, principal: Principal, refresh_token: str) -> None:
+        sessions = [principal.session_id]
+        if refresh_token:
+            token = self._tokens.verify(refresh_token, REFRESH_TYP)
+            if token.user_id != principal.user_id:
+                raise PermissionDenied(
+                    Reason.PERMISSION_DENIED, "the refresh token belongs to another user"
+                )
+            sessions.append(token.session_id)
+        now = utcnow()
+        await self._revoke_sessions(
+            principal.user_id, sessions, [(f"jti:{principal.token_id}", principal.expire_time)], now
+        )
+
+    async def authenticate(self, access_token: str) -> Principal:
+        token = self._tokens.verify(access_token, ACCESS_TYP)
+        keys = [f"jti:{token.jti}", f"sid:{token.session_id}"]
+        if await self._revocations.is_revoked(keys, utcnow()):
+            raise Unauthenticated(Reason.TOKEN_REVOKED, "the access token has been revoked")
+        return Principal(
+            user_id=token.user_id,
+            token_id=token.jti,
+            session_id=token.session_id,
+            expire_time=token.expire_time,
+        )
+
+    async def current_user(self, principal: Principal) -> User:
+        async with self._db.read() as session:
+            row = await repo.user_by_id(session, principal.user_id)
+        if row is None:
+            raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
+        return repo.user_model(row)

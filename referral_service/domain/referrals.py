@@ -1,0 +1,358 @@
+"""Referral use cases: create, read and delete one's code, look a code up by email (through the
+cache), list referrals with keyset pagination."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from referral_service.cache import Cache
+from referral_service.domain import validation as v
+from referral_service.domain.clock import utcnow
+from referral_service.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Reason,
+    Unavailable,
+    check,
+)
+from referral_service.domain.models import CodeState, ReferralCode, ReferralPage
+from referral_service.storage import repositories as repo
+from referral_service.storage.db import Database
+from referral_service.storage.repositories import Conflict
+
+log = logging.getLogger("referral_service.referrals")
+
+#: Crockford-style alphabet without the look-alikes 0/O, 1/I/L and U.
+CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"
+GENERATED_CODE_LENGTH = 10
+MAX_USES_LIMIT = 1_000_000
+_NOT_FOUND_BY_EMAIL = "no live referral code for this email"
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCodeCommand:
+    owner_id: int
+    code: str = ""
+    expire_time: datetime | None = None
+    ttl: timedelta | None = None
+    max_uses: int = 0
+    request_id: str = ""
+
+
+def generate_code() -> str:
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(GENERATED_CODE_LENGTH))
+
+
+def _cache_key(email_key: str) -> str:
+    return f"code-by-email:{email_key}"
+
+
+def _encode(code: ReferralCode) -> bytes:
+    return json.dumps(
+        {
+            "i": code.id,
+            "c": code.code,
+            "o": code.owner_id,
+            "ct": code.create_time.timestamp(),
+            "et": code.expire_time.timestamp(),
+            "m": code.max_uses,
+            "u": code.use_count,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _decode(raw: bytes) -> ReferralCode:
+    data = json.loads(raw)
+    return ReferralCode(
+        id=data["i"],
+        code=data["c"],
+        owner_id=data["o"],
+        create_time=datetime.fromtimestamp(data["ct"], UTC),
+        expire_time=datetime.fromtimestamp(data["et"], UTC),
+        revoke_time=None,
+        max_uses=data["m"],
+        use_count=data["u"],
+    )
+
+
+class ReferralService:
+    def __init__(
+        self,
+        db: Database,
+        cache: Cache,
+        *,
+        page_secret: bytes,
+        max_horizon: timedelta,
+        cache_ttl: timedelta,
+        negative_cache_ttl: timedelta,
+        default_page_size: int,
+        max_page_size: int,
+        request_id_ttl: timedelta,
+    ) -> None:
+        self._db = db
+        self._cache = cache
+        self._page_key = hmac.new(page_secret, b"referral-service page tokens", hashlib.sha256).digest()
+        self._max_horizon = max_horizon
+        self._cache_ttl = cache_ttl
+        self._negative_ttl = negative_cache_ttl
+        self._default_page = default_page_size
+        self._max_page = max_page_size
+        self._request_id_ttl = request_id_ttl
+
+    # --- create ------------------------------------------------------------------------------
+
+    def _validate(self, cmd: CreateCodeCommand, now: datetime) -> datetime:
+        violations: list[FieldViolation] = []
+        if cmd.code:
+            problem = v.code_violation(cmd.code)
+            if problem is not None:
+                violations.append(problem)
+        expire: datetime | None = None
+        if cmd.expire_time is not None and cmd.ttl is not None:
+            violations.append(FieldViolation("expire_time", "give either expire_time or ttl, not both", "CONFLICT"))
+        elif cmd.expire_time is not None:
+            expire = cmd.expire_time
+            field = "expire_time"
+        elif cmd.ttl is not None:
+            if cmd.ttl <= timedelta(0):
+                violations.append(FieldViolation("ttl", "must be positive", "NOT_POSITIVE"))
+            else:
+                expire = now + cmd.ttl
+            field = "ttl"
+        else:
+            violations.append(FieldViolation("expire_time", "an expiry is required: set expire_time or ttl", "REQUIRED"))
+        if expire is not None:
+            if expire <= now:
+                violations.append(FieldViolation(field, "must lie in the future", "IN_PAST"))
+            elif expire > now + self._max_horizon:
+                days = self._max_horizon.total_seconds() / 86400
+                violations.append(FieldViolation(field, f"must lie within {days:g} days from now", "TOO_FAR"))
+        if cmd.max_uses < 0:
+            violations.append(FieldViolation("max_uses", "must not be negative (0 means unlimited)", "NEGATIVE"))
+        elif cmd.max_uses > MAX_USES_LIMIT:
+            violations.append(FieldViolation("max_uses", f"must be at most {MAX_USES_LIMIT}", "TOO_LARGE"))
+        request_problem = v.request_id_violation(cmd.request_id)
+        if request_problem is not None:
+            violations.append(request_problem)
+        check(violations)
+        assert expire is not None
+        return expire
+
+    async def create_code(self, cmd: CreateCodeCommand) -> ReferralCode:
+        now = utcnow()
+        expire = self._validate(cmd, now)
+        scope = f"code:{cmd.owner_id}"
+        fingerprint = self._fingerprint(cmd)
+        if cmd.request_id:
+            earlier = await self._replay(scope, cmd.request_id, fingerprint)
+            if earlier is not None:
+                return earlier
+        # Generated codes are 10 characters of a 30-letter alphabet (49 bits); a collision with
+        # an earlier code is rare, and simply retried.
+        for _attempt in range(5):
+            code = cmd.code or generate_code()
+            try:
+                created, owner_key = await self._insert_code(cmd, code, now, expire)
+            except Conflict as conflict:
+                if cmd.request_id:
+                    earlier = await self._replay(scope, cmd.request_id, fingerprint)
+                    if earlier is not None:
+                        return earlier
+                if conflict.constraint == "uq_referral_codes_code_key" and not cmd.code:
+                    continue
+                raise self._conflict_error(conflict) from None
+            await self._cache.invalidate(_cache_key(owner_key))
+            log.info("referral code created", extra={"user_id": cmd.owner_id})
+            return created
+        raise Unavailable(Reason.SERVICE_UNAVAILABLE, "could not generate a unique code; retry", retry_after_seconds=0.1)
+
+    @staticmethod
+    def _conflict_error(conflict: Conflict) -> Exception:
+        if conflict.constraint == "uq_referral_codes_code_key":
+            return AlreadyExists(
+                Reason.REFERRAL_CODE_TAKEN,
+                "this referral code has already been issued; choose another",
+                violations=[FieldViolation("code", "is already taken", "ALREADY_EXISTS")],
+            )
+        # The open-slot index, or a concurrent request with the same request_id that has
+        # since been forgotten: either way the caller has a live code.
+        return FailedPrecondition(
+            Reason.REFERRAL_CODE_ALREADY_ACTIVE,
+            "you already have a live referral code; delete it before creating another",
+        )
+
+    async def _insert_code(
+        self, cmd: CreateCodeCommand, code: str, now: datetime, expire: datetime
+    ) -> tuple[ReferralCode, str]:
+        """One transaction: free the slot of a dead code, insert, remember the request id.
+        Unique violations surface as ``Conflict`` after the rollback."""
+        async with self._db.write() as session:
+            owner = await repo.user_by_id(session, cmd.owner_id)
+            if owner is None:
+                raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
+            await repo.close_dead_codes(session, cmd.owner_id, now)
+            row = await repo.add_code(
+                session,
+                code=code.upper(),
+                code_key=v.code_key(code),
+                owner_id=cmd.owner_id,
+                now=now,
+                expire_time=expire,
+                max_uses=cmd.max_uses,
+            )
+            if cmd.request_id:
+                await repo.remember_request(
+                    session,
+                    scope=f"code:{cmd.owner_id}",
+                    request_id=cmd.request_id,
+                    fingerprint=self._fingerprint(cmd),
+                    resource_id=row.id,
+                    now=now,
+                    expire_time=now + self._request_id_ttl,
+                )
+            return repo.code_model(row), owner.email_key
+
+    @staticmethod
+    def _fingerprint(cmd: CreateCodeCommand) -> str:
+        parts = f"{v.code_key(cmd.code)}\0{cmd.max_uses}\0{cmd.expire_time}\0{cmd.ttl}"
+        return hashlib.sha256(parts.encode()).hexdigest()
+
+    async def _replay(self, scope: str, request_id: str, fingerprint: str) -> ReferralCode | None:
+        async with self._db.read() as session:
+            record = await repo.idempotent_result(session, scope, request_id, utcnow())
+            if record is None:
+                return None
+            if record.fingerprint != fingerprint:
+                raise InvalidArgument(
+                    Reason.REQUEST_ID_CONFLICT,
+                    "request_id was already used for a different request",
+                    violations=[FieldViolation("request_id", "was used for a different request", "CONFLICT")],
+                )
+            row = await repo.code_by_id(session, record.resource_id)
+            assert row is not None
+            return repo.code_model(row)
+
+    # --- mine --------------------------------------------------------------------------------
+
+    async def my_code(self, owner_id: int) -> ReferralCode:
+        async with self._db.read() as session:
+            row = await repo.open_code(session, owner_id)
+        if row is None:
+            raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, "you have no referral code")
+        return repo.code_model(row)
+
+    async def delete_code(self, owner_id: int) -> None:
+        now = utcnow()
+        async with self._db.write() as session:
+            row = await repo.revoke_open_code(session, owner_id, now)
+            owner = await repo.user_by_id(session, owner_id)
+        if row is None or owner is None:
+            raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, "you have no referral code")
+        await self._cache.invalidate(_cache_key(owner.email_key))
+        log.info("referral code deleted", extra={"user_id": owner_id})
+
+    async def code_used(self, owner_email_key: str) -> None:
+        """A registration changed the owner's code (its use_count): drop the cached copy."""
+        await self._cache.invalidate(_cache_key(owner_email_key))
+
+    # --- lookup by email ---------------------------------------------------------------------
+
+    async def code_by_email(self, email_raw: str) -> ReferralCode:
+        parsed = v.parse_email(email_raw)
+        if isinstance(parsed, FieldViolation):
+            raise InvalidArgument.fields(parsed)
+        key = _cache_key(parsed.key)
+        found = await self._cache.lookup(key)
+        now = utcnow()
+        if found.hit:
+            if found.value:
+                code = _decode(found.value)
+                if code.state(now) is CodeState.ACTIVE:
+                    return code
+            raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
+        async with self._db.read() as session:
+            row = await repo.live_code_by_email_key(session, parsed.key, now)
+        code = repo.code_model(row) if row is not None else None
+        if found.stamp is not None:
+            if code is None:
+                await self._cache.fill(key, found.stamp, b"", self._negative_ttl.total_seconds())
+            else:
+                ttl = min(self._cache_ttl, code.expire_time - now).total_seconds()
+                await self._cache.fill(key, found.stamp, _encode(code), ttl)
+        if code is None:
+            raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
+        return code
+
+    # --- referrals ---------------------------------------------------------------------------
+
+    def _page_token(self, referrer_id: int, after_id: int) -> str:
+        body = base64.urlsafe_b64encode(json.dumps([1, referrer_id, after_id]).encode()).rstrip(b"=")
+        mac = base64.urlsafe_b64encode(hmac.new(self._page_key, body, hashlib.sha256).digest()[:12])
+        return (body + b"." + mac).decode()
+
+    def _read_page_token(self, token: str, referrer_id: int) -> int:
+        bad = InvalidArgument(
+            Reason.INVALID_PAGE_TOKEN,
+            "page_token is invalid",
+            violations=[FieldViolation("page_token", "is not a token this server issued", "INVALID")],
+        )
+        try:
+            body, _, mac = token.encode("ascii").partition(b".")
+            expected = base64.urlsafe_b64encode(hmac.new(self._page_key, body, hashlib.sha256).digest()[:12])
+            if not hmac.compare_digest(mac, expected):
+                raise bad
+            version, token_referrer, after_id = json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
+        except (ValueError, UnicodeError, TypeError):
+            raise bad from None
+        if version != 1 or not isinstance(after_id, int):
+            raise bad
+        if token_referrer != referrer_id:
+            raise InvalidArgument(
+                Reason.INVALID_PAGE_TOKEN,
+                "page_token was issued for a different referrer_id",
+                violations=[FieldViolation("page_token", "belongs to a request with other parameters", "MISMATCH")],
+            )
+        return after_id
+
+    async def list_referrals(
+        self, caller_id: int, referrer_id: int, page_size: int, page_token: str
+    ) -> ReferralPage:
+        violations: list[FieldViolation] = []
+        if referrer_id <= 0:
+            violations.append(FieldViolation("referrer_id", "must be a positive user id", "INVALID"))
+        if page_size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative", "NEGATIVE"))
+        if len(page_token) > 512:
+            violations.append(FieldViolation("page_token", "is too long", "TOO_LONG"))
+        check(violations)
+        # Permission before existence: others' ids are not probed.
+        if caller_id != referrer_id:
+            async with self._db.read() as session:
+                caller = await repo.user_by_id(session, caller_id)
+            if caller is None or not caller.is_superuser:
+                raise PermissionDenied(
+                    Reason.PERMISSION_DENIED, "you may only list your own referrals"
+                )
+        after_id = self._read_page_token(page_token, referrer_id) if page_token else 0
+        size = min(page_size or self._default_page, self._max_page)
+        async with self._db.read() as session:
+            total = await repo.referral_count(session, referrer_id)
+            if total is None:
+                raise NotFound(Reason.USER_NOT_FOUND, "no user with this id")
+            rows = await repo.referral_page(session, referrer_id, after_id, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        token = self._page_token(referrer_id, rows[-1].user_id) if more and rows else ""
+        return ReferralPage(referrals=rows, next_page_token=token, total_size=total)

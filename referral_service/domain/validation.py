@@ -1,0 +1,119 @@
+"""Input rules shared by the use cases: email syntax and normalisation, password policy,
+referral-code syntax, request ids.
+
+Email policy (documented in the README): surrounding white space is removed, the domain is
+lower-cased (and IDNA-normalised) by ``email-validator``, and the local part keeps its case for
+display. Uniqueness and look-ups use the whole address lower-cased (``email_key``), because
+every mainstream mail provider treats the local part case-insensitively and the predecessor's
+case-sensitive uniqueness let ``Alice@x.com`` lock out ``alice@x.com``.
+
+Password policy after OWASP ASVS 5 / NIST SP 800-63B: NFKC-normalised, 8 to 128 characters,
+any Unicode, no composition rules, never truncated, the 30,000 most common passwords (the
+list shipped by ``zxcvbn``) and the user's own email refused.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from functools import cache
+
+from email_validator import EmailNotValidError, validate_email
+
+from referral_service.domain.errors import FieldViolation
+
+EMAIL_MAX = 254
+PASSWORD_MIN = 8
+PASSWORD_MAX = 128
+CODE_MIN = 4
+CODE_MAX = 32
+_CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Email:
+    """A valid address: ``display`` is what we store and show, ``key`` what we compare."""
+
+    display: str
+    key: str
+
+
+def parse_email(raw: str, field: str = "email") -> Email | FieldViolation:
+    value = raw.strip()
+    if not value:
+        return FieldViolation(field, "is required", "REQUIRED")
+    if len(value) > EMAIL_MAX:
+        return FieldViolation(field, f"must be at most {EMAIL_MAX} characters", "TOO_LONG")
+    try:
+        result = validate_email(value, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        return FieldViolation(field, f"is not a valid email address: {exc}", "INVALID_EMAIL")
+    normalized = result.normalized
+    return Email(display=normalized, key=normalized.lower())
+
+
+def email_key(raw: str) -> str | None:
+    """The comparison key of ``raw``, or None when it is not a valid address."""
+    parsed = parse_email(raw)
+    return parsed.key if isinstance(parsed, Email) else None
+
+
+@cache
+def _common_passwords() -> frozenset[str]:
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
+    return frozenset(p.lower() for p in FREQUENCY_LISTS["passwords"])
+
+
+def normalize_password(raw: str) -> str:
+    return unicodedata.normalize("NFKC", raw)
+
+
+def password_violations(password: str, email: Email | None, field: str = "password") -> list[FieldViolation]:
+    """Check an already NFKC-normalised password against the policy."""
+    if not password:
+        return [FieldViolation(field, "is required", "REQUIRED")]
+    length = len(password)
+    if length < PASSWORD_MIN:
+        return [FieldViolation(field, f"must be at least {PASSWORD_MIN} characters", "TOO_SHORT")]
+    if length > PASSWORD_MAX:
+        return [FieldViolation(field, f"must be at most {PASSWORD_MAX} characters", "TOO_LONG")]
+    if any(unicodedata.category(ch) == "Cc" for ch in password):
+        return [FieldViolation(field, "must not contain control characters", "INVALID_CHARACTERS")]
+    lowered = password.lower()
+    if lowered in _common_passwords():
+        return [FieldViolation(field, "is one of the most common passwords; choose another", "COMMON_PASSWORD")]
+    if email is not None and lowered in {email.key, email.key.split("@", 1)[0]}:
+        return [FieldViolation(field, "must not be your email address", "CONTEXT_SPECIFIC")]
+    return []
+
+
+def code_violation(code: str, field: str = "code") -> FieldViolation | None:
+    if len(code) < CODE_MIN or len(code) > CODE_MAX:
+        return FieldViolation(field, f"must be {CODE_MIN} to {CODE_MAX} characters", "INVALID_LENGTH")
+    if not _CODE_RE.fullmatch(code):
+        return FieldViolation(
+            field,
+            "may contain only letters A-Z, digits, '-' and '_', and must start with a letter or digit",
+            "INVALID_CHARACTERS",
+        )
+    return None
+
+
+def code_key(code: str) -> str:
+    return code.strip().upper()
+
+
+def request_id_violation(request_id: str, field: str = "request_id") -> FieldViolation | None:
+    """AIP-155: request ids are UUIDs (any version)."""
+    if not request_id:
+        return None
+    try:
+        uuid.UUID(request_id)
+    except ValueError:
+        return FieldViolation(field, "must be a UUID", "INVALID_FORMAT")
+    if len(request_id) > 36:
+        return FieldViolation(field, "must be a UUID in its canonical 36-character form", "INVALID_FORMAT")
+    return None

@@ -1,0 +1,139 @@
+"""Engines and transactions.
+
+``Database.read()`` and ``Database.write()`` open one session and one transaction for a use
+case. On PostgreSQL they share one engine. On SQLite, writes go through a second engine with a
+single connection that starts every transaction with ``BEGIN IMMEDIATE``: writers queue in the
+process instead of failing with "database is locked" when two deferred transactions both try to
+upgrade to a write lock; WAL mode keeps readers running meanwhile.
+
+Connection failures, timeouts and lock waits become ``Unavailable`` (gRPC UNAVAILABLE), never
+INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, exc, make_url, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from referral_service.domain.errors import Reason, Unavailable
+
+
+def _sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def _configure_sqlite(engine: AsyncEngine, begin: str, timeout: float) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+
+def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = False) -> AsyncEngine:
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        path = _sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url,
+            pool_size=1 if writer else pool_size,
+            max_overflow=0,
+            pool_timeout=timeout,
+            connect_args={"timeout": timeout},
+        )
+        _configure_sqlite(engine, "BEGIN IMMEDIATE" if writer else "BEGIN", timeout)
+        return engine
+    if backend == "postgresql":
+        return create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_timeout=timeout,
+            pool_pre_ping=True,
+            connect_args={"timeout": timeout, "command_timeout": timeout},
+        )
+    raise ValueError(f"unsupported database: {backend} (use sqlite+aiosqlite or postgresql+asyncpg)")
+
+
+_UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, OSError, asyncio.TimeoutError)
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, exc.IntegrityError):
+        return False
+    if isinstance(error, _UNAVAILABLE):
+        return True
+    # asyncpg raises its own connection errors, sometimes unwrapped.
+    name = type(error).__name__
+    return name in {"ConnectionDoesNotExistError", "CannotConnectNowError", "TooManyConnectionsError"}
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.url = url
+        self.dialect = make_url(url).get_backend_name()
+        self.engine = create_engine(url, pool_size=pool_size, timeout=timeout)
+        self.write_engine = (
+            create_engine(url, pool_size=1, timeout=timeout, writer=True)
+            if self.dialect == "sqlite"
+            else self.engine
+        )
+        self._read = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self._write = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
+
+    @asynccontextmanager
+    async def _session(self, factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+        try:
+            async with factory() as session, session.begin():
+                yield session
+        except Exception as error:
+            if _is_unavailable(error):
+                raise Unavailable(
+                    Reason.SERVICE_UNAVAILABLE,
+                    "the database is unavailable; retry shortly",
+                    retry_after_seconds=1.0,
+                ) from error
+            raise
+
+    def read(self) -> AsyncIterator[AsyncSession]:
+        """A read-only unit of work (a plain deferred transaction)."""
+        return self._session(self._read)  # type: ignore[return-value]
+
+    def write(self) -> AsyncIterator[AsyncSession]:
+        """A unit of work that writes; committed when the block exits without an error."""
+        return self._session(self._write)  # type: ignore[return-value]
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+        if self.write_engine is not self.engine:
+            await self.write_engine.dispose()

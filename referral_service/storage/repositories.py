@@ -1,0 +1,382 @@
+"""Queries. Each function runs inside the caller's session (one transaction per use case) and
+lets the database enforce the invariants: unique-violations come back as ``Conflict`` naming the
+constraint, so use cases never check-then-insert."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from referral_service.domain import models
+from referral_service.storage.tables import (
+    IdempotencyRow,
+    ReferralCodeRow,
+    RefreshTokenRow,
+    RevocationRow,
+    UserRow,
+)
+
+
+class Conflict(Exception):
+    """A unique constraint refused a write; ``constraint`` names which one."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+#: Constraint names and the text each backend puts in its error message for them.
+_CONSTRAINTS = {
+    "uq_users_email_key": ("uq_users_email_key", "users.email_key"),
+    "uq_referral_codes_code_key": ("uq_referral_codes_code_key", "referral_codes.code_key"),
+    "uq_referral_codes_open_owner": ("uq_referral_codes_open_owner", "referral_codes.owner_id"),
+    "pk_idempotency_keys": ("pk_idempotency_keys", "idempotency_keys.scope"),
+    "pk_revocations": ("pk_revocations", "revocations.key"),
+}
+
+
+def _conflict(error: IntegrityError) -> Conflict | None:
+    text = str(error.orig)
+    for name, needles in _CONSTRAINTS.items():
+        if any(needle in text for needle in needles):
+            return Conflict(name)
+    return None
+
+
+async def flush(session: AsyncSession) -> None:
+    try:
+        await session.flush()
+    except IntegrityError as error:
+        conflict = _conflict(error)
+        if conflict is None:
+            raise
+        raise conflict from error
+
+
+def user_model(row: UserRow) -> models.User:
+    return models.User(
+        id=row.id,
+        email=row.email,
+        is_active=row.is_active,
+        is_verified=row.is_verified,
+        is_superuser=row.is_superuser,
+        referrer_id=row.referrer_id,
+        create_time=row.create_time,
+    )
+
+
+def code_model(row: ReferralCodeRow) -> models.ReferralCode:
+    return models.ReferralCode(
+        id=row.id,
+        code=row.code,
+        owner_id=row.owner_id,
+        create_time=row.create_time,
+        expire_time=row.expire_time,
+        revoke_time=row.revoke_time,
+        max_uses=row.max_uses,
+        use_count=row.use_count,
+    )
+
+
+# --- users -----------------------------------------------------------------------------------
+
+
+async def add_user(
+    session: AsyncSession,
+    *,
+    email: str,
+    email_key: str,
+    password_hash: str,
+    now: datetime,
+    is_superuser: bool = False,
+    referrer_id: int | None = None,
+    referral_code_id: int | None = None,
+) -> UserRow:
+    row = UserRow(
+        email=email,
+        email_key=email_key,
+        password_hash=password_hash,
+        is_active=True,
+        is_verified=False,
+        is_superuser=is_superuser,
+        referrer_id=referrer_id,
+        referral_code_id=referral_code_id,
+        referral_count=0,
+        create_time=now,
+        update_time=now,
+    )
+    session.add(row)
+    await flush(session)
+    return row
+
+
+async def user_by_id(session: AsyncSession, user_id: int) -> UserRow | None:
+    return await session.get(UserRow, user_id)
+
+
+async def user_by_email_key(session: AsyncSession, email_key: str) -> UserRow | None:
+    result = await session.execute(select(UserRow).where(UserRow.email_key == email_key))
+    return result.scalar_one_or_none()
+
+
+async def set_password_hash(session: AsyncSession, user_id: int, password_hash: str, now: datetime) -> None:
+    await session.execute(
+        update(UserRow).where(UserRow.id == user_id).values(password_hash=password_hash, update_time=now)
+    )
+
+
+async def count_referral(session: AsyncSession, referrer_id: int) -> None:
+    await session.execute(
+        update(UserRow).where(UserRow.id == referrer_id).values(referral_count=UserRow.referral_count + 1)
+    )
+
+
+async def make_superuser(session: AsyncSession, user_id: int, now: datetime) -> None:
+    await session.execute(update(UserRow).where(UserRow.id == user_id).values(is_superuser=True, update_time=now))
+
+
+# --- refresh tokens and revocations ------------------------------------------------------------
+
+
+async def add_refresh_token(
+    session: AsyncSession, *, jti: str, session_id: str, user_id: int, now: datetime, expire_time: datetime
+) -> None:
+    session.add(
+        RefreshTokenRow(
+            jti=jti, session_id=session_id, user_id=user_id, create_time=now, expire_time=expire_time
+        )
+    )
+    await flush(session)
+
+
+async def use_refresh_token(session: AsyncSession, jti: str, user_id: int, now: datetime) -> bool:
+    """Atomically mark an unused, unrevoked, unexpired refresh token as used. Exactly one of
+    any number of concurrent callers gets True."""
+    result = await session.execute(
+        update(RefreshTokenRow)
+        .where(
+            RefreshTokenRow.jti == jti,
+            RefreshTokenRow.user_id == user_id,
+            RefreshTokenRow.used_time.is_(None),
+            RefreshTokenRow.revoke_time.is_(None),
+            RefreshTokenRow.expire_time > now,
+        )
+        .values(used_time=now)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def refresh_token(session: AsyncSession, jti: str) -> RefreshTokenRow | None:
+    return await session.get(RefreshTokenRow, jti)
+
+
+async def revoke_session(session: AsyncSession, session_id: str, now: datetime) -> None:
+    await session.execute(
+        update(RefreshTokenRow)
+        .where(RefreshTokenRow.session_id == session_id, RefreshTokenRow.revoke_time.is_(None))
+        .values(revoke_time=now)
+    )
+
+
+async def add_revocations(session: AsyncSession, entries: Sequence[tuple[str, datetime]]) -> None:
+    for key, expire_time in entries:
+        existing = await session.get(RevocationRow, key)
+        if existing is None:
+            session.add(RevocationRow(key=key, expire_time=expire_time))
+        elif existing.expire_time < expire_time:
+            existing.expire_time = expire_time
+    await session.flush()
+
+
+async def any_revoked(session: AsyncSession, keys: Sequence[str], now: datetime) -> bool:
+    result = await session.execute(
+        select(exists().where(RevocationRow.key.in_(keys), RevocationRow.expire_time > now))
+    )
+    return bool(result.scalar())
+
+
+async def live_revocations(session: AsyncSession, now: datetime) -> list[tuple[str, datetime]]:
+    result = await session.execute(
+        select(RevocationRow.key, RevocationRow.expire_time).where(RevocationRow.expire_time > now)
+    )
+    return [(key, expire) for key, expire in result.all()]
+
+
+async def purge_expired(session: AsyncSession, now: datetime) -> None:
+    await session.execute(delete(RevocationRow).where(RevocationRow.expire_time <= now))
+    await session.execute(delete(IdempotencyRow).where(IdempotencyRow.expire_time <= now))
+
+
+# --- idempotency (AIP-155) -----------------------------------------------------------------------
+
+
+async def idempotent_result(
+    session: AsyncSession, scope: str, request_id: str, now: datetime
+) -> IdempotencyRow | None:
+    row = await session.get(IdempotencyRow, (scope, request_id))
+    if row is None or row.expire_time <= now:
+        return None
+    return row
+
+
+async def remember_request(
+    session: AsyncSession,
+    *,
+    scope: str,
+    request_id: str,
+    fingerprint: str,
+    resource_id: int,
+    now: datetime,
+    expire_time: datetime,
+) -> None:
+    await session.execute(
+        delete(IdempotencyRow).where(
+            IdempotencyRow.scope == scope,
+            IdempotencyRow.request_id == request_id,
+            IdempotencyRow.expire_time <= now,
+        )
+    )
+    session.add(
+        IdempotencyRow(
+            scope=scope,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            resource_id=resource_id,
+            create_time=now,
+            expire_time=expire_time,
+        )
+    )
+    await flush(session)
+
+
+# --- referral codes --------------------------------------------------------------------------------
+
+
+def _live(now: datetime) -> list[object]:
+    return [
+        ReferralCodeRow.close_time.is_(None),
+        ReferralCodeRow.revoke_time.is_(None),
+        ReferralCodeRow.expire_time > now,
+        or_(ReferralCodeRow.max_uses == 0, ReferralCodeRow.use_count < ReferralCodeRow.max_uses),
+    ]
+
+
+async def close_dead_codes(session: AsyncSession, owner_id: int, now: datetime) -> None:
+    """Free the owner's open slot if its code has expired or been used up."""
+    await session.execute(
+        update(ReferralCodeRow)
+        .where(
+            ReferralCodeRow.owner_id == owner_id,
+            ReferralCodeRow.close_time.is_(None),
+            or_(
+                ReferralCodeRow.expire_time <= now,
+                and_(ReferralCodeRow.max_uses > 0, ReferralCodeRow.use_count >= ReferralCodeRow.max_uses),
+            ),
+        )
+        .values(close_time=now)
+    )
+
+
+async def add_code(
+    session: AsyncSession,
+    *,
+    code: str,
+    code_key: str,
+    owner_id: int,
+    now: datetime,
+    expire_time: datetime,
+    max_uses: int,
+) -> ReferralCodeRow:
+    row = ReferralCodeRow(
+        code=code,
+        code_key=code_key,
+        owner_id=owner_id,
+        create_time=now,
+        expire_time=expire_time,
+        max_uses=max_uses,
+        use_count=0,
+    )
+    session.add(row)
+    await flush(session)
+    return row
+
+
+async def open_code(session: AsyncSession, owner_id: int) -> ReferralCodeRow | None:
+    result = await session.execute(
+        select(ReferralCodeRow).where(ReferralCodeRow.owner_id == owner_id, ReferralCodeRow.close_time.is_(None))
+    )
+    return result.scalar_one_or_none()
+
+
+async def code_by_id(session: AsyncSession, code_id: int) -> ReferralCodeRow | None:
+    return await session.get(ReferralCodeRow, code_id)
+
+
+async def code_by_key(session: AsyncSession, code_key: str) -> ReferralCodeRow | None:
+    result = await session.execute(select(ReferralCodeRow).where(ReferralCodeRow.code_key == code_key))
+    return result.scalar_one_or_none()
+
+
+async def live_code_by_email_key(session: AsyncSession, email_key: str, now: datetime) -> ReferralCodeRow | None:
+    result = await session.execute(
+        select(ReferralCodeRow)
+        .join(UserRow, UserRow.id == ReferralCodeRow.owner_id)
+        .where(UserRow.email_key == email_key, *_live(now))  # type: ignore[arg-type]
+    )
+    return result.scalar_one_or_none()
+
+
+async def revoke_open_code(session: AsyncSession, owner_id: int, now: datetime) -> ReferralCodeRow | None:
+    row = await open_code(session, owner_id)
+    if row is None:
+        return None
+    row.revoke_time = row.revoke_time or now
+    row.close_time = now
+    await session.flush()
+    return row
+
+
+async def claim_code_use(session: AsyncSession, code_id: int, now: datetime) -> bool:
+    """Atomically count one use of a live code. Concurrent claims can never push use_count past
+    max_uses: the condition and the increment are one statement (and a row lock on PostgreSQL)."""
+    result = await session.execute(
+        update(ReferralCodeRow)
+        .where(ReferralCodeRow.id == code_id, *_live(now))  # type: ignore[arg-type]
+        .values(use_count=ReferralCodeRow.use_count + 1)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- referrals ---------------------------------------------------------------------------------------
+
+
+async def referral_page(
+    session: AsyncSession, referrer_id: int, after_id: int, limit: int
+) -> list[models.Referral]:
+    """Keyset pagination on (referrer_id, id): the cost of a page does not depend on its depth."""
+    result = await session.execute(
+        select(UserRow.id, UserRow.email, UserRow.create_time, ReferralCodeRow.code)
+        .outerjoin(ReferralCodeRow, ReferralCodeRow.id == UserRow.referral_code_id)
+        .where(UserRow.referrer_id == referrer_id, UserRow.id > after_id)
+        .order_by(UserRow.id)
+        .limit(limit)
+    )
+    return [
+        models.Referral(user_id=uid, email=email, join_time=joined, code=code or "")
+        for uid, email, joined, code in result.all()
+    ]
+
+
+async def referral_count(session: AsyncSession, referrer_id: int) -> int | None:
+    result = await session.execute(select(UserRow.referral_count).where(UserRow.id == referrer_id))
+    value = result.scalar_one_or_none()
+    return None if value is None else int(value)
+
+
+async def count_users(session: AsyncSession) -> int:
+    result = await session.execute(select(func.count()).select_from(UserRow))
+    return int(result.scalar_one())

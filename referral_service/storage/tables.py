@@ -1,0 +1,161 @@
+"""The schema. Alembic migrations under ``migrations/`` create it; this module mirrors them
+(a test compares the two) and is what the repositories query.
+
+Invariants live here, not in application code:
+- one account per normalised email (``uq_users_email_key``);
+- referral codes unique case-insensitively across every code ever issued (``code_key``);
+- at most one open referral code per user: a partial unique index on ``owner_id`` where
+  ``close_time IS NULL``;
+- foreign keys everywhere (SQLite enforces them with ``PRAGMA foreign_keys=ON``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: 64-bit ids on PostgreSQL; SQLite needs INTEGER for its auto-incrementing rowid alias.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``TIMESTAMP WITH TIME ZONE`` on PostgreSQL; on SQLite a naive UTC string that sorts
+    correctly. Python always sees timezone-aware UTC datetimes; naive ones are refused."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    email: Mapped[str] = mapped_column(String(320))
+    email_key: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    is_verified: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    is_superuser: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    referrer_id: Mapped[int | None] = mapped_column(Id, ForeignKey("users.id"))
+    referral_code_id: Mapped[int | None] = mapped_column(
+        Id, ForeignKey("referral_codes.id", use_alter=True)
+    )
+    #: Number of users referred by this user; kept in the same transaction as each referral,
+    #: so ListReferrals' total_size costs O(1).
+    referral_count: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_users_referrer_id_id", "referrer_id", "id"),)
+
+
+class ReferralCodeRow(Base):
+    __tablename__ = "referral_codes"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(32))
+    code_key: Mapped[str] = mapped_column(String(32), unique=True)
+    owner_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    expire_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoke_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set when the code stops occupying its owner's single open slot (deleted, or replaced
+    #: after it expired or was used up).
+    close_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    max_uses: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    use_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+    __table_args__ = (
+        Index(
+            "uq_referral_codes_open_owner",
+            "owner_id",
+            unique=True,
+            sqlite_where=text("close_time IS NULL"),
+            postgresql_where=text("close_time IS NULL"),
+        ),
+        Index("ix_referral_codes_owner_id_id", "owner_id", "id"),
+        CheckConstraint("max_uses >= 0", name="max_uses_non_negative"),
+        CheckConstraint("max_uses = 0 OR use_count <= max_uses", name="use_count_within_max"),
+    )
+
+
+class RefreshTokenRow(Base):
+    __tablename__ = "refresh_tokens"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), index=True)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    expire_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoke_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RevocationRow(Base):
+    """Durable record of revoked access tokens (``jti:<id>``) and sessions (``sid:<id>``),
+    kept until the last token they cover has expired. Redis or the in-process store serve the
+    hot path; this table survives their restarts and answers when Redis is down."""
+
+    __tablename__ = "revocations"
+
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    expire_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class IdempotencyRow(Base):
+    """AIP-155 request ids: a retry with the same id returns the first result."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[int] = mapped_column(Id)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    expire_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
