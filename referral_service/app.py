@@ -57,7 +57,8 @@ class App:
             await self.health.set(name, status)
 
     async def start(self) -> None:
-        await self.revocations.resync(utcnow())
+        if self.cache.shared:
+            await self.revocations.resync(utcnow())
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         redis_ok = await self.cache.healthy()

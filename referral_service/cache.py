@@ -47,6 +47,8 @@ class Lookup:
 
 class Cache(Protocol):
     backend: str
+    #: True when every replica and worker sees the same store (Redis).
+    shared: bool
 
     async def lookup(self, key: str) -> Lookup: ...
     async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None: ...
@@ -120,14 +122,14 @@ class MemoryCache:
     several workers and no Redis each worker has its own copy (see README)."""
 
     backend = "memory"
+    shared = False
 
     def __init__(self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._invalidated: OrderedDict[str, int] = OrderedDict()
         self._revoked: dict[str, float] = {}
-        self._seeded = False
         self._generation = 0
-        self._forgotten = 0  # newest generation evicted from _invalidated
+        self._forgotten = 0  # newest generation evicted from _invalidated: older stamps can't fill
         self._max = max_entries
         self._clock = clock
 
@@ -144,7 +146,7 @@ class MemoryCache:
         assert isinstance(stamp, int)
         if ttl_seconds <= 0 or stamp < self._forgotten:
             return
-        if self._invalidated.get(key, -1) >= stamp:
+        if self._invalidated.get(key, -1) > stamp:  # invalidated after the stamp was taken
             return
         self._values[key] = (value, self._clock() + ttl_seconds)
         self._values.move_to_end(key)
@@ -158,7 +160,7 @@ class MemoryCache:
         self._invalidated.move_to_end(key)
         while len(self._invalidated) > self._max:
             _, generation = self._invalidated.popitem(last=False)
-            self._forgotten = max(self._forgotten, generation + 1)
+            self._forgotten = max(self._forgotten, generation)
 
     async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
         now = self._clock()
@@ -169,16 +171,14 @@ class MemoryCache:
         return True
 
     async def any_revoked(self, keys: Sequence[str]) -> bool | None:
-        if not self._seeded:
-            return None
+        """True when this process knows a key is revoked; otherwise unknown (None): another
+        worker or replica may have revoked it, so the caller asks the database."""
         now = self._clock()
-        return any(self._revoked.get(key, 0.0) > now for key in keys)
+        return True if any(self._revoked.get(key, 0.0) > now for key in keys) else None
 
     async def seed_revocations(self, entries: Sequence[tuple[str, float]]) -> bool:
-        await self.revoke([], 0)
         for key, ttl in entries:
             await self.revoke([key], ttl)
-        self._seeded = True
         return True
 
     async def healthy(self) -> bool:
@@ -224,6 +224,7 @@ return 1
 
 class RedisCache:
     backend = "redis"
+    shared = True
 
     def __init__(
         self,

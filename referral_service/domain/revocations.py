@@ -1,10 +1,12 @@
 """Revoked access tokens (``jti:<id>``) and sessions (``sid:<id>``).
 
-The database is the record (it survives restarts of Redis, which keeps nothing on disk); Redis,
-or the in-process store, answers the per-call check. When the store cannot answer (Redis down,
-or restarted empty and not yet re-seeded), the check asks the database, and the store is
-re-seeded from the database in the background. A revoked token is therefore never accepted
-because of a cache outage.
+The database is the record (it survives restarts of Redis, which keeps nothing on disk).
+With Redis, Redis answers the per-call check; when it cannot (Redis down, or restarted empty and
+not yet re-seeded) the check asks the database, and Redis is re-seeded from the database in the
+background. Without Redis, the in-process store only short-cuts tokens this process revoked;
+every other check asks the database (one primary-key look-up), because another worker or
+replica may have revoked the token. A revoked token is never accepted because of a cache outage
+or a restart.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class Revocations:
         answer = await self._cache.any_revoked(keys)
         if answer is not None:
             return answer
-        self._schedule_resync()
+        if self._cache.shared:
+            self._schedule_resync()
         async with self._db.read() as session:
             return await repo.any_revoked(session, keys, now)
 

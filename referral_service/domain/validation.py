@@ -25,6 +25,7 @@ from email_validator import EmailNotValidError, validate_email
 from referral_service.domain.errors import FieldViolation
 
 EMAIL_MAX = 254
+LOCAL_PART_MAX = 64  # RFC 5321 section 4.5.3.1.1
 PASSWORD_MIN = 8
 PASSWORD_MAX = 128
 CODE_MIN = 4
@@ -51,6 +52,10 @@ def parse_email(raw: str, field: str = "email") -> Email | FieldViolation:
     except EmailNotValidError as exc:
         return FieldViolation(field, f"is not a valid email address: {exc}", "INVALID_EMAIL")
     normalized = result.normalized
+    if len(result.local_part.encode()) > LOCAL_PART_MAX:
+        return FieldViolation(
+            field, f"the part before the @ must be at most {LOCAL_PART_MAX} bytes", "INVALID_EMAIL"
+        )
     return Email(display=normalized, key=normalized.lower())
 
 
