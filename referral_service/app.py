@@ -7,10 +7,11 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-
 from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
+
 from referral_service.api.auth import AuthServicer
 from referral_service.api.interceptors import ApiInterceptor, access_rules
 from referral_service.api.referral import ReferralServicer
@@ -44,7 +45,7 @@ class App:
     referrals: ReferralService
     revocations: Revocations
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: HealthServicer
     port: int
     _tasks: list[object] = field(default_factory=list)
 
@@ -64,7 +65,9 @@ class App:
         redis_ok = await self.cache.healthy()
         await self.health.set(
             HEALTH_REDIS,
-            health_pb2.HealthCheckResponse.SERVING if redis_ok else health_pb2.HealthCheckResponse.NOT_SERVING,
+            health_pb2.HealthCheckResponse.SERVING
+            if redis_ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
         log.info(
             "serving gRPC on %s (database: %s, cache: %s)",
@@ -106,7 +109,7 @@ async def build_app(settings: Settings) -> App:
         pool_size=settings.database_pool_size,
         timeout=settings.database_timeout_seconds,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
 
     def redis_health(up: bool) -> None:
         import asyncio
@@ -165,7 +168,11 @@ async def build_app(settings: Settings) -> App:
     referral_pb2_grpc.add_ReferralServiceServicer_to_server(ReferralServicer(referrals), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*(s.full_name for s in SERVICES), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            *(s.full_name for s in SERVICES),
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")

@@ -24,7 +24,15 @@ log = logging.getLogger("referral_service")
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for name in ("grpc_host", "grpc_port", "database_url", "redis_url", "data_dir", "log_level", "log_format"):
+    for name in (
+        "grpc_host",
+        "grpc_port",
+        "database_url",
+        "redis_url",
+        "data_dir",
+        "log_level",
+        "log_format",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -62,7 +70,9 @@ async def _create_superuser(settings: Settings, email: str, password: str) -> in
         return 1
     finally:
         await app.stop(0)
-    print(f"{'created' if created else 'promoted existing user to'} superuser id={user.id} email={user.email}")
+    print(
+        f"{'created' if created else 'promoted existing user to'} superuser id={user.id} email={user.email}"
+    )
     return 0
 
 
@@ -85,7 +95,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--redis-url", dest="redis_url", help="REFERRAL_REDIS_URL")
     common.add_argument("--data-dir", dest="data_dir", help="REFERRAL_DATA_DIR")
     common.add_argument("--log-level", dest="log_level", help="REFERRAL_LOG_LEVEL")
-    common.add_argument("--log-format", dest="log_format", choices=["text", "json"], help="REFERRAL_LOG_FORMAT")
+    common.add_argument(
+        "--log-format", dest="log_format", choices=["text", "json"], help="REFERRAL_LOG_FORMAT"
+    )
     commands = root.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="serve gRPC")
@@ -96,7 +108,9 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", parents=[common], help="apply database migrations")
 
     superuser = commands.add_parser(
-        "create-superuser", parents=[common], help="create a superuser (or promote an existing user)"
+        "create-superuser",
+        parents=[common],
+        help="create a superuser (or promote an existing user)",
     )
     superuser.add_argument("--email", required=True)
     superuser.add_argument(

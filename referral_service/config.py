@@ -116,9 +116,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_profile(self) -> Settings:
-        if self.jwt_secret is not None:
-            if len(self.jwt_secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
-                raise ValueError(f"REFERRAL_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
+        if (
+            self.jwt_secret is not None
+            and len(self.jwt_secret.get_secret_value().encode()) < MIN_SECRET_BYTES
+        ):
+            raise ValueError(f"REFERRAL_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
         if self.profile is Profile.PRODUCTION:
             problems = []
             if self.jwt_secret is None:

@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2_grpc
+from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2_grpc
 from sqlalchemy import make_url
 
-from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2_grpc
 from referral_service.app import App, build_app
 from referral_service.config import Settings
 from referral_service.storage import migrate
@@ -65,9 +65,15 @@ def _reachable(url: str, default_port: int) -> bool:
 def _need(name: str, ok: bool) -> None:
     if ok:
         return
-    message = f"{name} is not reachable; its tests are skipped (set REFERRAL_TEST_REQUIRE_BACKENDS=1 to fail instead)"
+    message = (
+        f"{name} is not reachable; its tests are skipped "
+        "(set REFERRAL_TEST_REQUIRE_BACKENDS=1 to fail instead)"
+    )
     if REQUIRE:
-        pytest.fail(f"{name} is required (REFERRAL_TEST_REQUIRE_BACKENDS=1) but not reachable", pytrace=False)
+        pytest.fail(
+            f"{name} is required (REFERRAL_TEST_REQUIRE_BACKENDS=1) but not reachable",
+            pytrace=False,
+        )
     pytest.skip(message)
 
 
@@ -94,7 +100,11 @@ async def _pg_admin(sql: str) -> None:
 
     url = make_url(PG_URL)
     conn = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
+        database=url.database,
     )
     try:
         await conn.execute(sql)
@@ -121,12 +131,16 @@ async def truncate_postgres(url: str) -> None:
 
     parsed = make_url(url)
     conn = await asyncpg.connect(
-        host=parsed.host, port=parsed.port or 5432, user=parsed.username, password=parsed.password,
+        host=parsed.host,
+        port=parsed.port or 5432,
+        user=parsed.username,
+        password=parsed.password,
         database=parsed.database,
     )
     try:
         await conn.execute(
-            "TRUNCATE users, referral_codes, refresh_tokens, revocations, idempotency_keys RESTART IDENTITY CASCADE"
+            "TRUNCATE users, referral_codes, refresh_tokens, revocations, idempotency_keys "
+            "RESTART IDENTITY CASCADE"
         )
     finally:
         await conn.close()

@@ -69,7 +69,9 @@ async def expect_error(awaitable: object, code: grpc.StatusCode, reason: str | N
         details = rich(error)
         assert details.code == code, f"expected {code}, got {details.code}: {details.message}"
         if reason is not None:
-            assert details.reason == reason, f"expected reason {reason}, got {details.reason}: {details.message}"
+            assert details.reason == reason, (
+                f"expected reason {reason}, got {details.reason}: {details.message}"
+            )
         assert details.domain == "referral-service"
         assert details.request_id
         return details

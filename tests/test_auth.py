@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import jwt
 import pytest
+from referral.v1 import auth_pb2
 from sqlalchemy import select
 
-from referral.v1 import auth_pb2
 from referral_service.storage.tables import UserRow
 from tests.conftest import PASSWORD, TEST_SECRET, Api, bearer, start_api, stop_api
 from tests.errors import expect_error
@@ -31,7 +31,9 @@ async def test_register_returns_the_new_user(api: Api) -> None:
     user = await api.register("  Alice.Smith@Example.COM ")
     assert user.id > 0
     assert user.email == "Alice.Smith@example.com"  # trimmed, domain lower-cased, local part kept
-    assert user.is_active and not user.is_verified and not user.is_superuser
+    assert user.is_active
+    assert not user.is_verified
+    assert not user.is_superuser
     assert not user.HasField("referrer_id")
     created = user.create_time.ToDatetime(tzinfo=UTC)
     assert before - timedelta(seconds=5) <= created <= datetime.now(UTC) + timedelta(seconds=5)
@@ -51,7 +53,8 @@ async def test_register_ignores_privileged_fields_a_client_smuggles_in(api: Api)
         response_deserializer=auth_pb2.RegisterResponse.FromString,
     )
     response = await call(payload)
-    assert not response.user.is_superuser and not response.user.is_verified
+    assert not response.user.is_superuser
+    assert not response.user.is_verified
 
 
 @pytest.mark.parametrize(
@@ -70,7 +73,9 @@ async def test_register_ignores_privileged_fields_a_client_smuggles_in(api: Api)
 )
 async def test_register_rejects_bad_emails(api: Api, email: str, field_reason: str) -> None:
     error = await expect_error(
-        api.auth.Register(auth_pb2.RegisterRequest(email=email, password=PASSWORD)), INVALID, "VALIDATION_FAILED"
+        api.auth.Register(auth_pb2.RegisterRequest(email=email, password=PASSWORD)),
+        INVALID,
+        "VALIDATION_FAILED",
     )
     assert "email" in error.fields
     assert error.field_reasons["email"] == field_reason
@@ -100,7 +105,9 @@ async def test_register_enforces_the_password_policy(api: Api, password: str, fi
 
 async def test_register_refuses_the_email_as_password(api: Api) -> None:
     error = await expect_error(
-        api.auth.Register(auth_pb2.RegisterRequest(email="bob.builder@example.com", password="bob.builder@example.com")),
+        api.auth.Register(
+            auth_pb2.RegisterRequest(email="bob.builder@example.com", password="bob.builder@example.com")
+        ),
         INVALID,
     )
     assert error.field_reasons["password"] == "CONTEXT_SPECIFIC"
@@ -168,7 +175,9 @@ async def test_register_retry_with_request_id_returns_the_first_user(api: Api) -
     again = await api.register(email, request_id=request_id)
     assert again.id == first.id
     await expect_error(
-        api.auth.Register(auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD, request_id=request_id)),
+        api.auth.Register(
+            auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD, request_id=request_id)
+        ),
         INVALID,
         "REQUEST_ID_CONFLICT",
     )
@@ -197,19 +206,25 @@ async def test_login_returns_an_oauth2_token_response(api: Api) -> None:
     assert tokens.refresh_expires_in == 30 * 24 * 3600
     assert tokens.access_token != tokens.refresh_token
     header = _header(tokens.access_token)
-    assert header["alg"] == "HS256" and header["typ"] == "at+jwt" and header["kid"]
+    assert header["alg"] == "HS256"
+    assert header["typ"] == "at+jwt"
+    assert header["kid"]
     claims = jwt.decode(tokens.access_token, options={"verify_signature": False})
     assert claims["sub"] == str(user.id)
-    assert claims["iss"] == "referral-service" and claims["aud"] == "referral-service"
+    assert claims["iss"] == "referral-service"
+    assert claims["aud"] == "referral-service"
     assert claims["exp"] - claims["iat"] == 15 * 60
-    assert "is_superuser" not in claims and "password" not in json.dumps(claims)
+    assert "is_superuser" not in claims
+    assert "password" not in json.dumps(claims)
 
 
 async def test_login_failures_do_not_reveal_whether_the_email_exists(api: Api) -> None:
     email = api.unique_email()
     await api.register(email)
     wrong_password = await expect_error(api.login(email, "wrong password!!"), UNAUTH, "INVALID_CREDENTIALS")
-    unknown_email = await expect_error(api.login("nobody@example.com", PASSWORD), UNAUTH, "INVALID_CREDENTIALS")
+    unknown_email = await expect_error(
+        api.login("nobody@example.com", PASSWORD), UNAUTH, "INVALID_CREDENTIALS"
+    )
     malformed_email = await expect_error(api.login("not an email", PASSWORD), UNAUTH, "INVALID_CREDENTIALS")
     assert wrong_password.message == unknown_email.message == malformed_email.message
 
@@ -247,7 +262,9 @@ async def test_get_current_user_with_a_valid_token(api: Api) -> None:
 
 
 async def test_missing_token_is_unauthenticated(api: Api) -> None:
-    error = await expect_error(api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest()), UNAUTH, "TOKEN_MISSING")
+    error = await expect_error(
+        api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest()), UNAUTH, "TOKEN_MISSING"
+    )
     assert "Bearer" in error.message
 
 
@@ -284,7 +301,9 @@ def _b64(data: dict[str, object]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
-async def test_a_correctly_forged_token_is_accepted_so_the_attack_tests_are_meaningful(api: Api) -> None:
+async def test_a_correctly_forged_token_is_accepted_so_the_attack_tests_are_meaningful(
+    api: Api,
+) -> None:
     user, _ = await api.user_with_token()
     response = await api.auth.GetCurrentUser(
         auth_pb2.GetCurrentUserRequest(), metadata=bearer(_forge(_claims(user.id)))
@@ -296,7 +315,9 @@ async def test_token_attacks_are_rejected(api: Api) -> None:
     user, token = await api.user_with_token()
     uid = user.id
     tampered_payload = token.split(".")
-    tampered_payload[1] = _b64({**jwt.decode(token, options={"verify_signature": False}), "sub": str(uid + 1)})
+    tampered_payload[1] = _b64(
+        {**jwt.decode(token, options={"verify_signature": False}), "sub": str(uid + 1)}
+    )
     header, payload, signature = token.split(".")
     attacks = {
         "tampered payload": ".".join(tampered_payload),
@@ -317,7 +338,8 @@ async def test_token_attacks_are_rejected(api: Api) -> None:
     }
     for name, forged in attacks.items():
         error = await expect_error(
-            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(forged)), UNAUTH
+            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(forged)),
+            UNAUTH,
         )
         assert error.reason == "TOKEN_INVALID", f"{name}: {error.reason}"
 
@@ -327,7 +349,9 @@ async def test_expired_token_is_token_expired(api: Api) -> None:
     past = int(time.time()) - 3600
     forged = _forge(_claims(user.id, iat=past - 600, nbf=past - 600, exp=past))
     await expect_error(
-        api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(forged)), UNAUTH, "TOKEN_EXPIRED"
+        api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(forged)),
+        UNAUTH,
+        "TOKEN_EXPIRED",
     )
 
 
@@ -375,7 +399,9 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(api: Api) -> None:
     )
     for access in (first.access_token, second.access_token):
         await expect_error(
-            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(access)), UNAUTH, "TOKEN_REVOKED"
+            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(access)),
+            UNAUTH,
+            "TOKEN_REVOKED",
         )
     # other sessions of the same user are untouched; a new login works
     third = await api.login(email)
@@ -387,7 +413,10 @@ async def test_concurrent_refreshes_of_one_token_succeed_once(api: Api) -> None:
     await api.register(email)
     tokens = await api.login(email)
     results = await asyncio.gather(
-        *(api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=tokens.refresh_token)) for _ in range(6)),
+        *(
+            api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=tokens.refresh_token))
+            for _ in range(6)
+        ),
         return_exceptions=True,
     )
     assert sum(isinstance(r, auth_pb2.RefreshTokenResponse) for r in results) == 1
@@ -395,10 +424,14 @@ async def test_concurrent_refreshes_of_one_token_succeed_once(api: Api) -> None:
 
 
 async def test_refresh_requires_a_token(api: Api) -> None:
-    error = await expect_error(api.auth.RefreshToken(auth_pb2.RefreshTokenRequest()), INVALID, "VALIDATION_FAILED")
+    error = await expect_error(
+        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest()), INVALID, "VALIDATION_FAILED"
+    )
     assert "refresh_token" in error.fields
     await expect_error(
-        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token="garbage")), UNAUTH, "TOKEN_INVALID"
+        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token="garbage")),
+        UNAUTH,
+        "TOKEN_INVALID",
     )
 
 
@@ -411,7 +444,10 @@ async def test_logout_revokes_the_access_token_and_the_refresh_family(api: Api) 
     await api.register(email)
     session = await api.login(email)
     other = await api.login(email)
-    await api.auth.Logout(auth_pb2.LogoutRequest(refresh_token=session.refresh_token), metadata=bearer(session.access_token))
+    await api.auth.Logout(
+        auth_pb2.LogoutRequest(refresh_token=session.refresh_token),
+        metadata=bearer(session.access_token),
+    )
     await expect_error(
         api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(session.access_token)),
         UNAUTH,
@@ -423,7 +459,9 @@ async def test_logout_revokes_the_access_token_and_the_refresh_family(api: Api) 
         "TOKEN_REVOKED",
     )
     await expect_error(
-        api.auth.Logout(auth_pb2.LogoutRequest(), metadata=bearer(session.access_token)), UNAUTH, "TOKEN_REVOKED"
+        api.auth.Logout(auth_pb2.LogoutRequest(), metadata=bearer(session.access_token)),
+        UNAUTH,
+        "TOKEN_REVOKED",
     )
     # the user's other session still works
     await api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(other.access_token))
@@ -449,7 +487,10 @@ async def test_logout_refuses_another_users_refresh_token(api: Api) -> None:
     await api.register(victim)
     victim_tokens = await api.login(victim)
     await expect_error(
-        api.auth.Logout(auth_pb2.LogoutRequest(refresh_token=victim_tokens.refresh_token), metadata=bearer(token)),
+        api.auth.Logout(
+            auth_pb2.LogoutRequest(refresh_token=victim_tokens.refresh_token),
+            metadata=bearer(token),
+        ),
         grpc.StatusCode.PERMISSION_DENIED,
         "PERMISSION_DENIED",
     )
@@ -478,7 +519,9 @@ async def test_revocation_survives_a_restart(stack) -> None:  # type: ignore[no-
     second = await start_api(stack)
     try:
         await expect_error(
-            second.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)),
+            second.auth.GetCurrentUser(
+                auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)
+            ),
             UNAUTH,
             "TOKEN_REVOKED",
         )

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
+from referral.v1 import auth_pb2, referral_pb2
 from sqlalchemy import event
 
-from referral.v1 import auth_pb2, referral_pb2
 from referral_service.domain.referrals import CODE_ALPHABET
 from tests.conftest import PASSWORD, Api, bearer
 from tests.errors import expect_error
@@ -39,13 +39,16 @@ async def create(api: Api, token: str, **fields: object) -> referral_pb2.Referra
     if "expire_time" not in fields and "ttl" not in fields:
         fields["ttl"] = ttl(3600)
     response = await api.referral.CreateReferralCode(
-        referral_pb2.CreateReferralCodeRequest(**fields), metadata=bearer(token)  # type: ignore[arg-type]
+        referral_pb2.CreateReferralCodeRequest(**fields),
+        metadata=bearer(token),  # type: ignore[arg-type]
     )
     return response.referral_code
 
 
 async def lookup(api: Api, email: str) -> referral_pb2.ReferralCode:
-    response = await api.referral.GetReferralCodeByEmail(referral_pb2.GetReferralCodeByEmailRequest(email=email))
+    response = await api.referral.GetReferralCodeByEmail(
+        referral_pb2.GetReferralCodeByEmailRequest(email=email)
+    )
     return response.referral_code
 
 
@@ -61,9 +64,12 @@ async def test_create_generates_an_unambiguous_code(api: Api) -> None:
     assert not set(code.code) & set("01OIL")
     assert code.owner_id == user.id
     assert code.state == RC.STATE_ACTIVE
-    assert code.max_uses == 0 and code.use_count == 0
+    assert code.max_uses == 0
+    assert code.use_count == 0
     expires = code.expire_time.ToDatetime(tzinfo=UTC)
-    assert before + timedelta(days=1) - timedelta(seconds=5) <= expires <= datetime.now(UTC) + timedelta(days=1)
+    assert (
+        before + timedelta(days=1) - timedelta(seconds=5) <= expires <= datetime.now(UTC) + timedelta(days=1)
+    )
 
 
 async def test_create_with_absolute_expiry_and_max_uses(api: Api) -> None:
@@ -73,7 +79,9 @@ async def test_create_with_absolute_expiry_and_max_uses(api: Api) -> None:
     assert code.code == "SUMMER-2026"
     assert code.expire_time.ToDatetime(tzinfo=UTC) == expiry
     assert code.max_uses == 5
-    mine = await api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token))
+    mine = await api.referral.GetMyReferralCode(
+        referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)
+    )
     assert mine.referral_code == code
 
 
@@ -101,7 +109,8 @@ async def test_create_rejects_bad_input(api: Api, fields: dict[str, object], fie
     error = await expect_error(create(api, token, **fields), INVALID, "VALIDATION_FAILED")
     assert error.field_reasons[field] == reason
     await expect_error(
-        api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)), NOT_FOUND
+        api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)),
+        NOT_FOUND,
     )
 
 
@@ -128,7 +137,9 @@ async def test_only_one_live_code_per_user(api: Api) -> None:
     first = await create(api, token)
     error = await expect_error(create(api, token), PRECONDITION, "REFERRAL_CODE_ALREADY_ACTIVE")
     assert "delete" in error.message
-    mine = await api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token))
+    mine = await api.referral.GetMyReferralCode(
+        referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)
+    )
     assert mine.referral_code.code == first.code
 
 
@@ -140,7 +151,9 @@ async def test_fifty_concurrent_creates_yield_exactly_one_live_code(api: Api) ->
     failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(created) == 1, [f.details() for f in failed][:3]
     assert {f.code() for f in failed} == {PRECONDITION}
-    mine = await api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token))
+    mine = await api.referral.GetMyReferralCode(
+        referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)
+    )
     assert mine.referral_code.code == created[0].code
 
 
@@ -153,21 +166,27 @@ async def test_concurrent_equal_vanity_codes_go_to_exactly_one_user(api: Api) ->
 
 
 async def test_vanity_codes_are_never_reissued(api: Api) -> None:
-    owner, token = await api.user_with_token()
+    _owner, token = await api.user_with_token()
     await create(api, token, code="friends")
     await api.referral.DeleteReferralCode(referral_pb2.DeleteReferralCodeRequest(), metadata=bearer(token))
     _, other = await api.user_with_token()
-    error = await expect_error(create(api, other, code="FRIENDS"), grpc.StatusCode.ALREADY_EXISTS, "REFERRAL_CODE_TAKEN")
+    error = await expect_error(
+        create(api, other, code="FRIENDS"), grpc.StatusCode.ALREADY_EXISTS, "REFERRAL_CODE_TAKEN"
+    )
     assert error.fields["code"]
     # not even to its first owner
-    await expect_error(create(api, token, code="Friends"), grpc.StatusCode.ALREADY_EXISTS, "REFERRAL_CODE_TAKEN")
+    await expect_error(
+        create(api, token, code="Friends"), grpc.StatusCode.ALREADY_EXISTS, "REFERRAL_CODE_TAKEN"
+    )
 
 
 async def test_an_expired_code_does_not_block_a_new_one(api: Api) -> None:
     _, token = await api.user_with_token()
     await create(api, token, ttl=ttl(1))
     await asyncio.sleep(1.2)
-    mine = await api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token))
+    mine = await api.referral.GetMyReferralCode(
+        referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)
+    )
     assert mine.referral_code.state == RC.STATE_EXPIRED
     fresh = await create(api, token)
     assert fresh.state == RC.STATE_ACTIVE
@@ -177,7 +196,9 @@ async def test_a_used_up_code_does_not_block_a_new_one(api: Api) -> None:
     _, token = await api.user_with_token()
     code = await create(api, token, max_uses=1)
     await api.register(referral_code=code.code)
-    mine = await api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token))
+    mine = await api.referral.GetMyReferralCode(
+        referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)
+    )
     assert mine.referral_code.state == RC.STATE_EXHAUSTED
     assert mine.referral_code.use_count == 1
     await create(api, token)
@@ -210,10 +231,12 @@ async def test_get_and_delete_my_code(api: Api) -> None:
     await create(api, token)
     await api.referral.DeleteReferralCode(referral_pb2.DeleteReferralCodeRequest(), metadata=bearer(token))
     await expect_error(
-        api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)), NOT_FOUND
+        api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)),
+        NOT_FOUND,
     )
     await expect_error(
-        api.referral.DeleteReferralCode(referral_pb2.DeleteReferralCodeRequest(), metadata=bearer(token)), NOT_FOUND
+        api.referral.DeleteReferralCode(referral_pb2.DeleteReferralCodeRequest(), metadata=bearer(token)),
+        NOT_FOUND,
     )
     await create(api, token)  # the slot is free again
 
@@ -381,9 +404,7 @@ async def test_register_with_own_code_is_refused(api: Api) -> None:
     email = api.unique_email()
     _, token = await api.user_with_token(email)
     code = await create(api, token)
-    await expect_error(
-        api.register(email.upper(), referral_code=code.code), INVALID, "SELF_REFERRAL"
-    )
+    await expect_error(api.register(email.upper(), referral_code=code.code), INVALID, "SELF_REFERRAL")
 
 
 @pytest.mark.all_stacks
@@ -397,7 +418,9 @@ async def test_concurrent_registrations_never_exceed_max_uses(api: Api) -> None:
     failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(ok) == 3
     assert {f.code() for f in failed} == {PRECONDITION}
-    mine = await api.referral.GetMyReferralCode(referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token))
+    mine = await api.referral.GetMyReferralCode(
+        referral_pb2.GetMyReferralCodeRequest(), metadata=bearer(token)
+    )
     assert mine.referral_code.use_count == 3
     assert mine.referral_code.state == RC.STATE_EXHAUSTED
     page = await api.referral.ListReferrals(
@@ -444,7 +467,9 @@ async def test_pagination_walks_every_referral_once_in_order(api: Api, page_size
     pages = 0
     while True:
         page = await api.referral.ListReferrals(
-            referral_pb2.ListReferralsRequest(referrer_id=owner.id, page_size=page_size, page_token=page_token),
+            referral_pb2.ListReferralsRequest(
+                referrer_id=owner.id, page_size=page_size, page_token=page_token
+            ),
             metadata=bearer(token),
         )
         pages += 1
@@ -464,14 +489,18 @@ async def test_page_size_default_cap_and_negative(api: Api) -> None:
     default = await api.referral.ListReferrals(
         referral_pb2.ListReferralsRequest(referrer_id=owner.id), metadata=bearer(token)
     )
-    assert len(default.referrals) == 50 and default.next_page_token
+    assert len(default.referrals) == 50
+    assert default.next_page_token
     capped = await api.referral.ListReferrals(
-        referral_pb2.ListReferralsRequest(referrer_id=owner.id, page_size=100_000), metadata=bearer(token)
+        referral_pb2.ListReferralsRequest(referrer_id=owner.id, page_size=100_000),
+        metadata=bearer(token),
     )
-    assert len(capped.referrals) == 60 and not capped.next_page_token
+    assert len(capped.referrals) == 60
+    assert not capped.next_page_token
     error = await expect_error(
         api.referral.ListReferrals(
-            referral_pb2.ListReferralsRequest(referrer_id=owner.id, page_size=-1), metadata=bearer(token)
+            referral_pb2.ListReferralsRequest(referrer_id=owner.id, page_size=-1),
+            metadata=bearer(token),
         ),
         INVALID,
     )
@@ -500,19 +529,23 @@ async def test_page_tokens_are_bound_to_their_request(api: Api) -> None:
     for garbage in ("garbage", first.next_page_token[:-2] + "xx", "é" * 10, "a" * 600):
         await expect_error(
             api.referral.ListReferrals(
-                referral_pb2.ListReferralsRequest(referrer_id=owner.id, page_token=garbage), metadata=bearer(token)
+                referral_pb2.ListReferralsRequest(referrer_id=owner.id, page_token=garbage),
+                metadata=bearer(token),
             ),
             INVALID,
         )
 
 
-async def test_listing_someone_elses_referrals_is_permission_denied_before_not_found(api: Api) -> None:
+async def test_listing_someone_elses_referrals_is_permission_denied_before_not_found(
+    api: Api,
+) -> None:
     owner, _ = await api.user_with_token()
     _, stranger = await api.user_with_token()
     for referrer_id in (owner.id, 2**31, 2**63 - 1, 999_999):
         await expect_error(
             api.referral.ListReferrals(
-                referral_pb2.ListReferralsRequest(referrer_id=referrer_id), metadata=bearer(stranger)
+                referral_pb2.ListReferralsRequest(referrer_id=referrer_id),
+                metadata=bearer(stranger),
             ),
             grpc.StatusCode.PERMISSION_DENIED,
             "PERMISSION_DENIED",
@@ -532,13 +565,17 @@ async def test_a_superuser_may_list_anyones_referrals(api: Api) -> None:
     assert [r.user_id for r in page.referrals] == [referral.id]
     for missing in (2**31, 2**63 - 1):
         await expect_error(
-            api.referral.ListReferrals(referral_pb2.ListReferralsRequest(referrer_id=missing), metadata=bearer(admin)),
+            api.referral.ListReferrals(
+                referral_pb2.ListReferralsRequest(referrer_id=missing), metadata=bearer(admin)
+            ),
             NOT_FOUND,
             "USER_NOT_FOUND",
         )
     for bad in (0, -5):
         await expect_error(
-            api.referral.ListReferrals(referral_pb2.ListReferralsRequest(referrer_id=bad), metadata=bearer(admin)),
+            api.referral.ListReferrals(
+                referral_pb2.ListReferralsRequest(referrer_id=bad), metadata=bearer(admin)
+            ),
             INVALID,
         )
 
@@ -548,4 +585,6 @@ async def test_listing_with_no_referrals(api: Api) -> None:
     page = await api.referral.ListReferrals(
         referral_pb2.ListReferralsRequest(referrer_id=owner.id), metadata=bearer(token)
     )
-    assert list(page.referrals) == [] and page.next_page_token == "" and page.total_size == 0
+    assert list(page.referrals) == []
+    assert page.next_page_token == ""
+    assert page.total_size == 0

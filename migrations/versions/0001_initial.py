@@ -30,7 +30,12 @@ def upgrade() -> None:
         sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.text("true")),
         sa.Column("is_verified", sa.Boolean, nullable=False, server_default=sa.text("false")),
         sa.Column("is_superuser", sa.Boolean, nullable=False, server_default=sa.text("false")),
-        sa.Column("referrer_id", Id, sa.ForeignKey("users.id", name="fk_users_referrer_id_users"), nullable=True),
+        sa.Column(
+            "referrer_id",
+            Id,
+            sa.ForeignKey("users.id", name="fk_users_referrer_id_users"),
+            nullable=True,
+        ),
         sa.Column("referral_code_id", Id, nullable=True),
         sa.Column("referral_count", sa.BigInteger, nullable=False, server_default=sa.text("0")),
         sa.Column("create_time", UTCDateTime, nullable=False),
@@ -46,7 +51,10 @@ def upgrade() -> None:
         sa.Column("code", sa.String(32), nullable=False),
         sa.Column("code_key", sa.String(32), nullable=False),
         sa.Column(
-            "owner_id", Id, sa.ForeignKey("users.id", name="fk_referral_codes_owner_id_users"), nullable=False
+            "owner_id",
+            Id,
+            sa.ForeignKey("users.id", name="fk_referral_codes_owner_id_users"),
+            nullable=False,
         ),
         sa.Column("create_time", UTCDateTime, nullable=False),
         sa.Column("expire_time", UTCDateTime, nullable=False),
@@ -74,7 +82,10 @@ def upgrade() -> None:
     # users.referral_code_id -> referral_codes.id closes the cycle; batch mode lets SQLite add it.
     with op.batch_alter_table("users") as batch:
         batch.create_foreign_key(
-            "fk_users_referral_code_id_referral_codes", "referral_codes", ["referral_code_id"], ["id"]
+            "fk_users_referral_code_id_referral_codes",
+            "referral_codes",
+            ["referral_code_id"],
+            ["id"],
         )
 
     op.create_table(
@@ -82,7 +93,10 @@ def upgrade() -> None:
         sa.Column("jti", sa.String(64), nullable=False),
         sa.Column("session_id", sa.String(64), nullable=False),
         sa.Column(
-            "user_id", Id, sa.ForeignKey("users.id", name="fk_refresh_tokens_user_id_users"), nullable=False
+            "user_id",
+            Id,
+            sa.ForeignKey("users.id", name="fk_refresh_tokens_user_id_users"),
+            nullable=False,
         ),
         sa.Column("create_time", UTCDateTime, nullable=False),
         sa.Column("expire_time", UTCDateTime, nullable=False),

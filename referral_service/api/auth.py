@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
-
 from referral.v1 import auth_pb2, auth_pb2_grpc
+
 from referral_service.api import convert
-from referral_service.api.interceptors import current_principal
+from referral_service.api.interceptors import Context, current_principal
 from referral_service.domain.auth import AuthService, RegisterCommand
 from referral_service.domain.models import TokenPair
 
@@ -26,7 +25,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self._service = service
 
     async def Register(
-        self, request: auth_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.RegisterRequest, context: Context
     ) -> auth_pb2.RegisterResponse:
         user = await self._service.register(
             RegisterCommand(
@@ -38,26 +37,22 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
         return auth_pb2.RegisterResponse(user=convert.user(user))
 
-    async def Login(
-        self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext
-    ) -> auth_pb2.LoginResponse:
+    async def Login(self, request: auth_pb2.LoginRequest, context: Context) -> auth_pb2.LoginResponse:
         pair = await self._service.login(request.email, request.password)
         return auth_pb2.LoginResponse(**_tokens(pair))  # type: ignore[arg-type]
 
     async def RefreshToken(
-        self, request: auth_pb2.RefreshTokenRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.RefreshTokenRequest, context: Context
     ) -> auth_pb2.RefreshTokenResponse:
         pair = await self._service.refresh(request.refresh_token)
         return auth_pb2.RefreshTokenResponse(**_tokens(pair))  # type: ignore[arg-type]
 
-    async def Logout(
-        self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext
-    ) -> auth_pb2.LogoutResponse:
+    async def Logout(self, request: auth_pb2.LogoutRequest, context: Context) -> auth_pb2.LogoutResponse:
         await self._service.logout(current_principal(), request.refresh_token)
         return auth_pb2.LogoutResponse()
 
     async def GetCurrentUser(
-        self, request: auth_pb2.GetCurrentUserRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.GetCurrentUserRequest, context: Context
     ) -> auth_pb2.GetCurrentUserResponse:
         user = await self._service.current_user(current_principal())
         return auth_pb2.GetCurrentUserResponse(user=convert.user(user))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
-
 from referral.v1 import auth_pb2, referral_pb2
+
 from referral_service.domain import models
 from referral_service.domain.clock import utcnow
 
@@ -53,5 +53,8 @@ def referral_code(value: models.ReferralCode) -> referral_pb2.ReferralCode:
 
 def referral(value: models.Referral) -> referral_pb2.Referral:
     return referral_pb2.Referral(
-        user_id=value.user_id, email=value.email, join_time=timestamp(value.join_time), code=value.code
+        user_id=value.user_id,
+        email=value.email,
+        join_time=timestamp(value.join_time),
+        code=value.code,
     )

@@ -74,7 +74,9 @@ def build_status(
 
 
 class _Status(grpc.Status):
-    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, object], ...]) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, str | bytes], ...]
+    ) -> None:
         self.code = code
         self.details = details
         self.trailing_metadata = trailing_metadata
@@ -109,4 +111,4 @@ def grpc_code_number(code: grpc.StatusCode) -> int:
     return int(code.value[0])
 
 
-assert code_pb2.INVALID_ARGUMENT == grpc_code_number(grpc.StatusCode.INVALID_ARGUMENT)
+assert grpc_code_number(grpc.StatusCode.INVALID_ARGUMENT) == code_pb2.INVALID_ARGUMENT

@@ -16,12 +16,12 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-
 from referral.v1 import options_pb2
+
 from referral_service.api import errors
 from referral_service.domain.errors import DomainError, Reason, Unauthenticated
 from referral_service.domain.models import Principal
@@ -35,7 +35,9 @@ principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Authenticate = Callable[[str], Awaitable[Principal]]
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Any  # grpc.RpcMethodHandler; grpc-stubs types it for the sync server only
+Behavior = Callable[[Any, Context], Awaitable[Any]]
 
 
 def access_rules(services: Iterable[ServiceDescriptor]) -> dict[str, bool]:
@@ -57,7 +59,7 @@ def current_principal() -> Principal:
     return principal
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+def _metadata(context: Context) -> dict[str, str]:
     found: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
         if key in ("authorization", "x-request-id") and isinstance(value, str):
@@ -79,17 +81,17 @@ def _bearer(header: str | None) -> str:
     return token.strip()
 
 
-class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, rules: dict[str, bool], authenticate: Authenticate) -> None:
         self._rules = rules
         self._authenticate = authenticate
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         method: str = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is not None:
@@ -108,7 +110,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap(self, method: str, needs_token: bool, inner: Behavior) -> Behavior:
         authenticate = self._authenticate
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def behavior(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             meta = _metadata(context)
             given = meta.get("x-request-id", "")
@@ -125,7 +127,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except DomainError as error:
                 status = errors.from_domain(error, request_id)
                 code, reason = status.code, error.reason.value
-                await context.abort_with_status(status)
+                await cast(Any, context).abort_with_status(status)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -136,7 +138,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 log.exception("unhandled error in %s", method, extra={"request_id": request_id})
                 status = errors.internal(request_id)
                 code, reason = status.code, Reason.INTERNAL_ERROR.value
-                await context.abort_with_status(status)
+                await cast(Any, context).abort_with_status(status)
             finally:
                 principal = principal_var.get()
                 access_log.info(

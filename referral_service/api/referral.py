@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, timedelta
 
-import grpc
-
 from referral.v1 import referral_pb2, referral_pb2_grpc
+
 from referral_service.api import convert
-from referral_service.api.interceptors import current_principal
+from referral_service.api.interceptors import Context, current_principal
 from referral_service.domain.errors import FieldViolation, InvalidArgument
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
 
@@ -21,14 +20,16 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
         self._service = service
 
     async def CreateReferralCode(
-        self, request: referral_pb2.CreateReferralCodeRequest, context: grpc.aio.ServicerContext
+        self, request: referral_pb2.CreateReferralCodeRequest, context: Context
     ) -> referral_pb2.CreateReferralCodeResponse:
         expire_time = ttl = None
         which = request.WhichOneof("expiry")
         if which == "expire_time":
             ts = request.expire_time
             if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS) or not (0 <= ts.nanos < 1_000_000_000):
-                raise InvalidArgument.fields(FieldViolation("expire_time", "is not a valid timestamp", "INVALID"))
+                raise InvalidArgument.fields(
+                    FieldViolation("expire_time", "is not a valid timestamp", "INVALID")
+                )
             expire_time = ts.ToDatetime(tzinfo=UTC)
         elif which == "ttl":
             duration = request.ttl
@@ -48,25 +49,25 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
         return referral_pb2.CreateReferralCodeResponse(referral_code=convert.referral_code(code))
 
     async def GetMyReferralCode(
-        self, request: referral_pb2.GetMyReferralCodeRequest, context: grpc.aio.ServicerContext
+        self, request: referral_pb2.GetMyReferralCodeRequest, context: Context
     ) -> referral_pb2.GetMyReferralCodeResponse:
         code = await self._service.my_code(current_principal().user_id)
         return referral_pb2.GetMyReferralCodeResponse(referral_code=convert.referral_code(code))
 
     async def DeleteReferralCode(
-        self, request: referral_pb2.DeleteReferralCodeRequest, context: grpc.aio.ServicerContext
+        self, request: referral_pb2.DeleteReferralCodeRequest, context: Context
     ) -> referral_pb2.DeleteReferralCodeResponse:
         await self._service.delete_code(current_principal().user_id)
         return referral_pb2.DeleteReferralCodeResponse()
 
     async def GetReferralCodeByEmail(
-        self, request: referral_pb2.GetReferralCodeByEmailRequest, context: grpc.aio.ServicerContext
+        self, request: referral_pb2.GetReferralCodeByEmailRequest, context: Context
     ) -> referral_pb2.GetReferralCodeByEmailResponse:
         code = await self._service.code_by_email(request.email)
         return referral_pb2.GetReferralCodeByEmailResponse(referral_code=convert.referral_code(code))
 
     async def ListReferrals(
-        self, request: referral_pb2.ListReferralsRequest, context: grpc.aio.ServicerContext
+        self, request: referral_pb2.ListReferralsRequest, context: Context
     ) -> referral_pb2.ListReferralsResponse:
         page = await self._service.list_referrals(
             current_principal().user_id, request.referrer_id, request.page_size, request.page_token

@@ -75,11 +75,13 @@ class AuthService:
     # --- register ----------------------------------------------------------------------------
 
     async def register(self, cmd: RegisterCommand) -> User:
-        email = v.parse_email(cmd.email)
+        parsed = v.parse_email(cmd.email)
         violations: list[FieldViolation] = []
-        if isinstance(email, FieldViolation):
-            violations.append(email)
-            email = None
+        email: v.Email | None = None
+        if isinstance(parsed, FieldViolation):
+            violations.append(parsed)
+        else:
+            email = parsed
         password = v.normalize_password(cmd.password)
         violations += v.password_violations(password, email)
         code_key = ""
@@ -179,9 +181,15 @@ class AuthService:
             await session.refresh(code)
             state = repo.code_model(code).state(now)
             reason, message = {
-                CodeState.REVOKED: (Reason.REFERRAL_CODE_REVOKED, "the referral code was withdrawn by its owner"),
+                CodeState.REVOKED: (
+                    Reason.REFERRAL_CODE_REVOKED,
+                    "the referral code was withdrawn by its owner",
+                ),
                 CodeState.EXPIRED: (Reason.REFERRAL_CODE_EXPIRED, "the referral code has expired"),
-                CodeState.EXHAUSTED: (Reason.REFERRAL_CODE_EXHAUSTED, "the referral code has been used up"),
+                CodeState.EXHAUSTED: (
+                    Reason.REFERRAL_CODE_EXHAUSTED,
+                    "the referral code has been used up",
+                ),
             }.get(state, (Reason.REFERRAL_CODE_REVOKED, "the referral code is no longer valid"))
             raise FailedPrecondition(reason, message, metadata={"code": code.code})
         return code.id, owner.id, owner.email_key
@@ -228,7 +236,9 @@ class AuthService:
                     is_superuser=True,
                 )
             except Conflict:
-                raise AlreadyExists(Reason.EMAIL_ALREADY_REGISTERED, "that email was just registered") from None
+                raise AlreadyExists(
+                    Reason.EMAIL_ALREADY_REGISTERED, "that email was just registered"
+                ) from None
             return repo.user_model(row), True
 
     # --- tokens ------------------------------------------------------------------------------
@@ -323,9 +333,7 @@ class AuthService:
         if refresh_token:
             token = self._tokens.verify(refresh_token, REFRESH_TYP)
             if token.user_id != principal.user_id:
-                raise PermissionDenied(
-                    Reason.PERMISSION_DENIED, "the refresh token belongs to another user"
-                )
+                raise PermissionDenied(Reason.PERMISSION_DENIED, "the refresh token belongs to another user")
             sessions.append(token.session_id)
         now = utcnow()
         await self._revoke_sessions(

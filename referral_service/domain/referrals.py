@@ -121,7 +121,9 @@ class ReferralService:
                 violations.append(problem)
         expire: datetime | None = None
         if cmd.expire_time is not None and cmd.ttl is not None:
-            violations.append(FieldViolation("expire_time", "give either expire_time or ttl, not both", "CONFLICT"))
+            violations.append(
+                FieldViolation("expire_time", "give either expire_time or ttl, not both", "CONFLICT")
+            )
         elif cmd.expire_time is not None:
             expire = cmd.expire_time
             field = "expire_time"
@@ -132,7 +134,9 @@ class ReferralService:
                 expire = now + cmd.ttl
             field = "ttl"
         else:
-            violations.append(FieldViolation("expire_time", "an expiry is required: set expire_time or ttl", "REQUIRED"))
+            violations.append(
+                FieldViolation("expire_time", "an expiry is required: set expire_time or ttl", "REQUIRED")
+            )
         if expire is not None:
             if expire <= now:
                 violations.append(FieldViolation(field, "must lie in the future", "IN_PAST"))
@@ -140,7 +144,9 @@ class ReferralService:
                 days = self._max_horizon.total_seconds() / 86400
                 violations.append(FieldViolation(field, f"must lie within {days:g} days from now", "TOO_FAR"))
         if cmd.max_uses < 0:
-            violations.append(FieldViolation("max_uses", "must not be negative (0 means unlimited)", "NEGATIVE"))
+            violations.append(
+                FieldViolation("max_uses", "must not be negative (0 means unlimited)", "NEGATIVE")
+            )
         elif cmd.max_uses > MAX_USES_LIMIT:
             violations.append(FieldViolation("max_uses", f"must be at most {MAX_USES_LIMIT}", "TOO_LARGE"))
         request_problem = v.request_id_violation(cmd.request_id)
@@ -176,7 +182,11 @@ class ReferralService:
             await self._cache.invalidate(_cache_key(owner_key))
             log.info("referral code created", extra={"user_id": cmd.owner_id})
             return created
-        raise Unavailable(Reason.SERVICE_UNAVAILABLE, "could not generate a unique code; retry", retry_after_seconds=0.1)
+        raise Unavailable(
+            Reason.SERVICE_UNAVAILABLE,
+            "could not generate a unique code; retry",
+            retry_after_seconds=0.1,
+        )
 
     @staticmethod
     def _conflict_error(conflict: Conflict) -> Exception:
@@ -284,16 +294,16 @@ class ReferralService:
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
         async with self._db.read() as session:
             row = await repo.live_code_by_email_key(session, parsed.key, now)
-        code = repo.code_model(row) if row is not None else None
+        live = repo.code_model(row) if row is not None else None
         if found.stamp is not None:
-            if code is None:
+            if live is None:
                 await self._cache.fill(key, found.stamp, b"", self._negative_ttl.total_seconds())
             else:
-                ttl = min(self._cache_ttl, code.expire_time - now).total_seconds()
-                await self._cache.fill(key, found.stamp, _encode(code), ttl)
-        if code is None:
+                ttl = min(self._cache_ttl, live.expire_time - now).total_seconds()
+                await self._cache.fill(key, found.stamp, _encode(live), ttl)
+        if live is None:
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
-        return code
+        return live
 
     # --- referrals ---------------------------------------------------------------------------
 
@@ -313,7 +323,9 @@ class ReferralService:
             expected = base64.urlsafe_b64encode(hmac.new(self._page_key, body, hashlib.sha256).digest()[:12])
             if not hmac.compare_digest(mac, expected):
                 raise bad
-            version, token_referrer, after_id = json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
+            version, token_referrer, after_id = json.loads(
+                base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
+            )
         except (ValueError, UnicodeError, TypeError):
             raise bad from None
         if version != 1 or not isinstance(after_id, int):
@@ -322,7 +334,9 @@ class ReferralService:
             raise InvalidArgument(
                 Reason.INVALID_PAGE_TOKEN,
                 "page_token was issued for a different referrer_id",
-                violations=[FieldViolation("page_token", "belongs to a request with other parameters", "MISMATCH")],
+                violations=[
+                    FieldViolation("page_token", "belongs to a request with other parameters", "MISMATCH")
+                ],
             )
         return after_id
 
@@ -342,9 +356,7 @@ class ReferralService:
             async with self._db.read() as session:
                 caller = await repo.user_by_id(session, caller_id)
             if caller is None or not caller.is_superuser:
-                raise PermissionDenied(
-                    Reason.PERMISSION_DENIED, "you may only list your own referrals"
-                )
+                raise PermissionDenied(Reason.PERMISSION_DENIED, "you may only list your own referrals")
         after_id = self._read_page_token(page_token, referrer_id) if page_token else 0
         size = min(page_size or self._default_page, self._max_page)
         async with self._db.read() as session:

@@ -117,7 +117,10 @@ class TokenCodec:
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is invalid") from None
         header = decoded["header"]
         if header.get("typ") != typ:
-            raise Unauthenticated(Reason.TOKEN_INVALID, f"the token is not an {what}" if typ == ACCESS_TYP else f"the token is not a {what}")
+            raise Unauthenticated(
+                Reason.TOKEN_INVALID,
+                f"the token is not an {what}" if typ == ACCESS_TYP else f"the token is not a {what}",
+            )
         if header.get("kid") not in (None, self.kid):
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} was signed with an unknown key")
         claims = decoded["payload"]

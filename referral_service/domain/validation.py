@@ -89,7 +89,9 @@ def password_violations(password: str, email: Email | None, field: str = "passwo
         return [FieldViolation(field, "must not contain control characters", "INVALID_CHARACTERS")]
     lowered = password.lower()
     if lowered in _common_passwords():
-        return [FieldViolation(field, "is one of the most common passwords; choose another", "COMMON_PASSWORD")]
+        return [
+            FieldViolation(field, "is one of the most common passwords; choose another", "COMMON_PASSWORD")
+        ]
     if email is not None and lowered in {email.key, email.key.split("@", 1)[0]}:
         return [FieldViolation(field, "must not be your email address", "CONTEXT_SPECIFIC")]
     return []

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, exc, make_url, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from referral_service.domain.errors import Reason, Unavailable
 
@@ -75,7 +80,13 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
     raise ValueError(f"unsupported database: {backend} (use sqlite+aiosqlite or postgresql+asyncpg)")
 
 
-_UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, OSError, asyncio.TimeoutError)
+_UNAVAILABLE = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.TimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 def _is_unavailable(error: BaseException) -> bool:
@@ -87,7 +98,11 @@ def _is_unavailable(error: BaseException) -> bool:
         return True
     # asyncpg raises its own connection errors, sometimes unwrapped.
     name = type(error).__name__
-    return name in {"ConnectionDoesNotExistError", "CannotConnectNowError", "TooManyConnectionsError"}
+    return name in {
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "TooManyConnectionsError",
+    }
 
 
 class Database:
@@ -117,13 +132,13 @@ class Database:
                 ) from error
             raise
 
-    def read(self) -> AsyncIterator[AsyncSession]:
+    def read(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A read-only unit of work (a plain deferred transaction)."""
-        return self._session(self._read)  # type: ignore[return-value]
+        return self._session(self._read)
 
-    def write(self) -> AsyncIterator[AsyncSession]:
+    def write(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A unit of work that writes; committed when the block exits without an error."""
-        return self._session(self._write)  # type: ignore[return-value]
+        return self._session(self._write)
 
     async def ping(self) -> bool:
         try:

@@ -136,18 +136,30 @@ async def count_referral(session: AsyncSession, referrer_id: int) -> None:
 
 
 async def make_superuser(session: AsyncSession, user_id: int, now: datetime) -> None:
-    await session.execute(update(UserRow).where(UserRow.id == user_id).values(is_superuser=True, update_time=now))
+    await session.execute(
+        update(UserRow).where(UserRow.id == user_id).values(is_superuser=True, update_time=now)
+    )
 
 
 # --- refresh tokens and revocations ------------------------------------------------------------
 
 
 async def add_refresh_token(
-    session: AsyncSession, *, jti: str, session_id: str, user_id: int, now: datetime, expire_time: datetime
+    session: AsyncSession,
+    *,
+    jti: str,
+    session_id: str,
+    user_id: int,
+    now: datetime,
+    expire_time: datetime,
 ) -> None:
     session.add(
         RefreshTokenRow(
-            jti=jti, session_id=session_id, user_id=user_id, create_time=now, expire_time=expire_time
+            jti=jti,
+            session_id=session_id,
+            user_id=user_id,
+            create_time=now,
+            expire_time=expire_time,
         )
     )
     await flush(session)
@@ -274,7 +286,10 @@ async def close_dead_codes(session: AsyncSession, owner_id: int, now: datetime) 
             ReferralCodeRow.close_time.is_(None),
             or_(
                 ReferralCodeRow.expire_time <= now,
-                and_(ReferralCodeRow.max_uses > 0, ReferralCodeRow.use_count >= ReferralCodeRow.max_uses),
+                and_(
+                    ReferralCodeRow.max_uses > 0,
+                    ReferralCodeRow.use_count >= ReferralCodeRow.max_uses,
+                ),
             ),
         )
         .values(close_time=now)
@@ -307,7 +322,9 @@ async def add_code(
 
 async def open_code(session: AsyncSession, owner_id: int) -> ReferralCodeRow | None:
     result = await session.execute(
-        select(ReferralCodeRow).where(ReferralCodeRow.owner_id == owner_id, ReferralCodeRow.close_time.is_(None))
+        select(ReferralCodeRow).where(
+            ReferralCodeRow.owner_id == owner_id, ReferralCodeRow.close_time.is_(None)
+        )
     )
     return result.scalar_one_or_none()
 
@@ -321,7 +338,9 @@ async def code_by_key(session: AsyncSession, code_key: str) -> ReferralCodeRow |
     return result.scalar_one_or_none()
 
 
-async def live_code_by_email_key(session: AsyncSession, email_key: str, now: datetime) -> ReferralCodeRow | None:
+async def live_code_by_email_key(
+    session: AsyncSession, email_key: str, now: datetime
+) -> ReferralCodeRow | None:
     result = await session.execute(
         select(ReferralCodeRow)
         .join(UserRow, UserRow.id == ReferralCodeRow.owner_id)

@@ -83,9 +83,7 @@ class UserRow(Base):
     is_verified: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     is_superuser: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     referrer_id: Mapped[int | None] = mapped_column(Id, ForeignKey("users.id"))
-    referral_code_id: Mapped[int | None] = mapped_column(
-        Id, ForeignKey("referral_codes.id", use_alter=True)
-    )
+    referral_code_id: Mapped[int | None] = mapped_column(Id, ForeignKey("referral_codes.id", use_alter=True))
     #: Number of users referred by this user; kept in the same transaction as each referral,
     #: so ListReferrals' total_size costs O(1).
     referral_count: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
