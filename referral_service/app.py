@@ -3,6 +3,7 @@ cache, hasher, token codec, use cases, servicers, interceptor, health, reflectio
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -76,11 +77,14 @@ class App:
             self.cache.backend,
         )
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let in-flight calls finish within the grace period, then close
-        the stores."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Report NOT_SERVING, keep serving for the drain period so that watchers notice, stop
+        accepting calls and let in-flight ones finish within the grace period, then close the
+        stores."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        drain = self.settings.shutdown_drain_seconds if drain is None else drain
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(drain)
         await self.server.stop(grace)
         await self.revocations.close()
         await self.cache.close()
@@ -112,8 +116,6 @@ async def build_app(settings: Settings) -> App:
     health_servicer = HealthServicer()
 
     def redis_health(up: bool) -> None:
-        import asyncio
-
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         asyncio.get_running_loop().create_task(health_servicer.set(HEALTH_REDIS, status))
 

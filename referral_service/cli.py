@@ -69,7 +69,7 @@ async def _create_superuser(settings: Settings, email: str, password: str) -> in
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)
         return 1
     finally:
-        await app.stop(0)
+        await app.stop(0, drain=0)
     print(
         f"{'created' if created else 'promoted existing user to'} superuser id={user.id} email={user.email}"
     )

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 50051
     #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 10.0
+    #: Seconds between reporting NOT_SERVING and refusing new calls, so that health watchers
+    #: and load balancers move traffic away first.
+    shutdown_drain_seconds: Annotated[float, Field(ge=0)] = 0.5
     #: Largest request message accepted, in bytes.
     max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
     #: SO_REUSEPORT on the listening socket (off in tests).

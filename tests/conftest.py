@@ -43,13 +43,22 @@ TEST_SECRET = "test-secret-" + "x" * 40
 PASSWORD = "correct horse battery staple"
 
 
+REDIS_STACKS = ["sqlite-redis", "postgres-redis"]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "all_stacks: run on every database x cache combination")
+    config.addinivalue_line("markers", "redis_stacks: run on both databases with Redis")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "stack" in metafunc.fixturenames:
-        stacks = ALL_STACKS if metafunc.definition.get_closest_marker("all_stacks") else DEFAULT_STACKS
+        if metafunc.definition.get_closest_marker("all_stacks"):
+            stacks = ALL_STACKS
+        elif metafunc.definition.get_closest_marker("redis_stacks"):
+            stacks = REDIS_STACKS
+        else:
+            stacks = DEFAULT_STACKS
         metafunc.parametrize("stack", stacks, indirect=True)
 
 
@@ -169,6 +178,7 @@ class Stack:
             "redis_key_prefix": self.redis_prefix,
             "jwt_secret": TEST_SECRET,
             "shutdown_grace_seconds": 2.0,
+            "shutdown_drain_seconds": 0.1,
             "hash_workers": 2,
         }
         values.update(overrides)
@@ -267,7 +277,7 @@ async def start_api(stack: Stack, **overrides: Any) -> Api:
 
 async def stop_api(api: Api) -> None:
     await api.channel.close()
-    await api.app.stop(0)
+    await api.app.stop(0, drain=0)
 
 
 @pytest.fixture

@@ -20,10 +20,11 @@ from typing import Any, cast
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from referral.v1 import options_pb2
 
 from referral_service.api import errors
-from referral_service.domain.errors import DomainError, Reason, Unauthenticated
+from referral_service.domain.errors import DomainError, InvalidArgument, Reason, Unauthenticated
 from referral_service.domain.models import Principal
 
 access_log = logging.getLogger("referral_service.access")
@@ -99,18 +100,22 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or method not in self._rules:
             return handler
+        # The request is parsed inside the wrapper (not by grpc), so that a corrupt payload is
+        # INVALID_ARGUMENT with our error envelope instead of grpc's UNKNOWN with a traceback.
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, self._rules[method], handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            self._wrap(method, self._rules[method], handler.unary_unary, handler.request_deserializer),
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
         self._handlers[method] = wrapped
         return wrapped
 
-    def _wrap(self, method: str, needs_token: bool, inner: Behavior) -> Behavior:
+    def _wrap(
+        self, method: str, needs_token: bool, inner: Behavior, parse: Callable[[bytes], Any] | None
+    ) -> Behavior:
         authenticate = self._authenticate
 
-        async def behavior(request: Any, context: Context) -> Any:
+        async def behavior(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
             meta = _metadata(context)
             given = meta.get("x-request-id", "")
@@ -119,6 +124,12 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             code = grpc.StatusCode.OK
             reason = ""
             try:
+                try:
+                    request = parse(raw) if parse is not None else raw
+                except DecodeError:
+                    raise InvalidArgument(
+                        Reason.VALIDATION_FAILED, "the request is not a valid protobuf message of this method"
+                    ) from None
                 if needs_token:
                     principal_var.set(await authenticate(_bearer(meta.get("authorization"))))
                 response = await inner(request, context)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -29,22 +28,26 @@ class Revocations:
     def __init__(self, db: Database, cache: Cache) -> None:
         self._db = db
         self._cache = cache
+        #: A revocation could not be written to Redis: checks use the database until a re-seed
+        #: has copied every live revocation back into Redis.
+        self._stale = False
         self._resync_task: asyncio.Task[None] | None = None
-        self._last_resync = 0.0
 
     async def publish(self, entries: Sequence[tuple[str, datetime]], now: datetime) -> None:
         """After the database commit: tell the fast store."""
         for key, expire in entries:
             ttl = (expire - now).total_seconds()
-            if ttl > 0 and not await self._cache.revoke([key], ttl):
+            if ttl > 0 and not await self._cache.revoke([key], ttl) and self._cache.shared:
+                self._stale = True
                 self._schedule_resync()
 
     async def is_revoked(self, keys: Sequence[str], now: datetime) -> bool:
-        answer = await self._cache.any_revoked(keys)
-        if answer is not None:
-            return answer
-        if self._cache.shared:
-            self._schedule_resync()
+        if not self._stale:
+            answer = await self._cache.any_revoked(keys)
+            if answer is not None:
+                return answer
+            if self._cache.shared:
+                self._schedule_resync()
         async with self._db.read() as session:
             return await repo.any_revoked(session, keys, now)
 
@@ -55,19 +58,22 @@ class Revocations:
         return await self._cache.seed_revocations(entries)
 
     def _schedule_resync(self) -> None:
-        if self._resync_task is not None and not self._resync_task.done():
-            return
-        if time.monotonic() - self._last_resync < 1.0:
-            return
-        self._last_resync = time.monotonic()
-        self._resync_task = asyncio.get_running_loop().create_task(self._resync_quietly())
+        if self._resync_task is None or self._resync_task.done():
+            self._resync_task = asyncio.get_running_loop().create_task(self._resync_until_done())
 
-    async def _resync_quietly(self) -> None:
-        try:
-            if await self.resync(utcnow()):
-                log.info("revocation store re-seeded from the database")
-        except Exception:
-            log.warning("revocation store re-seed failed; checks keep using the database", exc_info=True)
+    async def _resync_until_done(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                if await self.resync(utcnow()):
+                    if self._stale:
+                        log.info("revocation store re-seeded from the database")
+                    self._stale = False
+                    return
+            except Exception:
+                log.warning("revocation store re-seed failed; checks keep using the database", exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def close(self) -> None:
         if self._resync_task is not None:

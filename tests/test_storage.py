@@ -1,0 +1,172 @@
+"""Migrations (upgrade from empty, downgrade to empty, on both databases), the schema matching
+the models, configuration and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from pydantic import ValidationError
+from sqlalchemy import inspect
+
+from referral_service import cli
+from referral_service.config import Profile, Settings
+from referral_service.storage import migrate
+from referral_service.storage.tables import Base
+from tests.conftest import PASSWORD, Stack, start_api, stop_api
+
+EXPECTED_TABLES = {"users", "referral_codes", "refresh_tokens", "revocations", "idempotency_keys"}
+
+
+
+def _tables(url: str) -> set[str]:
+    async def run() -> set[str]:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(url)
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        await engine.dispose()
+        return names - {"alembic_version"}
+
+    return asyncio.run(run())
+
+
+def _diff(url: str) -> list[object]:
+    async def run() -> list[object]:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(url)
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(
+                lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata)
+            )
+        await engine.dispose()
+        return list(diff)
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path, postgres_available: bool):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+        return
+    from tests.conftest import PG_URL, _need, _pg_admin
+
+    _need("PostgreSQL", postgres_available)
+    import uuid
+
+    from sqlalchemy import make_url
+
+    name = f"referral_mig_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_migrations_upgrade_downgrade_and_match_the_models(empty_database: str) -> None:
+    migrate.upgrade(empty_database)
+    assert _tables(empty_database) == EXPECTED_TABLES
+    assert _diff(empty_database) == []
+    migrate.downgrade(empty_database)
+    assert _tables(empty_database) == set()
+    migrate.upgrade(empty_database)  # and up again
+    assert _tables(empty_database) == EXPECTED_TABLES
+
+
+def test_upgrade_is_idempotent(empty_database: str) -> None:
+    migrate.upgrade(empty_database)
+    migrate.upgrade(empty_database)
+    assert _tables(empty_database) == EXPECTED_TABLES
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_production_refuses_insecure_defaults() -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(_env_file=None, profile=Profile.PRODUCTION)  # type: ignore[call-arg]
+    text = str(info.value)
+    assert "REFERRAL_JWT_SECRET" in text and "PostgreSQL" in text and "REFERRAL_REDIS_URL" in text
+    Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        profile=Profile.PRODUCTION,
+        jwt_secret="s" * 40,
+        database_url="postgresql+asyncpg://db/referral",
+        redis_url="redis://cache:6379/0",
+    )
+
+
+def test_short_secrets_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, jwt_secret="too-short")  # type: ignore[call-arg]
+
+
+def test_environment_variables_configure_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFERRAL_GRPC_PORT", "6000")
+    monkeypatch.setenv("REFERRAL_ACCESS_TOKEN_TTL", "PT5M")
+    monkeypatch.setenv("REFERRAL_REDIS_URL", "")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.grpc_port == 6000
+    assert settings.access_token_ttl.total_seconds() == 300
+    assert settings.redis_url is None
+
+
+def test_development_secret_is_generated_once_and_private(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    first = settings.resolve_jwt_secret()
+    second = Settings(_env_file=None, data_dir=tmp_path).resolve_jwt_secret()  # type: ignore[call-arg]
+    assert first == second
+    assert len(first) >= 32
+    mode = stat.S_IMODE(os.stat(tmp_path / "jwt-secret").st_mode)
+    assert mode == 0o600
+    other = Settings(_env_file=None, data_dir=tmp_path / "elsewhere").resolve_jwt_secret()  # type: ignore[call-arg]
+    assert other != first
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+
+def test_cli_migrate_and_create_superuser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("REFERRAL_"):
+            monkeypatch.delenv(name)
+    assert cli.main(["migrate"]) == 0
+    assert (tmp_path / "data" / "referral.db").exists()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PASSWORD + "\n"))
+    assert cli.main(["create-superuser", "--email", "Ops@Example.com", "--password-stdin"]) == 0
+    assert "created superuser" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("password\n"))
+    assert cli.main(["create-superuser", "--email", "weak@example.com", "--password-stdin"]) == 1
+    assert "common" in capsys.readouterr().err
+
+
+async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> None:
+    api = await start_api(stack)
+    try:
+        user, created = await api.app.auth.create_superuser("root@example.com", PASSWORD)
+        assert created and user.is_superuser
+        tokens = await api.login("root@example.com")
+        from referral.v1 import auth_pb2
+        from tests.conftest import bearer
+
+        me = await api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token))
+        assert me.user.is_superuser
+        # promoting an existing user
+        email = api.unique_email()
+        await api.register(email)
+        promoted, created = await api.app.auth.create_superuser(email, "ignored")
+        assert not created and promoted.is_superuser
+    finally:
+        await stop_api(api)
+
+
