@@ -71,7 +71,9 @@ async def test_lookups_logins_and_token_checks_survive_a_redis_outage(
     getattr(proxy, failure)()
     for _ in range(10):
         assert (await _lookup(api, email)).code == code.code
-    tokens = await api.auth.Login(auth_pb2.LoginRequest(email=email, password="correct horse battery staple"), timeout=DEADLINE)
+    tokens = await api.auth.Login(
+        auth_pb2.LoginRequest(email=email, password="correct horse battery staple"), timeout=DEADLINE
+    )
     me = await api.auth.GetCurrentUser(
         auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token), timeout=DEADLINE
     )

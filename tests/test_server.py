@@ -80,7 +80,9 @@ async def test_a_success_echoes_the_request_id(api: Api) -> None:
 
 
 async def test_unsafe_request_ids_are_replaced(api: Api) -> None:
-    call = api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=(("x-request-id", "bad id; <script>"),))
+    call = api.auth.GetCurrentUser(
+        auth_pb2.GetCurrentUserRequest(), metadata=(("x-request-id", "bad id; <script>"),)
+    )
     error = await expect_error(call, grpc.StatusCode.UNAUTHENTICATED)
     assert error.request_id != "bad id; <script>"
     assert len(error.request_id) == 32
@@ -119,7 +121,12 @@ def test_every_rpc_has_an_http_annotation_and_every_field_a_behavior() -> None:
             rule = method.GetOptions().Extensions[annotations_pb2.http]
             assert rule.WhichOneof("pattern"), method.full_name
             assert method.GetOptions().Extensions[options_pb2.access] != options_pb2.ACCESS_UNSPECIFIED
-    for message in (auth_pb2.User, auth_pb2.RegisterRequest, referral_pb2.ReferralCode, referral_pb2.Referral):
+    for message in (
+        auth_pb2.User,
+        auth_pb2.RegisterRequest,
+        referral_pb2.ReferralCode,
+        referral_pb2.Referral,
+    ):
         for field in message.DESCRIPTOR.fields:
             assert list(field.GetOptions().Extensions[field_behavior_pb2.field_behavior]), field.full_name
 
@@ -148,7 +155,9 @@ async def test_garbage_payloads_are_invalid_argument_not_internal(api: Api) -> N
         assert "Traceback" not in details.message
 
 
-async def test_unexpected_exceptions_become_internal_without_leaking(caplog: pytest.LogCaptureFixture) -> None:
+async def test_unexpected_exceptions_become_internal_without_leaking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Any bug in a servicer becomes INTERNAL with a request id; the exception is logged, not
     sent."""
 
@@ -159,7 +168,11 @@ async def test_unexpected_exceptions_become_internal_without_leaking(caplog: pyt
         interceptors=[ApiInterceptor({"/test.Broken/Call": False}, lambda token: None)]  # type: ignore[arg-type,return-value]
     )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("test.Broken", {"Call": grpc.unary_unary_rpc_method_handler(broken)}),)
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Broken", {"Call": grpc.unary_unary_rpc_method_handler(broken)}
+            ),
+        )
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -25,7 +25,6 @@ from tests.conftest import PASSWORD, Stack, start_api, stop_api
 EXPECTED_TABLES = {"users", "referral_codes", "refresh_tokens", "revocations", "idempotency_keys"}
 
 
-
 def _tables(url: str) -> set[str]:
     async def run() -> set[str]:
         from sqlalchemy.ext.asyncio import create_async_engine
@@ -159,7 +158,9 @@ async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> No
         from referral.v1 import auth_pb2
         from tests.conftest import bearer
 
-        me = await api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token))
+        me = await api.auth.GetCurrentUser(
+            auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)
+        )
         assert me.user.is_superuser
         # promoting an existing user
         email = api.unique_email()
@@ -168,5 +169,3 @@ async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> No
         assert not created and promoted.is_superuser
     finally:
         await stop_api(api)
-
-

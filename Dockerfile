@@ -1,0 +1,13 @@
+# referral-service image: the gRPC server on port 50051.
+FROM python:3.11-slim AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY referral_service ./referral_service
+COPY generated ./generated
+COPY migrations ./migrations
+RUN pip install . && useradd --system --uid 10001 referral && mkdir /data && chown referral /data
+USER referral
+ENV REFERRAL_GRPC_HOST=0.0.0.0 REFERRAL_DATA_DIR=/data
+EXPOSE 50051
+CMD ["referral-service", "serve", "--migrate"]
