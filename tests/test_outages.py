@@ -13,8 +13,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
-
 from referral.v1 import auth_pb2, referral_pb2
+
 from tests.conftest import REDIS_URL, Api, Stack, bearer, start_api, stop_api
 from tests.errors import expect_error
 from tests.proxy import Proxy
@@ -66,7 +66,7 @@ async def test_lookups_logins_and_token_checks_survive_a_redis_outage(
     proxied: tuple[Api, Proxy], failure: str
 ) -> None:
     api, proxy = proxied
-    email, token, code = await _owner_with_code(api)
+    email, _token, code = await _owner_with_code(api)
     assert (await _lookup(api, email)).code == code.code
     getattr(proxy, failure)()
     for _ in range(10):

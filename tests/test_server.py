@@ -11,12 +11,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from referral.v1 import auth_pb2, errors_pb2, options_pb2, referral_pb2
+
 from referral_service.api.interceptors import ApiInterceptor, access_rules
 from referral_service.app import SERVICES
 from referral_service.domain.errors import Reason
-from tests.conftest import PASSWORD, Api, Stack, bearer, start_api, stop_api
+from tests.conftest import PASSWORD, Api, Stack, bearer, start_api
 from tests.errors import expect_error, rich
 
 
@@ -91,7 +91,7 @@ async def test_unsafe_request_ids_are_replaced(api: Api) -> None:
 def test_domain_reasons_match_the_proto_enum() -> None:
     proto = {
         name.removeprefix("ERROR_REASON_")
-        for name in errors_pb2.ErrorReason.keys()
+        for name in errors_pb2.ErrorReason
         if name != "ERROR_REASON_UNSPECIFIED"
     }
     assert proto == {reason.value for reason in Reason}

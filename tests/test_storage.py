@@ -94,7 +94,9 @@ def test_production_refuses_insecure_defaults() -> None:
     with pytest.raises(ValidationError) as info:
         Settings(_env_file=None, profile=Profile.PRODUCTION)  # type: ignore[call-arg]
     text = str(info.value)
-    assert "REFERRAL_JWT_SECRET" in text and "PostgreSQL" in text and "REFERRAL_REDIS_URL" in text
+    assert "REFERRAL_JWT_SECRET" in text
+    assert "PostgreSQL" in text
+    assert "REFERRAL_REDIS_URL" in text
     Settings(  # type: ignore[call-arg]
         _env_file=None,
         profile=Profile.PRODUCTION,
@@ -153,9 +155,11 @@ async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> No
     api = await start_api(stack)
     try:
         user, created = await api.app.auth.create_superuser("root@example.com", PASSWORD)
-        assert created and user.is_superuser
+        assert created
+        assert user.is_superuser
         tokens = await api.login("root@example.com")
         from referral.v1 import auth_pb2
+
         from tests.conftest import bearer
 
         me = await api.auth.GetCurrentUser(
@@ -166,6 +170,7 @@ async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> No
         email = api.unique_email()
         await api.register(email)
         promoted, created = await api.app.auth.create_superuser(email, "ignored")
-        assert not created and promoted.is_superuser
+        assert not created
+        assert promoted.is_superuser
     finally:
         await stop_api(api)
