@@ -37,7 +37,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Authenticate = Callable[[str], Awaitable[Principal]]
 Context = grpc.aio.ServicerContext[Any, Any]
-Handler = Any  # grpc.RpcMethodHandler; grpc-stubs types it for the sync server only
+Handler = Any  # grpc.RpcMethodHandler, whose stubs describe the sync server only
 Behavior = Callable[[Any, Context], Awaitable[Any]]
 
 
@@ -82,7 +82,7 @@ def _bearer(header: str | None) -> str:
     return token.strip()
 
 
-class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class ApiInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, rules: dict[str, bool], authenticate: Authenticate) -> None:
         self._rules = rules
         self._authenticate = authenticate
@@ -102,7 +102,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         # The request is parsed inside the wrapper (not by grpc), so that a corrupt payload is
         # INVALID_ARGUMENT with our error envelope instead of grpc's UNKNOWN with a traceback.
-        wrapped = grpc.unary_unary_rpc_method_handler(
+        wrapped: Handler = grpc.unary_unary_rpc_method_handler(
             self._wrap(method, self._rules[method], handler.unary_unary, handler.request_deserializer),
             request_deserializer=None,
             response_serializer=handler.response_serializer,
