@@ -103,6 +103,10 @@ def build_cache(settings: Settings, on_health_change: object = None) -> Cache:
             breaker_reset_seconds=settings.redis_breaker_reset_seconds,
             on_health_change=on_health_change,  # type: ignore[arg-type]
         )
+    if settings.shared_cache_needed:
+        # Workers without Redis: no per-process value cache (it could serve a deleted code);
+        # the store still short-cuts this process's own revocations.
+        return MemoryCache(max_entries=0)
     return MemoryCache()
 
 

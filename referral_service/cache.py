@@ -144,7 +144,7 @@ class MemoryCache:
 
     async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None:
         assert isinstance(stamp, int)
-        if ttl_seconds <= 0 or stamp < self._forgotten:
+        if self._max == 0 or ttl_seconds <= 0 or stamp < self._forgotten:
             return
         if self._invalidated.get(key, -1) > stamp:  # invalidated after the stamp was taken
             return

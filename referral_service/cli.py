@@ -32,6 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "data_dir",
         "log_level",
         "log_format",
+        "workers",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -39,7 +40,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-async def _serve(settings: Settings, migrate_first: bool) -> None:
+async def serve_coroutine(settings: Settings, migrate_first: bool) -> None:
     from referral_service.app import build_app
     from referral_service.storage import migrate
 
@@ -104,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", dest="grpc_host", help="REFERRAL_GRPC_HOST (default 127.0.0.1)")
     serve.add_argument("--port", dest="grpc_port", type=int, help="REFERRAL_GRPC_PORT (default 50051)")
     serve.add_argument("--migrate", action="store_true", help="apply migrations before serving")
+    serve.add_argument(
+        "--workers", dest="workers", type=int, help="REFERRAL_WORKERS: server processes (default: cores)"
+    )
 
     commands.add_parser("migrate", parents=[common], help="apply database migrations")
 
@@ -131,7 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format.value)
     try:
         if args.command == "serve":
-            asyncio.run(_serve(settings, args.migrate))
+            from referral_service.supervisor import run_event_loop, serve_workers
+
+            workers = settings.effective_workers
+            if workers > 1:
+                if args.migrate:
+                    from referral_service.storage import migrate
+
+                    migrate.upgrade(settings.effective_database_url)
+                return serve_workers(settings, workers)
+            run_event_loop(settings, serve_coroutine(settings, args.migrate))
             return 0
         if args.command == "migrate":
             from referral_service.storage import migrate

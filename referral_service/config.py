@@ -12,7 +12,7 @@ import secrets
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,8 +55,12 @@ class Settings(BaseSettings):
     shutdown_drain_seconds: Annotated[float, Field(ge=0)] = 0.5
     #: Largest request message accepted, in bytes.
     max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
-    #: SO_REUSEPORT on the listening socket (off in tests).
+    #: SO_REUSEPORT on the listening socket (set for multi-worker serving; off in tests).
     so_reuseport: bool = False
+    #: Server processes sharing the port (``serve --workers``); default: one per core.
+    workers: Annotated[int, Field(ge=1, le=256)] | None = None
+    #: ``auto`` uses uvloop when installed (``pip install 'referral-service[uvloop]'``).
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     # --- storage -------------------------------------------------------------------------
     data_dir: Path = Path("data")
@@ -137,6 +141,15 @@ class Settings(BaseSettings):
         if self.list_default_page_size > self.list_max_page_size:
             raise ValueError("list_default_page_size exceeds list_max_page_size")
         return self
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers if self.workers is not None else (os.cpu_count() or 1)
+
+    @property
+    def shared_cache_needed(self) -> bool:
+        """Several processes with no Redis: a per-process look-up cache would go stale."""
+        return self.effective_workers > 1 and self.redis_url is None
 
     @property
     def effective_database_url(self) -> str:

@@ -180,6 +180,7 @@ class Stack:
             "shutdown_grace_seconds": 2.0,
             "shutdown_drain_seconds": 0.1,
             "hash_workers": 2,
+            "workers": 1,
         }
         values.update(overrides)
         return Settings(**values)

@@ -3,27 +3,18 @@ started the way `make run` starts it."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REQUIRE
+from tests.live import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def readme_script() -> str:
@@ -36,35 +27,12 @@ def readme_script() -> str:
 
 @pytest.fixture
 def live_server(tmp_path: Path) -> Iterator[int]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFERRAL_")}
-    env.update({"REFERRAL_DATA_DIR": str(tmp_path / "data"), "REFERRAL_GRPC_PORT": str(port)})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "referral_service", "serve", "--migrate"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"server exited: {process.stdout.read() if process.stdout else ''}")
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("server did not start")
+    server = LiveServer(tmp_path, "--migrate").start()
     try:
-        yield port
+        yield server.port
     finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=20)
-        assert process.returncode == 0, output
+        output = server.stop()
+        assert server.returncode == 0, output
         assert "stopped" in output
 
 
