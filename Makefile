@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/referral/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-sqlite generate check-generated lint buf-lint fmt migrate clean
+.PHONY: help install run test generate check-generated lint buf-lint fmt migrate clean bench bench-full
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -62,3 +62,11 @@ fmt: $(STAMP) ## format the code
 
 clean: ## remove the virtualenv, caches and the local database
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data node_modules
+
+bench: $(STAMP) ## benchmark against a bare grpc.aio echo server (short mode, < 2 min; needs h2load)
+	@command -v h2load >/dev/null || (echo "h2load is missing: apt-get install nghttp2-client"; exit 1)
+	$(PY) -m bench.run
+
+bench-full: $(STAMP) ## the full benchmark (1,000,000 referrals, longer runs)
+	@command -v h2load >/dev/null || (echo "h2load is missing: apt-get install nghttp2-client"; exit 1)
+	$(PY) -m bench.run --full

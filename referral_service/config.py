@@ -121,6 +121,22 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator(
+        "access_token_ttl",
+        "refresh_token_ttl",
+        "code_max_horizon",
+        "code_cache_ttl",
+        "code_negative_cache_ttl",
+        "request_id_ttl",
+        mode="before",
+    )
+    @classmethod
+    def _seconds_are_durations(cls, value: object) -> object:
+        """Durations: ISO 8601 (``PT15M``), ``HH:MM:SS``, or a plain number of seconds."""
+        if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
+            return float(value)
+        return value
+
     @model_validator(mode="after")
     def _check_profile(self) -> Settings:
         if (

@@ -115,10 +115,12 @@ def test_environment_variables_configure_the_service(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("REFERRAL_GRPC_PORT", "6000")
     monkeypatch.setenv("REFERRAL_ACCESS_TOKEN_TTL", "PT5M")
     monkeypatch.setenv("REFERRAL_REDIS_URL", "")
+    monkeypatch.setenv("REFERRAL_CODE_CACHE_TTL", "90")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.grpc_port == 6000
     assert settings.access_token_ttl.total_seconds() == 300
     assert settings.redis_url is None
+    assert settings.code_cache_ttl.total_seconds() == 90
 
 
 def test_development_secret_is_generated_once_and_private(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``make bench`` (short) and ``make bench-full``. See bench/README.md."""

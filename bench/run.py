@@ -1,0 +1,817 @@
+"""Benchmark harness: the real service against a bare grpc.aio echo server, same run, same machine.
+
+    python -m bench.run            # short mode (< 2 minutes)
+    python -m bench.run --full     # full mode (1,000,000 referrals, longer runs, 5-minute soak)
+
+Load comes from h2load (Debian's nghttp2-client), a separate C process that sends prepared gRPC
+frames, so the load generator costs far less CPU per call than the server it measures. Scenarios
+that need a different request per call (Register, the mixed workload) use a multi-process
+grpc.aio client instead. For every scenario the harness reads the server's CPU time and peak RSS
+from /proc, computes p50/p99 from h2load's per-request log, prints a Markdown table and writes
+JSON next to it (bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+SECRET = "bench-secret-" + "b" * 40
+PASSWORD = "correct horse battery staple"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def proc_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICKS
+
+
+def rss_mb(pids: list[int], key: str = "VmRSS") -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def grpc_frame(message: Any) -> bytes:
+    body = message.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+class Server:
+    """A server subprocess: the service (``referral-service serve``) or the echo baseline."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], port: int, workdir: Path) -> None:
+        self.port = port
+        self.log = workdir / f"server-{port}.log"
+        with self.log.open("w") as sink:
+            self.process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_port(port)
+        except RuntimeError:
+            self.process.kill()
+            raise RuntimeError(f"server did not start:\n{self.log.read_text()[-3000:]}") from None
+        time.sleep(0.5 if "--workers" not in argv else 2.0)  # let every worker bind
+
+    @property
+    def pids(self) -> list[int]:
+        pids = proc_tree(self.process.pid)
+        # a multi-worker parent is a supervisor; count its workers, not multiprocessing's tracker
+        return pids
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_echo(workdir: Path, loop: str) -> Server:
+    port = free_port()
+    return Server([sys.executable, "-m", "bench.echo", str(port), loop], dict(os.environ), port, ROOT)
+
+
+def start_service(workdir: Path, database_url: str, redis_url: str | None, loop: str, **env: str) -> Server:
+    port = free_port()
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("REFERRAL_")}
+    variables.update(
+        {
+            "REFERRAL_GRPC_PORT": str(port),
+            "REFERRAL_DATABASE_URL": database_url,
+            "REFERRAL_DATA_DIR": str(workdir),
+            "REFERRAL_JWT_SECRET": SECRET,
+            "REFERRAL_LOG_LEVEL": "INFO",  # the access log is part of the cost of a call
+            "REFERRAL_EVENT_LOOP": loop,
+            "REFERRAL_WORKERS": "1",
+            "REFERRAL_REDIS_KEY_PREFIX": f"bench:{os.getpid()}:{port}:",
+        }
+    )
+    if redis_url:
+        variables["REFERRAL_REDIS_URL"] = redis_url
+    variables.update(env)
+    argv = [sys.executable, "-m", "referral_service", "serve"]
+    if variables["REFERRAL_WORKERS"] != "1":
+        argv += ["--workers", variables["REFERRAL_WORKERS"]]
+    return Server(argv, variables, port, workdir)
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    scenario: str
+    stack: str
+    requests: int
+    failed: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_us_per_call: float
+    server_peak_rss_mb: float
+    loadgen_cpu_percent: float
+    notes: str = ""
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def h2load(
+    server: Server,
+    path: str,
+    message: Any,
+    *,
+    duration: float,
+    clients: int,
+    streams: int,
+    scenario: str,
+    stack: str,
+    headers: tuple[str, ...] = (),
+    warmup: int = 1,
+) -> Result:
+    with tempfile.TemporaryDirectory() as tmp:
+        body = Path(tmp) / "body"
+        body.write_bytes(grpc_frame(message))
+        log_file = Path(tmp) / "log"
+        argv = [
+            "h2load",
+            f"-c{clients}",
+            f"-m{streams}",
+            "-t1",
+            f"-D{int(duration)}",
+            f"--warm-up-time={int(warmup)}",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-d",
+            str(body),
+            f"--log-file={log_file}",
+        ]
+        for header in headers:
+            argv += ["-H", header]
+        argv.append(f"http://127.0.0.1:{server.port}{path}")
+        pids = server.pids
+        cpu_before = cpu_seconds(pids)
+        started = time.monotonic()
+        usage_before = os.times()
+        output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        usage_after = os.times()
+        elapsed = time.monotonic() - started
+        cpu_after = cpu_seconds(pids)
+        latencies = []
+        failed = 0
+        for line in log_file.read_text().splitlines():
+            _start, status, micros = line.split("\t")
+            latencies.append(int(micros) / 1000)
+            if status != "200":
+                failed += 1
+    done = len(latencies)
+    rps = 0.0
+    for line in output.splitlines():
+        if line.startswith("finished in"):
+            rps = float(line.split(",")[1].split()[0])
+    loadgen = (usage_after.children_user + usage_after.children_system) - (
+        usage_before.children_user + usage_before.children_system
+    )
+    return Result(
+        scenario=scenario,
+        stack=stack,
+        requests=done,
+        failed=failed,
+        rps=rps,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        # CPU is read around the whole run (warm-up included), so divide by every call made
+        server_cpu_us_per_call=(cpu_after - cpu_before) * 1e6 / max(done + int(rps * warmup), 1),
+        server_peak_rss_mb=rss_mb(pids, "VmHWM"),
+        loadgen_cpu_percent=100 * loadgen / elapsed,
+    )
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# --- a python client for scenarios that need a distinct request per call --------------------------
+
+
+def _client_worker(args: tuple[str, str, float, int, int, str]) -> tuple[list[float], int]:
+    target, scenario, duration, concurrency, seed, extra = args
+    return asyncio.run(_client_loop(target, scenario, duration, concurrency, seed, extra))
+
+
+async def _client_loop(
+    target: str, scenario: str, duration: float, concurrency: int, seed: int, extra: str
+) -> tuple[list[float], int]:
+    import grpc
+    from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
+
+    data = json.loads(extra)
+    latencies: list[float] = []
+    failures = 0
+    counter = 0
+    deadline = time.monotonic() + duration
+    async with grpc.aio.insecure_channel(target) as channel:
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        referral = referral_pb2_grpc.ReferralServiceStub(channel)
+        metadata = (("authorization", f"Bearer {data['token']}"),)
+
+        async def one() -> None:
+            nonlocal counter, failures
+            while time.monotonic() < deadline:
+                counter += 1
+                n = counter
+                started = time.perf_counter()
+                try:
+                    if scenario == "register":
+                        await auth.Register(
+                            auth_pb2.RegisterRequest(
+                                email=f"r{seed}-{n}-{os.getpid()}@bench.example",
+                                password=PASSWORD,
+                                referral_code=data["code"],
+                            )
+                        )
+                    else:  # mixed: 80% cached look-ups, 10% list, 5% who-am-I, 5% login
+                        pick = n % 20
+                        if pick < 16:
+                            await referral.GetReferralCodeByEmail(
+                                referral_pb2.GetReferralCodeByEmailRequest(email=data["email"])
+                            )
+                        elif pick < 18:
+                            await referral.ListReferrals(
+                                referral_pb2.ListReferralsRequest(referrer_id=data["owner_id"], page_size=20),
+                                metadata=metadata,
+                            )
+                        elif pick < 19:
+                            await auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=metadata)
+                        else:
+                            await auth.Login(auth_pb2.LoginRequest(email=data["email"], password=PASSWORD))
+                except grpc.aio.AioRpcError:
+                    failures += 1
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+    return latencies, failures
+
+
+def python_load(
+    server: Server,
+    scenario: str,
+    stack: str,
+    duration: float,
+    processes: int,
+    concurrency: int,
+    extra: dict[str, Any],
+) -> Result:
+    pids = server.pids
+    cpu_before = cpu_seconds(pids)
+    started = time.monotonic()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        outcomes = pool.map(
+            _client_worker,
+            [
+                (f"127.0.0.1:{server.port}", scenario, duration, concurrency, i, json.dumps(extra))
+                for i in range(processes)
+            ],
+        )
+    elapsed = time.monotonic() - started
+    cpu_after = cpu_seconds(pids)
+    latencies = [value for values, _ in outcomes for value in values]
+    failed = sum(f for _, f in outcomes)
+    return Result(
+        scenario=scenario,
+        stack=stack,
+        requests=len(latencies),
+        failed=failed,
+        rps=len(latencies) / duration,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        server_cpu_us_per_call=(cpu_after - cpu_before) * 1e6 / max(len(latencies), 1),
+        server_peak_rss_mb=rss_mb(pids, "VmHWM"),
+        loadgen_cpu_percent=float("nan"),
+        notes=f"python client, {processes} processes x {concurrency}; wall {elapsed:.1f}s",
+    )
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+async def seed_service(target: str, email: str) -> dict[str, Any]:
+    """A referrer with a live code, through the API."""
+    import grpc
+    from google.protobuf import duration_pb2
+    from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        referral = referral_pb2_grpc.ReferralServiceStub(channel)
+        user = (await auth.Register(auth_pb2.RegisterRequest(email=email, password=PASSWORD))).user
+        tokens = await auth.Login(auth_pb2.LoginRequest(email=email, password=PASSWORD))
+        ttl = duration_pb2.Duration()
+        ttl.FromTimedelta(timedelta(days=30))
+        metadata = (("authorization", f"Bearer {tokens.access_token}"),)
+        code = await referral.CreateReferralCode(
+            referral_pb2.CreateReferralCodeRequest(ttl=ttl), metadata=metadata
+        )
+        found = await referral.GetReferralCodeByEmail(referral_pb2.GetReferralCodeByEmailRequest(email=email))
+        assert found.referral_code.code == code.referral_code.code
+        return {
+            "owner_id": user.id,
+            "token": tokens.access_token,
+            "code": code.referral_code.code,
+            "email": email,
+        }
+
+
+def seed_referrals_sqlite(path: Path, owner_id: int, count: int) -> None:
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    batch = 50_000
+    for start in range(0, count, batch):
+        db.executemany(
+            "INSERT INTO users (email, email_key, password_hash, is_active, is_verified, is_superuser,"
+            " referrer_id, referral_count, create_time, update_time) VALUES (?, ?, 'x', 1, 0, 0, ?, 0, ?, ?)",
+            [
+                (f"ref{i}@bench.example", f"ref{i}@bench.example", owner_id, now, now)
+                for i in range(start, min(start + batch, count))
+            ],
+        )
+    db.execute("UPDATE users SET referral_count = referral_count + ? WHERE id = ?", (count, owner_id))
+    db.commit()
+    db.execute("ANALYZE")
+    db.close()
+
+
+async def seed_referrals_postgres(url: str, owner_id: int, count: int) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    now = datetime.now(UTC)
+    await conn.copy_records_to_table(
+        "users",
+        columns=[
+            "email",
+            "email_key",
+            "password_hash",
+            "is_active",
+            "is_verified",
+            "is_superuser",
+            "referrer_id",
+            "referral_count",
+            "create_time",
+            "update_time",
+        ],
+        records=(
+            (f"ref{i}@bench.example", f"ref{i}@bench.example", "x", True, False, False, owner_id, 0, now, now)
+            for i in range(count)
+        ),
+    )
+    await conn.execute("UPDATE users SET referral_count = referral_count + $1 WHERE id = $2", count, owner_id)
+    await conn.execute("ANALYZE users")
+    await conn.close()
+
+
+async def referral_ids(database_url: str, owner_id: int, offset: int) -> int:
+    """The id after which page ``offset / page_size`` starts."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    async with engine.connect() as conn:
+        value = (
+            await conn.execute(
+                text("SELECT id FROM users WHERE referrer_id = :o ORDER BY id LIMIT 1 OFFSET :n"),
+                {"o": owner_id, "n": offset - 1},
+            )
+        ).scalar_one()
+    await engine.dispose()
+    return int(value)
+
+
+def page_token(referrer_id: int, after_id: int) -> str:
+    from referral_service.domain.referrals import ReferralService
+
+    service = ReferralService(
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        page_secret=SECRET.encode(),
+        max_horizon=timedelta(days=1),
+        cache_ttl=timedelta(seconds=1),
+        negative_cache_ttl=timedelta(seconds=1),
+        default_page_size=50,
+        max_page_size=1000,
+        request_id_ttl=timedelta(days=1),
+    )
+    return service._page_token(referrer_id, after_id)
+
+
+def argon2_ceiling(seconds: float) -> float:
+    """Raw argon2id verifies per second on all cores, with the service's default parameters."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from argon2 import PasswordHasher
+
+    hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+    stored = hasher.hash(PASSWORD)
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + seconds
+    counts = [0] * cores
+
+    def spin(index: int) -> None:
+        while time.monotonic() < deadline:
+            hasher.verify(stored, PASSWORD)
+            counts[index] += 1
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(spin, range(cores)))
+    return sum(counts) / (time.monotonic() - started)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def postgres_database() -> str:
+    import asyncpg
+
+    name = f"referral_bench_{os.getpid()}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+
+    asyncio.run(create())
+    return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_postgres(url: str) -> None:
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+    asyncio.run(drop())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from referral.v1 import auth_pb2, referral_pb2
+
+    from referral_service.storage import migrate
+
+    full = args.full
+    duration = 10.0 if full else 3.0
+    referrals = 1_000_000 if full else 100_000
+    loop = args.loop
+    results: list[Result] = []
+    meta: dict[str, Any] = {
+        "mode": "full" if full else "short",
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "event_loop": loop,
+        "duration_s": duration,
+        "referrals_seeded": referrals,
+    }
+    work = Path(tempfile.mkdtemp(prefix="referral-bench-"))
+    echo = start_echo(work, loop)
+    try:
+        baseline = h2load(
+            echo,
+            "/bench.Echo/Echo",
+            referral_pb2.GetReferralCodeByEmailRequest(email="alice@bench.example"),
+            duration=duration,
+            clients=4,
+            streams=16,
+            scenario="echo (ceiling)",
+            stack="bare grpc.aio",
+        )
+        echo_idle_rss = rss_mb(echo.pids)
+    finally:
+        echo.stop()
+    results.append(baseline)
+    print(f"echo: {baseline.rps:.0f} calls/s, {baseline.server_cpu_us_per_call:.0f} us CPU/call", flush=True)
+
+    stacks = [("sqlite", "memory"), ("sqlite", "redis"), ("postgres", "memory"), ("postgres", "redis")]
+    if not full:
+        stacks = [("sqlite", "memory"), ("postgres", "redis")]
+    argon2_rate = argon2_ceiling(3.0 if not full else 10.0)
+    meta["argon2_verifies_per_s_all_cores"] = round(argon2_rate, 1)
+    print(f"argon2 alone: {argon2_rate:.1f} verifies/s on {os.cpu_count()} cores", flush=True)
+
+    for database, cache in stacks:
+        stack = f"{database}+{cache}"
+        pg_url = None
+        if database == "postgres":
+            pg_url = postgres_database()
+            db_url = pg_url.replace("postgresql://", "postgresql+asyncpg://")
+        else:
+            db_url = f"sqlite+aiosqlite:///{work / f'{stack}.db'}"
+        migrate.upgrade(db_url)
+        service = start_service(work, db_url, REDIS_URL if cache == "redis" else None, loop)
+        try:
+            target = f"127.0.0.1:{service.port}"
+            meta[f"idle_rss_mb[{stack}]"] = round(rss_mb(service.pids), 1)
+            data = asyncio.run(seed_service(target, "alice@bench.example"))
+            lookup = referral_pb2.GetReferralCodeByEmailRequest(email="alice@bench.example")
+            path = "/referral.v1.ReferralService/GetReferralCodeByEmail"
+            results.append(
+                h2load(
+                    service,
+                    path,
+                    lookup,
+                    duration=duration,
+                    clients=4,
+                    streams=16,
+                    scenario="GetReferralCodeByEmail, cache hit",
+                    stack=stack,
+                )
+            )
+            print(results[-1], flush=True)
+            login = auth_pb2.LoginRequest(email="alice@bench.example", password=PASSWORD)
+            results.append(
+                h2load(
+                    service,
+                    "/referral.v1.AuthService/Login",
+                    login,
+                    duration=duration,
+                    clients=2,
+                    streams=8,
+                    scenario="Login",
+                    stack=stack,
+                )
+            )
+            results[-1].ratios["vs_raw_argon2"] = round(results[-1].rps / argon2_rate, 3)
+            print(results[-1], flush=True)
+            # lookups while logins saturate the hashing pool
+            background = subprocess.Popen(
+                [
+                    "h2load",
+                    "-c2",
+                    "-m16",
+                    f"-D{int(duration) + 2}",
+                    "-H",
+                    "content-type: application/grpc",
+                    "-H",
+                    "te: trailers",
+                    "-d",
+                    _frame_file(work, login),
+                    f"http://{target}/referral.v1.AuthService/Login",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+            contended = h2load(
+                service,
+                path,
+                lookup,
+                duration=duration,
+                clients=1,
+                streams=4,
+                scenario="GetReferralCodeByEmail while logins saturate",
+                stack=stack,
+                warmup=1,
+            )
+            background.wait()
+            results.append(contended)
+            print(results[-1], flush=True)
+            results.append(
+                python_load(service, "register", stack, duration, processes=2, concurrency=8, extra=data)
+            )
+            results[-1].scenario = "Register with a referral code"
+            print(results[-1], flush=True)
+            # ListReferrals over a referrer with many referrals
+            if database == "sqlite":
+                seed_referrals_sqlite(work / f"{stack}.db", data["owner_id"], referrals)
+            else:
+                assert pg_url is not None
+                asyncio.run(seed_referrals_postgres(pg_url, data["owner_id"], referrals))
+            metadata = (f"authorization: Bearer {data['token']}",)
+            first = referral_pb2.ListReferralsRequest(referrer_id=data["owner_id"], page_size=100)
+            results.append(
+                h2load(
+                    service,
+                    "/referral.v1.ReferralService/ListReferrals",
+                    first,
+                    duration=duration,
+                    clients=1,
+                    streams=1,
+                    scenario="ListReferrals, page 1 of 100",
+                    stack=stack,
+                    headers=metadata,
+                )
+            )
+            print(results[-1], flush=True)
+            deep_page = min(5000, referrals // 100 - 1)
+            after = asyncio.run(referral_ids(db_url, data["owner_id"], deep_page * 100))
+            deep = referral_pb2.ListReferralsRequest(
+                referrer_id=data["owner_id"], page_size=100, page_token=page_token(data["owner_id"], after)
+            )
+            results.append(
+                h2load(
+                    service,
+                    "/referral.v1.ReferralService/ListReferrals",
+                    deep,
+                    duration=duration,
+                    clients=1,
+                    streams=1,
+                    scenario=f"ListReferrals, page {deep_page + 1} of 100",
+                    stack=stack,
+                    headers=metadata,
+                )
+            )
+            print(results[-1], flush=True)
+            results.append(
+                python_load(service, "mixed", stack, duration, processes=2, concurrency=8, extra=data)
+            )
+            results[-1].scenario = "mixed (80% look-up, 10% list, 5% me, 5% login)"
+            print(results[-1], flush=True)
+        finally:
+            service.stop()
+        # cache miss: every look-up reads the database
+        service = start_service(
+            work,
+            db_url,
+            REDIS_URL if cache == "redis" else None,
+            loop,
+            REFERRAL_CODE_CACHE_TTL="0",
+            REFERRAL_CODE_NEGATIVE_CACHE_TTL="0",
+        )
+        try:
+            results.append(
+                h2load(
+                    service,
+                    "/referral.v1.ReferralService/GetReferralCodeByEmail",
+                    referral_pb2.GetReferralCodeByEmailRequest(email="alice@bench.example"),
+                    duration=duration,
+                    clients=4,
+                    streams=16,
+                    scenario="GetReferralCodeByEmail, cache miss",
+                    stack=stack,
+                )
+            )
+            print(results[-1], flush=True)
+        finally:
+            service.stop()
+        if cache == "redis":
+            for workers in ("1", "2"):
+                service = start_service(work, db_url, REDIS_URL, loop, REFERRAL_WORKERS=workers)
+                try:
+                    results.append(
+                        h2load(
+                            service,
+                            "/referral.v1.ReferralService/GetReferralCodeByEmail",
+                            referral_pb2.GetReferralCodeByEmailRequest(email="alice@bench.example"),
+                            duration=duration,
+                            clients=4,
+                            streams=16,
+                            scenario=f"GetReferralCodeByEmail, cache hit, {workers} worker(s)",
+                            stack=stack,
+                        )
+                    )
+                    print(results[-1], flush=True)
+                finally:
+                    service.stop()
+        if pg_url:
+            drop_postgres(pg_url)
+
+    for result in results:
+        result.ratios["rps_vs_echo"] = round(result.rps / baseline.rps, 3) if baseline.rps else 0.0
+        result.ratios["cpu_vs_echo"] = (
+            round(result.server_cpu_us_per_call / baseline.server_cpu_us_per_call, 2)
+            if baseline.server_cpu_us_per_call
+            else 0.0
+        )
+    meta["echo_idle_rss_mb"] = round(echo_idle_rss, 1)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"meta": meta, "results": [asdict(r) for r in results]}
+
+
+def _frame_file(work: Path, message: Any) -> str:
+    path = work / f"frame-{time.monotonic_ns()}"
+    path.write_bytes(grpc_frame(message))
+    return str(path)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    lines = [
+        f"Mode {meta['mode']}, {meta['cores']} cores, Python {meta['python']}, loop {meta['event_loop']}, "
+        f"{meta['duration_s']:g}s per scenario, {meta['time']}.",
+        f"argon2id alone: {meta['argon2_verifies_per_s_all_cores']} verifies/s on all cores.",
+        "",
+        "| scenario | stack | calls/s | vs echo | p50 ms | p99 ms | server CPU us/call | CPU vs echo | peak RSS MB | failed |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        extra = "".join(
+            f" ({k} {v})" for k, v in r["ratios"].items() if k not in ("rps_vs_echo", "cpu_vs_echo")
+        )
+        lines.append(
+            f"| {r['scenario']}{extra} | {r['stack']} | {r['rps']:.0f} | {r['ratios']['rps_vs_echo']:.2f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_us_per_call']:.0f} | "
+            f"{r['ratios']['cpu_vs_echo']:.2f} | {r['server_peak_rss_mb']:.0f} | {r['failed']} |"
+        )
+    idle = ", ".join(f"{k.split('[')[1][:-1]} {v} MB" for k, v in meta.items() if k.startswith("idle_rss_mb"))
+    lines += ["", f"Idle RSS per worker: {idle}; echo server {meta['echo_idle_rss_mb']} MB."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--full", action="store_true", help="full mode (slower, 1M referrals)")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+    started = time.monotonic()
+    report = run(args)
+    report["meta"]["wall_s"] = round(time.monotonic() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{report['meta']['mode']}-{args.loop}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / f"{name}.md").write_text(text + "\n")
+    print()
+    print(text)
+    print(f"\nwritten to {args.out}/{name}.json and .md in {report['meta']['wall_s']}s")
+
+
+if __name__ == "__main__":
+    main()
