@@ -40,6 +40,12 @@ generate: $(STAMP) ## regenerate Python stubs and type stubs into generated/
 		$(PROTO_FILES)
 	touch generated/referral/__init__.py generated/referral/v1/__init__.py
 
+common-passwords: $(STAMP) ## re-extract data/common-passwords.txt from zxcvbn's list
+	$(PY) -c 'import importlib.metadata as md; from zxcvbn.frequency_lists import FREQUENCY_LISTS as F; \
+	words = sorted({p.lower() for p in F["passwords"]}); \
+	print("# The 30,000 most common passwords, lower-cased, from zxcvbn", md.version("zxcvbn"), "(FREQUENCY_LISTS[\x27passwords\x27]).\n# Regenerate with `make common-passwords`."); \
+	print("\n".join(words))' > referral_service/data/common-passwords.txt
+
 check-generated: generate ## fail when generated/ is not what `make generate` produces
 	git diff --exit-code --stat -- generated/
 	@test -z "$$(git status --porcelain -- generated/)" || (git status --porcelain -- generated/; echo "generated/ is stale: run make generate"; exit 1)

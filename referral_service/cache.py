@@ -24,11 +24,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("referral_service.cache")
 T = TypeVar("T")
@@ -236,7 +235,13 @@ class RedisCache:
         breaker_reset_seconds: float = 5.0,
         on_health_change: Callable[[bool], None] | None = None,
     ) -> None:
-        self._redis = aioredis.Redis.from_url(
+        # Imported here: a deployment without Redis does not pay for the client (~5 MB per worker).
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self._errors: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError, TimeoutError)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -270,7 +275,7 @@ class RedisCache:
             raise ConnectionError("redis circuit breaker is open")
         try:
             result = await asyncio.wait_for(fn(), timeout=self._timeout * 2)
-        except (aioredis.RedisError, OSError, TimeoutError) as error:
+        except self._errors as error:
             self.breaker.failure(error)
             raise ConnectionError(str(error)) from error
         self.breaker.success()

@@ -42,9 +42,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def serve_coroutine(settings: Settings, migrate_first: bool) -> None:
     from referral_service.app import build_app
-    from referral_service.storage import migrate
 
     if migrate_first:
+        from referral_service.storage import migrate  # alembic only where it is needed
+
         await migrate.upgrade_async(settings.effective_database_url)
     app = await build_app(settings)
     stop = asyncio.Event()
