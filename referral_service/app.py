@@ -36,6 +36,10 @@ SERVICES = (
 HEALTH_REDIS = "referral-service.redis"
 
 
+class StartupError(RuntimeError):
+    """The service cannot start as configured; the message says why."""
+
+
 @dataclass
 class App:
     settings: Settings
@@ -181,9 +185,13 @@ async def build_app(settings: Settings) -> App:
         ],
         server,
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind {settings.grpc_host}:{settings.grpc_port}")
+        raise StartupError(f"cannot listen on {address}: the address is in use or not available")
     return App(
         settings=settings,
         db=db,

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from referral_service import logs
+from referral_service.app import StartupError
 from referral_service.config import Settings
 
 log = logging.getLogger("referral_service")
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_create_superuser(settings, args.email, _read_password(args)))
     except KeyboardInterrupt:
         return 130
+    except StartupError as error:
+        log.error("%s", error)
+        return 1
     return 2
 
 

@@ -176,3 +176,18 @@ async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> No
         assert promoted.is_superuser
     finally:
         await stop_api(api)
+
+
+def test_serve_reports_a_busy_port_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("REFERRAL_"):
+            monkeypatch.delenv(name)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--workers", "1", "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
