@@ -36,7 +36,7 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def _configure_sqlite(engine: AsyncEngine, begin: str, timeout: float) -> None:
+def _configure_sqlite(engine: AsyncEngine, begin: str | None, timeout: float) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin.
@@ -48,9 +48,11 @@ def _configure_sqlite(engine: AsyncEngine, begin: str, timeout: float) -> None:
         cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+    if begin is not None:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql(begin)
 
 
 def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = False) -> AsyncEngine:
@@ -66,7 +68,9 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
             pool_timeout=timeout,
             connect_args={"timeout": timeout},
         )
-        _configure_sqlite(engine, "BEGIN IMMEDIATE" if writer else "BEGIN", timeout)
+        # Writers: BEGIN IMMEDIATE. Readers: autocommit, each statement its own snapshot (no
+        # BEGIN/COMMIT round trips through aiosqlite's thread on the hot read paths).
+        _configure_sqlite(engine, "BEGIN IMMEDIATE" if writer else None, timeout)
         return engine
     if backend == "postgresql":
         return create_async_engine(
@@ -115,7 +119,14 @@ class Database:
             if self.dialect == "sqlite"
             else self.engine
         )
-        self._read = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # Reads run in autocommit mode: no BEGIN/COMMIT round trips for what are mostly single
+        # statements; use cases that need one consistent snapshot use write().
+        read_engine = (
+            self.engine
+            if self.dialect == "sqlite"
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        self._read = async_sessionmaker(read_engine, expire_on_commit=False, autoflush=False)
         self._write = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
 
     @asynccontextmanager
@@ -133,7 +144,7 @@ class Database:
             raise
 
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
-        """A read-only unit of work (a plain deferred transaction)."""
+        """A read-only unit of work, in autocommit mode (each statement sees committed data)."""
         return self._session(self._read)
 
     def write(self) -> AbstractAsyncContextManager[AsyncSession]:
