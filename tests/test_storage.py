@@ -22,7 +22,14 @@ from referral_service.storage import migrate
 from referral_service.storage.tables import Base
 from tests.conftest import PASSWORD, Stack, start_api, stop_api
 
-EXPECTED_TABLES = {"users", "referral_codes", "refresh_tokens", "revocations", "idempotency_keys"}
+EXPECTED_TABLES = {
+    "users",
+    "referral_codes",
+    "refresh_tokens",
+    "revocations",
+    "idempotency_keys",
+    "user_profiles",
+}
 
 
 def _tables(url: str) -> set[str]:
