@@ -146,7 +146,10 @@ class EnrichmentWorker:
             try:
                 async with self._db.read() as session:
                     due = await repo.due_profile_jobs(session, utcnow(), limit=self._concurrency * 4)
+                    upcoming = await repo.next_profile_job_time(session, exclude=[*self._jobs, *due])
                 delay = self._poll
+                if upcoming is not None:  # a retry falls due before the next poll
+                    delay = min(self._poll, max((upcoming - utcnow()).total_seconds(), 0.01))
             except Exception as error:
                 log.warning("enrichment scan failed (%s); retrying", type(error).__name__)
                 due, delay = [], min(max(delay, 1.0) * 2, 60.0)

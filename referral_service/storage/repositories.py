@@ -463,6 +463,16 @@ async def due_profile_jobs(session: AsyncSession, now: datetime, limit: int) -> 
     return list(result.scalars())
 
 
+async def next_profile_job_time(session: AsyncSession, exclude: Sequence[int] = ()) -> datetime | None:
+    """When the earliest pending lookup (other than ``exclude``) is due."""
+    query = select(func.min(UserProfileRow.next_attempt_time)).where(
+        UserProfileRow.state == models.ProfileState.PENDING.value
+    )
+    if exclude:
+        query = query.where(UserProfileRow.user_id.not_in(list(exclude)))
+    return await session.scalar(query)
+
+
 async def claim_profile_job(
     session: AsyncSession, user_id: int, now: datetime, lease_until: datetime
 ) -> tuple[str, int] | None:
