@@ -17,7 +17,7 @@ from referral_service.api.auth import AuthServicer
 from referral_service.api.interceptors import ApiInterceptor, access_rules
 from referral_service.api.referral import ReferralServicer
 from referral_service.cache import Cache, MemoryCache, RedisCache
-from referral_service.config import EnrichmentProviderName, Settings
+from referral_service.config import EnrichmentProviderName, HunterPolicy, Settings
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
@@ -228,7 +228,7 @@ async def build_app(settings: Settings) -> App:
         EmailVerification(
             verifier,
             cache,
-            fail_closed=settings.hunter_policy.value == "fail_closed",
+            fail_closed=settings.hunter_policy is HunterPolicy.FAIL_CLOSED,
             cache_ttl=settings.hunter_cache_ttl,
         )
         if verifier is not None
