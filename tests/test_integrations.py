@@ -272,7 +272,7 @@ def enrichment_settings(fake: FakeHttp, vendor: str, **overrides: Any) -> dict[s
     return values
 
 
-async def eventually_profile(api: Api, email: str, *, attempts: int = 150) -> auth_pb2.UserProfile:
+async def eventually_profile(api: Api, email: str, *, attempts: int = 300) -> auth_pb2.UserProfile:
     """Poll GetCurrentUser (bounded) until the profile is no longer pending."""
     tokens = await api.login(email)
     for _ in range(attempts):

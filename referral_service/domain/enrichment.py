@@ -142,7 +142,6 @@ class EnrichmentWorker:
         delay = self._poll
         while not self._stopping:
             self._wake.clear()
-            full = False
             try:
                 async with self._db.read() as session:
                     due = await repo.due_profile_jobs(session, utcnow(), limit=self._concurrency * 4)
@@ -153,8 +152,9 @@ class EnrichmentWorker:
             except Exception as error:
                 log.warning("enrichment scan failed (%s); retrying", type(error).__name__)
                 due, delay = [], min(max(delay, 1.0) * 2, 60.0)
+            started = 0
             for user_id in due:
-                if user_id in self._jobs:
+                if user_id in self._jobs:  # still running here although its lease ran out
                     continue
                 await self._slots.acquire()
                 if self._stopping:
@@ -163,8 +163,8 @@ class EnrichmentWorker:
                 task = asyncio.get_running_loop().create_task(self._job(user_id))
                 self._jobs[user_id] = task
                 task.add_done_callback(functools.partial(self._done, user_id))
-            full = len(due) >= self._concurrency * 4
-            if full or self._stopping:
+                started += 1
+            if started >= self._concurrency * 4:  # a full batch: there may be more due now
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
