@@ -17,13 +17,19 @@ from referral_service.api.auth import AuthServicer
 from referral_service.api.interceptors import ApiInterceptor, access_rules
 from referral_service.api.referral import ReferralServicer
 from referral_service.cache import Cache, MemoryCache, RedisCache
-from referral_service.config import Settings
+from referral_service.config import EnrichmentProviderName, HunterPolicy, Settings
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
+from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
 from referral_service.domain.passwords import Argon2Params, PasswordHasher
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.tokens import TokenCodec, TokenConfig
+from referral_service.domain.verification import EmailVerification, EmailVerifier
+from referral_service.integrations import enrichment as enrichment_providers
+from referral_service.integrations import http
+from referral_service.integrations.hunter import HunterVerifier
+from referral_service.resilience import CircuitBreaker
 from referral_service.storage.db import Database
 
 log = logging.getLogger("referral_service")
@@ -52,6 +58,10 @@ class App:
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    #: Email verification provider; None when off.
+    verifier: EmailVerifier | None = None
+    #: Background profile enrichment; None when off.
+    enrichment: EnrichmentWorker | None = None
     _tasks: list[object] = field(default_factory=list)
 
     @property
@@ -66,6 +76,9 @@ class App:
         if self.cache.shared:
             await self.revocations.resync(utcnow())
         await self.server.start()
+        if self.enrichment is not None:
+            # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
+            self.enrichment.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         redis_ok = await self.cache.healthy()
         await self.health.set(
@@ -89,7 +102,15 @@ class App:
         drain = self.settings.shutdown_drain_seconds if drain is None else drain
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
-        await self.server.stop(grace)
+        if self.enrichment is not None:
+            # In-flight calls and running lookups share the grace period; lookups still running
+            # at its end are handed back to the database for the next start.
+            await asyncio.gather(self.server.stop(grace), self.enrichment.stop(grace))
+            await self.enrichment.provider.close()
+        else:
+            await self.server.stop(grace)
+        if self.verifier is not None:
+            await self.verifier.close()
         await self.revocations.close()
         await self.cache.close()
         await self.db.dispose()
@@ -112,6 +133,60 @@ def build_cache(settings: Settings, on_health_change: object = None) -> Cache:
         # the store still short-cuts this process's own revocations.
         return MemoryCache(max_entries=0)
     return MemoryCache()
+
+
+def build_verifier(settings: Settings) -> EmailVerifier | None:
+    if settings.hunter_api_key is None:
+        return None
+    return HunterVerifier(
+        http.client(
+            connect_timeout=settings.hunter_connect_timeout_seconds,
+            read_timeout=settings.hunter_read_timeout_seconds,
+        ),
+        base_url=settings.hunter_base_url,
+        api_key=settings.hunter_api_key.get_secret_value(),
+        total_timeout=settings.hunter_total_timeout_seconds,
+        max_attempts=settings.hunter_max_attempts,
+        retry_backoff=settings.hunter_retry_backoff_seconds,
+        breaker=CircuitBreaker(
+            settings.hunter_breaker_threshold,
+            settings.hunter_breaker_reset_seconds,
+            name="hunter",
+            fallback=f"registrations skip email verification ({settings.hunter_policy.value})",
+        ),
+    )
+
+
+def build_profile_provider(settings: Settings) -> ProfileProvider | None:
+    if settings.enrichment_provider is EnrichmentProviderName.NONE:
+        return None
+    assert settings.enrichment_api_key is not None  # checked by Settings
+    kinds: dict[EnrichmentProviderName, tuple[type[enrichment_providers.ClearbitProvider], str]] = {
+        EnrichmentProviderName.CLEARBIT: (
+            enrichment_providers.ClearbitProvider,
+            enrichment_providers.CLEARBIT_URL,
+        ),
+        EnrichmentProviderName.PEOPLEDATALABS: (
+            enrichment_providers.PeopleDataLabsProvider,  # type: ignore[dict-item]
+            enrichment_providers.PEOPLEDATALABS_URL,
+        ),
+    }
+    kind, default_url = kinds[settings.enrichment_provider]
+    return kind(
+        http.client(
+            connect_timeout=settings.enrichment_connect_timeout_seconds,
+            read_timeout=settings.enrichment_read_timeout_seconds,
+            max_connections=settings.enrichment_concurrency,
+        ),
+        base_url=settings.enrichment_base_url or default_url,
+        api_key=settings.enrichment_api_key.get_secret_value(),
+        breaker=CircuitBreaker(
+            settings.enrichment_breaker_threshold,
+            settings.enrichment_breaker_reset_seconds,
+            name=settings.enrichment_provider.value,
+            fallback="profile lookups wait",
+        ),
+    )
 
 
 async def build_app(settings: Settings) -> App:
@@ -156,6 +231,32 @@ async def build_app(settings: Settings) -> App:
         max_page_size=settings.list_max_page_size,
         request_id_ttl=settings.request_id_ttl,
     )
+    verifier = build_verifier(settings)
+    verification = (
+        EmailVerification(
+            verifier,
+            cache,
+            fail_closed=settings.hunter_policy is HunterPolicy.FAIL_CLOSED,
+            cache_ttl=settings.hunter_cache_ttl,
+        )
+        if verifier is not None
+        else None
+    )
+    provider = build_profile_provider(settings)
+    enrichment = (
+        EnrichmentWorker(
+            db,
+            provider,
+            max_attempts=settings.enrichment_max_attempts,
+            retry_backoff=settings.enrichment_retry_backoff,
+            retry_max=settings.enrichment_retry_max,
+            concurrency=settings.enrichment_concurrency,
+            poll_seconds=settings.enrichment_poll_seconds,
+            lease=settings.enrichment_lease,
+        )
+        if provider is not None
+        else None
+    )
     auth = AuthService(
         db,
         hasher,
@@ -163,6 +264,8 @@ async def build_app(settings: Settings) -> App:
         revocations,
         request_id_ttl=settings.request_id_ttl,
         on_code_used=referrals.code_used,
+        verification=verification,
+        on_profile_queued=enrichment.notify if enrichment is not None else None,
     )
     server = grpc.aio.server(
         interceptors=[ApiInterceptor(access_rules(SERVICES), auth.authenticate)],
@@ -203,4 +306,6 @@ async def build_app(settings: Settings) -> App:
         server=server,
         health=health_servicer,
         port=port,
+        verifier=verifier,
+        enrichment=enrichment,
     )

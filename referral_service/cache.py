@@ -9,6 +9,9 @@ back (the predecessor served a deleted code from its cache 300 times out of 300)
   stamp was taken (checked atomically in Redis by a Lua script);
 - ``invalidate(key)`` bumps the key's version and deletes the value, after the database commit.
 
+Plain values (``get``/``set`` with a TTL) serve results that are never invalidated, such as
+email verification answers.
+
 Redis is an accelerator, never a dependency: every call has a short socket timeout, and a
 circuit breaker stops calling it after a few failures, so an outage costs nothing but cache
 hits. If an invalidation cannot reach Redis, this process stops using the cache until it has
@@ -28,6 +31,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+
+# Re-exported: CircuitBreaker lived here before it was shared with the HTTP integrations.
+from referral_service.resilience import CircuitBreaker as CircuitBreaker
 
 log = logging.getLogger("referral_service.cache")
 T = TypeVar("T")
@@ -52,65 +58,13 @@ class Cache(Protocol):
     async def lookup(self, key: str) -> Lookup: ...
     async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None: ...
     async def invalidate(self, key: str) -> None: ...
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None: ...
     async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool: ...
     async def any_revoked(self, keys: Sequence[str]) -> bool | None: ...
     async def seed_revocations(self, entries: Sequence[tuple[str, float]]) -> bool: ...
     async def healthy(self) -> bool: ...
     async def close(self) -> None: ...
-
-
-class CircuitBreaker:
-    """Closed -> (``threshold`` consecutive failures) -> open for ``reset_seconds`` -> one trial
-    call (half-open) -> closed on success, open again on failure."""
-
-    def __init__(
-        self,
-        threshold: int,
-        reset_seconds: float,
-        on_change: Callable[[bool], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._threshold = threshold
-        self._reset = reset_seconds
-        self._failures = 0
-        self._open_until = 0.0
-        self._trial = False
-        self._clock = clock
-        self._on_change = on_change
-        self.closed = True
-
-    def allow(self) -> bool:
-        if self.closed:
-            return True
-        if self._trial or self._clock() < self._open_until:
-            return False
-        self._trial = True
-        return True
-
-    def success(self) -> None:
-        self._failures = 0
-        self._trial = False
-        if not self.closed:
-            self.closed = True
-            log.info("redis is reachable again; cache and shared stores resumed")
-            if self._on_change:
-                self._on_change(True)
-
-    def failure(self, error: BaseException) -> None:
-        self._failures += 1
-        self._trial = False
-        if self.closed and self._failures >= self._threshold:
-            self.closed = False
-            log.warning(
-                "redis unavailable (%s: %s); serving from the database for at least %.1fs",
-                type(error).__name__,
-                error,
-                self._reset,
-            )
-            if self._on_change:
-                self._on_change(False)
-        if not self.closed:
-            self._open_until = self._clock() + self._reset
 
 
 # --- in-process ------------------------------------------------------------------------------
@@ -127,6 +81,7 @@ class MemoryCache:
         self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._invalidated: OrderedDict[str, int] = OrderedDict()
         self._revoked: dict[str, float] = {}
+        self._plain: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._generation = 0
         self._forgotten = 0  # newest generation evicted from _invalidated: older stamps can't fill
         self._max = max_entries
@@ -160,6 +115,25 @@ class MemoryCache:
         while len(self._invalidated) > self._max:
             _, generation = self._invalidated.popitem(last=False)
             self._forgotten = max(self._forgotten, generation)
+
+    async def get(self, key: str) -> bytes | None:
+        """A plain value stored with ``set`` (no versioning), or None when absent or expired."""
+        entry = self._plain.get(key)
+        if entry is None:
+            return None
+        value, expires = entry
+        if expires <= self._clock():
+            del self._plain[key]
+            return None
+        return value
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        if ttl_seconds <= 0:
+            return
+        self._plain[key] = (value, self._clock() + ttl_seconds)
+        self._plain.move_to_end(key)
+        while len(self._plain) > self._max:
+            self._plain.popitem(last=False)
 
     async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
         now = self._clock()
@@ -334,6 +308,25 @@ class RedisCache:
                 continue
             self._dirty = False
             log.info("redis cache epoch bumped; cache in use again")
+
+    async def get(self, key: str) -> bytes | None:
+        """A plain value stored with ``set``; None when absent or Redis is unreachable."""
+        try:
+            raw = await self._call(lambda: self._redis.get(f"{self._prefix}kv:{key}"))
+        except ConnectionError:
+            return None
+        if raw is None:
+            return None
+        return raw if isinstance(raw, bytes) else str(raw).encode()
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        ttl_ms = int(ttl_seconds * 1000)
+        if ttl_ms <= 0:
+            return
+        try:
+            await self._call(lambda: self._redis.set(f"{self._prefix}kv:{key}", value, px=ttl_ms))
+        except ConnectionError:
+            return
 
     async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
         ttl_ms = max(int(ttl_seconds * 1000), 1)

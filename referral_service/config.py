@@ -28,6 +28,21 @@ class LogFormat(StrEnum):
     JSON = "json"
 
 
+class HunterPolicy(StrEnum):
+    """What registration does when Hunter cannot give a definite answer."""
+
+    #: Accept the registration with ``is_verified=false``.
+    FAIL_OPEN = "fail_open"
+    #: Refuse it with UNAVAILABLE (EMAIL_VERIFICATION_UNAVAILABLE) and a RetryInfo.
+    FAIL_CLOSED = "fail_closed"
+
+
+class EnrichmentProviderName(StrEnum):
+    NONE = "none"
+    CLEARBIT = "clearbit"
+    PEOPLEDATALABS = "peopledatalabs"
+
+
 MIN_SECRET_BYTES = 32
 
 
@@ -112,11 +127,65 @@ class Settings(BaseSettings):
     #: How long a request_id is remembered (AIP-155).
     request_id_ttl: timedelta = timedelta(days=1)
 
+    # --- integrations (all off by default) -------------------------------------------------
+    # Email verification with Hunter's Email Verifier: on when REFERRAL_HUNTER_API_KEY is set.
+    hunter_api_key: SecretStr | None = None
+    hunter_base_url: str = "https://api.hunter.io/v2"
+    hunter_policy: HunterPolicy = HunterPolicy.FAIL_OPEN
+    #: TCP/TLS connect timeout per request, seconds.
+    hunter_connect_timeout_seconds: Annotated[float, Field(gt=0)] = 1.0
+    #: Timeout waiting for response bytes per request, seconds.
+    hunter_read_timeout_seconds: Annotated[float, Field(gt=0)] = 3.0
+    #: Upper bound on the whole verification, retries included: registration never waits
+    #: longer than this for Hunter.
+    hunter_total_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    #: Requests per verification when Hunter answers 202/222 ("try again").
+    hunter_max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    #: First backoff between those attempts, doubled each time.
+    hunter_retry_backoff_seconds: Annotated[float, Field(ge=0)] = 0.5
+    #: How long definite answers (valid, accept_all, webmail, invalid, disposable) are cached.
+    hunter_cache_ttl: timedelta = timedelta(days=1)
+    #: Consecutive failures (timeouts, 401/403/429/5xx, bad JSON) that open the breaker.
+    hunter_breaker_threshold: Annotated[int, Field(ge=1)] = 5
+    #: Seconds the breaker stays open (registrations skip Hunter meanwhile).
+    hunter_breaker_reset_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+    # Profile enrichment after registration, in the background.
+    enrichment_provider: EnrichmentProviderName = EnrichmentProviderName.NONE
+    enrichment_api_key: SecretStr | None = None
+    #: Default: the provider's public API (https://person.clearbit.com,
+    #: https://api.peopledatalabs.com).
+    enrichment_base_url: str | None = None
+    enrichment_connect_timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    enrichment_read_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    #: Lookups per user before giving up (state FAILED).
+    enrichment_max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    #: First retry delay, doubled after each failed attempt up to ``enrichment_retry_max``.
+    enrichment_retry_backoff: timedelta = timedelta(seconds=30)
+    enrichment_retry_max: timedelta = timedelta(hours=1)
+    #: Lookups running at once per process.
+    enrichment_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    #: How often the worker scans the database for due lookups (new registrations wake it at
+    #: once; the scan picks up retries, restarts and other processes' leftovers).
+    enrichment_poll_seconds: Annotated[float, Field(gt=0)] = 15.0
+    #: A claimed lookup is invisible to other workers for this long; if the process dies, it
+    #: becomes due again afterwards.
+    enrichment_lease: timedelta = timedelta(minutes=2)
+    enrichment_breaker_threshold: Annotated[int, Field(ge=1)] = 5
+    enrichment_breaker_reset_seconds: Annotated[float, Field(gt=0)] = 60.0
+
     # --- logging -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.TEXT
 
-    @field_validator("redis_url", "database_url", mode="before")
+    @field_validator(
+        "redis_url",
+        "database_url",
+        "hunter_api_key",
+        "enrichment_api_key",
+        "enrichment_base_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -128,6 +197,10 @@ class Settings(BaseSettings):
         "code_cache_ttl",
         "code_negative_cache_ttl",
         "request_id_ttl",
+        "hunter_cache_ttl",
+        "enrichment_retry_backoff",
+        "enrichment_retry_max",
+        "enrichment_lease",
         mode="before",
     )
     @classmethod
@@ -137,6 +210,23 @@ class Settings(BaseSettings):
             return float(value)
         return value
 
+    @field_validator("hunter_base_url", "enrichment_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("https://", "http://")) or "?" in value or "#" in value:
+            raise ValueError("must be an http(s) URL without query or fragment")
+        return value.rstrip("/")
+
+    @property
+    def hunter_enabled(self) -> bool:
+        return self.hunter_api_key is not None
+
+    @property
+    def enrichment_enabled(self) -> bool:
+        return self.enrichment_provider is not EnrichmentProviderName.NONE
+
     @model_validator(mode="after")
     def _check_profile(self) -> Settings:
         if (
@@ -144,6 +234,15 @@ class Settings(BaseSettings):
             and len(self.jwt_secret.get_secret_value().encode()) < MIN_SECRET_BYTES
         ):
             raise ValueError(f"REFERRAL_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
+        if self.enrichment_enabled and self.enrichment_api_key is None:
+            raise ValueError(
+                f"REFERRAL_ENRICHMENT_PROVIDER={self.enrichment_provider.value} "
+                "needs REFERRAL_ENRICHMENT_API_KEY"
+            )
+        if self.enrichment_lease.total_seconds() <= (
+            self.enrichment_connect_timeout_seconds + self.enrichment_read_timeout_seconds
+        ):
+            raise ValueError("REFERRAL_ENRICHMENT_LEASE must exceed the connect + read timeouts")
         if self.profile is Profile.PRODUCTION:
             problems = []
             if self.jwt_secret is None:
@@ -152,6 +251,11 @@ class Settings(BaseSettings):
                 problems.append("REFERRAL_DATABASE_URL must point at PostgreSQL")
             if self.redis_url is None:
                 problems.append("REFERRAL_REDIS_URL is not set")
+            # API keys travel in headers: never over plain HTTP in production.
+            if self.hunter_enabled and not self.hunter_base_url.startswith("https://"):
+                problems.append("REFERRAL_HUNTER_BASE_URL must be https")
+            if self.enrichment_base_url is not None and not self.enrichment_base_url.startswith("https://"):
+                problems.append("REFERRAL_ENRICHMENT_BASE_URL must be https")
             if problems:
                 raise ValueError("production profile refuses insecure defaults: " + "; ".join(problems))
         if self.list_default_page_size > self.list_max_page_size:

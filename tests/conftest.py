@@ -49,6 +49,9 @@ REDIS_STACKS = ["sqlite-redis", "postgres-redis"]
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "all_stacks: run on every database x cache combination")
     config.addinivalue_line("markers", "redis_stacks: run on both databases with Redis")
+    config.addinivalue_line(
+        "markers", "sqlite_stack: run on SQLite with the in-process cache only (stack-independent logic)"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -57,6 +60,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             stacks = ALL_STACKS
         elif metafunc.definition.get_closest_marker("redis_stacks"):
             stacks = REDIS_STACKS
+        elif metafunc.definition.get_closest_marker("sqlite_stack"):
+            stacks = ["sqlite-memory"]
         else:
             stacks = DEFAULT_STACKS
         metafunc.parametrize("stack", stacks, indirect=True)
@@ -148,7 +153,7 @@ async def truncate_postgres(url: str) -> None:
     )
     try:
         await conn.execute(
-            "TRUNCATE users, referral_codes, refresh_tokens, revocations, idempotency_keys "
+            "TRUNCATE users, referral_codes, refresh_tokens, revocations, idempotency_keys, user_profiles "
             "RESTART IDENTITY CASCADE"
         )
     finally:

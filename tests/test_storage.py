@@ -22,7 +22,14 @@ from referral_service.storage import migrate
 from referral_service.storage.tables import Base
 from tests.conftest import PASSWORD, Stack, start_api, stop_api
 
-EXPECTED_TABLES = {"users", "referral_codes", "refresh_tokens", "revocations", "idempotency_keys"}
+EXPECTED_TABLES = {
+    "users",
+    "referral_codes",
+    "refresh_tokens",
+    "revocations",
+    "idempotency_keys",
+    "user_profiles",
+}
 
 
 def _tables(url: str) -> set[str]:
@@ -191,3 +198,41 @@ def test_serve_reports_a_busy_port_clearly(tmp_path: Path, monkeypatch: pytest.M
         port = busy.getsockname()[1]
         assert cli.main(["serve", "--workers", "1", "--port", str(port)]) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_integrations_migration_keeps_users_both_ways(empty_database: str) -> None:
+    """0002 adds columns to users (batch mode rebuilds the table on SQLite) and a table; going
+    down to 0001 and up again keeps every user."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def run(sql: str) -> list[tuple[object, ...]]:
+        engine = create_async_engine(empty_database)
+        async with engine.begin() as conn:
+            result = await conn.execute(text(sql))
+            rows = [tuple(row) for row in result] if result.returns_rows else []
+        await engine.dispose()
+        return rows
+
+    migrate.upgrade(empty_database, "0001")
+    asyncio.run(
+        run(
+            "INSERT INTO users (email, email_key, password_hash, create_time, update_time) "
+            "VALUES ('a@example.com', 'a@example.com', 'x', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+        )
+    )
+    migrate.upgrade(empty_database)
+    assert asyncio.run(run("SELECT email, email_verification, email_verify_time FROM users")) == [
+        ("a@example.com", None, None)
+    ]
+    asyncio.run(
+        run(
+            "INSERT INTO user_profiles (user_id, state, create_time, update_time) "
+            "SELECT id, 'pending', create_time, create_time FROM users"
+        )
+    )
+    migrate.downgrade(empty_database, "0001")
+    assert "user_profiles" not in _tables(empty_database)
+    assert asyncio.run(run("SELECT email FROM users")) == [("a@example.com",)]
+    migrate.upgrade(empty_database)
+    assert _diff(empty_database) == []

@@ -28,6 +28,45 @@ def user(value: models.User) -> auth_pb2.User:
     )
     if value.referrer_id is not None:
         message.referrer_id = value.referrer_id
+    if value.email_verification is not None:
+        message.email_verification = _VERIFICATIONS.get(
+            value.email_verification, auth_pb2.User.EMAIL_VERIFICATION_UNSPECIFIED
+        )
+    if value.email_verify_time is not None:
+        message.email_verify_time.CopyFrom(timestamp(value.email_verify_time))
+    if value.profile is not None:
+        message.profile.CopyFrom(profile(value.profile))
+    return message
+
+
+_VERIFICATIONS = {
+    models.EmailStatus.VALID: auth_pb2.User.EMAIL_VERIFICATION_VALID,
+    models.EmailStatus.ACCEPT_ALL: auth_pb2.User.EMAIL_VERIFICATION_ACCEPT_ALL,
+    models.EmailStatus.WEBMAIL: auth_pb2.User.EMAIL_VERIFICATION_WEBMAIL,
+    models.EmailStatus.UNKNOWN: auth_pb2.User.EMAIL_VERIFICATION_UNKNOWN,
+    models.EmailStatus.UNAVAILABLE: auth_pb2.User.EMAIL_VERIFICATION_UNAVAILABLE,
+}
+
+_PROFILE_STATES = {
+    models.ProfileState.PENDING: auth_pb2.UserProfile.STATE_PENDING,
+    models.ProfileState.FOUND: auth_pb2.UserProfile.STATE_FOUND,
+    models.ProfileState.NOT_FOUND: auth_pb2.UserProfile.STATE_NOT_FOUND,
+    models.ProfileState.FAILED: auth_pb2.UserProfile.STATE_FAILED,
+}
+
+
+def profile(value: models.Profile) -> auth_pb2.UserProfile:
+    message = auth_pb2.UserProfile(
+        state=_PROFILE_STATES[value.state],
+        full_name=value.full_name or "",
+        company=value.company or "",
+        title=value.title or "",
+        location=value.location or "",
+        avatar_uri=value.avatar_uri or "",
+        source=value.source or "",
+    )
+    if value.fetch_time is not None:
+        message.fetch_time.CopyFrom(timestamp(value.fetch_time))
     return message
 
 

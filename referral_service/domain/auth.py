@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -28,6 +29,7 @@ from referral_service.domain.models import CodeState, Principal, TokenPair, User
 from referral_service.domain.passwords import PasswordHasher
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.tokens import ACCESS_TYP, REFRESH_TYP, TokenCodec
+from referral_service.domain.verification import EmailVerification, Verification
 from referral_service.storage import repositories as repo
 from referral_service.storage.db import Database
 from referral_service.storage.repositories import Conflict
@@ -64,6 +66,8 @@ class AuthService:
         *,
         request_id_ttl: timedelta,
         on_code_used: CodeChanged | None = None,
+        verification: EmailVerification | None = None,
+        on_profile_queued: Callable[[], None] | None = None,
     ) -> None:
         self._db = db
         self._hasher = hasher
@@ -71,6 +75,10 @@ class AuthService:
         self._revocations = revocations
         self._request_id_ttl = request_id_ttl
         self._on_code_used = on_code_used
+        #: Email verification at registration; None when off.
+        self._verification = verification
+        #: Wakes the enrichment worker; None when enrichment is off.
+        self._on_profile_queued = on_profile_queued
 
     # --- register ----------------------------------------------------------------------------
 
@@ -102,7 +110,11 @@ class AuthService:
             if earlier is not None:
                 return earlier
 
-        password_hash = await self._hasher.hash(password)
+        verification: Verification | None = None
+        if self._verification is not None:
+            password_hash, verification = await self._hash_and_verify(password, email)
+        else:
+            password_hash = await self._hasher.hash(password)
         now = utcnow()
         owner_email_key: str | None = None
         try:
@@ -121,7 +133,13 @@ class AuthService:
                         now=now,
                         referrer_id=referrer_id,
                         referral_code_id=code_id,
+                        is_verified=verification is not None and verification.is_verified,
+                        email_verification=verification.status.value if verification else None,
+                        email_verify_time=verification.checked_time if verification else None,
                     )
+                    profile = None
+                    if self._on_profile_queued is not None:
+                        profile = await repo.add_profile_job(session, row.id, now)
                     if referrer_id is not None:
                         await repo.count_referral(session, referrer_id)
                     if cmd.request_id:
@@ -144,7 +162,7 @@ class AuthService:
                             violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
                         ) from None
                     raise
-                user = repo.user_model(row)
+                user = repo.user_model(row, profile)
         except _Retry:
             earlier = await self._replay("register", cmd.request_id, fingerprint)
             if earlier is not None:
@@ -156,8 +174,34 @@ class AuthService:
             ) from None
         if owner_email_key is not None and self._on_code_used is not None:
             await self._on_code_used(owner_email_key)
+        if user.profile is not None and self._on_profile_queued is not None:
+            self._on_profile_queued()
         log.info("user registered", extra={"user_id": user.id, "referrer_id": user.referrer_id})
         return user
+
+    async def _hash_and_verify(self, password: str, email: v.Email) -> tuple[str, Verification]:
+        """Verify the email with the provider while the password hashes on the pool: the slower
+        of the two sets the pace, not their sum. No transaction is open meanwhile (SQLite has a
+        single writer; nothing may wait on a remote service while holding it)."""
+        assert self._verification is not None
+        # A duplicate email would be refused by the insert anyway; asking first (a cheap read)
+        # keeps it from spending a provider credit.
+        async with self._db.read() as session:
+            taken = await repo.user_by_email_key(session, email.key) is not None
+        if taken:
+            raise AlreadyExists(
+                Reason.EMAIL_ALREADY_REGISTERED,
+                "an account with this email already exists",
+                violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
+            )
+        hashing = asyncio.ensure_future(self._hasher.hash(password))
+        try:
+            verification = await self._verification.check(email)
+        except BaseException:
+            hashing.cancel()
+            await asyncio.gather(hashing, return_exceptions=True)
+            raise
+        return await hashing, verification
 
     async def _claim_code(
         self, session: AsyncSession, code_key: str, new_email_key: str, now: datetime
@@ -207,7 +251,7 @@ class AuthService:
                 )
             row = await repo.user_by_id(session, record.resource_id)
             assert row is not None
-            return repo.user_model(row)
+            return repo.user_model(row, await repo.profile(session, row.id))
 
     async def create_superuser(self, email_raw: str, password_raw: str) -> tuple[User, bool]:
         """Create a superuser, or promote the existing account with that email. Returns the
@@ -355,6 +399,7 @@ class AuthService:
     async def current_user(self, principal: Principal) -> User:
         async with self._db.read() as session:
             row = await repo.user_by_id(session, principal.user_id)
+            profile = await repo.profile(session, principal.user_id) if row is not None else None
         if row is None:
             raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
-        return repo.user_model(row)
+        return repo.user_model(row, profile)

@@ -4,7 +4,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
+from enum import Enum, StrEnum
+
+
+class EmailStatus(StrEnum):
+    """What the email verification provider said about an address (stored on the user)."""
+
+    VALID = "valid"
+    ACCEPT_ALL = "accept_all"
+    WEBMAIL = "webmail"
+    INVALID = "invalid"
+    DISPOSABLE = "disposable"
+    #: The provider answered, but could not tell.
+    UNKNOWN = "unknown"
+    #: No answer: timeout, outage, quota, bad key, malformed response, circuit open.
+    UNAVAILABLE = "unavailable"
+
+
+class ProfileState(StrEnum):
+    PENDING = "pending"
+    FOUND = "found"
+    NOT_FOUND = "not_found"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """The outcome of the enrichment lookup of a user."""
+
+    state: ProfileState
+    full_name: str | None = None
+    company: str | None = None
+    title: str | None = None
+    location: str | None = None
+    avatar_uri: str | None = None
+    source: str | None = None
+    fetch_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +51,11 @@ class User:
     is_superuser: bool
     referrer_id: int | None
     create_time: datetime
+    #: None when the email was not checked (verification off).
+    email_verification: EmailStatus | None = None
+    email_verify_time: datetime | None = None
+    #: None when enrichment was off when the user registered.
+    profile: Profile | None = None
 
 
 class CodeState(Enum):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -17,8 +18,12 @@ from referral_service.storage.tables import (
     ReferralCodeRow,
     RefreshTokenRow,
     RevocationRow,
+    UserProfileRow,
     UserRow,
 )
+
+if TYPE_CHECKING:
+    from referral_service.domain.enrichment import PersonData
 
 
 class Conflict(Exception):
@@ -57,7 +62,20 @@ async def flush(session: AsyncSession) -> None:
         raise conflict from error
 
 
-def user_model(row: UserRow) -> models.User:
+def profile_model(row: UserProfileRow) -> models.Profile:
+    return models.Profile(
+        state=models.ProfileState(row.state),
+        full_name=row.full_name,
+        company=row.company,
+        title=row.title,
+        location=row.location,
+        avatar_uri=row.avatar_uri,
+        source=row.source,
+        fetch_time=row.fetch_time,
+    )
+
+
+def user_model(row: UserRow, profile: UserProfileRow | None = None) -> models.User:
     return models.User(
         id=row.id,
         email=row.email,
@@ -66,6 +84,11 @@ def user_model(row: UserRow) -> models.User:
         is_superuser=row.is_superuser,
         referrer_id=row.referrer_id,
         create_time=row.create_time,
+        email_verification=(
+            models.EmailStatus(row.email_verification) if row.email_verification is not None else None
+        ),
+        email_verify_time=row.email_verify_time,
+        profile=profile_model(profile) if profile is not None else None,
     )
 
 
@@ -95,19 +118,24 @@ async def add_user(
     is_superuser: bool = False,
     referrer_id: int | None = None,
     referral_code_id: int | None = None,
+    is_verified: bool = False,
+    email_verification: str | None = None,
+    email_verify_time: datetime | None = None,
 ) -> UserRow:
     row = UserRow(
         email=email,
         email_key=email_key,
         password_hash=password_hash,
         is_active=True,
-        is_verified=False,
+        is_verified=is_verified,
         is_superuser=is_superuser,
         referrer_id=referrer_id,
         referral_code_id=referral_code_id,
         referral_count=0,
         create_time=now,
         update_time=now,
+        email_verification=email_verification,
+        email_verify_time=email_verify_time,
     )
     session.add(row)
     await flush(session)
@@ -399,3 +427,143 @@ async def referral_count(session: AsyncSession, referrer_id: int) -> int | None:
 async def count_users(session: AsyncSession) -> int:
     result = await session.execute(select(func.count()).select_from(UserRow))
     return int(result.scalar_one())
+
+
+# --- profiles (enrichment jobs and results) ---------------------------------------------------
+
+
+async def add_profile_job(session: AsyncSession, user_id: int, now: datetime) -> UserProfileRow:
+    row = UserProfileRow(
+        user_id=user_id,
+        state=models.ProfileState.PENDING.value,
+        attempts=0,
+        next_attempt_time=now,
+        create_time=now,
+        update_time=now,
+    )
+    session.add(row)
+    await flush(session)
+    return row
+
+
+async def profile(session: AsyncSession, user_id: int) -> UserProfileRow | None:
+    return await session.get(UserProfileRow, user_id)
+
+
+async def due_profile_jobs(session: AsyncSession, now: datetime, limit: int) -> list[int]:
+    result = await session.execute(
+        select(UserProfileRow.user_id)
+        .where(
+            UserProfileRow.state == models.ProfileState.PENDING.value,
+            UserProfileRow.next_attempt_time <= now,
+        )
+        .order_by(UserProfileRow.next_attempt_time)
+        .limit(limit)
+    )
+    return list(result.scalars())
+
+
+async def next_profile_job_time(session: AsyncSession, exclude: Sequence[int] = ()) -> datetime | None:
+    """When the earliest pending lookup (other than ``exclude``) is due."""
+    query = select(func.min(UserProfileRow.next_attempt_time)).where(
+        UserProfileRow.state == models.ProfileState.PENDING.value
+    )
+    if exclude:
+        query = query.where(UserProfileRow.user_id.not_in(list(exclude)))
+    return await session.scalar(query)
+
+
+async def claim_profile_job(
+    session: AsyncSession, user_id: int, now: datetime, lease_until: datetime
+) -> tuple[str, int] | None:
+    """Take the lease on a due lookup (compare-and-set on ``next_attempt_time``) and count the
+    attempt. Returns the email to look up and the attempt number, or None when the job is not
+    due (finished, or claimed by another worker)."""
+    result = await session.execute(
+        update(UserProfileRow)
+        .where(
+            UserProfileRow.user_id == user_id,
+            UserProfileRow.state == models.ProfileState.PENDING.value,
+            UserProfileRow.next_attempt_time <= now,
+        )
+        .values(
+            next_attempt_time=lease_until,
+            attempts=UserProfileRow.attempts + 1,
+            update_time=now,
+        )
+        .returning(UserProfileRow.attempts)
+    )
+    attempts = result.scalar_one_or_none()
+    if attempts is None:
+        return None
+    email = await session.scalar(select(UserRow.email).where(UserRow.id == user_id))
+    if email is None:
+        return None
+    return email, attempts
+
+
+async def finish_profile_job(
+    session: AsyncSession,
+    user_id: int,
+    state: models.ProfileState,
+    now: datetime,
+    *,
+    source: str,
+    person: PersonData | None = None,
+    error: str = "",
+) -> None:
+    values: dict[str, object] = {
+        "state": state.value,
+        "next_attempt_time": None,
+        "source": source,
+        "fetch_time": now,
+        "update_time": now,
+        "last_error": error[:200] or None,
+    }
+    if person is not None:
+        values.update(
+            full_name=person.full_name,
+            company=person.company,
+            title=person.title,
+            location=person.location,
+            avatar_uri=person.avatar_uri,
+        )
+    await session.execute(
+        update(UserProfileRow)
+        .where(
+            UserProfileRow.user_id == user_id,
+            UserProfileRow.state == models.ProfileState.PENDING.value,
+        )
+        .values(**values)
+    )
+
+
+async def reschedule_profile_job(
+    session: AsyncSession, user_id: int, now: datetime, next_time: datetime, *, error: str
+) -> None:
+    await session.execute(
+        update(UserProfileRow)
+        .where(
+            UserProfileRow.user_id == user_id,
+            UserProfileRow.state == models.ProfileState.PENDING.value,
+        )
+        .values(next_attempt_time=next_time, last_error=error[:200] or None, update_time=now)
+    )
+
+
+async def release_profile_jobs(session: AsyncSession, user_ids: Sequence[int], now: datetime) -> None:
+    """Hand interrupted lookups back: due now, and the interrupted attempt does not count."""
+    if not user_ids:
+        return
+    await session.execute(
+        update(UserProfileRow)
+        .where(
+            UserProfileRow.user_id.in_(user_ids),
+            UserProfileRow.state == models.ProfileState.PENDING.value,
+        )
+        .values(
+            next_attempt_time=now,
+            attempts=case((UserProfileRow.attempts > 0, UserProfileRow.attempts - 1), else_=0),
+            update_time=now,
+        )
+    )

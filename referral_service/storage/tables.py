@@ -89,6 +89,10 @@ class UserRow(Base):
     referral_count: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
     update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: Outcome of the email check at registration (``valid``, ``accept_all``, ``webmail``,
+    #: ``unknown``, ``unavailable``); NULL when it was not checked.
+    email_verification: Mapped[str | None] = mapped_column(String(16))
+    email_verify_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_users_referrer_id_id", "referrer_id", "id"),)
 
@@ -157,3 +161,33 @@ class IdempotencyRow(Base):
     resource_id: Mapped[int] = mapped_column(Id)
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
     expire_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class UserProfileRow(Base):
+    """The enrichment of one user: both the durable job (``state`` = ``pending`` with its next
+    attempt time, which doubles as the lease of the worker that claimed it) and its outcome."""
+
+    __tablename__ = "user_profiles"
+
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    #: ``pending``, ``found``, ``not_found`` or ``failed``.
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    #: When a pending lookup is next due (or its current lease ends).
+    next_attempt_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    full_name: Mapped[str | None] = mapped_column(String(200))
+    company: Mapped[str | None] = mapped_column(String(200))
+    title: Mapped[str | None] = mapped_column(String(200))
+    location: Mapped[str | None] = mapped_column(String(200))
+    avatar_uri: Mapped[str | None] = mapped_column(String(2048))
+    source: Mapped[str | None] = mapped_column(String(32))
+    fetch_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Why the last attempt failed (no personal data, no secrets).
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_user_profiles_state_next_attempt_time", "state", "next_attempt_time"),
+        CheckConstraint("state IN ('pending', 'found', 'not_found', 'failed')", name="state_known"),
+    )

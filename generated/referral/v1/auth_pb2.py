@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from referral.v1 import options_pb2 as referral_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16referral/v1/auth.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19referral/v1/options.proto\"\xe4\x01\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tis_active\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bis_verified\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x0breferrer_id\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cis_superuser\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x03\x42\x0e\n\x0c_referrer_id\"v\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"3\n\x10RegisterResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x80\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"3\n\x13RefreshTokenRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x87\x01\n\x14RefreshTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"-\n\rLogoutRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x01\x04\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetCurrentUserRequest\"9\n\x16GetCurrentUserResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User2\xa5\x04\n\x0b\x41uthService\x12i\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x1d.referral.v1.RegisterResponse\" \xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth:register:\x01*\x12]\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x1a.referral.v1.LoginResponse\"\x1d\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth:login:\x01*\x12t\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a!.referral.v1.RefreshTokenResponse\"\x1f\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x15\"\x10/v1/auth:refresh:\x01*\x12\x61\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"\x1e\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/auth:logout:\x01*\x12s\n\x0eGetCurrentUser\x12\".referral.v1.GetCurrentUserRequest\x1a#.referral.v1.GetCurrentUserResponse\"\x18\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/meb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16referral/v1/auth.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19referral/v1/options.proto\"\xf8\x04\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tis_active\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bis_verified\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x0breferrer_id\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cis_superuser\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x45\n\x12\x65mail_verification\x18\n \x01(\x0e\x32#.referral.v1.User.EmailVerificationB\x04\xe2\x41\x01\x03\x12;\n\x11\x65mail_verify_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12/\n\x07profile\x18\x0c \x01(\x0b\x32\x18.referral.v1.UserProfileB\x04\xe2\x41\x01\x03\"\xdc\x01\n\x11\x45mailVerification\x12\"\n\x1e\x45MAIL_VERIFICATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MAIL_VERIFICATION_VALID\x10\x01\x12!\n\x1d\x45MAIL_VERIFICATION_ACCEPT_ALL\x10\x02\x12\x1e\n\x1a\x45MAIL_VERIFICATION_WEBMAIL\x10\x03\x12\x1e\n\x1a\x45MAIL_VERIFICATION_UNKNOWN\x10\x04\x12\"\n\x1e\x45MAIL_VERIFICATION_UNAVAILABLE\x10\x05\x42\x0e\n\x0c_referrer_id\"\xf0\x02\n\x0bUserProfile\x12\x33\n\x05state\x18\x01 \x01(\x0e\x32\x1e.referral.v1.UserProfile.StateB\x04\xe2\x41\x01\x03\x12\x17\n\tfull_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63ompany\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05title\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08location\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\navatar_uri\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nfetch_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"i\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x0f\n\x0bSTATE_FOUND\x10\x02\x12\x13\n\x0fSTATE_NOT_FOUND\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"v\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"3\n\x10RegisterResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x80\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"3\n\x13RefreshTokenRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x87\x01\n\x14RefreshTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"-\n\rLogoutRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x01\x04\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetCurrentUserRequest\"9\n\x16GetCurrentUserResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User2\xa5\x04\n\x0b\x41uthService\x12i\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x1d.referral.v1.RegisterResponse\" \xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth:register:\x01*\x12]\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x1a.referral.v1.LoginResponse\"\x1d\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth:login:\x01*\x12t\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a!.referral.v1.RefreshTokenResponse\"\x1f\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x15\"\x10/v1/auth:refresh:\x01*\x12\x61\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"\x1e\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/auth:logout:\x01*\x12s\n\x0eGetCurrentUser\x12\".referral.v1.GetCurrentUserRequest\x1a#.referral.v1.GetCurrentUserResponse\"\x18\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/meb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,6 +49,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USER'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_USER'].fields_by_name['is_superuser']._loaded_options = None
   _globals['_USER'].fields_by_name['is_superuser']._serialized_options = b'\342A\001\003'
+  _globals['_USER'].fields_by_name['email_verification']._loaded_options = None
+  _globals['_USER'].fields_by_name['email_verification']._serialized_options = b'\342A\001\003'
+  _globals['_USER'].fields_by_name['email_verify_time']._loaded_options = None
+  _globals['_USER'].fields_by_name['email_verify_time']._serialized_options = b'\342A\001\003'
+  _globals['_USER'].fields_by_name['profile']._loaded_options = None
+  _globals['_USER'].fields_by_name['profile']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['state']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['full_name']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['full_name']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['company']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['company']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['title']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['title']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['location']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['location']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['avatar_uri']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['avatar_uri']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['source']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['source']._serialized_options = b'\342A\001\003'
+  _globals['_USERPROFILE'].fields_by_name['fetch_time']._loaded_options = None
+  _globals['_USERPROFILE'].fields_by_name['fetch_time']._serialized_options = b'\342A\001\003'
   _globals['_REGISTERREQUEST'].fields_by_name['email']._loaded_options = None
   _globals['_REGISTERREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
   _globals['_REGISTERREQUEST'].fields_by_name['password']._loaded_options = None
@@ -76,27 +98,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['GetCurrentUser']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['GetCurrentUser']._serialized_options = b'\310\363\030\002\202\323\344\223\002\016\022\014/v1/users/me'
   _globals['_USER']._serialized_start=163
-  _globals['_USER']._serialized_end=391
-  _globals['_REGISTERREQUEST']._serialized_start=393
-  _globals['_REGISTERREQUEST']._serialized_end=511
-  _globals['_REGISTERRESPONSE']._serialized_start=513
-  _globals['_REGISTERRESPONSE']._serialized_end=564
-  _globals['_LOGINREQUEST']._serialized_start=566
-  _globals['_LOGINREQUEST']._serialized_end=626
-  _globals['_LOGINRESPONSE']._serialized_start=629
-  _globals['_LOGINRESPONSE']._serialized_end=757
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=759
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=810
-  _globals['_REFRESHTOKENRESPONSE']._serialized_start=813
-  _globals['_REFRESHTOKENRESPONSE']._serialized_end=948
-  _globals['_LOGOUTREQUEST']._serialized_start=950
-  _globals['_LOGOUTREQUEST']._serialized_end=995
-  _globals['_LOGOUTRESPONSE']._serialized_start=997
-  _globals['_LOGOUTRESPONSE']._serialized_end=1013
-  _globals['_GETCURRENTUSERREQUEST']._serialized_start=1015
-  _globals['_GETCURRENTUSERREQUEST']._serialized_end=1038
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=1040
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=1097
-  _globals['_AUTHSERVICE']._serialized_start=1100
-  _globals['_AUTHSERVICE']._serialized_end=1649
+  _globals['_USER']._serialized_end=795
+  _globals['_USER_EMAILVERIFICATION']._serialized_start=559
+  _globals['_USER_EMAILVERIFICATION']._serialized_end=779
+  _globals['_USERPROFILE']._serialized_start=798
+  _globals['_USERPROFILE']._serialized_end=1166
+  _globals['_USERPROFILE_STATE']._serialized_start=1061
+  _globals['_USERPROFILE_STATE']._serialized_end=1166
+  _globals['_REGISTERREQUEST']._serialized_start=1168
+  _globals['_REGISTERREQUEST']._serialized_end=1286
+  _globals['_REGISTERRESPONSE']._serialized_start=1288
+  _globals['_REGISTERRESPONSE']._serialized_end=1339
+  _globals['_LOGINREQUEST']._serialized_start=1341
+  _globals['_LOGINREQUEST']._serialized_end=1401
+  _globals['_LOGINRESPONSE']._serialized_start=1404
+  _globals['_LOGINRESPONSE']._serialized_end=1532
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=1534
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=1585
+  _globals['_REFRESHTOKENRESPONSE']._serialized_start=1588
+  _globals['_REFRESHTOKENRESPONSE']._serialized_end=1723
+  _globals['_LOGOUTREQUEST']._serialized_start=1725
+  _globals['_LOGOUTREQUEST']._serialized_end=1770
+  _globals['_LOGOUTRESPONSE']._serialized_start=1772
+  _globals['_LOGOUTRESPONSE']._serialized_end=1788
+  _globals['_GETCURRENTUSERREQUEST']._serialized_start=1790
+  _globals['_GETCURRENTUSERREQUEST']._serialized_end=1813
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=1815
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=1872
+  _globals['_AUTHSERVICE']._serialized_start=1875
+  _globals['_AUTHSERVICE']._serialized_end=2424
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +24,59 @@ class User(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _EmailVerification:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _EmailVerificationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[User._EmailVerification.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        EMAIL_VERIFICATION_UNSPECIFIED: User._EmailVerification.ValueType  # 0
+        """Not checked: verification was off when the user registered."""
+        EMAIL_VERIFICATION_VALID: User._EmailVerification.ValueType  # 1
+        """The mailbox exists and accepts mail. The only outcome that sets
+        `is_verified`.
+        """
+        EMAIL_VERIFICATION_ACCEPT_ALL: User._EmailVerification.ValueType  # 2
+        """The domain accepts every address, so this mailbox could not be
+        confirmed.
+        """
+        EMAIL_VERIFICATION_WEBMAIL: User._EmailVerification.ValueType  # 3
+        """An address at a webmail provider (Gmail, Outlook, ...) that does not
+        let its mailboxes be confirmed.
+        """
+        EMAIL_VERIFICATION_UNKNOWN: User._EmailVerification.ValueType  # 4
+        """The provider answered but could not tell."""
+        EMAIL_VERIFICATION_UNAVAILABLE: User._EmailVerification.ValueType  # 5
+        """The provider could not be reached (timeout, outage, quota) and the
+        fail-open policy let the registration through.
+        """
+
+    class EmailVerification(_EmailVerification, metaclass=_EmailVerificationEnumTypeWrapper):
+        """What the email verification provider (Hunter) said about the address at
+        registration.
+        """
+
+    EMAIL_VERIFICATION_UNSPECIFIED: User.EmailVerification.ValueType  # 0
+    """Not checked: verification was off when the user registered."""
+    EMAIL_VERIFICATION_VALID: User.EmailVerification.ValueType  # 1
+    """The mailbox exists and accepts mail. The only outcome that sets
+    `is_verified`.
+    """
+    EMAIL_VERIFICATION_ACCEPT_ALL: User.EmailVerification.ValueType  # 2
+    """The domain accepts every address, so this mailbox could not be
+    confirmed.
+    """
+    EMAIL_VERIFICATION_WEBMAIL: User.EmailVerification.ValueType  # 3
+    """An address at a webmail provider (Gmail, Outlook, ...) that does not
+    let its mailboxes be confirmed.
+    """
+    EMAIL_VERIFICATION_UNKNOWN: User.EmailVerification.ValueType  # 4
+    """The provider answered but could not tell."""
+    EMAIL_VERIFICATION_UNAVAILABLE: User.EmailVerification.ValueType  # 5
+    """The provider could not be reached (timeout, outage, quota) and the
+    fail-open policy let the registration through.
+    """
+
     ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     IS_ACTIVE_FIELD_NUMBER: _builtins.int
@@ -30,6 +84,9 @@ class User(_message.Message):
     REFERRER_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     IS_SUPERUSER_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFICATION_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFY_TIME_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier."""
     email: _builtins.str
@@ -48,9 +105,26 @@ class User(_message.Message):
     """True for operators and internal services created with
     `referral-service create-superuser`. Never settable through the API.
     """
+    email_verification: Global___User.EmailVerification.ValueType
+    """The outcome of the email check at registration. Undeliverable and
+    disposable addresses are refused, so they never appear here.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the account was created."""
+
+    @_builtins.property
+    def email_verify_time(self) -> _timestamp_pb2.Timestamp:
+        """When the email was checked (or the cached answer used was obtained);
+        unset when it was not checked.
+        """
+
+    @_builtins.property
+    def profile(self) -> Global___UserProfile:
+        """Public professional profile found by the enrichment provider after
+        registration; unset when enrichment is off. Filled in the background, so
+        it starts in STATE_PENDING.
+        """
 
     def __init__(
         self,
@@ -62,16 +136,104 @@ class User(_message.Message):
         referrer_id: _builtins.int | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         is_superuser: _builtins.bool = ...,
+        email_verification: Global___User.EmailVerification.ValueType = ...,
+        email_verify_time: _timestamp_pb2.Timestamp | None = ...,
+        profile: Global___UserProfile | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "referrer_id", b"referrer_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "email_verify_time", b"email_verify_time", "profile", b"profile", "referrer_id", b"referrer_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "email", b"email", "id", b"id", "is_active", b"is_active", "is_superuser", b"is_superuser", "is_verified", b"is_verified", "referrer_id", b"referrer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "email", b"email", "email_verification", b"email_verification", "email_verify_time", b"email_verify_time", "id", b"id", "is_active", b"is_active", "is_superuser", b"is_superuser", "is_verified", b"is_verified", "profile", b"profile", "referrer_id", b"referrer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__referrer_id: _TypeAlias = _typing.Literal["referrer_id"]  # noqa: Y015
     _WhichOneofArgType__referrer_id: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__referrer_id) -> _WhichOneofReturnType__referrer_id | None: ...
 
 Global___User: _TypeAlias = User  # noqa: Y015
+
+@_typing.final
+class UserProfile(_message.Message):
+    """A user's public professional profile, looked up by email with the configured
+    enrichment provider (Clearbit-compatible or People Data Labs).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[UserProfile._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: UserProfile._State.ValueType  # 0
+        """Never sent."""
+        STATE_PENDING: UserProfile._State.ValueType  # 1
+        """Queued or being retried."""
+        STATE_FOUND: UserProfile._State.ValueType  # 2
+        """The provider found the person; the fields below are set where known."""
+        STATE_NOT_FOUND: UserProfile._State.ValueType  # 3
+        """The provider has no record of this email."""
+        STATE_FAILED: UserProfile._State.ValueType  # 4
+        """The lookup failed on every attempt; the profile stays empty."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Progress of the lookup."""
+
+    STATE_UNSPECIFIED: UserProfile.State.ValueType  # 0
+    """Never sent."""
+    STATE_PENDING: UserProfile.State.ValueType  # 1
+    """Queued or being retried."""
+    STATE_FOUND: UserProfile.State.ValueType  # 2
+    """The provider found the person; the fields below are set where known."""
+    STATE_NOT_FOUND: UserProfile.State.ValueType  # 3
+    """The provider has no record of this email."""
+    STATE_FAILED: UserProfile.State.ValueType  # 4
+    """The lookup failed on every attempt; the profile stays empty."""
+
+    STATE_FIELD_NUMBER: _builtins.int
+    FULL_NAME_FIELD_NUMBER: _builtins.int
+    COMPANY_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    AVATAR_URI_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FETCH_TIME_FIELD_NUMBER: _builtins.int
+    state: Global___UserProfile.State.ValueType
+    """Progress of the lookup."""
+    full_name: _builtins.str
+    """Full name, e.g. "Ada Lovelace"."""
+    company: _builtins.str
+    """Current employer."""
+    title: _builtins.str
+    """Current job title."""
+    location: _builtins.str
+    """Free-form location, e.g. "London, England, United Kingdom"."""
+    avatar_uri: _builtins.str
+    """URL of a profile picture (https)."""
+    source: _builtins.str
+    """Which provider the data came from: "clearbit" or "peopledatalabs"."""
+    @_builtins.property
+    def fetch_time(self) -> _timestamp_pb2.Timestamp:
+        """When the provider answered; unset while pending."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___UserProfile.State.ValueType = ...,
+        full_name: _builtins.str = ...,
+        company: _builtins.str = ...,
+        title: _builtins.str = ...,
+        location: _builtins.str = ...,
+        avatar_uri: _builtins.str = ...,
+        source: _builtins.str = ...,
+        fetch_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fetch_time", b"fetch_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_uri", b"avatar_uri", "company", b"company", "fetch_time", b"fetch_time", "full_name", b"full_name", "location", b"location", "source", b"source", "state", b"state", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserProfile: _TypeAlias = UserProfile  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):

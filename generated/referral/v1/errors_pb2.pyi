@@ -96,6 +96,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """DEADLINE_EXCEEDED or CANCELLED: the call ran out of time; nothing was
     written.
     """
+    ERROR_REASON_EMAIL_UNDELIVERABLE: _ErrorReason.ValueType  # 60
+    """INVALID_ARGUMENT: the email verification provider reports that this
+    address does not receive mail. BadRequest names `email`.
+    """
+    ERROR_REASON_EMAIL_DISPOSABLE: _ErrorReason.ValueType  # 61
+    """INVALID_ARGUMENT: the address belongs to a disposable (throw-away) email
+    service. BadRequest names `email`.
+    """
+    ERROR_REASON_EMAIL_VERIFICATION_UNAVAILABLE: _ErrorReason.ValueType  # 62
+    """UNAVAILABLE: the email could not be verified right now (the provider is
+    down, slow or out of quota) and the server is configured to refuse
+    unverified registrations; retry after the RetryInfo delay.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason documents every machine-readable reason this API returns.
@@ -182,5 +195,18 @@ the server's logs; nothing else about it is sent.
 ERROR_REASON_CANCELLED: ErrorReason.ValueType  # 53
 """DEADLINE_EXCEEDED or CANCELLED: the call ran out of time; nothing was
 written.
+"""
+ERROR_REASON_EMAIL_UNDELIVERABLE: ErrorReason.ValueType  # 60
+"""INVALID_ARGUMENT: the email verification provider reports that this
+address does not receive mail. BadRequest names `email`.
+"""
+ERROR_REASON_EMAIL_DISPOSABLE: ErrorReason.ValueType  # 61
+"""INVALID_ARGUMENT: the address belongs to a disposable (throw-away) email
+service. BadRequest names `email`.
+"""
+ERROR_REASON_EMAIL_VERIFICATION_UNAVAILABLE: ErrorReason.ValueType  # 62
+"""UNAVAILABLE: the email could not be verified right now (the provider is
+down, slow or out of quota) and the server is configured to refuse
+unverified registrations; retry after the RetryInfo delay.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,241 @@
+"""Profile enrichment after registration: the provider interface and the background worker.
+
+Durability: registration inserts a ``pending`` row in ``user_profiles`` in the same transaction
+as the user, so a lookup is never lost, whatever happens to this process afterwards. The worker
+claims a row by moving its ``next_attempt_time`` forward by a lease (an atomic compare-and-set,
+so two processes never run the same lookup), calls the provider outside any transaction, then
+writes the outcome. A clean shutdown lets running lookups finish within the grace period and
+hands the others back (lease cleared); a crash leaves them due again once the lease runs out.
+At start-up, and every poll interval, the worker picks up whatever is due.
+
+Registration is never delayed or failed by enrichment: it only inserts the row and wakes the
+worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from referral_service.domain.clock import utcnow
+from referral_service.domain.models import ProfileState
+from referral_service.resilience import backoff_delay
+from referral_service.storage import repositories as repo
+from referral_service.storage.db import Database
+
+log = logging.getLogger("referral_service.enrichment")
+
+
+@dataclass(frozen=True, slots=True)
+class PersonData:
+    full_name: str | None = None
+    company: str | None = None
+    title: str | None = None
+    location: str | None = None
+    avatar_uri: str | None = None
+
+    def empty(self) -> bool:
+        return not any((self.full_name, self.company, self.title, self.location, self.avatar_uri))
+
+
+class Outcome(StrEnum):
+    FOUND = "found"
+    NOT_FOUND = "not_found"
+    #: Transient: timeout, outage, rate limit, quota, queued at the provider.
+    RETRY = "retry"
+    #: The provider will never answer this request (e.g. it rejects the address).
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    outcome: Outcome
+    person: PersonData | None = None
+    #: For logs and ``last_error``; never personal data.
+    detail: str = ""
+    retry_after_seconds: float | None = None
+
+
+class ProfileProvider(Protocol):
+    """An enrichment provider. ``lookup`` never raises for provider trouble."""
+
+    name: str
+
+    async def lookup(self, email: str) -> Lookup: ...
+
+    async def close(self) -> None: ...
+
+
+class EnrichmentWorker:
+    def __init__(
+        self,
+        db: Database,
+        provider: ProfileProvider,
+        *,
+        max_attempts: int,
+        retry_backoff: timedelta,
+        retry_max: timedelta,
+        concurrency: int,
+        poll_seconds: float,
+        lease: timedelta,
+    ) -> None:
+        self._db = db
+        self.provider = provider
+        self._max_attempts = max_attempts
+        self._backoff = retry_backoff.total_seconds()
+        self._backoff_max = retry_max.total_seconds()
+        self._concurrency = concurrency
+        self._poll = poll_seconds
+        self._lease = lease
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._jobs: dict[int, asyncio.Task[None]] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="enrichment")
+
+    def notify(self) -> None:
+        """A new pending lookup was committed: scan now instead of at the next poll."""
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming work, give running lookups ``grace`` seconds, then cancel the rest and
+        hand them back so the next start (of any process) runs them at once."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            # The loop only reads and waits (possibly for a free slot): cancelling it is safe.
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        running = list(self._jobs.items())
+        if running:
+            _, pending = await asyncio.wait([task for _, task in running], timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                unfinished = [user_id for user_id, task in running if task in pending]
+                try:
+                    async with self._db.write() as session:
+                        await repo.release_profile_jobs(session, unfinished, utcnow())
+                except Exception:
+                    log.warning(
+                        "could not hand back %d enrichment lookups; due after the lease", len(unfinished)
+                    )
+                else:
+                    log.info("handed back %d unfinished enrichment lookups", len(unfinished))
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self._poll
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                async with self._db.read() as session:
+                    due = await repo.due_profile_jobs(session, utcnow(), limit=self._concurrency * 4)
+                    upcoming = await repo.next_profile_job_time(session, exclude=[*self._jobs, *due])
+                delay = self._poll
+                if upcoming is not None:  # a retry falls due before the next poll
+                    delay = min(self._poll, max((upcoming - utcnow()).total_seconds(), 0.01))
+            except Exception as error:
+                log.warning("enrichment scan failed (%s); retrying", type(error).__name__)
+                due, delay = [], min(max(delay, 1.0) * 2, 60.0)
+            started = 0
+            for user_id in due:
+                if user_id in self._jobs:  # still running here although its lease ran out
+                    continue
+                await self._slots.acquire()
+                if self._stopping:
+                    self._slots.release()
+                    return
+                task = asyncio.get_running_loop().create_task(self._job(user_id))
+                self._jobs[user_id] = task
+                task.add_done_callback(functools.partial(self._done, user_id))
+                started += 1
+            if started >= self._concurrency * 4:  # a full batch: there may be more due now
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _done(self, user_id: int, _task: asyncio.Task[None]) -> None:
+        self._jobs.pop(user_id, None)
+        self._slots.release()
+        self._wake.set()  # a slot is free: a full batch may be waiting
+
+    async def _job(self, user_id: int) -> None:
+        try:
+            await self._attempt(user_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Database trouble: the lease expires and the lookup becomes due again.
+            log.exception("enrichment of user %d failed unexpectedly", user_id)
+
+    async def _attempt(self, user_id: int) -> None:
+        now = utcnow()
+        async with self._db.write() as session:
+            claim = await repo.claim_profile_job(session, user_id, now, now + self._lease)
+        if claim is None:  # finished or claimed by another process meanwhile
+            return
+        email, attempts = claim
+        try:
+            result = await self.provider.lookup(email)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a provider bug must not kill the worker
+            log.exception("enrichment provider %s raised", self.provider.name)
+            result = Lookup(Outcome.RETRY, detail=f"provider error ({type(error).__name__})")
+        done = utcnow()
+        async with self._db.write() as session:
+            if result.outcome is Outcome.FOUND and result.person is not None and not result.person.empty():
+                await repo.finish_profile_job(
+                    session,
+                    user_id,
+                    ProfileState.FOUND,
+                    done,
+                    source=self.provider.name,
+                    person=result.person,
+                )
+            elif result.outcome in (Outcome.FOUND, Outcome.NOT_FOUND):
+                await repo.finish_profile_job(
+                    session, user_id, ProfileState.NOT_FOUND, done, source=self.provider.name
+                )
+            elif result.outcome is Outcome.FAILED or attempts >= self._max_attempts:
+                await repo.finish_profile_job(
+                    session,
+                    user_id,
+                    ProfileState.FAILED,
+                    done,
+                    source=self.provider.name,
+                    error=result.detail,
+                )
+            else:
+                wait = max(
+                    backoff_delay(attempts, self._backoff, self._backoff_max),
+                    min(result.retry_after_seconds or 0.0, self._backoff_max),
+                )
+                await repo.reschedule_profile_job(
+                    session, user_id, done, done + timedelta(seconds=wait), error=result.detail
+                )
+        log.info(
+            "enrichment attempt",
+            extra={
+                "user_id": user_id,
+                "provider": self.provider.name,
+                "outcome": result.outcome.value,
+                "attempt": attempts,
+                "detail": result.detail,
+            },
+        )
