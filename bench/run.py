@@ -84,15 +84,17 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def rss_mb(pids: list[int], key: str = "VmRSS") -> float:
-    total = 0
+    """The largest figure among the server's processes: per worker, not summed (a multi-worker
+    parent is a small supervisor)."""
+    largest = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith(key + ":"):
-                    total += int(line.split()[1])
+                    largest = max(largest, int(line.split()[1]))
         except OSError:
             continue
-    return total / 1024
+    return largest / 1024
 
 
 def grpc_frame(message: Any) -> bytes:
@@ -346,6 +348,7 @@ def python_load(
     extra: dict[str, Any],
 ) -> Result:
     pids = server.pids
+    log_offset = server.log_size()
     cpu_before = cpu_seconds(pids)
     started = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
@@ -372,6 +375,19 @@ def python_load(
         server_cpu_us_per_call=(cpu_after - cpu_before) * 1e6 / max(len(latencies), 1),
         server_peak_rss_mb=rss_mb(pids, "VmHWM"),
         loadgen_cpu_percent=float("nan"),
+        server_p50_ms=percentile(
+            server.durations("/referral.v1.AuthService/Register", log_offset)
+            if scenario == "register"
+            else [
+                d
+                for m in ("GetReferralCodeByEmail", "ListReferrals", "GetCurrentUser", "Login")
+                for d in server.durations(
+                    f"/referral.v1.{'AuthService' if m in ('GetCurrentUser', 'Login') else 'ReferralService'}/{m}",
+                    log_offset,
+                )
+            ],
+            50,
+        ),
         notes=f"python client, {processes} processes x {concurrency}; wall {elapsed:.1f}s",
     )
 
@@ -802,6 +818,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['ratios']['cpu_vs_echo']:.2f} | {r['server_peak_rss_mb']:.0f} | {r['failed']} |"
         )
     idle = ", ".join(f"{k.split('[')[1][:-1]} {v} MB" for k, v in meta.items() if k.startswith("idle_rss_mb"))
+    lines += [
+        "",
+        "Peak RSS is the largest single process (one worker); idle RSS is one worker after start-up.",
+    ]
     lines += ["", f"Idle RSS per worker: {idle}; echo server {meta['echo_idle_rss_mb']} MB."]
     return "\n".join(lines)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 from referral.v1 import auth_pb2, referral_pb2
@@ -10,11 +10,16 @@ from referral.v1 import auth_pb2, referral_pb2
 from referral_service.domain import models
 from referral_service.domain.clock import utcnow
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    result = timestamp_pb2.Timestamp()
-    result.FromDatetime(value)
-    return result
+    """An aware datetime as a Timestamp (integer arithmetic: several times faster than
+    ``Timestamp.FromDatetime``, which matters for pages of 100 referrals)."""
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def user(value: models.User) -> auth_pb2.User:
