@@ -24,6 +24,7 @@ from referral_service.domain.passwords import Argon2Params, PasswordHasher
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.tokens import TokenCodec, TokenConfig
+from referral_service.gateway import HttpGateway, bind, loopback_target
 from referral_service.storage.db import Database
 
 log = logging.getLogger("referral_service")
@@ -48,11 +49,18 @@ class App:
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    #: The HTTP/JSON gateway (None when REFERRAL_HTTP_ENABLED is false).
+    http: HttpGateway | None = None
     _tasks: list[object] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return f"{self.settings.grpc_host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (useful with REFERRAL_HTTP_PORT=0)."""
+        return self.http.port if self.http is not None else None
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *(service.full_name for service in SERVICES)):
@@ -70,6 +78,13 @@ class App:
             if redis_ok
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
+        if self.http is not None:
+            await self.http.start()
+            log.info(
+                "serving HTTP/JSON on http://%s:%d (docs: /docs, OpenAPI: /openapi.json)",
+                self.settings.http_host,
+                self.http.port,
+            )
         log.info(
             "serving gRPC on %s (database: %s, cache: %s)",
             self.address,
@@ -85,7 +100,12 @@ class App:
         drain = self.settings.shutdown_drain_seconds if drain is None else drain
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
-        await self.server.stop(grace)
+        # HTTP first: its in-flight requests still need the gRPC server to answer them.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.http is not None:
+            await self.http.stop(grace)
+        await self.server.stop(max(deadline - loop.time(), 0.0))
         await self.revocations.close()
         await self.cache.close()
         await self.db.dispose()
@@ -180,6 +200,21 @@ async def build_app(settings: Settings) -> App:
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     if port == 0:
         raise RuntimeError(f"could not bind {settings.grpc_host}:{settings.grpc_port}")
+    http = None
+    if settings.http_enabled:
+        try:
+            sock = bind(settings.http_host, settings.http_port, reuse_port=settings.so_reuseport)
+        except OSError as error:
+            where = f"{settings.http_host}:{settings.http_port}"
+            raise RuntimeError(f"could not bind HTTP {where}: {error}") from None
+        http = HttpGateway(
+            sock,
+            grpc_target=loopback_target(settings.grpc_host, port),
+            max_body_bytes=settings.http_max_body_bytes,
+            timeout_seconds=settings.http_timeout_seconds,
+            cors_origins=settings.http_cors_origin_list,
+            docs_enabled=settings.http_docs_enabled,
+        )
     return App(
         settings=settings,
         db=db,
@@ -191,4 +226,5 @@ async def build_app(settings: Settings) -> App:
         server=server,
         health=health_servicer,
         port=port,
+        http=http,
     )

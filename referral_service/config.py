@@ -58,6 +58,24 @@ class Settings(BaseSettings):
     #: SO_REUSEPORT on the listening socket (off in tests).
     so_reuseport: bool = False
 
+    # --- HTTP gateway ----------------------------------------------------------------------
+    # HTTP/JSON transcoding of the gRPC API (from the protos' google.api.http annotations),
+    # /openapi.json, /docs (Swagger UI) and /healthz, served in the same process and loop.
+    #: Serve the HTTP gateway at all.
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"
+    #: 0 picks a free port (``App.http_port`` tells which).
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    #: Largest JSON request body accepted, in bytes (413 beyond).
+    http_max_body_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    #: Deadline of the gRPC call an HTTP request turns into, seconds (504 beyond).
+    http_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    #: Origins allowed to call the API from a browser (CORS), comma-separated; ``*`` for any.
+    #: Empty (default): no CORS headers, same-origin only.
+    http_cors_origins: str = ""
+    #: Serve /openapi.json and the /docs page.
+    http_docs_enabled: bool = True
+
     # --- storage -------------------------------------------------------------------------
     data_dir: Path = Path("data")
     #: SQLAlchemy async URL. Default: SQLite file ``<data_dir>/referral.db``.
@@ -137,6 +155,10 @@ class Settings(BaseSettings):
         if self.list_default_page_size > self.list_max_page_size:
             raise ValueError("list_default_page_size exceeds list_max_page_size")
         return self
+
+    @property
+    def http_cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.http_cors_origins.split(",") if origin.strip()]
 
     @property
     def effective_database_url(self) -> str:

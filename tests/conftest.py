@@ -172,6 +172,8 @@ class Stack:
             "_env_file": None,
             "grpc_host": "127.0.0.1",
             "grpc_port": 0,
+            "http_host": "127.0.0.1",
+            "http_port": 0,
             "data_dir": self.data_dir,
             "database_url": self.database_url,
             "redis_url": self.redis_url,
