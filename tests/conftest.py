@@ -49,6 +49,7 @@ REDIS_STACKS = ["sqlite-redis", "postgres-redis"]
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "all_stacks: run on every database x cache combination")
     config.addinivalue_line("markers", "redis_stacks: run on both databases with Redis")
+    config.addinivalue_line("markers", "one_stack: run on sqlite-memory only (storage-independent tests)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -57,6 +58,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             stacks = ALL_STACKS
         elif metafunc.definition.get_closest_marker("redis_stacks"):
             stacks = REDIS_STACKS
+        elif metafunc.definition.get_closest_marker("one_stack"):
+            stacks = ["sqlite-memory"]
         else:
             stacks = DEFAULT_STACKS
         metafunc.parametrize("stack", stacks, indirect=True)
