@@ -17,8 +17,6 @@ from referral_service.gateway import descriptors
 from referral_service.gateway.paths import TemplateError, compile_template
 from tests.conftest import PASSWORD, Api, Stack, start_api, stop_api
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 @pytest.fixture
 async def http(api: Api) -> AsyncIterator[httpx.AsyncClient]:
