@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/referral/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test generate check-generated lint buf-lint fmt migrate clean bench bench-full
+.PHONY: help install run test generate docs check-generated lint buf-lint buf-breaking fmt migrate clean bench bench-full common-passwords
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create the virtualenv and install the project with its dev tools
 
-run: $(STAMP) ## migrate the database and serve gRPC on 127.0.0.1:50051 (SQLite under ./data/)
+run: $(STAMP) ## migrate the database; serve gRPC on 127.0.0.1:50051 and HTTP/JSON on 127.0.0.1:8080
 	$(VENV)/bin/referral-service migrate
 	$(VENV)/bin/referral-service serve
 
@@ -32,11 +32,14 @@ test: $(STAMP) ## run the whole test suite (SQLite always; PostgreSQL and Redis 
 migrate: $(STAMP) ## apply migrations to REFERRAL_DATABASE_URL (default ./data/referral.db)
 	$(VENV)/bin/referral-service migrate
 
-generate: $(STAMP) ## regenerate Python stubs and type stubs into generated/
+# The descriptor set keeps the proto comments (source info), which _pb2 modules do not carry:
+# the gateway reads it for the OpenAPI document, and `make docs` for docs/api.md.
+generate: $(STAMP) ## regenerate Python stubs, type stubs and the descriptor set into generated/
 	rm -rf generated/referral
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos -Iprotos/third_party \
 		--python_out=generated --mypy_out=generated \
 		--grpc_python_out=generated --mypy_grpc_out=generated \
+		--include_source_info --descriptor_set_out=generated/referral/v1/api_descriptor.binpb \
 		$(PROTO_FILES)
 	touch generated/referral/__init__.py generated/referral/v1/__init__.py
 
@@ -46,9 +49,13 @@ common-passwords: $(STAMP) ## re-extract data/common-passwords.txt from zxcvbn's
 	print("# The 30,000 most common passwords, lower-cased, from zxcvbn", md.version("zxcvbn"), "(FREQUENCY_LISTS[\x27passwords\x27]).\n# Regenerate with `make common-passwords`."); \
 	print("\n".join(words))' > referral_service/data/common-passwords.txt
 
-check-generated: generate ## fail when generated/ is not what `make generate` produces
-	git diff --exit-code --stat -- generated/
-	@test -z "$$(git status --porcelain -- generated/)" || (git status --porcelain -- generated/; echo "generated/ is stale: run make generate"; exit 1)
+docs: $(STAMP) ## regenerate the Markdown API reference docs/api.md from the protos
+	@mkdir -p docs
+	$(PY) -m referral_service.gateway.markdown > docs/api.md.tmp && mv docs/api.md.tmp docs/api.md
+
+check-generated: generate docs ## fail when generated/ or docs/api.md is not what `make generate docs` produces
+	git diff --exit-code --stat -- generated/ docs/
+	@test -z "$$(git status --porcelain -- generated/ docs/)" || (git status --porcelain -- generated/ docs/; echo "generated/ or docs/ is stale: run make generate docs"; exit 1)
 
 $(BUF): package.json
 	npm install --no-audit --no-fund --silent
@@ -56,6 +63,16 @@ $(BUF): package.json
 
 buf-lint: $(BUF) ## buf lint (STANDARD rules)
 	cd protos && ../$(BUF) lint
+
+# Against main's protos (or, on main itself, the previous commit's): v1 is public.
+BREAKING_BASE ?= $(shell git rev-parse -q --verify refs/heads/main >/dev/null && test "$$(git rev-parse HEAD)" != "$$(git rev-parse refs/heads/main)" && echo main || (git rev-parse -q --verify refs/remotes/origin/main >/dev/null && test "$$(git rev-parse HEAD)" != "$$(git rev-parse refs/remotes/origin/main)" && echo origin/main) || echo HEAD~1)
+buf-breaking: $(BUF) ## buf breaking against main (BREAKING_BASE=<git rev> to choose)
+	@rm -rf .breaking-base && mkdir -p .breaking-base
+	@if git rev-parse -q --verify "$(BREAKING_BASE)^{commit}" >/dev/null; then \
+		git archive "$(BREAKING_BASE)" protos | tar -x -C .breaking-base && \
+		echo "buf breaking against $(BREAKING_BASE) ($$(git rev-parse --short $(BREAKING_BASE)))" && \
+		$(BUF) breaking protos --against .breaking-base/protos; status=$$?; rm -rf .breaking-base; exit $$status; \
+	else echo "buf breaking: no $(BREAKING_BASE) to compare with, skipped"; fi
 
 lint: $(STAMP) buf-lint ## ruff, mypy and buf lint
 	$(VENV)/bin/ruff check .
@@ -67,7 +84,7 @@ fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff format .
 
 clean: ## remove the virtualenv, caches and the local database
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data node_modules
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data node_modules .breaking-base
 
 bench: $(STAMP) ## benchmark against a bare grpc.aio echo server (short mode, < 2 min; needs h2load)
 	@command -v h2load >/dev/null || (echo "h2load is missing: apt-get install nghttp2-client"; exit 1)

@@ -155,6 +155,7 @@ def start_service(workdir: Path, database_url: str, redis_url: str | None, loop:
     variables.update(
         {
             "REFERRAL_GRPC_PORT": str(port),
+            "REFERRAL_HTTP_PORT": str(free_port()),
             "REFERRAL_DATABASE_URL": database_url,
             "REFERRAL_DATA_DIR": str(workdir),
             "REFERRAL_JWT_SECRET": SECRET,

@@ -26,6 +26,7 @@ from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.tokens import TokenCodec, TokenConfig
 from referral_service.domain.verification import EmailVerification, EmailVerifier
+from referral_service.gateway import HttpGateway, bind, loopback_target
 from referral_service.integrations import enrichment as enrichment_providers
 from referral_service.integrations import http
 from referral_service.integrations.hunter import HunterVerifier
@@ -62,11 +63,18 @@ class App:
     verifier: EmailVerifier | None = None
     #: Background profile enrichment; None when off.
     enrichment: EnrichmentWorker | None = None
+    #: The HTTP/JSON gateway (None when REFERRAL_HTTP_ENABLED is false).
+    http: HttpGateway | None = None
     _tasks: list[object] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return f"{self.settings.grpc_host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (useful with REFERRAL_HTTP_PORT=0)."""
+        return self.http.port if self.http is not None else None
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *(service.full_name for service in SERVICES)):
@@ -87,6 +95,13 @@ class App:
             if redis_ok
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
+        if self.http is not None:
+            await self.http.start()
+            log.info(
+                "serving HTTP/JSON on http://%s:%d (docs: /docs, OpenAPI: /openapi.json)",
+                self.settings.http_host,
+                self.http.port,
+            )
         log.info(
             "serving gRPC on %s (database: %s, cache: %s)",
             self.address,
@@ -102,13 +117,19 @@ class App:
         drain = self.settings.shutdown_drain_seconds if drain is None else drain
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
+        # HTTP first: its in-flight requests still need the gRPC server to answer them. Then
+        # in-flight gRPC calls and running enrichment lookups share what is left of the grace
+        # period; lookups still running at its end are handed back to the database.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.http is not None:
+            await self.http.stop(grace)
+        remaining = max(deadline - loop.time(), 0.0)
         if self.enrichment is not None:
-            # In-flight calls and running lookups share the grace period; lookups still running
-            # at its end are handed back to the database for the next start.
-            await asyncio.gather(self.server.stop(grace), self.enrichment.stop(grace))
+            await asyncio.gather(self.server.stop(remaining), self.enrichment.stop(remaining))
             await self.enrichment.provider.close()
         else:
-            await self.server.stop(grace)
+            await self.server.stop(remaining)
         if self.verifier is not None:
             await self.verifier.close()
         await self.revocations.close()
@@ -295,6 +316,21 @@ async def build_app(settings: Settings) -> App:
         port = 0
     if port == 0:
         raise StartupError(f"cannot listen on {address}: the address is in use or not available")
+    http = None
+    if settings.http_enabled:
+        try:
+            sock = bind(settings.http_host, settings.http_port, reuse_port=settings.so_reuseport)
+        except OSError as error:
+            where = f"{settings.http_host}:{settings.http_port}"
+            raise StartupError(f"cannot listen on HTTP {where}: {error}") from None
+        http = HttpGateway(
+            sock,
+            grpc_target=loopback_target(settings.grpc_host, port),
+            max_body_bytes=settings.http_max_body_bytes,
+            timeout_seconds=settings.http_timeout_seconds,
+            cors_origins=settings.http_cors_origin_list,
+            docs_enabled=settings.http_docs_enabled,
+        )
     return App(
         settings=settings,
         db=db,
@@ -308,4 +344,5 @@ async def build_app(settings: Settings) -> App:
         port=port,
         verifier=verifier,
         enrichment=enrichment,
+        http=http,
     )

@@ -28,6 +28,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     for name in (
         "grpc_host",
         "grpc_port",
+        "http_host",
+        "http_port",
         "database_url",
         "redis_url",
         "data_dir",
@@ -63,7 +65,7 @@ async def _create_superuser(settings: Settings, email: str, password: str) -> in
     from referral_service.app import build_app
     from referral_service.domain.errors import DomainError
 
-    app = await build_app(settings.model_copy(update={"grpc_port": 0}))
+    app = await build_app(settings.model_copy(update={"grpc_port": 0, "http_enabled": False}))
     try:
         user, created = await app.auth.create_superuser(email, password)
     except DomainError as error:
@@ -103,9 +105,13 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = root.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", parents=[common], help="serve gRPC")
+    serve = commands.add_parser("serve", parents=[common], help="serve gRPC and HTTP/JSON")
     serve.add_argument("--host", dest="grpc_host", help="REFERRAL_GRPC_HOST (default 127.0.0.1)")
     serve.add_argument("--port", dest="grpc_port", type=int, help="REFERRAL_GRPC_PORT (default 50051)")
+    serve.add_argument("--http-host", dest="http_host", help="REFERRAL_HTTP_HOST (default 127.0.0.1)")
+    serve.add_argument(
+        "--http-port", dest="http_port", type=int, help="REFERRAL_HTTP_PORT (default 8080; 0 picks one)"
+    )
     serve.add_argument("--migrate", action="store_true", help="apply migrations before serving")
     serve.add_argument(
         "--workers", dest="workers", type=int, help="REFERRAL_WORKERS: server processes (default: cores)"

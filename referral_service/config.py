@@ -77,6 +77,24 @@ class Settings(BaseSettings):
     #: ``auto`` uses uvloop when installed (``pip install 'referral-service[uvloop]'``).
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
+    # --- HTTP gateway ----------------------------------------------------------------------
+    # HTTP/JSON transcoding of the gRPC API (from the protos' google.api.http annotations),
+    # /openapi.json, /docs (Swagger UI) and /healthz, served in the same process and loop.
+    #: Serve the HTTP gateway at all.
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"
+    #: 0 picks a free port (``App.http_port`` tells which).
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    #: Largest JSON request body accepted, in bytes (413 beyond).
+    http_max_body_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    #: Deadline of the gRPC call an HTTP request turns into, seconds (504 beyond).
+    http_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    #: Origins allowed to call the API from a browser (CORS), comma-separated; ``*`` for any.
+    #: Empty (default): no CORS headers, same-origin only.
+    http_cors_origins: str = ""
+    #: Serve /openapi.json and the /docs page.
+    http_docs_enabled: bool = True
+
     # --- storage -------------------------------------------------------------------------
     data_dir: Path = Path("data")
     #: SQLAlchemy async URL. Default: SQLite file ``<data_dir>/referral.db``.
@@ -270,6 +288,10 @@ class Settings(BaseSettings):
     def shared_cache_needed(self) -> bool:
         """Several processes with no Redis: a per-process look-up cache would go stale."""
         return self.effective_workers > 1 and self.redis_url is None
+
+    @property
+    def http_cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.http_cors_origins.split(",") if origin.strip()]
 
     @property
     def effective_database_url(self) -> str:

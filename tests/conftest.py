@@ -52,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "sqlite_stack: run on SQLite with the in-process cache only (stack-independent logic)"
     )
+    config.addinivalue_line("markers", "one_stack: run on sqlite-memory only (storage-independent tests)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -60,7 +61,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             stacks = ALL_STACKS
         elif metafunc.definition.get_closest_marker("redis_stacks"):
             stacks = REDIS_STACKS
-        elif metafunc.definition.get_closest_marker("sqlite_stack"):
+        elif metafunc.definition.get_closest_marker("sqlite_stack") or metafunc.definition.get_closest_marker(
+            "one_stack"
+        ):
             stacks = ["sqlite-memory"]
         else:
             stacks = DEFAULT_STACKS
@@ -177,6 +180,8 @@ class Stack:
             "_env_file": None,
             "grpc_host": "127.0.0.1",
             "grpc_port": 0,
+            "http_host": "127.0.0.1",
+            "http_port": 0,
             "data_dir": self.data_dir,
             "database_url": self.database_url,
             "redis_url": self.redis_url,

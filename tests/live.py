@@ -20,10 +20,17 @@ def free_port() -> int:
 class LiveServer:
     def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None):
         self.port = port or free_port()
+        self.http_port = free_port()
         self.workdir = workdir
         self.args = args
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REFERRAL_")}
-        self.env.update({"REFERRAL_DATA_DIR": str(workdir / "data"), "REFERRAL_GRPC_PORT": str(self.port)})
+        self.env.update(
+            {
+                "REFERRAL_DATA_DIR": str(workdir / "data"),
+                "REFERRAL_GRPC_PORT": str(self.port),
+                "REFERRAL_HTTP_PORT": str(self.http_port),
+            }
+        )
         self.env.update(env or {})
         self.process: subprocess.Popen[str] | None = None
         self.output = ""

@@ -1,42 +1,89 @@
-"""The README's shell examples, run exactly as printed (bar the port) against a live server
-started the way `make run` starts it."""
+"""The README's shell examples (the buf curl walkthrough and the curl HTTP/JSON one), run exactly
+as printed (bar the ports) against a live server started the way `make run` starts it."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REQUIRE
-from tests.live import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_script() -> str:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def readme_script(marker: str = "readme-test") -> str:
     text = (ROOT / "README.md").read_text()
-    section = text.split("<!-- readme-test:begin -->", 1)[1].split("<!-- readme-test:end -->", 1)[0]
+    section = text.split(f"<!-- {marker}:begin -->", 1)[1].split(f"<!-- {marker}:end -->", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
     assert blocks, "no sh block between the readme-test markers"
     return "\n".join(blocks)
 
 
+@dataclass
+class Live:
+    grpc_port: int
+    http_port: int
+
+
 @pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[int]:
-    server = LiveServer(tmp_path, "--migrate").start()
+def live_server(tmp_path: Path) -> Iterator[Live]:
+    port = _free_port()
+    http_port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFERRAL_")}
+    env.update(
+        {
+            "REFERRAL_DATA_DIR": str(tmp_path / "data"),
+            "REFERRAL_GRPC_PORT": str(port),
+            "REFERRAL_HTTP_PORT": str(http_port),
+        }
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "referral_service", "serve", "--migrate"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            for wanted in (port, http_port):
+                socket.create_connection(("127.0.0.1", wanted), timeout=0.2).close()
+            break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"server exited: {process.stdout.read() if process.stdout else ''}")
+            time.sleep(0.1)
+    else:
+        process.kill()
+        pytest.fail("server did not start")
     try:
-        yield server.port
+        yield Live(port, http_port)
     finally:
-        output = server.stop()
-        assert server.returncode == 0, output
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+        assert process.returncode == 0, output
         assert "stopped" in output
 
 
-def test_readme_examples_work_as_printed(live_server: int) -> None:
+def test_readme_examples_work_as_printed(live_server: Live) -> None:
     missing = [tool for tool in ("jq",) if shutil.which(tool) is None]
     if not (ROOT / "node_modules/.bin/buf").exists():
         missing.append("buf (npm install)")
@@ -44,7 +91,7 @@ def test_readme_examples_work_as_printed(live_server: int) -> None:
         if REQUIRE:
             pytest.fail(f"missing tools for the README test: {missing}")
         pytest.skip(f"missing tools for the README test: {missing}")
-    script = readme_script().replace("127.0.0.1:50051", f"127.0.0.1:{live_server}")
+    script = readme_script().replace("127.0.0.1:50051", f"127.0.0.1:{live_server.grpc_port}")
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=ROOT,
@@ -62,3 +109,32 @@ def test_readme_examples_work_as_printed(live_server: int) -> None:
     assert "revoked, as expected" in output
     assert "TOKEN_REVOKED" in output or "revoked" in output
     assert '"status": "SERVING"' in output
+
+
+def test_readme_http_examples_work_as_printed(live_server: Live) -> None:
+    missing = [tool for tool in ("jq", "curl") if shutil.which(tool) is None]
+    if missing:
+        if REQUIRE:
+            pytest.fail(f"missing tools for the README test: {missing}")
+        pytest.skip(f"missing tools for the README test: {missing}")
+    script = readme_script("readme-test-http")
+    assert "127.0.0.1:8080" in script
+    script = script.replace("127.0.0.1:8080", f"127.0.0.1:{live_server.http_port}")
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Alice's code: " in output
+    assert '"referrerId":"1"' in output  # Bob is Alice's referral
+    assert '"totalSize":1' in output
+    assert "HTTP/1.1 409" in output
+    assert '"reason":"EMAIL_ALREADY_REGISTERED"' in output
+    assert re.search(r"\b401\n", output)  # the revoked token
+    assert '{"status":"SERVING"}' in output
+    assert "/v1/users/{referrer_id}/referrals" in output

@@ -109,6 +109,21 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     down, slow or out of quota) and the server is configured to refuse
     unverified registrations; retry after the RetryInfo delay.
     """
+    ERROR_REASON_HTTP_ROUTE_NOT_FOUND: _ErrorReason.ValueType  # 90
+    """Sent only by the HTTP/JSON gateway, before any RPC is called.
+
+    NOT_FOUND (HTTP 404): no RPC is bound to this HTTP path.
+    """
+    ERROR_REASON_HTTP_METHOD_NOT_ALLOWED: _ErrorReason.ValueType  # 91
+    """UNIMPLEMENTED (HTTP 405): the path exists but not with this HTTP method;
+    the `Allow` response header lists the methods it accepts.
+    """
+    ERROR_REASON_HTTP_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 92
+    """RESOURCE_EXHAUSTED (HTTP 413): the request body is larger than the
+    gateway accepts.
+    """
+    ERROR_REASON_HTTP_UNSUPPORTED_MEDIA_TYPE: _ErrorReason.ValueType  # 93
+    """INVALID_ARGUMENT (HTTP 415): the request body is not `application/json`."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason documents every machine-readable reason this API returns.
@@ -209,4 +224,19 @@ ERROR_REASON_EMAIL_VERIFICATION_UNAVAILABLE: ErrorReason.ValueType  # 62
 down, slow or out of quota) and the server is configured to refuse
 unverified registrations; retry after the RetryInfo delay.
 """
+ERROR_REASON_HTTP_ROUTE_NOT_FOUND: ErrorReason.ValueType  # 90
+"""Sent only by the HTTP/JSON gateway, before any RPC is called.
+
+NOT_FOUND (HTTP 404): no RPC is bound to this HTTP path.
+"""
+ERROR_REASON_HTTP_METHOD_NOT_ALLOWED: ErrorReason.ValueType  # 91
+"""UNIMPLEMENTED (HTTP 405): the path exists but not with this HTTP method;
+the `Allow` response header lists the methods it accepts.
+"""
+ERROR_REASON_HTTP_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 92
+"""RESOURCE_EXHAUSTED (HTTP 413): the request body is larger than the
+gateway accepts.
+"""
+ERROR_REASON_HTTP_UNSUPPORTED_MEDIA_TYPE: ErrorReason.ValueType  # 93
+"""INVALID_ARGUMENT (HTTP 415): the request body is not `application/json`."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
