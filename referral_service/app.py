@@ -15,15 +15,18 @@ from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service.api.auth import AuthServicer
 from referral_service.api.interceptors import ApiInterceptor, access_rules
+from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
 from referral_service.api.referral import ReferralServicer
 from referral_service.cache import Cache, MemoryCache, RedisCache
-from referral_service.config import Settings
+from referral_service.config import JwtAlgorithm, Settings
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.passwords import Argon2Params, PasswordHasher
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.tokens import TokenCodec, TokenConfig
+from referral_service.domain.tokens import TokenCodec, TokenConfig, TokenKey, hmac_key, pem_key
+from referral_service.domain.validation import DisposableDomains
+from referral_service.ratelimit import RateLimiter, RedisRates
 from referral_service.storage.db import Database
 
 log = logging.getLogger("referral_service")
@@ -34,6 +37,7 @@ SERVICES = (
 )
 #: Health of the backing stores, reported under these service names.
 HEALTH_REDIS = "referral-service.redis"
+HEALTH_DATABASE = "referral-service.database"
 
 
 @dataclass
@@ -48,15 +52,40 @@ class App:
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    tokens: TokenCodec
+    limiter: RateLimiter
     _tasks: list[object] = field(default_factory=list)
+    _db_up: bool = True
+    _db_probe: asyncio.Task[None] | None = None
+    _stopping: bool = False
 
     @property
     def address(self) -> str:
         return f"{self.settings.grpc_host}:{self.port}"
 
     async def _set_health(self, status: int) -> None:
-        for name in ("", *(service.full_name for service in SERVICES)):
+        for name in ("", *(service.full_name for service in SERVICES), HEALTH_DATABASE):
             await self.health.set(name, status)
+
+    def database_failed(self) -> None:
+        """A call found the database unavailable: report NOT_SERVING (every service, so load
+        balancers move traffic to replicas that can reach it) and probe until it is back."""
+        if self._stopping or not self._db_up:
+            return
+        self._db_up = False
+        log.warning("database unavailable: health NOT_SERVING until it answers again")
+        self._db_probe = asyncio.get_running_loop().create_task(self._probe_database())
+
+    async def _probe_database(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        delay = 0.2
+        while not await self.db.ping():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self._db_up = True
+        if not self._stopping:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("database reachable again: health SERVING")
 
     async def start(self) -> None:
         if self.cache.shared:
@@ -83,6 +112,9 @@ class App:
         stores."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         drain = self.settings.shutdown_drain_seconds if drain is None else drain
+        self._stopping = True
+        if self._db_probe is not None:
+            self._db_probe.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
         await self.server.stop(grace)
@@ -106,12 +138,38 @@ def build_cache(settings: Settings, on_health_change: object = None) -> Cache:
     return MemoryCache()
 
 
+def build_token_keys(settings: Settings, secret: bytes) -> tuple[TokenKey, list[TokenKey]]:
+    """The signing key and the verification-only keys (rotation) from the settings."""
+    previous = [
+        hmac_key(old.get_secret_value().encode(), signing=False) for old in settings.jwt_previous_secrets
+    ]
+    previous += [pem_key(pem.encode(), signing=False) for pem in settings.jwt_previous_public_keys]
+    if settings.jwt_algorithm is JwtAlgorithm.HS256:
+        return hmac_key(secret), previous
+    pem = settings.resolve_jwt_private_key()
+    assert pem is not None
+    signing = pem_key(pem)
+    if signing.algorithm != settings.jwt_algorithm.value:
+        raise ValueError(
+            f"REFERRAL_JWT_ALGORITHM is {settings.jwt_algorithm.value} but the private key is for "
+            f"{signing.algorithm}"
+        )
+    return signing, previous
+
+
 async def build_app(settings: Settings) -> App:
     """Build the service and bind its port (not started yet)."""
+    app_ref: list[App] = []
+
+    def database_failed() -> None:
+        if app_ref:
+            app_ref[0].database_failed()
+
     db = Database(
         settings.effective_database_url,
         pool_size=settings.database_pool_size,
         timeout=settings.database_timeout_seconds,
+        on_unavailable=database_failed,
     )
     health_servicer = HealthServicer()
 
@@ -121,9 +179,11 @@ async def build_app(settings: Settings) -> App:
 
     cache = build_cache(settings, redis_health)
     secret = settings.resolve_jwt_secret()
+    signing_key, verification_keys = build_token_keys(settings, secret)
     tokens = TokenCodec(
         TokenConfig(
-            secret=secret,
+            signing_key=signing_key,
+            verification_keys=verification_keys,
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             access_ttl=settings.access_token_ttl,
@@ -155,9 +215,24 @@ async def build_app(settings: Settings) -> App:
         revocations,
         request_id_ttl=settings.request_id_ttl,
         on_code_used=referrals.code_used,
+        disposable_domains=(
+            DisposableDomains(settings.disposable_domains_extra, settings.disposable_domains_allowed)
+            if settings.reject_disposable_emails
+            else None
+        ),
+    )
+    limiter = RateLimiter(RedisRates(cache) if isinstance(cache, RedisCache) else None)
+    limits = RateLimits(
+        limiter,
+        rules_from_settings(settings),
+        ClientAddress(
+            settings.rate_limit_trusted_proxies,
+            settings.rate_limit_client_address_header,
+            settings.rate_limit_ipv6_prefix,
+        ),
     )
     server = grpc.aio.server(
-        interceptors=[ApiInterceptor(access_rules(SERVICES), auth.authenticate)],
+        interceptors=[ApiInterceptor(access_rules(SERVICES), auth.authenticate, limits)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -180,7 +255,7 @@ async def build_app(settings: Settings) -> App:
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     if port == 0:
         raise RuntimeError(f"could not bind {settings.grpc_host}:{settings.grpc_port}")
-    return App(
+    app = App(
         settings=settings,
         db=db,
         cache=cache,
@@ -191,4 +266,8 @@ async def build_app(settings: Settings) -> App:
         server=server,
         health=health_servicer,
         port=port,
+        tokens=tokens,
+        limiter=limiter,
     )
+    app_ref.append(app)
+    return app

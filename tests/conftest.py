@@ -180,6 +180,13 @@ class Stack:
             "shutdown_grace_seconds": 2.0,
             "shutdown_drain_seconds": 0.1,
             "hash_workers": 2,
+            # Tests register many users from 127.0.0.1: generous limits, so the limiter runs
+            # on every call without getting in the way (tests/test_ratelimits.py uses small ones).
+            "rate_limit_login_account": "100000/1h",
+            "rate_limit_login_address": "100000/1h",
+            "rate_limit_register_address": "100000/1h",
+            "rate_limit_lookup_address": "100000/1h",
+            "rate_limit_code_check_address": "100000/1h",
         }
         values.update(overrides)
         return Settings(**values)

@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from referral.v1 import options_pb2
 
 from referral_service.api import errors
+from referral_service.api.ratelimits import Grant, RateLimits
 from referral_service.domain.errors import DomainError, InvalidArgument, Reason, Unauthenticated
 from referral_service.domain.models import Principal
 
@@ -83,9 +84,12 @@ def _bearer(header: str | None) -> str:
 
 
 class ApiInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, rules: dict[str, bool], authenticate: Authenticate) -> None:
+    def __init__(
+        self, rules: dict[str, bool], authenticate: Authenticate, limits: RateLimits | None = None
+    ) -> None:
         self._rules = rules
         self._authenticate = authenticate
+        self._limits = limits
         self._handlers: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -114,6 +118,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, needs_token: bool, inner: Behavior, parse: Callable[[bytes], Any] | None
     ) -> Behavior:
         authenticate = self._authenticate
+        limits = self._limits if self._limits is not None and self._limits.applies(method) else None
 
         async def behavior(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
@@ -132,7 +137,26 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     ) from None
                 if needs_token:
                     principal_var.set(await authenticate(_bearer(meta.get("authorization"))))
-                response = await inner(request, context)
+                grants: list[Grant] = []
+                if limits is not None:
+                    header = limits.address.header
+                    forwarded = [
+                        value
+                        for key, value in context.invocation_metadata() or ()
+                        if key == header and isinstance(value, str)
+                    ]
+                    client = limits.address.resolve(context.peer(), forwarded)
+                    grants = await limits.admit(method, request, client)
+                failure: Reason | None = None
+                try:
+                    response = await inner(request, context)
+                except DomainError as error:
+                    failure = error.reason
+                    raise
+                finally:
+                    if grants:
+                        assert limits is not None
+                        await limits.settle(grants, failure)
                 context.set_trailing_metadata((("x-request-id", request_id),))
                 return response
             except DomainError as error:

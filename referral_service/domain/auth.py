@@ -64,7 +64,9 @@ class AuthService:
         *,
         request_id_ttl: timedelta,
         on_code_used: CodeChanged | None = None,
+        disposable_domains: v.DisposableDomains | None = None,
     ) -> None:
+        self._disposable = disposable_domains
         self._db = db
         self._hasher = hasher
         self._tokens = tokens
@@ -95,6 +97,14 @@ class AuthService:
             violations.append(request_violation)
         check(violations)
         assert email is not None
+        if self._disposable is not None:
+            disposable = v.disposable_violation(email, self._disposable)
+            if disposable is not None:
+                raise InvalidArgument(
+                    Reason.EMAIL_DOMAIN_DISPOSABLE,
+                    "disposable email addresses cannot register; use a permanent address",
+                    violations=[disposable],
+                )
 
         fingerprint = _fingerprint(email.key, code_key)
         if cmd.request_id:
@@ -351,6 +361,10 @@ class AuthService:
             session_id=token.session_id,
             expire_time=token.expire_time,
         )
+
+    def jwks(self) -> list[dict[str, str]]:
+        """The public keys that verify our tokens (empty with a shared HMAC secret)."""
+        return self._tokens.jwks()
 
     async def current_user(self, principal: Principal) -> User:
         async with self._db.read() as session:

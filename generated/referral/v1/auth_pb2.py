@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from referral.v1 import options_pb2 as referral_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16referral/v1/auth.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19referral/v1/options.proto\"\xe4\x01\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tis_active\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bis_verified\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x0breferrer_id\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cis_superuser\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x03\x42\x0e\n\x0c_referrer_id\"v\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"3\n\x10RegisterResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x80\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"3\n\x13RefreshTokenRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x87\x01\n\x14RefreshTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"-\n\rLogoutRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x01\x04\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetCurrentUserRequest\"9\n\x16GetCurrentUserResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User2\xa5\x04\n\x0b\x41uthService\x12i\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x1d.referral.v1.RegisterResponse\" \xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth:register:\x01*\x12]\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x1a.referral.v1.LoginResponse\"\x1d\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth:login:\x01*\x12t\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a!.referral.v1.RefreshTokenResponse\"\x1f\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x15\"\x10/v1/auth:refresh:\x01*\x12\x61\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"\x1e\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/auth:logout:\x01*\x12s\n\x0eGetCurrentUser\x12\".referral.v1.GetCurrentUserRequest\x1a#.referral.v1.GetCurrentUserResponse\"\x18\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/meb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16referral/v1/auth.proto\x12\x0breferral.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19referral/v1/options.proto\"\xe4\x01\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tis_active\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bis_verified\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x0breferrer_id\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cis_superuser\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x03\x42\x0e\n\x0c_referrer_id\"v\n\x0fRegisterRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\x12\x1b\n\rreferral_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"3\n\x10RegisterResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x80\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"3\n\x13RefreshTokenRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04\"\x87\x01\n\x14RefreshTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\"-\n\rLogoutRequest\x12\x1c\n\rrefresh_token\x18\x01 \x01(\tB\x05\xe2\x41\x02\x01\x04\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetCurrentUserRequest\"9\n\x16GetCurrentUserResponse\x12\x1f\n\x04user\x18\x01 \x01(\x0b\x32\x11.referral.v1.User\"\x10\n\x0eGetJwksRequest\">\n\x0fGetJwksResponse\x12+\n\x04keys\x18\x01 \x03(\x0b\x32\x17.referral.v1.JsonWebKeyB\x04\xe2\x41\x01\x03\"\x8d\x01\n\nJsonWebKey\x12\x11\n\x03kty\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03kid\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03\x61lg\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03use\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03\x63rv\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0f\n\x01x\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0f\n\x01y\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x32\x8f\x05\n\x0b\x41uthService\x12i\n\x08Register\x12\x1c.referral.v1.RegisterRequest\x1a\x1d.referral.v1.RegisterResponse\" \xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth:register:\x01*\x12]\n\x05Login\x12\x19.referral.v1.LoginRequest\x1a\x1a.referral.v1.LoginResponse\"\x1d\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth:login:\x01*\x12t\n\x0cRefreshToken\x12 .referral.v1.RefreshTokenRequest\x1a!.referral.v1.RefreshTokenResponse\"\x1f\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x15\"\x10/v1/auth:refresh:\x01*\x12\x61\n\x06Logout\x12\x1a.referral.v1.LogoutRequest\x1a\x1b.referral.v1.LogoutResponse\"\x1e\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/auth:logout:\x01*\x12s\n\x0eGetCurrentUser\x12\".referral.v1.GetCurrentUserRequest\x1a#.referral.v1.GetCurrentUserResponse\"\x18\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/me\x12h\n\x07GetJwks\x12\x1b.referral.v1.GetJwksRequest\x1a\x1c.referral.v1.GetJwksResponse\"\"\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/.well-known/jwks.jsonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,6 +65,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFRESHTOKENREQUEST'].fields_by_name['refresh_token']._serialized_options = b'\342A\002\002\004'
   _globals['_LOGOUTREQUEST'].fields_by_name['refresh_token']._loaded_options = None
   _globals['_LOGOUTREQUEST'].fields_by_name['refresh_token']._serialized_options = b'\342A\002\001\004'
+  _globals['_GETJWKSRESPONSE'].fields_by_name['keys']._loaded_options = None
+  _globals['_GETJWKSRESPONSE'].fields_by_name['keys']._serialized_options = b'\342A\001\003'
+  _globals['_JSONWEBKEY'].fields_by_name['kty']._loaded_options = None
+  _globals['_JSONWEBKEY'].fields_by_name['kty']._serialized_options = b'\342A\001\003'
+  _globals['_JSONWEBKEY'].fields_by_name['kid']._loaded_options = None
+  _globals['_JSONWEBKEY'].fields_by_name['kid']._serialized_options = b'\342A\001\003'
+  _globals['_JSONWEBKEY'].fields_by_name['alg']._loaded_options = None
+  _globals['_JSONWEBKEY'].fields_by_name['alg']._serialized_options = b'\342A\001\003'
+  _globals['_JSONWEBKEY'].fields_by_name['use']._loaded_options = None
+  _globals['_JSONWEBKEY'].fields_by_name['use']._serialized_options = b'\342A\001\003'
+  _globals['_JSONWEBKEY'].fields_by_name['crv']._loaded_options = None
+  _globals['_JSONWEBKEY'].fields_by_name['crv']._serialized_options = b'\342A\001\003'
+  _globals['_JSONWEBKEY'].fields_by_name['x']._loaded_options = None
+  _globals['_JSONWEBKEY'].fields_by_name['x']._serialized_options = b'\342A\001\003'
+  _globals['_JSONWEBKEY'].fields_by_name['y']._loaded_options = None
+  _globals['_JSONWEBKEY'].fields_by_name['y']._serialized_options = b'\342A\001\003'
   _globals['_AUTHSERVICE'].methods_by_name['Register']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Register']._serialized_options = b'\310\363\030\001\202\323\344\223\002\026\"\021/v1/auth:register:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
@@ -75,6 +91,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\310\363\030\002\202\323\344\223\002\024\"\017/v1/auth:logout:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['GetCurrentUser']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['GetCurrentUser']._serialized_options = b'\310\363\030\002\202\323\344\223\002\016\022\014/v1/users/me'
+  _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\310\363\030\001\202\323\344\223\002\030\022\026/.well-known/jwks.json'
   _globals['_USER']._serialized_start=163
   _globals['_USER']._serialized_end=391
   _globals['_REGISTERREQUEST']._serialized_start=393
@@ -97,6 +115,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCURRENTUSERREQUEST']._serialized_end=1038
   _globals['_GETCURRENTUSERRESPONSE']._serialized_start=1040
   _globals['_GETCURRENTUSERRESPONSE']._serialized_end=1097
-  _globals['_AUTHSERVICE']._serialized_start=1100
-  _globals['_AUTHSERVICE']._serialized_end=1649
+  _globals['_GETJWKSREQUEST']._serialized_start=1099
+  _globals['_GETJWKSREQUEST']._serialized_end=1115
+  _globals['_GETJWKSRESPONSE']._serialized_start=1117
+  _globals['_GETJWKSRESPONSE']._serialized_end=1179
+  _globals['_JSONWEBKEY']._serialized_start=1182
+  _globals['_JSONWEBKEY']._serialized_end=1323
+  _globals['_AUTHSERVICE']._serialized_start=1326
+  _globals['_AUTHSERVICE']._serialized_end=1981
 # @@protoc_insertion_point(module_scope)

@@ -96,6 +96,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """DEADLINE_EXCEEDED or CANCELLED: the call ran out of time; nothing was
     written.
     """
+    ERROR_REASON_EMAIL_DOMAIN_DISPOSABLE: _ErrorReason.ValueType  # 70
+    """INVALID_ARGUMENT: the email's domain is a known disposable (throw-away)
+    email provider; register with a permanent address. See BadRequest.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason documents every machine-readable reason this API returns.
@@ -182,5 +186,9 @@ the server's logs; nothing else about it is sent.
 ERROR_REASON_CANCELLED: ErrorReason.ValueType  # 53
 """DEADLINE_EXCEEDED or CANCELLED: the call ran out of time; nothing was
 written.
+"""
+ERROR_REASON_EMAIL_DOMAIN_DISPOSABLE: ErrorReason.ValueType  # 70
+"""INVALID_ARGUMENT: the email's domain is a known disposable (throw-away)
+email provider; register with a permanent address. See BadRequest.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
