@@ -27,7 +27,7 @@ from referral_service.domain.errors import (
 from referral_service.domain.models import CodeState, Principal, TokenPair, User
 from referral_service.domain.passwords import PasswordHasher
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.tokens import ACCESS_TYP, REFRESH_TYP, TokenCodec
+from referral_service.domain.tokens import ACCESS_TYP, MAX_TOKEN_LENGTH, REFRESH_TYP, TokenCodec
 from referral_service.storage import repositories as repo
 from referral_service.storage.db import Database
 from referral_service.storage.repositories import Conflict
@@ -48,6 +48,12 @@ class RegisterCommand:
 
 class _Retry(Exception):
     """A concurrent request with the same request_id won; read its result."""
+
+
+def _token_length(field: str, token: str) -> list[FieldViolation]:
+    if len(token) > MAX_TOKEN_LENGTH:
+        return [FieldViolation(field, f"must be at most {MAX_TOKEN_LENGTH} characters", "TOO_LONG")]
+    return []
 
 
 def _fingerprint(*parts: str) -> str:
@@ -257,6 +263,10 @@ class AuthService:
         violations: list[FieldViolation] = []
         if not email_raw.strip():
             violations.append(FieldViolation("email", "is required", "REQUIRED"))
+        elif len(email_raw) > v.EMAIL_MAX * 2:  # no account can have it; leading spaces are trimmed
+            violations.append(
+                FieldViolation("email", f"must be at most {v.EMAIL_MAX} characters", "TOO_LONG")
+            )
         if not password_raw:
             violations.append(FieldViolation("password", "is required", "REQUIRED"))
         elif len(password_raw) > v.PASSWORD_MAX * 4:
@@ -303,6 +313,7 @@ class AuthService:
     async def refresh(self, refresh_token: str) -> TokenPair:
         if not refresh_token:
             raise InvalidArgument.fields(FieldViolation("refresh_token", "is required", "REQUIRED"))
+        check(_token_length("refresh_token", refresh_token))
         token = self._tokens.verify(refresh_token, REFRESH_TYP)
         now = utcnow()
         async with self._db.write() as session:
@@ -340,6 +351,7 @@ class AuthService:
 
     async def logout(self, principal: Principal, refresh_token: str) -> None:
         sessions = [principal.session_id]
+        check(_token_length("refresh_token", refresh_token))
         if refresh_token:
             token = self._tokens.verify(refresh_token, REFRESH_TYP)
             if token.user_id != principal.user_id:
