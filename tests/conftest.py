@@ -44,11 +44,13 @@ PASSWORD = "correct horse battery staple"
 
 
 REDIS_STACKS = ["sqlite-redis", "postgres-redis"]
+POSTGRES_STACKS = ["postgres-redis"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "all_stacks: run on every database x cache combination")
     config.addinivalue_line("markers", "redis_stacks: run on both databases with Redis")
+    config.addinivalue_line("markers", "postgres_stacks: run on PostgreSQL with Redis only")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -57,6 +59,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             stacks = ALL_STACKS
         elif metafunc.definition.get_closest_marker("redis_stacks"):
             stacks = REDIS_STACKS
+        elif metafunc.definition.get_closest_marker("postgres_stacks"):
+            stacks = POSTGRES_STACKS
         else:
             stacks = DEFAULT_STACKS
         metafunc.parametrize("stack", stacks, indirect=True)
