@@ -4,6 +4,7 @@ cache, hasher, token codec, use cases, servicers, interceptor, health, reflectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class App:
     port: int
     tokens: TokenCodec
     limiter: RateLimiter
+    interceptor: ApiInterceptor
     _tasks: list[object] = field(default_factory=list)
     _db_up: bool = True
     _db_probe: asyncio.Task[None] | None = None
@@ -117,7 +119,20 @@ class App:
             self._db_probe.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
-        await self.server.stop(grace)
+        # Refuse new calls, wait (up to the grace time) for the calls of our services, then end
+        # what is left: long-lived streams such as health watches would otherwise hold the
+        # process for the whole grace time.
+        stopping = asyncio.get_running_loop().create_task(self.server.stop(grace))
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while True:
+                    await self.interceptor.in_flight.idle()
+                    await asyncio.sleep(0.05)  # a call accepted just before the stop
+                    if self.interceptor.in_flight.count == 0:
+                        break
+        await self.server.stop(0)
+        await stopping
         await self.revocations.close()
         await self.cache.close()
         await self.db.dispose()
@@ -231,8 +246,9 @@ async def build_app(settings: Settings) -> App:
             settings.rate_limit_ipv6_prefix,
         ),
     )
+    interceptor = ApiInterceptor(access_rules(SERVICES), auth.authenticate, limits)
     server = grpc.aio.server(
-        interceptors=[ApiInterceptor(access_rules(SERVICES), auth.authenticate, limits)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -268,6 +284,7 @@ async def build_app(settings: Settings) -> App:
         port=port,
         tokens=tokens,
         limiter=limiter,
+        interceptor=interceptor,
     )
     app_ref.append(app)
     return app
