@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Profile(StrEnum):
@@ -78,7 +78,8 @@ def parse_rate(value: object) -> Rate:
     return Rate(limit, seconds)
 
 
-RateSetting = Annotated[Rate, BeforeValidator(parse_rate)]
+#: Written ``LIMIT/PERIOD`` in the environment too (not JSON).
+RateSetting = Annotated[Rate, NoDecode, BeforeValidator(parse_rate)]
 
 
 class Settings(BaseSettings):
