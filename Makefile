@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/referral/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test generate docs check-generated lint buf-lint buf-breaking fmt migrate clean bench bench-full common-passwords
+.PHONY: help install run test generate docs check-generated lint buf-lint buf-breaking fmt migrate clean bench bench-full common-passwords fuzz soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,6 +28,14 @@ run: $(STAMP) ## migrate the database; serve gRPC on 127.0.0.1:50051 and HTTP/JS
 
 test: $(STAMP) ## run the whole test suite (SQLite always; PostgreSQL and Redis when reachable)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP) ## long fuzz run: FUZZ_EXAMPLES (1000) random examples per RPC, new ones each run
+	REFERRAL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) REFERRAL_FUZZ_RANDOM=1 $(PY) -m pytest tests/test_fuzz.py -q $(PYTEST_ARGS)
+
+SOAK_SECONDS ?= 120
+soak: $(STAMP) ## mixed load for SOAK_SECONDS (120) with Redis and PostgreSQL restarted once each
+	$(PY) -m tests.soak --seconds $(SOAK_SECONDS)
 
 migrate: $(STAMP) ## apply migrations to REFERRAL_DATABASE_URL (default ./data/referral.db)
 	$(VENV)/bin/referral-service migrate

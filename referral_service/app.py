@@ -4,6 +4,7 @@ cache, hasher, token codec, use cases, servicers, interceptor, health, reflectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -15,21 +16,24 @@ from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service.api.auth import AuthServicer
 from referral_service.api.interceptors import ApiInterceptor, access_rules
+from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
 from referral_service.api.referral import ReferralServicer
 from referral_service.cache import Cache, MemoryCache, RedisCache
-from referral_service.config import EnrichmentProviderName, HunterPolicy, Settings
+from referral_service.config import EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
 from referral_service.domain.passwords import Argon2Params, PasswordHasher
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.tokens import TokenCodec, TokenConfig
+from referral_service.domain.tokens import TokenCodec, TokenConfig, TokenKey, hmac_key, pem_key
+from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification, EmailVerifier
 from referral_service.gateway import HttpGateway, bind, loopback_target
 from referral_service.integrations import enrichment as enrichment_providers
 from referral_service.integrations import http
 from referral_service.integrations.hunter import HunterVerifier
+from referral_service.ratelimit import RateLimiter, RedisRates
 from referral_service.resilience import CircuitBreaker
 from referral_service.storage.db import Database
 
@@ -41,6 +45,7 @@ SERVICES = (
 )
 #: Health of the backing stores, reported under these service names.
 HEALTH_REDIS = "referral-service.redis"
+HEALTH_DATABASE = "referral-service.database"
 
 
 class StartupError(RuntimeError):
@@ -59,6 +64,9 @@ class App:
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    tokens: TokenCodec
+    limiter: RateLimiter
+    interceptor: ApiInterceptor
     #: Email verification provider; None when off.
     verifier: EmailVerifier | None = None
     #: Background profile enrichment; None when off.
@@ -66,6 +74,9 @@ class App:
     #: The HTTP/JSON gateway (None when REFERRAL_HTTP_ENABLED is false).
     http: HttpGateway | None = None
     _tasks: list[object] = field(default_factory=list)
+    _db_up: bool = True
+    _db_probe: asyncio.Task[None] | None = None
+    _stopping: bool = False
 
     @property
     def address(self) -> str:
@@ -77,8 +88,28 @@ class App:
         return self.http.port if self.http is not None else None
 
     async def _set_health(self, status: int) -> None:
-        for name in ("", *(service.full_name for service in SERVICES)):
+        for name in ("", *(service.full_name for service in SERVICES), HEALTH_DATABASE):
             await self.health.set(name, status)
+
+    def database_failed(self) -> None:
+        """A call found the database unavailable: report NOT_SERVING (every service, so load
+        balancers move traffic to replicas that can reach it) and probe until it is back."""
+        if self._stopping or not self._db_up:
+            return
+        self._db_up = False
+        log.warning("database unavailable: health NOT_SERVING until it answers again")
+        self._db_probe = asyncio.get_running_loop().create_task(self._probe_database())
+
+    async def _probe_database(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        delay = 0.2
+        while not await self.db.ping():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self._db_up = True
+        if not self._stopping:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("database reachable again: health SERVING")
 
     async def start(self) -> None:
         if self.cache.shared:
@@ -115,21 +146,38 @@ class App:
         stores."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         drain = self.settings.shutdown_drain_seconds if drain is None else drain
+        self._stopping = True
+        if self._db_probe is not None:
+            self._db_probe.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
-        # HTTP first: its in-flight requests still need the gRPC server to answer them. Then
-        # in-flight gRPC calls and running enrichment lookups share what is left of the grace
-        # period; lookups still running at its end are handed back to the database.
+        # HTTP first: its in-flight requests still need the gRPC server to answer them.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self.http is not None:
             await self.http.stop(grace)
         remaining = max(deadline - loop.time(), 0.0)
-        if self.enrichment is not None:
-            await asyncio.gather(self.server.stop(remaining), self.enrichment.stop(remaining))
+        # Refuse new calls, wait (up to the grace time) for the calls of our services, then end
+        # what is left: long-lived streams such as health watches would otherwise hold the
+        # process for the whole grace time. Running enrichment lookups share the same grace
+        # period; those still running at its end are handed back to the database.
+        stopping = loop.create_task(self.server.stop(remaining))
+        enrichment_stopping = (
+            loop.create_task(self.enrichment.stop(remaining)) if self.enrichment is not None else None
+        )
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                while True:
+                    await self.interceptor.in_flight.idle()
+                    await asyncio.sleep(0.05)  # a call accepted just before the stop
+                    if self.interceptor.in_flight.count == 0:
+                        break
+        await self.server.stop(0)
+        await stopping
+        if enrichment_stopping is not None and self.enrichment is not None:
+            await enrichment_stopping
             await self.enrichment.provider.close()
-        else:
-            await self.server.stop(remaining)
         if self.verifier is not None:
             await self.verifier.close()
         await self.revocations.close()
@@ -210,12 +258,38 @@ def build_profile_provider(settings: Settings) -> ProfileProvider | None:
     )
 
 
+def build_token_keys(settings: Settings, secret: bytes) -> tuple[TokenKey, list[TokenKey]]:
+    """The signing key and the verification-only keys (rotation) from the settings."""
+    previous = [
+        hmac_key(old.get_secret_value().encode(), signing=False) for old in settings.jwt_previous_secrets
+    ]
+    previous += [pem_key(pem.encode(), signing=False) for pem in settings.jwt_previous_public_keys]
+    if settings.jwt_algorithm is JwtAlgorithm.HS256:
+        return hmac_key(secret), previous
+    pem = settings.resolve_jwt_private_key()
+    assert pem is not None
+    signing = pem_key(pem)
+    if signing.algorithm != settings.jwt_algorithm.value:
+        raise ValueError(
+            f"REFERRAL_JWT_ALGORITHM is {settings.jwt_algorithm.value} but the private key is for "
+            f"{signing.algorithm}"
+        )
+    return signing, previous
+
+
 async def build_app(settings: Settings) -> App:
     """Build the service and bind its port (not started yet)."""
+    app_ref: list[App] = []
+
+    def database_failed() -> None:
+        if app_ref:
+            app_ref[0].database_failed()
+
     db = Database(
         settings.effective_database_url,
         pool_size=settings.database_pool_size,
         timeout=settings.database_timeout_seconds,
+        on_unavailable=database_failed,
     )
     health_servicer = HealthServicer()
 
@@ -225,9 +299,11 @@ async def build_app(settings: Settings) -> App:
 
     cache = build_cache(settings, redis_health)
     secret = settings.resolve_jwt_secret()
+    signing_key, verification_keys = build_token_keys(settings, secret)
     tokens = TokenCodec(
         TokenConfig(
-            secret=secret,
+            signing_key=signing_key,
+            verification_keys=verification_keys,
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             access_ttl=settings.access_token_ttl,
@@ -287,9 +363,25 @@ async def build_app(settings: Settings) -> App:
         on_code_used=referrals.code_used,
         verification=verification,
         on_profile_queued=enrichment.notify if enrichment is not None else None,
+        disposable_domains=(
+            DisposableDomains(settings.disposable_domains_extra, settings.disposable_domains_allowed)
+            if settings.reject_disposable_emails
+            else None
+        ),
     )
+    limiter = RateLimiter(RedisRates(cache) if isinstance(cache, RedisCache) else None)
+    limits = RateLimits(
+        limiter,
+        rules_from_settings(settings),
+        ClientAddress(
+            settings.rate_limit_trusted_proxies,
+            settings.rate_limit_client_address_header,
+            settings.rate_limit_ipv6_prefix,
+        ),
+    )
+    interceptor = ApiInterceptor(access_rules(SERVICES), auth.authenticate, limits)
     server = grpc.aio.server(
-        interceptors=[ApiInterceptor(access_rules(SERVICES), auth.authenticate)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -331,7 +423,7 @@ async def build_app(settings: Settings) -> App:
             cors_origins=settings.http_cors_origin_list,
             docs_enabled=settings.http_docs_enabled,
         )
-    return App(
+    app = App(
         settings=settings,
         db=db,
         cache=cache,
@@ -342,7 +434,12 @@ async def build_app(settings: Settings) -> App:
         server=server,
         health=health_servicer,
         port=port,
+        tokens=tokens,
+        limiter=limiter,
+        interceptor=interceptor,
         verifier=verifier,
         enrichment=enrichment,
         http=http,
     )
+    app_ref.append(app)
+    return app

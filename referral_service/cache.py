@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 # Re-exported: CircuitBreaker lived here before it was shared with the HTTP integrations.
+from referral_service.ratelimit import GCRA_SCRIPT
 from referral_service.resilience import CircuitBreaker as CircuitBreaker
 
 log = logging.getLogger("referral_service.cache")
@@ -232,6 +233,7 @@ class RedisCache:
         self._fill = self._redis.register_script(_FILL)
         self._invalidate = self._redis.register_script(_INVALIDATE)
         self._any_revoked = self._redis.register_script(_ANY_REVOKED)
+        self._gcra = self._redis.register_script(GCRA_SCRIPT)
         self._sentinel = f"{prefix}rev-seeded"
         self._epoch_key = f"{prefix}epoch"
         #: An invalidation failed: do not use cached values until the epoch has been bumped.
@@ -366,6 +368,17 @@ class RedisCache:
         except ConnectionError:
             return False
         return True
+
+    async def gcra(self, key: str, interval_ms: float, period_ms: float, cost: int) -> list[int] | None:
+        """One atomic GCRA step for a rate limit (see ``ratelimit.py``); None when Redis is
+        unavailable."""
+        try:
+            result = await self._call(
+                lambda: self._gcra(keys=[f"{self._prefix}rl:{key}"], args=[interval_ms, period_ms, cost])
+            )
+        except ConnectionError:
+            return None
+        return [int(x) for x in result]
 
     async def healthy(self) -> bool:
         try:

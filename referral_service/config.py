@@ -7,15 +7,17 @@ The ``production`` profile refuses to start with any of those insecure or local-
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Profile(StrEnum):
@@ -44,6 +46,55 @@ class EnrichmentProviderName(StrEnum):
 
 
 MIN_SECRET_BYTES = 32
+
+
+class JwtAlgorithm(StrEnum):
+    HS256 = "HS256"
+    EDDSA = "EdDSA"
+    ES256 = "ES256"
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``limit`` events per ``period_seconds``; ``limit == 0`` means no limit."""
+
+    limit: int
+    period_seconds: float
+
+    @property
+    def enabled(self) -> bool:
+        return self.limit > 0
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.period_seconds:g}s" if self.enabled else "off"
+
+
+def parse_rate(value: object) -> Rate:
+    """``"10/15m"``, ``"300/1m"``, ``"20/1h"``, ``"5/30s"``; ``"off"`` or ``"0"`` disables."""
+    if isinstance(value, Rate):
+        return value
+    text = str(value).strip().lower()
+    if text in ("off", "0", "none", ""):
+        return Rate(0, 1.0)
+    count, slash, period = text.partition("/")
+    try:
+        if not slash:
+            raise ValueError
+        unit = period[-1]
+        seconds = float(period) if unit.isdigit() else float(period[:-1] or 1) * _UNITS[unit]
+        limit = int(count)
+    except (ValueError, KeyError, IndexError):
+        raise ValueError(f"a rate is written LIMIT/PERIOD, e.g. 10/15m or 300/1m, not {value!r}") from None
+    if limit < 0 or seconds <= 0:
+        raise ValueError(f"a rate needs a limit >= 0 and a positive period, not {value!r}")
+    return Rate(limit, seconds)
+
+
+#: Written ``LIMIT/PERIOD`` in the environment too (not JSON).
+RateSetting = Annotated[Rate, NoDecode, BeforeValidator(parse_rate)]
 
 
 class Settings(BaseSettings):
@@ -124,6 +175,23 @@ class Settings(BaseSettings):
     #: Clock skew tolerated when checking exp/nbf/iat, seconds.
     jwt_leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
 
+    # --- token keys ---------------------------------------------------------------------------
+    #: Algorithm of newly issued tokens. ``HS256`` signs with ``jwt_secret``; ``EdDSA``
+    #: (Ed25519) and ``ES256`` (P-256) sign with ``jwt_private_key`` and publish the public keys
+    #: through ``AuthService.GetJwks`` so other services verify tokens without calling us.
+    jwt_algorithm: JwtAlgorithm = JwtAlgorithm.HS256
+    #: PEM private key (Ed25519 for EdDSA, P-256 for ES256). Required in production with an
+    #: asymmetric algorithm; in development one is generated once into ``<data_dir>``.
+    jwt_private_key: SecretStr | None = None
+    #: ... or the file holding it (read at start-up).
+    jwt_private_key_file: Path | None = None
+    #: Earlier HMAC secrets whose tokens are still accepted (never used to sign): rotate
+    #: ``jwt_secret`` by moving the old value here for one refresh-token lifetime.
+    jwt_previous_secrets: list[SecretStr] = Field(default_factory=list)
+    #: Earlier public (or private) keys, PEM, whose tokens are still accepted and which stay in
+    #: the JWKS: rotate ``jwt_private_key`` by moving the old key here.
+    jwt_previous_public_keys: list[str] = Field(default_factory=list)
+
     # --- passwords (argon2id; defaults are OWASP's minimum: m=19 MiB, t=2, p=1) -----------
     argon2_time_cost: Annotated[int, Field(ge=2)] = 2
     argon2_memory_kib: Annotated[int, Field(ge=19 * 1024)] = 19 * 1024
@@ -192,6 +260,37 @@ class Settings(BaseSettings):
     enrichment_breaker_threshold: Annotated[int, Field(ge=1)] = 5
     enrichment_breaker_reset_seconds: Annotated[float, Field(gt=0)] = 60.0
 
+    # --- rate limits --------------------------------------------------------------------------
+    #: Master switch. Each limit is ``LIMIT/PERIOD`` (``10/15m``; ``off`` disables one), enforced
+    #: with GCRA in Redis (atomic, shared by every worker and replica) or, without Redis or while
+    #: it is down, in each process.
+    rate_limits_enabled: bool = True
+    #: Failed logins per account (email), whatever the client address.
+    rate_limit_login_account: RateSetting = Rate(10, 900)
+    #: Failed logins per client address.
+    rate_limit_login_address: RateSetting = Rate(100, 900)
+    #: Registrations (attempts) per client address.
+    rate_limit_register_address: RateSetting = Rate(20, 3600)
+    #: ``GetReferralCodeByEmail`` calls per client address.
+    rate_limit_lookup_address: RateSetting = Rate(300, 60)
+    #: Registrations naming a referral code that does not exist, per client address (guessing).
+    rate_limit_code_check_address: RateSetting = Rate(30, 3600)
+    #: Peers (CIDRs) whose ``rate_limit_client_address_header`` is believed, e.g. your load
+    #: balancers. Anyone else's header is ignored and the TCP peer is the client.
+    rate_limit_trusted_proxies: list[str] = Field(default_factory=list)
+    #: Metadata carrying the client address when the peer is a trusted proxy (the right-most
+    #: entry that is not itself a trusted proxy is used).
+    rate_limit_client_address_header: str = "x-forwarded-for"
+    #: IPv6 clients are limited per network of this prefix length (one host often owns a /64).
+    rate_limit_ipv6_prefix: Annotated[int, Field(ge=32, le=128)] = 64
+
+    # --- registration --------------------------------------------------------------------------
+    #: Refuse addresses at known disposable-email domains (list from ``disposable-email-domains``).
+    reject_disposable_emails: bool = True
+    #: Extra domains to refuse, and domains to allow although the list names them.
+    disposable_domains_extra: list[str] = Field(default_factory=list)
+    disposable_domains_allowed: list[str] = Field(default_factory=list)
+
     # --- logging -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.TEXT
@@ -245,6 +344,13 @@ class Settings(BaseSettings):
     def enrichment_enabled(self) -> bool:
         return self.enrichment_provider is not EnrichmentProviderName.NONE
 
+    @field_validator("rate_limit_trusted_proxies")
+    @classmethod
+    def _check_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
     @model_validator(mode="after")
     def _check_profile(self) -> Settings:
         if (
@@ -274,8 +380,19 @@ class Settings(BaseSettings):
                 problems.append("REFERRAL_HUNTER_BASE_URL must be https")
             if self.enrichment_base_url is not None and not self.enrichment_base_url.startswith("https://"):
                 problems.append("REFERRAL_ENRICHMENT_BASE_URL must be https")
+            if (
+                self.jwt_algorithm is not JwtAlgorithm.HS256
+                and self.jwt_private_key is None
+                and self.jwt_private_key_file is None
+            ):
+                problems.append("REFERRAL_JWT_PRIVATE_KEY (or _FILE) is not set")
             if problems:
                 raise ValueError("production profile refuses insecure defaults: " + "; ".join(problems))
+        for old in self.jwt_previous_secrets:
+            if len(old.get_secret_value().encode()) < MIN_SECRET_BYTES:
+                raise ValueError(
+                    f"REFERRAL_JWT_PREVIOUS_SECRETS must be at least {MIN_SECRET_BYTES} bytes each"
+                )
         if self.list_default_page_size > self.list_max_page_size:
             raise ValueError("list_default_page_size exceeds list_max_page_size")
         return self
@@ -323,3 +440,38 @@ class Settings(BaseSettings):
         if len(secret) < MIN_SECRET_BYTES:
             raise RuntimeError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
         return secret.encode()
+
+    def resolve_jwt_private_key(self) -> bytes | None:
+        """The PEM private key for EdDSA/ES256 (None with HS256): configured, read from its file,
+        or (development only) generated once into the data directory with mode 0600."""
+        if self.jwt_algorithm is JwtAlgorithm.HS256:
+            return None
+        if self.jwt_private_key is not None:
+            return self.jwt_private_key.get_secret_value().encode()
+        if self.jwt_private_key_file is not None:
+            return self.jwt_private_key_file.read_bytes()
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+        path = self.data_dir / f"jwt-{self.jwt_algorithm.value.lower()}.pem"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            key = (
+                ed25519.Ed25519PrivateKey.generate()
+                if self.jwt_algorithm is JwtAlgorithm.EDDSA
+                else ec.generate_private_key(ec.SECP256R1())
+            )
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(pem)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return path.read_bytes()

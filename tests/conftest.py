@@ -44,6 +44,7 @@ PASSWORD = "correct horse battery staple"
 
 
 REDIS_STACKS = ["sqlite-redis", "postgres-redis"]
+POSTGRES_STACKS = ["postgres-redis"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,6 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "sqlite_stack: run on SQLite with the in-process cache only (stack-independent logic)"
     )
     config.addinivalue_line("markers", "one_stack: run on sqlite-memory only (storage-independent tests)")
+    config.addinivalue_line("markers", "postgres_stacks: run on PostgreSQL with Redis only")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -65,6 +67,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             "one_stack"
         ):
             stacks = ["sqlite-memory"]
+        elif metafunc.definition.get_closest_marker("postgres_stacks"):
+            stacks = POSTGRES_STACKS
         else:
             stacks = DEFAULT_STACKS
         metafunc.parametrize("stack", stacks, indirect=True)
@@ -191,6 +195,13 @@ class Stack:
             "shutdown_drain_seconds": 0.1,
             "hash_workers": 2,
             "workers": 1,
+            # Tests register many users from 127.0.0.1: generous limits, so the limiter runs
+            # on every call without getting in the way (tests/test_ratelimits.py uses small ones).
+            "rate_limit_login_account": "100000/1h",
+            "rate_limit_login_address": "100000/1h",
+            "rate_limit_register_address": "100000/1h",
+            "rate_limit_lookup_address": "100000/1h",
+            "rate_limit_code_check_address": "100000/1h",
         }
         values.update(overrides)
         return Settings(**values)

@@ -1,5 +1,6 @@
-"""A loopback TCP proxy that tests can cut: ``refuse`` (connections reset at once) or ``hang``
-(connections accepted, nothing ever answered), then ``restore``."""
+"""A loopback TCP proxy that tests (and the soak) can cut: ``refuse`` (connections reset at
+once, like a stopped server) or ``hang`` (connections accepted, nothing ever answered, like a
+frozen one), then ``restore``. It fronts Redis or PostgreSQL alike."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ class Proxy:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def database_url(self, url: str) -> str:
+        """``url`` (SQLAlchemy) pointed at this proxy."""
+        from sqlalchemy import make_url
+
+        return make_url(url).set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.mode == "refuse":

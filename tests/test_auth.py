@@ -15,6 +15,7 @@ import pytest
 from referral.v1 import auth_pb2
 from sqlalchemy import select
 
+from referral_service.domain.tokens import hmac_kid
 from referral_service.storage.tables import UserRow
 from tests.conftest import PASSWORD, TEST_SECRET, Api, bearer, start_api, stop_api
 from tests.errors import expect_error
@@ -277,8 +278,11 @@ async def test_malformed_authorization_is_unauthenticated(api: Api, header: str)
     )
 
 
+TEST_KID = hmac_kid(TEST_SECRET.encode())
+
+
 def _forge(claims: dict[str, object], key: str = TEST_SECRET, **headers: object) -> str:
-    return jwt.encode(claims, key, algorithm="HS256", headers={"typ": "at+jwt", **headers})
+    return jwt.encode(claims, key, algorithm="HS256", headers={"typ": "at+jwt", "kid": TEST_KID, **headers})
 
 
 def _claims(user_id: int, **changes: object) -> dict[str, object]:
@@ -330,9 +334,12 @@ async def test_token_attacks_are_rejected(api: Api) -> None:
         "not yet valid": _forge(_claims(uid, nbf=int(time.time()) + 3600)),
         "missing exp": _forge(_claims(uid, exp=None)),
         "missing jti": _forge(_claims(uid, jti=None)),
-        "untyped": jwt.encode(_claims(uid), TEST_SECRET, algorithm="HS256"),
+        "untyped": jwt.encode(_claims(uid), TEST_SECRET, algorithm="HS256", headers={"kid": TEST_KID}),
         "unknown kid": _forge(_claims(uid), kid="not-our-key"),
-        "HS512": jwt.encode(_claims(uid), TEST_SECRET, algorithm="HS512", headers={"typ": "at+jwt"}),
+        "no kid": jwt.encode(_claims(uid), TEST_SECRET, algorithm="HS256", headers={"typ": "at+jwt"}),
+        "HS512": jwt.encode(
+            _claims(uid), TEST_SECRET, algorithm="HS512", headers={"typ": "at+jwt", "kid": TEST_KID}
+        ),
         "garbage": "not.a.jwt",
         "huge": "a" * 5_000,
     }

@@ -105,6 +105,7 @@ def test_every_rpc_declares_its_access_level() -> None:
         "/referral.v1.AuthService/RefreshToken": False,
         "/referral.v1.AuthService/Logout": True,
         "/referral.v1.AuthService/GetCurrentUser": True,
+        "/referral.v1.AuthService/GetJwks": False,
         "/referral.v1.ReferralService/CreateReferralCode": True,
         "/referral.v1.ReferralService/GetMyReferralCode": True,
         "/referral.v1.ReferralService/DeleteReferralCode": True,
@@ -126,6 +127,8 @@ def test_every_rpc_has_an_http_annotation_and_every_field_a_behavior() -> None:
         auth_pb2.RegisterRequest,
         referral_pb2.ReferralCode,
         referral_pb2.Referral,
+        auth_pb2.GetJwksResponse,
+        auth_pb2.JsonWebKey,
     ):
         for field in message.DESCRIPTOR.fields:
             assert list(field.GetOptions().Extensions[field_behavior_pb2.field_behavior]), field.full_name

@@ -56,3 +56,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.GetCurrentUserResponse:
         user = await self._service.current_user(current_principal())
         return auth_pb2.GetCurrentUserResponse(user=convert.user(user))
+
+    async def GetJwks(self, request: auth_pb2.GetJwksRequest, context: Context) -> auth_pb2.GetJwksResponse:
+        return auth_pb2.GetJwksResponse(keys=[auth_pb2.JsonWebKey(**key) for key in self._service.jwks()])

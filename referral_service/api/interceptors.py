@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from referral.v1 import options_pb2
 
 from referral_service.api import errors
+from referral_service.api.ratelimits import Grant, RateLimits
 from referral_service.domain.errors import DomainError, InvalidArgument, Reason, Unauthenticated
 from referral_service.domain.models import Principal
 
@@ -82,11 +83,37 @@ def _bearer(header: str | None) -> str:
     return token.strip()
 
 
+class InFlight:
+    """Counts the calls of our services being handled, so that shutdown can wait for exactly
+    those (and not for long-lived streams such as health watches)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
 class ApiInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, rules: dict[str, bool], authenticate: Authenticate) -> None:
+    def __init__(
+        self, rules: dict[str, bool], authenticate: Authenticate, limits: RateLimits | None = None
+    ) -> None:
         self._rules = rules
         self._authenticate = authenticate
+        self._limits = limits
         self._handlers: dict[str, Handler] = {}
+        self.in_flight = InFlight()
 
     async def intercept_service(
         self,
@@ -114,8 +141,17 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, needs_token: bool, inner: Behavior, parse: Callable[[bytes], Any] | None
     ) -> Behavior:
         authenticate = self._authenticate
+        limits = self._limits if self._limits is not None and self._limits.applies(method) else None
+        in_flight = self.in_flight
 
         async def behavior(raw: Any, context: Context) -> Any:
+            in_flight.enter()
+            try:
+                return await handle(raw, context)
+            finally:
+                in_flight.leave()
+
+        async def handle(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
             meta = _metadata(context)
             given = meta.get("x-request-id", "")
@@ -132,7 +168,26 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     ) from None
                 if needs_token:
                     principal_var.set(await authenticate(_bearer(meta.get("authorization"))))
-                response = await inner(request, context)
+                grants: list[Grant] = []
+                if limits is not None:
+                    header = limits.address.header
+                    forwarded = [
+                        value
+                        for key, value in context.invocation_metadata() or ()
+                        if key == header and isinstance(value, str)
+                    ]
+                    client = limits.address.resolve(context.peer(), forwarded)
+                    grants = await limits.admit(method, request, client)
+                failure: Reason | None = None
+                try:
+                    response = await inner(request, context)
+                except DomainError as error:
+                    failure = error.reason
+                    raise
+                finally:
+                    if grants:
+                        assert limits is not None
+                        await limits.settle(grants, failure)
                 context.set_trailing_metadata((("x-request-id", request_id),))
                 return response
             except DomainError as error:

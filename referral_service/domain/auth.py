@@ -28,7 +28,7 @@ from referral_service.domain.errors import (
 from referral_service.domain.models import CodeState, Principal, TokenPair, User
 from referral_service.domain.passwords import PasswordHasher
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.tokens import ACCESS_TYP, REFRESH_TYP, TokenCodec
+from referral_service.domain.tokens import ACCESS_TYP, MAX_TOKEN_LENGTH, REFRESH_TYP, TokenCodec
 from referral_service.domain.verification import EmailVerification, Verification
 from referral_service.storage import repositories as repo
 from referral_service.storage.db import Database
@@ -52,6 +52,12 @@ class _Retry(Exception):
     """A concurrent request with the same request_id won; read its result."""
 
 
+def _token_length(field: str, token: str) -> list[FieldViolation]:
+    if len(token) > MAX_TOKEN_LENGTH:
+        return [FieldViolation(field, f"must be at most {MAX_TOKEN_LENGTH} characters", "TOO_LONG")]
+    return []
+
+
 def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -68,7 +74,9 @@ class AuthService:
         on_code_used: CodeChanged | None = None,
         verification: EmailVerification | None = None,
         on_profile_queued: Callable[[], None] | None = None,
+        disposable_domains: v.DisposableDomains | None = None,
     ) -> None:
+        self._disposable = disposable_domains
         self._db = db
         self._hasher = hasher
         self._tokens = tokens
@@ -103,6 +111,14 @@ class AuthService:
             violations.append(request_violation)
         check(violations)
         assert email is not None
+        if self._disposable is not None:
+            disposable = v.disposable_violation(email, self._disposable)
+            if disposable is not None:
+                raise InvalidArgument(
+                    Reason.EMAIL_DISPOSABLE,
+                    "disposable email addresses cannot register; use a permanent address",
+                    violations=[disposable],
+                )
 
         fingerprint = _fingerprint(email.key, code_key)
         if cmd.request_id:
@@ -291,6 +307,10 @@ class AuthService:
         violations: list[FieldViolation] = []
         if not email_raw.strip():
             violations.append(FieldViolation("email", "is required", "REQUIRED"))
+        elif len(email_raw) > v.EMAIL_MAX * 2:  # no account can have it; leading spaces are trimmed
+            violations.append(
+                FieldViolation("email", f"must be at most {v.EMAIL_MAX} characters", "TOO_LONG")
+            )
         if not password_raw:
             violations.append(FieldViolation("password", "is required", "REQUIRED"))
         elif len(password_raw) > v.PASSWORD_MAX * 4:
@@ -337,6 +357,7 @@ class AuthService:
     async def refresh(self, refresh_token: str) -> TokenPair:
         if not refresh_token:
             raise InvalidArgument.fields(FieldViolation("refresh_token", "is required", "REQUIRED"))
+        check(_token_length("refresh_token", refresh_token))
         token = self._tokens.verify(refresh_token, REFRESH_TYP)
         now = utcnow()
         async with self._db.write() as session:
@@ -374,6 +395,7 @@ class AuthService:
 
     async def logout(self, principal: Principal, refresh_token: str) -> None:
         sessions = [principal.session_id]
+        check(_token_length("refresh_token", refresh_token))
         if refresh_token:
             token = self._tokens.verify(refresh_token, REFRESH_TYP)
             if token.user_id != principal.user_id:
@@ -395,6 +417,10 @@ class AuthService:
             session_id=token.session_id,
             expire_time=token.expire_time,
         )
+
+    def jwks(self) -> list[dict[str, str]]:
+        """The public keys that verify our tokens (empty with a shared HMAC secret)."""
+        return self._tokens.jwks()
 
     async def current_user(self, principal: Principal) -> User:
         async with self._db.read() as session:

@@ -1,21 +1,33 @@
-"""JWT access and refresh tokens (PyJWT).
+"""JWT access and refresh tokens (PyJWT), signed with named keys.
 
-Both are HS256 JWTs, explicitly typed (RFC 8725 section 3.11) in the header: ``at+jwt`` for
-access tokens (RFC 9068) and ``refresh+jwt`` for refresh tokens, so one is never accepted as the
-other. Verification pins the algorithm, checks the signature before any claim, then requires and
-checks ``exp``, ``iat``, ``nbf``, ``iss``, ``aud``, ``sub``, ``jti`` and ``sid`` (the login
+Tokens are typed (RFC 8725 section 3.11) in the header: ``at+jwt`` for access tokens (RFC 9068)
+and ``refresh+jwt`` for refresh tokens, so one is never accepted as the other. Every token names
+its key with ``kid``. Verification looks the key up by ``kid`` (unknown kid: refused), pins the
+algorithm to *that key's* algorithm (so a token cannot choose how it is checked: no ``none``, no
+HS256 signed with a published public key), checks the signature before any claim, then requires
+and checks ``exp``, ``iat``, ``nbf``, ``iss``, ``aud``, ``sub``, ``jti`` and ``sid`` (the login
 session, which is also the refresh-token family). Revocation is checked by the caller.
+
+Keys: one signing key (HS256 with the shared secret, or EdDSA/ES256 with a private key) and any
+number of verification-only keys, so keys rotate without logging anyone out: sign with the new
+key, keep the old one for verification until the last token it signed has expired. Public keys
+of asymmetric keys are published as a JWKS (RFC 7517).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from referral_service.domain.errors import Reason, Unauthenticated
 
@@ -26,14 +38,84 @@ MAX_TOKEN_LENGTH = 4096
 _REQUIRED = ["exp", "iat", "nbf", "iss", "aud", "sub", "jti", "sid"]
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    """A named key. ``signer`` is None for a verification-only key."""
+
+    kid: str
+    algorithm: str
+    verifier: Any
+    signer: Any = None
+    #: The public JWK (RFC 7517) of an asymmetric key; None for HMAC secrets (never published).
+    jwk: dict[str, str] | None = field(default=None, hash=False, compare=False)
+
+
+def hmac_kid(secret: bytes) -> str:
+    return hashlib.sha256(b"referral-service kid:" + secret).hexdigest()[:16]
+
+
+def hmac_key(secret: bytes, *, signing: bool = True) -> TokenKey:
+    return TokenKey(
+        kid=hmac_kid(secret), algorithm="HS256", verifier=secret, signer=secret if signing else None
+    )
+
+
+def _public_jwk(public: Any) -> tuple[str, dict[str, str]]:
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        members = {"crv": "Ed25519", "kty": "OKP", "x": _b64(raw)}
+        algorithm = "EdDSA"
+    elif isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        numbers = public.public_numbers()
+        members = {
+            "crv": "P-256",
+            "kty": "EC",
+            "x": _b64(numbers.x.to_bytes(32, "big")),
+            "y": _b64(numbers.y.to_bytes(32, "big")),
+        }
+        algorithm = "ES256"
+    else:
+        raise ValueError("JWT keys must be Ed25519 (EdDSA) or EC P-256 (ES256)")
+    # RFC 7638 thumbprint: the required members, sorted, no white space.
+    thumbprint = _b64(
+        hashlib.sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode()).digest()
+    )
+    return algorithm, {**members, "kid": thumbprint, "alg": algorithm, "use": "sig"}
+
+
+def pem_key(pem: bytes, *, signing: bool = True) -> TokenKey:
+    """An Ed25519 or P-256 key from PEM. A private key signs (when ``signing``); a public key
+    only verifies."""
+    private: Any = None
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+        public = private.public_key()
+    except ValueError:
+        public = serialization.load_pem_public_key(pem)
+    algorithm, jwk = _public_jwk(public)
+    return TokenKey(
+        kid=jwk["kid"],
+        algorithm=algorithm,
+        verifier=public,
+        signer=private if signing else None,
+        jwk=jwk,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TokenConfig:
-    secret: bytes
+    signing_key: TokenKey
     issuer: str
     audience: str
     access_ttl: timedelta
     refresh_ttl: timedelta
     leeway_seconds: int = 30
+    #: Keys still accepted (rotation); the signing key is always accepted.
+    verification_keys: Sequence[TokenKey] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +136,19 @@ class VerifiedToken:
 
 class TokenCodec:
     def __init__(self, config: TokenConfig) -> None:
+        if config.signing_key.signer is None:
+            raise ValueError("the signing key has no private part")
         self._config = config
-        self.kid = hashlib.sha256(b"referral-service kid:" + config.secret).hexdigest()[:16]
+        self._key = config.signing_key
+        self.kid = config.signing_key.kid
+        self._keys: dict[str, TokenKey] = {}
+        for key in (*config.verification_keys, config.signing_key):
+            self._keys[key.kid] = key
+
+    def jwks(self) -> list[dict[str, str]]:
+        """The public keys (JWK) of every asymmetric key tokens are verified with; HMAC secrets
+        are never published."""
+        return [dict(key.jwk) for key in self._keys.values() if key.jwk is not None]
 
     @property
     def access_ttl(self) -> timedelta:
@@ -79,7 +172,7 @@ class TokenCodec:
             "sid": session_id,
         }
         token = jwt.encode(
-            claims, self._config.secret, algorithm=ALGORITHM, headers={"typ": typ, "kid": self.kid}
+            claims, self._key.signer, algorithm=self._key.algorithm, headers={"typ": typ, "kid": self.kid}
         )
         return IssuedToken(token=token, jti=jti, session_id=session_id, expire_time=expire)
 
@@ -94,10 +187,21 @@ class TokenCodec:
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is malformed")
         try:
+            unverified = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is malformed") from None
+        kid = unverified.get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} was signed with an unknown key")
+        if unverified.get("alg") != key.algorithm:
+            # RFC 8725 section 3.1: the key decides the algorithm, never the token.
+            raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} uses the wrong algorithm for its key")
+        try:
             decoded = jwt.api_jwt.decode_complete(
                 token,
-                self._config.secret,
-                algorithms=[ALGORITHM],
+                key.verifier,
+                algorithms=[key.algorithm],
                 audience=self._config.audience,
                 issuer=self._config.issuer,
                 leeway=self._config.leeway_seconds,
@@ -121,8 +225,6 @@ class TokenCodec:
                 Reason.TOKEN_INVALID,
                 f"the token is not an {what}" if typ == ACCESS_TYP else f"the token is not a {what}",
             )
-        if header.get("kid") not in (None, self.kid):
-            raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} was signed with an unknown key")
         claims = decoded["payload"]
         try:
             user_id = int(claims["sub"])

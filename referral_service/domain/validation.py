@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib.resources import files
@@ -61,6 +62,39 @@ def parse_email(raw: str, field: str = "email") -> Email | FieldViolation:
             field, f"the part before the @ must be at most {LOCAL_PART_MAX} bytes", "INVALID_EMAIL"
         )
     return Email(display=normalized, key=normalized.lower())
+
+
+class DisposableDomains:
+    """Known disposable-email domains (the ``disposable-email-domains`` package, maintained
+    upstream and updated with each release), plus ``extra``, minus ``allowed``. Subdomains of a
+    listed domain are disposable too."""
+
+    def __init__(self, extra: Iterable[str] = (), allowed: Iterable[str] = ()) -> None:
+        from disposable_email_domains import allowlist, blocklist
+
+        self._allowed = {d.strip().lower() for d in allowed} | {d.lower() for d in allowlist}
+        self._blocked = ({d.lower() for d in blocklist} | {d.strip().lower() for d in extra}) - self._allowed
+
+    def __contains__(self, domain: str) -> bool:
+        labels = domain.lower().rstrip(".").split(".")
+        for start in range(len(labels) - 1):
+            candidate = ".".join(labels[start:])
+            if candidate in self._allowed:
+                return False
+            if candidate in self._blocked:
+                return True
+        return False
+
+
+def disposable_violation(
+    email: Email, domains: DisposableDomains, field: str = "email"
+) -> FieldViolation | None:
+    domain = email.key.rpartition("@")[2]
+    if domain in domains:
+        return FieldViolation(
+            field, "uses a disposable email domain; use a permanent address", "DISPOSABLE_DOMAIN"
+        )
+    return None
 
 
 def email_key(raw: str) -> str | None:

@@ -13,7 +13,7 @@ INTERNAL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
             max_overflow=0,
             pool_timeout=timeout,
             connect_args={"timeout": timeout},
+            hide_parameters=True,  # no emails or password hashes in error messages and logs
         )
         # Writers: BEGIN IMMEDIATE. Readers: autocommit, each statement its own snapshot (no
         # BEGIN/COMMIT round trips through aiosqlite's thread on the hot read paths).
@@ -80,6 +81,7 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
             pool_timeout=timeout,
             pool_pre_ping=True,
             connect_args={"timeout": timeout, "command_timeout": timeout},
+            hide_parameters=True,
         )
     raise ValueError(f"unsupported database: {backend} (use sqlite+aiosqlite or postgresql+asyncpg)")
 
@@ -110,8 +112,17 @@ def _is_unavailable(error: BaseException) -> bool:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        timeout: float = 5.0,
+        on_unavailable: Callable[[], None] | None = None,
+    ) -> None:
         self.url = url
+        self.timeout = timeout
+        self._on_unavailable = on_unavailable
         self.dialect = make_url(url).get_backend_name()
         self.engine = create_engine(url, pool_size=pool_size, timeout=timeout)
         self.write_engine = (
@@ -136,6 +147,8 @@ class Database:
                 yield session
         except Exception as error:
             if _is_unavailable(error):
+                if self._on_unavailable is not None:
+                    self._on_unavailable()
                 raise Unavailable(
                     Reason.SERVICE_UNAVAILABLE,
                     "the database is unavailable; retry shortly",
@@ -153,8 +166,9 @@ class Database:
 
     async def ping(self) -> bool:
         try:
-            async with self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            async with asyncio.timeout(self.timeout):
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
         except Exception:
             return False
         return True

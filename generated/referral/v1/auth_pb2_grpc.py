@@ -66,6 +66,11 @@ class AuthServiceStub:
                 request_serializer=referral_dot_v1_dot_auth__pb2.GetCurrentUserRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_auth__pb2.GetCurrentUserResponse.FromString,
                 _registered_method=True)
+        self.GetJwks = channel.unary_unary(
+                '/referral.v1.AuthService/GetJwks',
+                request_serializer=referral_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -120,6 +125,18 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJwks(self, request, context):
+        """Returns the public keys that verify this service's tokens, as a JSON Web
+        Key Set (RFC 7517): other services verify access tokens offline by the
+        token's `kid`. Empty when the service signs with a shared HMAC secret
+        (REFERRAL_JWT_ALGORITHM=HS256), which is never published. During a key
+        rotation the set holds the new and the previous keys. Cache it for a few
+        minutes, and fetch it again when a token names an unknown `kid`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +164,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetCurrentUser,
                     request_deserializer=referral_dot_v1_dot_auth__pb2.GetCurrentUserRequest.FromString,
                     response_serializer=referral_dot_v1_dot_auth__pb2.GetCurrentUserResponse.SerializeToString,
+            ),
+            'GetJwks': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJwks,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.GetJwksRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.GetJwksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -291,6 +313,33 @@ class AuthService:
             '/referral.v1.AuthService/GetCurrentUser',
             referral_dot_v1_dot_auth__pb2.GetCurrentUserRequest.SerializeToString,
             referral_dot_v1_dot_auth__pb2.GetCurrentUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJwks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/GetJwks',
+            referral_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,14 @@ class AuthServiceStub:
     """
     GetCurrentUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]
     """Returns the user the access token was issued to."""
+    GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
+    """Returns the public keys that verify this service's tokens, as a JSON Web
+    Key Set (RFC 7517): other services verify access tokens offline by the
+    token's `kid`. Empty when the service signs with a shared HMAC secret
+    (REFERRAL_JWT_ALGORITHM=HS256), which is never published. During a key
+    rotation the set holds the new and the previous keys. Cache it for a few
+    minutes, and fetch it again when a token names an unknown `kid`.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -95,6 +103,14 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     GetCurrentUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]  # type: ignore[assignment]
     """Returns the user the access token was issued to."""
+    GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
+    """Returns the public keys that verify this service's tokens, as a JSON Web
+    Key Set (RFC 7517): other services verify access tokens offline by the
+    token's `kid`. Empty when the service signs with a shared HMAC secret
+    (REFERRAL_JWT_ALGORITHM=HS256), which is never published. During a key
+    rotation the set holds the new and the previous keys. Cache it for a few
+    minutes, and fetch it again when a token names an unknown `kid`.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService registers users and issues, refreshes and revokes their tokens.
@@ -156,5 +172,19 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetCurrentUserResponse, _abc.Awaitable[_auth_pb2.GetCurrentUserResponse]]:
         """Returns the user the access token was issued to."""
+
+    @_abc_1.abstractmethod
+    def GetJwks(
+        self,
+        request: _auth_pb2.GetJwksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetJwksResponse, _abc.Awaitable[_auth_pb2.GetJwksResponse]]:
+        """Returns the public keys that verify this service's tokens, as a JSON Web
+        Key Set (RFC 7517): other services verify access tokens offline by the
+        token's `kid`. Empty when the service signs with a shared HMAC secret
+        (REFERRAL_JWT_ALGORITHM=HS256), which is never published. During a key
+        rotation the set holds the new and the previous keys. Cache it for a few
+        minutes, and fetch it again when a token names an unknown `kid`.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

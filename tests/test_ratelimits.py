@@ -1,0 +1,246 @@
+"""Rate limits through the wire: per account and per client address, failures counted for Login,
+RESOURCE_EXHAUSTED with RetryInfo and quota metadata, shared by replicas through Redis, atomic
+under concurrency, still enforced (per process) while Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+from referral.v1 import auth_pb2, referral_pb2
+
+from referral_service.api.ratelimits import ClientAddress, parse_peer
+from referral_service.config import Rate, parse_rate
+from tests.conftest import PASSWORD, REDIS_URL, Api, Stack, start_api, stop_api
+from tests.errors import RichError, expect_error
+from tests.proxy import Proxy
+
+LIMITED = grpc.StatusCode.RESOURCE_EXHAUSTED
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.fixture
+async def limited(stack: Stack, request: pytest.FixtureRequest) -> AsyncIterator[Api]:
+    overrides: dict[str, Any] = getattr(request, "param", {})
+    api = await start_api(stack, **overrides)
+    try:
+        yield api
+    finally:
+        await stop_api(api)
+
+
+def limits(**values: Any) -> Any:
+    return pytest.mark.parametrize("limited", [values], indirect=True)
+
+
+def assert_quota(error: RichError, name: str, value: int) -> None:
+    assert error.reason == "RATE_LIMITED"
+    assert error.metadata["quota_limit"] == name
+    assert error.metadata["quota_limit_value"] == str(value)
+    assert error.retry_seconds is not None
+    assert error.retry_seconds > 0
+    assert int(error.metadata["retry_after_seconds"]) >= 1
+
+
+def login(api: Api, email: str, password: str = PASSWORD, **kw: Any) -> Any:
+    return api.auth.Login(auth_pb2.LoginRequest(email=email, password=password), **kw)
+
+
+@limits(rate_limit_login_account="3/1h")
+async def test_failed_logins_are_limited_per_account(limited: Api) -> None:
+    api = limited
+    victim, other = api.unique_email(), api.unique_email()
+    await api.register(victim)
+    await api.register(other)
+    for _ in range(10):  # successful logins never count
+        await api.login(victim)
+    for _ in range(3):
+        await expect_error(login(api, victim, "wrong password!"), UNAUTH, "INVALID_CREDENTIALS")
+    error = await expect_error(login(api, victim), LIMITED)  # even the right password waits
+    assert_quota(error, "login-account", 3)
+    assert error.metadata["quota_subject"] == "account"
+    # the email is compared like at login: another spelling is the same account
+    await expect_error(login(api, victim.upper()), LIMITED, "RATE_LIMITED")
+    await api.login(other)  # other accounts from the same address are not affected
+    # an unknown email is limited exactly like a known one (no account probing)
+    for _ in range(3):
+        await expect_error(login(api, "nobody@example.com", "wrong password!"), UNAUTH)
+    await expect_error(login(api, "nobody@example.com", "wrong password!"), LIMITED, "RATE_LIMITED")
+
+
+@limits(rate_limit_login_address="4/1h")
+async def test_failed_logins_are_limited_per_client_address(limited: Api) -> None:
+    api = limited
+    for _ in range(4):
+        await expect_error(login(api, api.unique_email(), "wrong password!"), UNAUTH, "INVALID_CREDENTIALS")
+    error = await expect_error(login(api, api.unique_email(), "wrong password!"), LIMITED)
+    assert_quota(error, "login-address", 4)
+    assert error.metadata["quota_subject"] == "client_address"
+
+
+@limits(rate_limit_login_account="5/1h")
+async def test_concurrent_failed_logins_never_exceed_the_limit(limited: Api) -> None:
+    api = limited
+    email = api.unique_email()
+    await api.register(email)
+    results = await asyncio.gather(
+        *(login(api, email, "wrong password!") for _ in range(16)), return_exceptions=True
+    )
+    codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(codes) == 16
+    assert codes.count(UNAUTH) == 5
+    assert codes.count(LIMITED) == 11
+
+
+@limits(rate_limit_register_address="3/1h")
+async def test_registrations_are_limited_per_client_address(limited: Api) -> None:
+    api = limited
+    await api.register()
+    await api.register()
+    await expect_error(  # invalid attempts count too
+        api.auth.Register(auth_pb2.RegisterRequest(email="nope", password=PASSWORD)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    error = await expect_error(api.register(), LIMITED)
+    assert_quota(error, "register-address", 3)
+    # a spoofed x-forwarded-for from an untrusted peer changes nothing
+    await expect_error(
+        api.auth.Register(
+            auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD),
+            metadata=(("x-forwarded-for", "203.0.113.9"),),
+        ),
+        LIMITED,
+        "RATE_LIMITED",
+    )
+
+
+@limits(rate_limit_register_address="2/1h", rate_limit_trusted_proxies=["127.0.0.0/8"])
+async def test_a_trusted_proxy_header_names_the_client(limited: Api) -> None:
+    api = limited
+
+    def register(client: str) -> Any:
+        return api.auth.Register(
+            auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD),
+            metadata=(("x-forwarded-for", f"198.51.100.77, {client}"),),
+        )
+
+    for client in ("203.0.113.1", "203.0.113.2"):
+        await register(client)
+        await register(client)
+        await expect_error(register(client), LIMITED, "RATE_LIMITED")
+    # without the header the proxy itself is the client, with a budget of its own
+    await api.register()
+
+
+@limits(rate_limit_lookup_address="5/1h")
+async def test_lookups_by_email_are_limited_per_client_address(limited: Api) -> None:
+    api = limited
+    for _ in range(5):
+        await expect_error(
+            api.referral.GetReferralCodeByEmail(
+                referral_pb2.GetReferralCodeByEmailRequest(email=api.unique_email())
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
+    error = await expect_error(
+        api.referral.GetReferralCodeByEmail(
+            referral_pb2.GetReferralCodeByEmailRequest(email="a@example.com")
+        ),
+        LIMITED,
+    )
+    assert_quota(error, "lookup-address", 5)
+
+
+@limits(rate_limit_code_check_address="2/1h")
+async def test_guessing_referral_codes_is_limited_per_client_address(limited: Api) -> None:
+    api = limited
+
+    def register(code: str) -> Any:
+        return api.auth.Register(
+            auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD, referral_code=code)
+        )
+
+    for guess in ("GUESS1", "GUESS2"):
+        await expect_error(register(guess), grpc.StatusCode.INVALID_ARGUMENT, "REFERRAL_CODE_UNKNOWN")
+    error = await expect_error(register("GUESS3"), LIMITED)
+    assert_quota(error, "code-check-address", 2)
+    await api.register()  # registering without a code is not affected
+
+
+@limits(rate_limits_enabled=False)
+async def test_limits_can_be_switched_off(limited: Api) -> None:
+    email = limited.unique_email()
+    for _ in range(12):
+        await expect_error(login(limited, email, "wrong password!"), UNAUTH, "INVALID_CREDENTIALS")
+
+
+@pytest.mark.redis_stacks
+async def test_replicas_share_one_budget_through_redis(stack: Stack) -> None:
+    one = await start_api(stack, rate_limit_login_account="4/1h")
+    two = await start_api(stack, rate_limit_login_account="4/1h")
+    try:
+        email = one.unique_email()
+        await one.register(email)
+        for api in (one, two, one, two):
+            await expect_error(login(api, email, "wrong password!"), UNAUTH, "INVALID_CREDENTIALS")
+        for api in (one, two):
+            await expect_error(login(api, email), LIMITED, "RATE_LIMITED")
+    finally:
+        await stop_api(one)
+        await stop_api(two)
+
+
+@pytest.mark.redis_stacks
+async def test_limits_hold_per_process_while_redis_is_down(stack: Stack) -> None:
+    """Policy: with Redis unreachable the limiter falls back to the in-process store, so limits
+    stay in force and correct logins keep working."""
+    target = urlsplit(REDIS_URL)
+    proxy = await Proxy(target.hostname or "127.0.0.1", target.port or 6379).start()
+    api = await start_api(stack, redis_url=proxy.url, rate_limit_login_account="3/1h")
+    try:
+        email = api.unique_email()
+        await api.register(email)
+        proxy.refuse()
+        await api.auth.Login(auth_pb2.LoginRequest(email=email, password=PASSWORD), timeout=3)
+        for _ in range(3):
+            await expect_error(login(api, email, "wrong password!", timeout=3), UNAUTH, "INVALID_CREDENTIALS")
+        await expect_error(login(api, email, timeout=3), LIMITED, "RATE_LIMITED")
+    finally:
+        await stop_api(api)
+        await proxy.close()
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("10/15m", Rate(10, 900)), ("300/1m", Rate(300, 60)), ("5/30s", Rate(5, 30)), ("7/2", Rate(7, 2))],
+)
+def test_rates_parse(text: str, expected: Rate) -> None:
+    assert parse_rate(text) == expected
+
+
+@pytest.mark.parametrize("text", ["10", "x/1m", "10/1y", "-1/1m", "10/0s"])
+def test_bad_rates_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_rate(text)
+
+
+def test_client_address_rules() -> None:
+    plain = ClientAddress([], "x-forwarded-for", 64)
+    assert plain.resolve("ipv4:192.0.2.7:5555", ["203.0.113.1"]) == "192.0.2.7"
+    assert plain.resolve("ipv6:[2001:db8:1:2:3:4:5:6]:443", []) == "2001:db8:1:2::/64"
+    assert plain.resolve("ipv6:[::ffff:192.0.2.9]:443", []) == "192.0.2.9"
+    assert plain.resolve("unix:/tmp/socket", []) == "unix:/tmp/socket"
+    proxied = ClientAddress(["10.0.0.0/8"], "x-forwarded-for", 64)
+    # right-most untrusted hop wins; a client cannot push a fake address in front
+    assert proxied.resolve("ipv4:10.1.1.1:1", ["6.6.6.6, 198.51.100.4, 10.2.2.2"]) == "198.51.100.4"
+    assert proxied.resolve("ipv4:10.1.1.1:1", ["garbage, 198.51.100.4"]) == "198.51.100.4"
+    assert proxied.resolve("ipv4:10.1.1.1:1", []) == "10.1.1.1"
+    assert proxied.resolve("ipv4:192.0.2.1:1", ["198.51.100.4"]) == "192.0.2.1"  # untrusted peer
+    assert parse_peer("ipv4:127.0.0.1:80") is not None
