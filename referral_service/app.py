@@ -4,17 +4,16 @@ cache, hasher, token codec, use cases, servicers, interceptor, health, reflectio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service.api.auth import AuthServicer
+from referral_service.api.health import GracefulHealthServicer
 from referral_service.api.interceptors import ApiInterceptor, access_rules
 from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
 from referral_service.api.referral import ReferralServicer
@@ -62,7 +61,7 @@ class App:
     referrals: ReferralService
     revocations: Revocations
     server: grpc.aio.Server
-    health: HealthServicer
+    health: GracefulHealthServicer
     port: int
     tokens: TokenCodec
     limiter: RateLimiter
@@ -157,24 +156,13 @@ class App:
         if self.http is not None:
             await self.http.stop(grace)
         remaining = max(deadline - loop.time(), 0.0)
-        # Refuse new calls, wait (up to the grace time) for the calls of our services, then end
-        # what is left: long-lived streams such as health watches would otherwise hold the
-        # process for the whole grace time. Running enrichment lookups share the same grace
-        # period; those still running at its end are handed back to the database.
-        stopping = loop.create_task(self.server.stop(remaining))
+        # Refuse new calls and let in-flight ones finish within the grace time (health watch
+        # streams end by themselves, see api/health.py). Running enrichment lookups share the
+        # same grace period; those still running at its end are handed back to the database.
         enrichment_stopping = (
             loop.create_task(self.enrichment.stop(remaining)) if self.enrichment is not None else None
         )
-        await asyncio.sleep(0.05)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(remaining):
-                while True:
-                    await self.interceptor.in_flight.idle()
-                    await asyncio.sleep(0.05)  # a call accepted just before the stop
-                    if self.interceptor.in_flight.count == 0:
-                        break
-        await self.server.stop(0)
-        await stopping
+        await self.server.stop(remaining)
         if enrichment_stopping is not None and self.enrichment is not None:
             await enrichment_stopping
             await self.enrichment.provider.close()
@@ -291,7 +279,7 @@ async def build_app(settings: Settings) -> App:
         timeout=settings.database_timeout_seconds,
         on_unavailable=database_failed,
     )
-    health_servicer = HealthServicer()
+    health_servicer = GracefulHealthServicer()
 
     def redis_health(up: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING

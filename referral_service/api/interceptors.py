@@ -83,28 +83,6 @@ def _bearer(header: str | None) -> str:
     return token.strip()
 
 
-class InFlight:
-    """Counts the calls of our services being handled, so that shutdown can wait for exactly
-    those (and not for long-lived streams such as health watches)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        self.count += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        await self._idle.wait()
-
-
 class ApiInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self, rules: dict[str, bool], authenticate: Authenticate, limits: RateLimits | None = None
@@ -113,7 +91,6 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         self._authenticate = authenticate
         self._limits = limits
         self._handlers: dict[str, Handler] = {}
-        self.in_flight = InFlight()
 
     async def intercept_service(
         self,
@@ -142,16 +119,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
     ) -> Behavior:
         authenticate = self._authenticate
         limits = self._limits if self._limits is not None and self._limits.applies(method) else None
-        in_flight = self.in_flight
 
         async def behavior(raw: Any, context: Context) -> Any:
-            in_flight.enter()
-            try:
-                return await handle(raw, context)
-            finally:
-                in_flight.leave()
-
-        async def handle(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
             meta = _metadata(context)
             given = meta.get("x-request-id", "")

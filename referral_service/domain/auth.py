@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from referral_service.domain import idempotency
 from referral_service.domain import validation as v
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import (
@@ -255,19 +256,12 @@ class AuthService:
         return code.id, owner.id, owner.email_key
 
     async def _replay(self, scope: str, request_id: str, fingerprint: str) -> User | None:
-        async with self._db.read() as session:
-            record = await repo.idempotent_result(session, scope, request_id, utcnow())
-            if record is None:
-                return None
-            if record.fingerprint != fingerprint:
-                raise InvalidArgument(
-                    Reason.REQUEST_ID_CONFLICT,
-                    "request_id was already used for a different request",
-                    violations=[FieldViolation("request_id", "was used for a different request", "CONFLICT")],
-                )
-            row = await repo.user_by_id(session, record.resource_id)
+        async def load(session: AsyncSession, user_id: int) -> User:
+            row = await repo.user_by_id(session, user_id)
             assert row is not None
             return repo.user_model(row, await repo.profile(session, row.id))
+
+        return await idempotency.replay(self._db, scope, request_id, fingerprint, load)
 
     async def create_superuser(self, email_raw: str, password_raw: str) -> tuple[User, bool]:
         """Create a superuser, or promote the existing account with that email. Returns the

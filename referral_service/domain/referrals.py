@@ -12,7 +12,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from referral_service.cache import Cache
+from referral_service.domain import idempotency
 from referral_service.domain import validation as v
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import (
@@ -240,19 +243,12 @@ class ReferralService:
         return hashlib.sha256(parts.encode()).hexdigest()
 
     async def _replay(self, scope: str, request_id: str, fingerprint: str) -> ReferralCode | None:
-        async with self._db.read() as session:
-            record = await repo.idempotent_result(session, scope, request_id, utcnow())
-            if record is None:
-                return None
-            if record.fingerprint != fingerprint:
-                raise InvalidArgument(
-                    Reason.REQUEST_ID_CONFLICT,
-                    "request_id was already used for a different request",
-                    violations=[FieldViolation("request_id", "was used for a different request", "CONFLICT")],
-                )
-            row = await repo.code_by_id(session, record.resource_id)
+        async def load(session: AsyncSession, code_id: int) -> ReferralCode:
+            row = await repo.code_by_id(session, code_id)
             assert row is not None
             return repo.code_model(row)
+
+        return await idempotency.replay(self._db, scope, request_id, fingerprint, load)
 
     # --- mine --------------------------------------------------------------------------------
 
