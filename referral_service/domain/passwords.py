@@ -8,8 +8,6 @@ instead of piling work (19 MiB of memory each) into the executor's queue.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,23 +34,8 @@ class VerifyResult:
     new_hash: str | None = None
 
 
-def _return_hash_memory_to_the_os() -> None:
-    """Each argon2 call allocates ``memory_kib`` (19 MiB) and frees it. glibc raises its mmap
-    threshold after the first such free, so later ones would come from per-thread arenas and stay
-    resident (about 19 MiB per hashing thread, for ever). A fixed threshold keeps them mmapped,
-    so their memory goes back to the OS when each hash ends."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):
-        pass
-
-
 class PasswordHasher:
     def __init__(self, params: Argon2Params, workers: int, queue: int) -> None:
-        _return_hash_memory_to_the_os()
         self._argon2 = _Argon2(
             time_cost=params.time_cost,
             memory_cost=params.memory_kib,
