@@ -14,7 +14,7 @@ from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service.api.auth import AuthServicer
 from referral_service.api.health import GracefulHealthServicer
-from referral_service.api.interceptors import ApiInterceptor, access_rules
+from referral_service.api.interceptors import ApiInterceptor, access_rules, gateway_auth_key
 from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
 from referral_service.api.referral import ReferralServicer
 from referral_service.cache import Cache, MemoryCache, RedisCache
@@ -367,7 +367,8 @@ async def build_app(settings: Settings) -> App:
             settings.rate_limit_ipv6_prefix,
         ),
     )
-    interceptor = ApiInterceptor(access_rules(SERVICES), auth.authenticate, limits)
+    gateway_auth = gateway_auth_key(secret)
+    interceptor = ApiInterceptor(access_rules(SERVICES), auth.authenticate, limits, gateway_auth)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -410,6 +411,7 @@ async def build_app(settings: Settings) -> App:
             timeout_seconds=settings.http_timeout_seconds,
             cors_origins=settings.http_cors_origin_list,
             docs_enabled=settings.http_docs_enabled,
+            gateway_auth=gateway_auth,
         )
     app = App(
         settings=settings,

@@ -244,3 +244,39 @@ def test_client_address_rules() -> None:
     assert proxied.resolve("ipv4:10.1.1.1:1", []) == "10.1.1.1"
     assert proxied.resolve("ipv4:192.0.2.1:1", ["198.51.100.4"]) == "192.0.2.1"  # untrusted peer
     assert parse_peer("ipv4:127.0.0.1:80") is not None
+
+
+async def test_limits_through_the_http_gateway_apply_per_http_client(stack: Stack) -> None:
+    """The gateway reaches the server over loopback; per-address limits must still count each
+    HTTP client separately (here: two loopback source addresses), not the gateway as one."""
+    import httpx
+
+    api = await start_api(stack, rate_limit_register_address="2/1h")
+    try:
+        base = f"http://127.0.0.1:{api.app.http_port}"
+
+        async def register(source: str, email: str) -> httpx.Response:
+            transport = httpx.AsyncHTTPTransport(local_address=source)
+            async with httpx.AsyncClient(base_url=base, transport=transport) as client:
+                return await client.post("/v1/auth/register", json={"email": email, "password": PASSWORD})
+
+        first = [await register("127.0.0.2", api.unique_email()) for _ in range(3)]
+        assert [r.status_code for r in first] == [200, 200, 429]
+        assert first[2].json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+        assert int(first[2].headers["retry-after"]) > 0
+        other = await register("127.0.0.3", api.unique_email())
+        assert other.status_code == 200
+        # a gRPC client cannot claim to be someone else: without the gateway's key the claimed
+        # address is ignored and its own address is limited
+        for _ in range(2):
+            await api.register()
+        forged = (("x-referral-gateway-client", "10.9.9.9"), ("x-referral-gateway-auth", "guess"))
+        await expect_error(
+            api.auth.Register(
+                auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD), metadata=forged
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
+    finally:
+        await stop_api(api)

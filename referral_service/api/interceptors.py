@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
+import hmac
 import logging
 import re
 import time
@@ -61,10 +63,22 @@ def current_principal() -> Principal:
     return principal
 
 
+#: Set by the HTTP/JSON gateway on the calls it forwards: the HTTP client's address, and a key
+#: only the service's own processes know (derived from the JWT secret), so that per-address rate
+#: limits apply to the HTTP client and not to the gateway's loopback connection.
+GATEWAY_CLIENT = "x-referral-gateway-client"
+GATEWAY_AUTH = "x-referral-gateway-auth"
+_WANTED = ("authorization", "x-request-id", GATEWAY_CLIENT, GATEWAY_AUTH)
+
+
+def gateway_auth_key(secret: bytes) -> str:
+    return hmac.new(secret, b"referral-service http gateway", hashlib.sha256).hexdigest()
+
+
 def _metadata(context: Context) -> dict[str, str]:
     found: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
-        if key in ("authorization", "x-request-id") and isinstance(value, str):
+        if key in _WANTED and isinstance(value, str):
             found.setdefault(key, value)
     return found
 
@@ -85,11 +99,16 @@ def _bearer(header: str | None) -> str:
 
 class ApiInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
-        self, rules: dict[str, bool], authenticate: Authenticate, limits: RateLimits | None = None
+        self,
+        rules: dict[str, bool],
+        authenticate: Authenticate,
+        limits: RateLimits | None = None,
+        gateway_auth: str | None = None,
     ) -> None:
         self._rules = rules
         self._authenticate = authenticate
         self._limits = limits
+        self._gateway_auth = gateway_auth
         self._handlers: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -119,6 +138,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
     ) -> Behavior:
         authenticate = self._authenticate
         limits = self._limits if self._limits is not None and self._limits.applies(method) else None
+        gateway_auth = self._gateway_auth
 
         async def behavior(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
@@ -145,7 +165,15 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                         for key, value in context.invocation_metadata() or ()
                         if key == header and isinstance(value, str)
                     ]
-                    client = limits.address.resolve(context.peer(), forwarded)
+                    via_gateway = meta.get(GATEWAY_CLIENT)
+                    if (
+                        via_gateway
+                        and gateway_auth is not None
+                        and hmac.compare_digest(meta.get(GATEWAY_AUTH, ""), gateway_auth)
+                    ):
+                        client = limits.address.resolve_ip(via_gateway)
+                    else:
+                        client = limits.address.resolve(context.peer(), forwarded)
                     grants = await limits.admit(method, request, client)
                 failure: Reason | None = None
                 try:

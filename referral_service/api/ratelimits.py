@@ -124,6 +124,13 @@ class ClientAddress:
                     break
         return self._key(address)
 
+    def resolve_ip(self, text: str) -> str:
+        """The limit key of an address given as text (the HTTP gateway's client)."""
+        try:
+            return self._key(ipaddress.ip_address(text.strip().strip("[]")))
+        except ValueError:
+            return text[:64] or "unknown"
+
     def _key(self, address: IpAddress) -> str:
         if isinstance(address, ipaddress.IPv6Address):
             if address.ipv4_mapped is not None:

@@ -118,7 +118,9 @@ class HttpGateway:
         timeout_seconds: float,
         cors_origins: list[str],
         docs_enabled: bool,
+        gateway_auth: str | None = None,
     ) -> None:
+        self._gateway_auth = gateway_auth
         self._sock = sock
         self._target = grpc_target
         self._max_body = max_body_bytes
@@ -153,6 +155,7 @@ class HttpGateway:
             timeout_seconds=self._timeout,
             cors_origins=self._cors,
             extra=[self._extras],
+            gateway_auth=self._gateway_auth,
         )
         config = uvicorn.Config(
             self.app,

@@ -29,6 +29,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from referral_service.api.interceptors import GATEWAY_AUTH, GATEWAY_CLIENT
 from referral_service.domain.errors import Reason
 from referral_service.gateway import descriptors, envelope
 from referral_service.gateway.jsonmap import (
@@ -158,7 +159,9 @@ class Transcoder:
         timeout_seconds: float,
         cors_origins: Iterable[str] = (),
         extra: Iterable[Extra] = (),
+        gateway_auth: str | None = None,
     ) -> None:
+        self._gateway_auth = gateway_auth
         self._channel = channel
         self._routes = routes
         self._max_body = max_body_bytes
@@ -284,7 +287,8 @@ class Transcoder:
                 request_id,
                 violations=error.violations,
             )
-        return await self._forward(route, request, headers, request_id)
+        client = scope.get("client")
+        return await self._forward(route, request, headers, request_id, client[0] if client else None)
 
     async def _request(
         self,
@@ -352,11 +356,14 @@ class Transcoder:
         return to_message(data, route.request_class)
 
     async def _forward(
-        self, route: Route, request: Message, headers: dict[str, str], request_id: str
+        self, route: Route, request: Message, headers: dict[str, str], request_id: str, client: str | None
     ) -> Response:
         metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
         if "authorization" in headers:
             metadata.append(("authorization", headers["authorization"]))
+        if client and self._gateway_auth:
+            # per-address rate limits apply to the HTTP client, not to this loopback channel
+            metadata += [(GATEWAY_CLIENT, client), (GATEWAY_AUTH, self._gateway_auth)]
         call = self._calls[route.binding.grpc_path](request, metadata=metadata, timeout=self._timeout)
         try:
             response = await call
