@@ -34,6 +34,7 @@ from referral_service.integrations import http
 from referral_service.integrations.hunter import HunterVerifier
 from referral_service.ratelimit import RateLimiter, RedisRates
 from referral_service.resilience import CircuitBreaker
+from referral_service.storage import repositories as repo
 from referral_service.storage.db import Database
 
 log = logging.getLogger("referral_service")
@@ -76,6 +77,7 @@ class App:
     _db_up: bool = True
     _db_probe: asyncio.Task[None] | None = None
     _stopping: bool = False
+    _housekeeper: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -110,10 +112,27 @@ class App:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("database reachable again: health SERVING")
 
+    async def housekeeping(self) -> int:
+        """Purge expired revocations, request ids and refresh tokens; returns rows deleted."""
+        async with self.db.write() as session:
+            return await repo.purge_expired(session, utcnow())
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.housekeeping_interval.total_seconds())
+            try:
+                deleted = await self.housekeeping()
+            except Exception:
+                log.warning("housekeeping failed; retrying at the next interval", exc_info=True)
+            else:
+                if deleted:
+                    log.info("housekeeping purged %d expired rows", deleted)
+
     async def start(self) -> None:
         if self.cache.shared:
             await self.revocations.resync(utcnow())
         await self.server.start()
+        self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
         if self.enrichment is not None:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
             self.enrichment.start()
@@ -148,6 +167,8 @@ class App:
         self._stopping = True
         if self._db_probe is not None:
             self._db_probe.cancel()
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
         # HTTP first: its in-flight requests still need the gRPC server to answer them.

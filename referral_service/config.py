@@ -212,6 +212,8 @@ class Settings(BaseSettings):
     list_max_page_size: Annotated[int, Field(ge=1)] = 1000
     #: How long a request_id is remembered (AIP-155).
     request_id_ttl: timedelta = timedelta(days=1)
+    #: How often each process purges expired revocations, request ids and refresh tokens.
+    housekeeping_interval: timedelta = timedelta(hours=1)
 
     # --- integrations (all off by default) -------------------------------------------------
     # Email verification with Hunter's Email Verifier: on when REFERRAL_HUNTER_API_KEY is set.
@@ -314,6 +316,7 @@ class Settings(BaseSettings):
         "code_cache_ttl",
         "code_negative_cache_ttl",
         "request_id_ttl",
+        "housekeeping_interval",
         "hunter_cache_ttl",
         "enrichment_retry_backoff",
         "enrichment_retry_max",

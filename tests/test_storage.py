@@ -10,6 +10,7 @@ import stat
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -236,3 +237,59 @@ def test_integrations_migration_keeps_users_both_ways(empty_database: str) -> No
     assert asyncio.run(run("SELECT email FROM users")) == [("a@example.com",)]
     migrate.upgrade(empty_database)
     assert _diff(empty_database) == []
+
+
+async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
+    from datetime import timedelta
+
+    from referral.v1 import auth_pb2
+    from sqlalchemy import func, select
+
+    from referral_service.domain.clock import utcnow
+    from referral_service.storage import repositories as repo
+    from referral_service.storage.tables import IdempotencyRow, RefreshTokenRow, RevocationRow
+    from tests.conftest import bearer
+    from tests.errors import expect_error
+
+    api = await start_api(stack)
+    try:
+        email = api.unique_email()
+        user = await api.register(email)
+        tokens = await api.login(email)
+        await api.auth.Logout(auth_pb2.LogoutRequest(), metadata=bearer(tokens.access_token))
+        past = utcnow() - timedelta(days=2)
+        async with api.app.db.write() as session:
+            await repo.add_revocations(session, [("jti:long-gone", past)])
+            await repo.add_refresh_token(
+                session, jti="old", session_id="old", user_id=user.id, now=past, expire_time=past
+            )
+            await repo.remember_request(
+                session,
+                scope="register",
+                request_id="00000000-0000-4000-8000-000000000000",
+                fingerprint="x",
+                resource_id=user.id,
+                now=past,
+                expire_time=past,
+            )
+
+        async def count(table: type) -> int:
+            async with api.app.db.read() as session:
+                return int((await session.execute(select(func.count()).select_from(table))).scalar_one())
+
+        before = {t: await count(t) for t in (RevocationRow, RefreshTokenRow, IdempotencyRow)}
+        assert await api.app.housekeeping() == 3
+        after = {t: await count(t) for t in (RevocationRow, RefreshTokenRow, IdempotencyRow)}
+        assert {t: before[t] - after[t] for t in before} == {
+            RevocationRow: 1,
+            RefreshTokenRow: 1,
+            IdempotencyRow: 1,
+        }
+        # the live revocation is kept: the logged-out token stays refused
+        await expect_error(
+            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+    finally:
+        await stop_api(api)

@@ -243,9 +243,19 @@ async def live_revocations(session: AsyncSession, now: datetime) -> list[tuple[s
     return [(key, expire) for key, expire in result.all()]
 
 
-async def purge_expired(session: AsyncSession, now: datetime) -> None:
-    await session.execute(delete(RevocationRow).where(RevocationRow.expire_time <= now))
-    await session.execute(delete(IdempotencyRow).where(IdempotencyRow.expire_time <= now))
+async def purge_expired(session: AsyncSession, now: datetime) -> int:
+    """Delete what can no longer matter: revocations of tokens past their expiry, forgotten
+    request ids, and refresh tokens past their expiry (reuse detection only needs live ones).
+    Returns the number of rows deleted."""
+    deleted = 0
+    for table, column in (
+        (RevocationRow, RevocationRow.expire_time),
+        (IdempotencyRow, IdempotencyRow.expire_time),
+        (RefreshTokenRow, RefreshTokenRow.expire_time),
+    ):
+        result = await session.execute(delete(table).where(column <= now))
+        deleted += int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return deleted
 
 
 # --- idempotency (AIP-155) -----------------------------------------------------------------------
