@@ -389,7 +389,15 @@ async def build_app(settings: Settings) -> App:
         ),
     )
     gateway_auth = gateway_auth_key(secret)
-    interceptor = ApiInterceptor(access_rules(SERVICES), auth.authenticate, limits, gateway_auth)
+    interceptor = ApiInterceptor(
+        access_rules(SERVICES),
+        auth.authenticate,
+        limits,
+        gateway_auth,
+        # SQLite: a cancelled call finishes its transaction first (see the interceptor);
+        # PostgreSQL rolls an interrupted transaction back itself when the connection drops.
+        finish_when_cancelled=db.dialect == "sqlite",
+    )
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[

@@ -10,6 +10,7 @@ pass through untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -104,7 +105,9 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         authenticate: Authenticate,
         limits: RateLimits | None = None,
         gateway_auth: str | None = None,
+        finish_when_cancelled: bool = False,
     ) -> None:
+        self._finish_when_cancelled = finish_when_cancelled
         self._rules = rules
         self._authenticate = authenticate
         self._limits = limits
@@ -139,6 +142,22 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         authenticate = self._authenticate
         limits = self._limits if self._limits is not None and self._limits.applies(method) else None
         gateway_auth = self._gateway_auth
+        finish_when_cancelled = self._finish_when_cancelled
+
+        async def run(request: Any, context: Context) -> Any:
+            if not finish_when_cancelled:
+                return await inner(request, context)
+            # The caller gave up (deadline, cancel): let the unit of work finish (commit or roll
+            # back) before the call ends, instead of interrupting a database transaction midway.
+            # With aiosqlite an interrupted transaction can leave its connection holding SQLite's
+            # write lock until it is garbage-collected, blocking every later write.
+            work = asyncio.ensure_future(inner(request, context))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    await work
+                raise
 
         async def behavior(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
@@ -177,7 +196,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     grants = await limits.admit(method, request, client)
                 failure: Reason | None = None
                 try:
-                    response = await inner(request, context)
+                    response = await run(request, context)
                 except DomainError as error:
                     failure = error.reason
                     raise

@@ -13,6 +13,7 @@ INTERNAL.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from referral_service.domain.errors import Reason, Unavailable
+
+log = logging.getLogger("referral_service.db")
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -147,6 +150,7 @@ class Database:
                 yield session
         except Exception as error:
             if _is_unavailable(error):
+                log.warning("database unavailable: %s: %s", type(error).__name__, error)
                 if self._on_unavailable is not None:
                     self._on_unavailable()
                 raise Unavailable(
