@@ -138,9 +138,8 @@ class Server:
 
     @property
     def pids(self) -> list[int]:
-        pids = proc_tree(self.process.pid)
-        # a multi-worker parent is a supervisor; count its workers, not multiprocessing's tracker
-        return pids
+        """The server process and its children (a multi-worker parent's workers)."""
+        return proc_tree(self.process.pid)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -757,50 +756,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(results[-1], flush=True)
         finally:
             service.stop()
+        redis_url = REDIS_URL if cache == "redis" else None
         # cache miss: every look-up reads the database
-        service = start_service(
-            work,
-            db_url,
-            REDIS_URL if cache == "redis" else None,
-            loop,
-            REFERRAL_CODE_CACHE_TTL="0",
-            REFERRAL_CODE_NEGATIVE_CACHE_TTL="0",
-        )
-        try:
-            results.append(
-                h2load(
-                    service,
-                    "/referral.v1.ReferralService/GetReferralCodeByEmail",
-                    referral_pb2.GetReferralCodeByEmailRequest(email="alice@bench.example"),
-                    duration=duration,
-                    clients=4,
-                    streams=16,
-                    scenario="GetReferralCodeByEmail, cache miss",
-                    stack=stack,
-                )
+        results.append(
+            lookup_run(
+                work,
+                db_url,
+                redis_url,
+                loop,
+                duration,
+                stack,
+                "cache miss",
+                REFERRAL_CODE_CACHE_TTL="0",
+                REFERRAL_CODE_NEGATIVE_CACHE_TTL="0",
             )
-            print(results[-1], flush=True)
-        finally:
-            service.stop()
+        )
         if cache == "redis":
             for workers in ("1", "2"):
-                service = start_service(work, db_url, REDIS_URL, loop, REFERRAL_WORKERS=workers)
-                try:
-                    results.append(
-                        h2load(
-                            service,
-                            "/referral.v1.ReferralService/GetReferralCodeByEmail",
-                            referral_pb2.GetReferralCodeByEmailRequest(email="alice@bench.example"),
-                            duration=duration,
-                            clients=4,
-                            streams=16,
-                            scenario=f"GetReferralCodeByEmail, cache hit, {workers} worker(s)",
-                            stack=stack,
-                        )
+                results.append(
+                    lookup_run(
+                        work,
+                        db_url,
+                        redis_url,
+                        loop,
+                        duration,
+                        stack,
+                        f"cache hit, {workers} worker(s)",
+                        REFERRAL_WORKERS=workers,
                     )
-                    print(results[-1], flush=True)
-                finally:
-                    service.stop()
+                )
         if pg_url:
             drop_postgres(pg_url)
 
@@ -814,6 +798,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta["echo_idle_rss_mb"] = round(echo_idle_rss, 1)
     shutil.rmtree(work, ignore_errors=True)
     return {"meta": meta, "results": [asdict(r) for r in results]}
+
+
+def lookup_run(
+    work: Path,
+    db_url: str,
+    redis_url: str | None,
+    loop: str,
+    duration: float,
+    stack: str,
+    label: str,
+    **env: str,
+) -> Result:
+    """Start a service with ``env``, load cached look-ups of the seeded referrer, stop it."""
+    from referral.v1 import referral_pb2
+
+    service = start_service(work, db_url, redis_url, loop, **env)
+    try:
+        result = h2load(
+            service,
+            "/referral.v1.ReferralService/GetReferralCodeByEmail",
+            referral_pb2.GetReferralCodeByEmailRequest(email="alice@bench.example"),
+            duration=duration,
+            clients=4,
+            streams=16,
+            scenario=f"GetReferralCodeByEmail, {label}",
+            stack=stack,
+        )
+    finally:
+        service.stop()
+    print(result, flush=True)
+    return result
 
 
 def _frame_file(work: Path, message: Any) -> str:

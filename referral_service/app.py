@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -196,7 +197,7 @@ class App:
         log.info("stopped")
 
 
-def build_cache(settings: Settings, on_health_change: object = None) -> Cache:
+def build_cache(settings: Settings, on_health_change: Callable[[bool], None] | None = None) -> Cache:
     if settings.redis_url:
         return RedisCache(
             settings.redis_url,
@@ -204,7 +205,7 @@ def build_cache(settings: Settings, on_health_change: object = None) -> Cache:
             timeout=settings.redis_timeout_seconds,
             breaker_threshold=settings.redis_breaker_threshold,
             breaker_reset_seconds=settings.redis_breaker_reset_seconds,
-            on_health_change=on_health_change,  # type: ignore[arg-type]
+            on_health_change=on_health_change,
         )
     if settings.shared_cache_needed:
         # Workers without Redis: no per-process value cache (it could serve a deleted code);

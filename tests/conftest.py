@@ -16,6 +16,7 @@ import asyncio
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -277,6 +278,24 @@ class Api:
         user = await self.register(email)
         tokens = await self.login(email)
         return user, tokens.access_token
+
+
+def token_claims(user_id: int, **changes: Any) -> dict[str, Any]:
+    """The claims of a valid access token for ``user_id``; ``changes`` override or (with None)
+    remove claims, for forging tokens in attack tests."""
+    now = int(time.time())
+    values: dict[str, Any] = {
+        "iss": "referral-service",
+        "aud": "referral-service",
+        "sub": str(user_id),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "jti": uuid.uuid4().hex,
+        "sid": uuid.uuid4().hex,
+    }
+    values.update(changes)
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from referral_service.domain.tokens import hmac_kid
 from referral_service.storage.tables import UserRow
-from tests.conftest import PASSWORD, TEST_SECRET, Api, bearer, start_api, stop_api
+from tests.conftest import PASSWORD, TEST_SECRET, Api, bearer, start_api, stop_api, token_claims
 from tests.errors import expect_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -285,20 +285,7 @@ def _forge(claims: dict[str, object], key: str = TEST_SECRET, **headers: object)
     return jwt.encode(claims, key, algorithm="HS256", headers={"typ": "at+jwt", "kid": TEST_KID, **headers})
 
 
-def _claims(user_id: int, **changes: object) -> dict[str, object]:
-    now = int(time.time())
-    claims: dict[str, object] = {
-        "iss": "referral-service",
-        "aud": "referral-service",
-        "sub": str(user_id),
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-        "jti": uuid.uuid4().hex,
-        "sid": uuid.uuid4().hex,
-    }
-    claims.update(changes)
-    return {k: v for k, v in claims.items() if v is not None}
+_claims = token_claims
 
 
 def _b64(data: dict[str, object]) -> str:

@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf import json_format
 from referral.v1 import auth_pb2
 
-from tests.conftest import TEST_SECRET, Api, Stack, bearer, start_api, stop_api
+from tests.conftest import TEST_SECRET, Api, Stack, bearer, start_api, stop_api, token_claims
 from tests.errors import expect_error
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -51,20 +50,7 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def claims(user_id: int, **changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    values: dict[str, Any] = {
-        "iss": "referral-service",
-        "aud": "referral-service",
-        "sub": str(user_id),
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-        "jti": uuid.uuid4().hex,
-        "sid": uuid.uuid4().hex,
-    }
-    values.update(changes)
-    return {k: v for k, v in values.items() if v is not None}
+claims = token_claims
 
 
 def hs256_raw(header: dict[str, Any], payload: dict[str, Any], secret: bytes) -> str:

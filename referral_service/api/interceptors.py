@@ -76,12 +76,19 @@ def gateway_auth_key(secret: bytes) -> str:
     return hmac.new(secret, b"referral-service http gateway", hashlib.sha256).hexdigest()
 
 
-def _metadata(context: Context) -> dict[str, str]:
+def _metadata(context: Context, proxy_header: str | None) -> tuple[dict[str, str], list[str]]:
+    """One pass over the call's metadata: the first value of each key we read, and every value
+    of the trusted-proxy address header (when rate limits use one)."""
     found: dict[str, str] = {}
+    forwarded: list[str] = []
     for key, value in context.invocation_metadata() or ():
-        if key in _WANTED and isinstance(value, str):
+        if not isinstance(value, str):
+            continue
+        if key in _WANTED:
             found.setdefault(key, value)
-    return found
+        elif key == proxy_header:
+            forwarded.append(value)
+    return found, forwarded
 
 
 def _bearer(header: str | None) -> str:
@@ -142,6 +149,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         authenticate = self._authenticate
         limits = self._limits if self._limits is not None and self._limits.applies(method) else None
         gateway_auth = self._gateway_auth
+        proxy_header = limits.address.header if limits is not None else None
         finish_when_cancelled = self._finish_when_cancelled
 
         async def run(request: Any, context: Context) -> Any:
@@ -161,7 +169,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
 
         async def behavior(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
-            meta = _metadata(context)
+            meta, forwarded = _metadata(context, proxy_header)
             given = meta.get("x-request-id", "")
             request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
             request_id_var.set(request_id)
@@ -178,12 +186,6 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     principal_var.set(await authenticate(_bearer(meta.get("authorization"))))
                 grants: list[Grant] = []
                 if limits is not None:
-                    header = limits.address.header
-                    forwarded = [
-                        value
-                        for key, value in context.invocation_metadata() or ()
-                        if key == header and isinstance(value, str)
-                    ]
                     via_gateway = meta.get(GATEWAY_CLIENT)
                     if (
                         via_gateway

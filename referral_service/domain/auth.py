@@ -59,6 +59,14 @@ def _token_length(field: str, token: str) -> list[FieldViolation]:
     return []
 
 
+def _email_taken() -> AlreadyExists:
+    return AlreadyExists(
+        Reason.EMAIL_ALREADY_REGISTERED,
+        "an account with this email already exists",
+        violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
+    )
+
+
 def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -173,22 +181,14 @@ class AuthService:
                     if cmd.request_id:
                         raise _Retry from conflict
                     if conflict.constraint == "uq_users_email_key":
-                        raise AlreadyExists(
-                            Reason.EMAIL_ALREADY_REGISTERED,
-                            "an account with this email already exists",
-                            violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
-                        ) from None
+                        raise _email_taken() from None
                     raise
                 user = repo.user_model(row, profile)
         except _Retry:
             earlier = await self._replay("register", cmd.request_id, fingerprint)
             if earlier is not None:
                 return earlier
-            raise AlreadyExists(
-                Reason.EMAIL_ALREADY_REGISTERED,
-                "an account with this email already exists",
-                violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
-            ) from None
+            raise _email_taken() from None
         if owner_email_key is not None and self._on_code_used is not None:
             await self._on_code_used(owner_email_key)
         if user.profile is not None and self._on_profile_queued is not None:
@@ -206,11 +206,7 @@ class AuthService:
         async with self._db.read() as session:
             taken = await repo.user_by_email_key(session, email.key) is not None
         if taken:
-            raise AlreadyExists(
-                Reason.EMAIL_ALREADY_REGISTERED,
-                "an account with this email already exists",
-                violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
-            )
+            raise _email_taken()
         hashing = asyncio.ensure_future(self._hasher.hash(password))
         try:
             verification = await self._verification.check(email)
@@ -290,9 +286,7 @@ class AuthService:
                     is_superuser=True,
                 )
             except Conflict:
-                raise AlreadyExists(
-                    Reason.EMAIL_ALREADY_REGISTERED, "that email was just registered"
-                ) from None
+                raise _email_taken() from None
             return repo.user_model(row), True
 
     # --- tokens ------------------------------------------------------------------------------

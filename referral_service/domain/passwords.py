@@ -46,9 +46,9 @@ class PasswordHasher:
         )
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
         self._slots = asyncio.Semaphore(workers + queue)
-        # A real hash of a random string: verifying against it costs what a real verify costs,
-        # so unknown emails take as long as wrong passwords.
-        self._dummy = self._argon2.hash("dummy password used to equalise login timing")
+        # A real hash to verify unknown emails against, so they take as long as wrong passwords.
+        # Made on first use, in the pool: hashing at construction would block the event loop.
+        self._dummy: str | None = None
 
     async def _run(self, fn: Callable[..., T], *args: str) -> T:
         async with self._slots:
@@ -71,6 +71,8 @@ class PasswordHasher:
         """Verify ``password``; with ``stored=None`` (unknown user) verify against a dummy hash
         and report failure, taking the same time."""
         if stored is None:
+            if self._dummy is None:
+                self._dummy = await self.hash("dummy password used to equalise login timing")
             await self._run(self._verify_sync, self._dummy, password)
             return VerifyResult(ok=False)
         return await self._run(self._verify_sync, stored, password)
