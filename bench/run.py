@@ -105,11 +105,11 @@ def grpc_frame(message: Any) -> bytes:
 class Server:
     """A server subprocess: the service (``referral-service serve``) or the echo baseline."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], port: int, workdir: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], port: int, workdir: Path, cwd: Path) -> None:
         self.port = port
         self.log = workdir / f"server-{port}.log"
         with self.log.open("w") as sink:
-            self.process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=sink, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
         try:
             wait_port(port)
         except RuntimeError:
@@ -151,7 +151,7 @@ class Server:
 
 def start_echo(workdir: Path, loop: str) -> Server:
     port = free_port()
-    return Server([sys.executable, "-m", "bench.echo", str(port), loop], dict(os.environ), port, ROOT)
+    return Server([sys.executable, "-m", "bench.echo", str(port), loop], dict(os.environ), port, workdir, ROOT)
 
 
 def start_service(workdir: Path, database_url: str, redis_url: str | None, loop: str, **env: str) -> Server:
@@ -183,7 +183,7 @@ def start_service(workdir: Path, database_url: str, redis_url: str | None, loop:
     argv = [sys.executable, "-m", "referral_service", "serve"]
     if variables["REFERRAL_WORKERS"] != "1":
         argv += ["--workers", variables["REFERRAL_WORKERS"]]
-    return Server(argv, variables, port, workdir)
+    return Server(argv, variables, port, workdir, workdir)
 
 
 # --- load ---------------------------------------------------------------------------------------
