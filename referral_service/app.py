@@ -15,7 +15,12 @@ from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service.api.auth import AuthServicer
 from referral_service.api.health import GracefulHealthServicer
-from referral_service.api.interceptors import ApiInterceptor, access_rules, gateway_auth_key
+from referral_service.api.interceptors import (
+    ApiInterceptor,
+    access_rules,
+    gateway_auth_key,
+    read_only_methods,
+)
 from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
 from referral_service.api.referral import ReferralServicer
 from referral_service.cache import Cache, MemoryCache, RedisCache
@@ -398,6 +403,7 @@ async def build_app(settings: Settings) -> App:
         # SQLite: a cancelled call finishes its transaction first (see the interceptor);
         # PostgreSQL rolls an interrupted transaction back itself when the connection drops.
         finish_when_cancelled=db.dialect == "sqlite",
+        read_only=read_only_methods(SERVICES),
     )
     server = grpc.aio.server(
         interceptors=[interceptor],

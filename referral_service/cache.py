@@ -218,7 +218,9 @@ class RedisCache:
         self._errors: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError, TimeoutError)
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
-            socket_timeout=timeout,
+            # Every operation runs under one deadline in _call(); a per-socket timeout would add
+            # a wait_for (a task) per write and a timer per read.
+            socket_timeout=None,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
@@ -250,7 +252,8 @@ class RedisCache:
         if not self.breaker.allow():
             raise ConnectionError("redis circuit breaker is open")
         try:
-            result = await asyncio.wait_for(fn(), timeout=self._timeout * 2)
+            async with asyncio.timeout(self._timeout * 2):  # no extra task per call, unlike wait_for
+                result = await fn()
         except self._errors as error:
             self.breaker.failure(error)
             raise ConnectionError(str(error)) from error

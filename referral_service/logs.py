@@ -6,10 +6,13 @@ are appended to text lines and become keys of JSON lines. Secrets never reach a 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
+from typing import TextIO
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -20,7 +23,63 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and k[0] != "_"}
+
+
+class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that does not make a write system call per line: lines collect in a
+    buffer written out every ``interval`` seconds (by a daemon thread), when it passes
+    ``capacity`` bytes, at once for WARNING and above, and at exit. Every call writes an
+    access-log line, so at thousands of calls per second this is most of the cost of logging;
+    at most ``interval`` seconds of INFO lines can be lost if the process is killed."""
+
+    def __init__(self, stream: TextIO, interval: float = 0.2, capacity: int = 64 * 1024) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._size = 0
+        self._capacity = capacity
+        self._interval = interval
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)  # emit() runs under the handler's lock
+        self._size += len(line)
+        if record.levelno >= logging.WARNING or self._size >= self._capacity:
+            self._write()
+
+    def _write(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._size = 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # the stream is gone (closed pipe at exit): nothing to do
+            pass
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+    def _flush_periodically(self) -> None:
+        while not self._closed.wait(self._interval):
+            if self._pending:
+                self.flush()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+        super().close()
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,11 +128,14 @@ def configure(level: str, fmt: str, worker: int | None = None) -> None:
     logging.logMultiprocessing = False
     if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
         logging.logAsyncioTasks = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BufferedStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     if worker is not None:
         handler.addFilter(_WorkerFilter(worker))
     root = logging.getLogger()
+    for previous in root.handlers:
+        if isinstance(previous, BufferedStreamHandler):
+            previous.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

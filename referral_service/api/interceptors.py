@@ -14,10 +14,11 @@ import contextlib
 import contextvars
 import hashlib
 import hmac
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
@@ -55,6 +56,29 @@ def access_rules(services: Iterable[ServiceDescriptor]) -> dict[str, bool]:
                 raise RuntimeError(f"{method.full_name} has no (referral.v1.access) option")
             rules[f"/{service.full_name}/{method.name}"] = level != options_pb2.ACCESS_PUBLIC
     return rules
+
+
+def read_only_methods(services: Iterable[ServiceDescriptor]) -> set[str]:
+    """``/package.Service/Method`` of the methods bound to HTTP GET by ``google.api.http``: by
+    AIP-131/132 they read and change nothing, so there is no transaction to protect."""
+    from google.api import annotations_pb2
+
+    return {
+        f"/{service.full_name}/{method.name}"
+        for service in services
+        for method in service.methods
+        if method.GetOptions().Extensions[annotations_pb2.http].get
+    }
+
+
+#: Request ids the server makes: a random per-process prefix and a counter (unique across
+#: processes and restarts, and far cheaper than a uuid4 per call).
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
 def current_principal() -> Principal:
@@ -113,8 +137,10 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         limits: RateLimits | None = None,
         gateway_auth: str | None = None,
         finish_when_cancelled: bool = False,
+        read_only: set[str] | None = None,
     ) -> None:
         self._finish_when_cancelled = finish_when_cancelled
+        self._read_only = read_only or set()
         self._rules = rules
         self._authenticate = authenticate
         self._limits = limits
@@ -150,7 +176,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         limits = self._limits if self._limits is not None and self._limits.applies(method) else None
         gateway_auth = self._gateway_auth
         proxy_header = limits.address.header if limits is not None else None
-        finish_when_cancelled = self._finish_when_cancelled
+        finish_when_cancelled = self._finish_when_cancelled and method not in self._read_only
 
         async def run(request: Any, context: Context) -> Any:
             if not finish_when_cancelled:
@@ -170,9 +196,10 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
             meta, forwarded = _metadata(context, proxy_header)
-            given = meta.get("x-request-id", "")
-            request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+            given = meta.get("x-request-id")
+            request_id = given if given and _REQUEST_ID_RE.fullmatch(given) else new_request_id()
             request_id_var.set(request_id)
+            peer: str = context.peer()
             code = grpc.StatusCode.OK
             reason = ""
             try:
@@ -194,7 +221,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     ):
                         client = limits.address.resolve_ip(via_gateway)
                     else:
-                        client = limits.address.resolve(context.peer(), forwarded)
+                        client = limits.address.resolve(peer, forwarded)
                     grants = await limits.admit(method, request, client)
                 failure: Reason | None = None
                 try:
@@ -225,18 +252,19 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 await cast(Any, context).abort_with_status(status)
             finally:
                 principal = principal_var.get()
+                elapsed_ms = (time.perf_counter() - started) * 1000
                 access_log.info(
                     "%s %s %.1fms",
                     method,
                     code.name,
-                    (time.perf_counter() - started) * 1000,
+                    elapsed_ms,
                     extra={
                         "method": method,
                         "code": code.name,
                         "reason": reason,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "duration_ms": round(elapsed_ms, 3),
                         "request_id": request_id,
-                        "peer": context.peer(),
+                        "peer": peer,
                         "user_id": principal.user_id if principal else None,
                     },
                 )

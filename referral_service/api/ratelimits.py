@@ -24,6 +24,7 @@ whole /64.
 from __future__ import annotations
 
 import hashlib
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -103,12 +104,16 @@ class ClientAddress:
         self._trusted: list[IpNetwork] = [ipaddress.ip_network(c, strict=False) for c in trusted_proxies]
         self.header = header.lower()
         self._ipv6_prefix = ipv6_prefix
+        # Peers repeat (one per connection): parse each one once.
+        self._peer_key = functools.lru_cache(maxsize=4096)(self._peer_key_uncached)
 
     def _is_trusted(self, address: IpAddress) -> bool:
         return any(address in network for network in self._trusted)
 
     def resolve(self, peer: str, forwarded: Sequence[str]) -> str:
         """The limit key of the client: an IP (v4) or a network (v6), or the raw peer."""
+        if not (self._trusted and forwarded):
+            return self._peer_key(peer)
         address = parse_peer(peer)
         if address is None:
             return peer or "unknown"
@@ -123,6 +128,10 @@ class ClientAddress:
                 if not self._is_trusted(candidate):
                     break
         return self._key(address)
+
+    def _peer_key_uncached(self, peer: str) -> str:
+        address = parse_peer(peer)
+        return peer or "unknown" if address is None else self._key(address)
 
     def resolve_ip(self, text: str) -> str:
         """The limit key of an address given as text (the HTTP gateway's client)."""
