@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+    from redis.commands.core import AsyncScript
 
 # Re-exported: CircuitBreaker lived here before it was shared with the HTTP integrations.
 from referral_service.ratelimit import GCRA_SCRIPT
@@ -196,6 +197,78 @@ return 1
 """
 
 
+class AutoPipeline:
+    """Script calls made while a batch is on the wire leave together in the next one: under
+    load, one write and one read serve many concurrent calls instead of a round trip each
+    (what ioredis calls auto-pipelining, and Lettuce does by default). An idle client sends a
+    call at once (one loop iteration later, so that calls made together leave together).
+
+    Callers wait on a future; one that gives up (deadline) simply stops waiting. A script the
+    server does not know (after a restart or SCRIPT FLUSH) is loaded and the call retried.
+    """
+
+    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._queue: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((script, keys, args, future))
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(self._send_all())
+        return future
+
+    async def _send_all(self) -> None:
+        batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._send([item for item in batch if not item[3].done()])
+        except BaseException as error:  # cancelled (shutdown): fail every waiting call
+            for *_, future in batch + self._queue:
+                if not future.done():
+                    future.set_exception(ConnectionError(f"redis call not completed: {error!r}"))
+            self._queue = []
+            raise
+        finally:
+            self._sender = None
+
+    async def _send(self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]) -> None:
+        if not batch:
+            return
+        from redis.exceptions import NoScriptError
+
+        results: list[Any]
+        try:
+            async with asyncio.timeout(self._timeout):
+                if len(batch) == 1:
+                    script, keys, args, _ = batch[0]
+                    results = [await script(keys=keys, args=args)]
+                else:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for script, keys, args, _ in batch:
+                            pipe.evalsha(script.sha, len(keys), *keys, *args)
+                        results = await pipe.execute(raise_on_error=False)
+                    for index, result in enumerate(results):
+                        if isinstance(result, NoScriptError):
+                            script, keys, args, _ = batch[index]
+                            results[index] = await script(keys=keys, args=args)  # loads it
+        except Exception as error:  # the connection failed or timed out: every call failed
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 class RedisCache:
     backend = "redis"
     shared = True
@@ -236,6 +309,7 @@ class RedisCache:
         self._invalidate = self._redis.register_script(_INVALIDATE)
         self._any_revoked = self._redis.register_script(_ANY_REVOKED)
         self._gcra = self._redis.register_script(GCRA_SCRIPT)
+        self._batch = AutoPipeline(self._redis, timeout * 2)
         self._sentinel = f"{prefix}rev-seeded"
         self._epoch_key = f"{prefix}epoch"
         #: An invalidation failed: do not use cached values until the epoch has been bumped.
@@ -267,7 +341,7 @@ class RedisCache:
         if self._dirty:
             return Lookup(hit=False)
         try:
-            raw, version, epoch = await self._call(lambda: self._lookup(keys=self._keys(key)))
+            raw, version, epoch = await self._call(lambda: self._batch.call(self._lookup, self._keys(key), []))
         except ConnectionError:
             return Lookup(hit=False)
         version = _text(version)
@@ -285,13 +359,17 @@ class RedisCache:
         version, epoch = stamp
         data = f"{epoch}:{version}|".encode() + value
         try:
-            await self._call(lambda: self._fill(keys=self._keys(key), args=[version, epoch, data, ttl_ms]))
+            await self._call(
+                lambda: self._batch.call(self._fill, self._keys(key), [version, epoch, data, ttl_ms])
+            )
         except ConnectionError:
             return
 
     async def invalidate(self, key: str) -> None:
         try:
-            await self._call(lambda: self._invalidate(keys=self._keys(key)[:2], args=[_VERSION_TTL_MS]))
+            await self._call(
+                lambda: self._batch.call(self._invalidate, self._keys(key)[:2], [_VERSION_TTL_MS])
+            )
         except ConnectionError:
             self._mark_dirty()
 
@@ -351,7 +429,7 @@ class RedisCache:
     async def any_revoked(self, keys: Sequence[str]) -> bool | None:
         names = [self._sentinel] + [f"{self._prefix}rev:{key}" for key in keys]
         try:
-            count = await self._call(lambda: self._any_revoked(keys=names))
+            count = await self._call(lambda: self._batch.call(self._any_revoked, names, []))
         except ConnectionError:
             return None
         if int(count) < 0:
@@ -377,7 +455,7 @@ class RedisCache:
         unavailable."""
         try:
             result = await self._call(
-                lambda: self._gcra(keys=[f"{self._prefix}rl:{key}"], args=[interval_ms, period_ms, cost])
+                lambda: self._batch.call(self._gcra, [f"{self._prefix}rl:{key}"], [interval_ms, period_ms, cost])
             )
         except ConnectionError:
             return None

@@ -180,3 +180,33 @@ async def test_the_service_starts_and_serves_with_redis_unreachable(stack: Stack
     finally:
         await stop_api(api)
         await proxy.close()
+
+
+async def test_concurrent_lookups_through_redis_each_get_their_own_answer(api: Api) -> None:
+    """Calls made together share Redis round trips (auto-pipelining): every answer must still
+    reach the call that asked, including the misses, the fills and the rate-limit steps."""
+    owners = [await _owner_with_code(api) for _ in range(8)]
+    unknown = [api.unique_email() for _ in range(8)]
+    for _round in range(3):  # a cold cache (misses then fills), then warm ones (hits)
+        calls = [_lookup(api, email) for email, _, _ in owners for _ in range(6)]
+        results = await asyncio.gather(*calls)
+        assert [r.code for r in results] == [code.code for _, _, code in owners for _ in range(6)]
+        for email in unknown:
+            await expect_error(_lookup(api, email), grpc.StatusCode.NOT_FOUND, "REFERRAL_CODE_NOT_FOUND")
+
+
+async def test_lookups_recover_when_redis_forgets_its_scripts(api: Api) -> None:
+    """Redis restarted empty (or SCRIPT FLUSH): the server loads its Lua scripts again, within
+    batches of concurrent calls too, and answers as before."""
+    import redis.asyncio as aioredis
+
+    assert api.stack.redis_url is not None
+    owners = [await _owner_with_code(api) for _ in range(4)]
+    assert [(await _lookup(api, e)).code for e, _, _ in owners] == [c.code for _, _, c in owners]
+    client = aioredis.Redis.from_url(api.stack.redis_url)
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+    results = await asyncio.gather(*(_lookup(api, email) for email, _, _ in owners for _ in range(5)))
+    assert [r.code for r in results] == [code.code for _, _, code in owners for _ in range(5)]
