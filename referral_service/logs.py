@@ -39,7 +39,7 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._size = 0
         self._capacity = capacity
         self._interval = interval
-        self._closed = threading.Event()
+        self._stop_flushing = threading.Event()
         self._thread = threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True)
         self._thread.start()
         atexit.register(self.flush)
@@ -72,12 +72,12 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write()
 
     def _flush_periodically(self) -> None:
-        while not self._closed.wait(self._interval):
+        while not self._stop_flushing.wait(self._interval):
             if self._pending:
                 self.flush()
 
     def close(self) -> None:
-        self._closed.set()
+        self._stop_flushing.set()
         self.flush()
         super().close()
 

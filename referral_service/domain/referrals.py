@@ -355,11 +355,11 @@ class ReferralService:
                 raise PermissionDenied(Reason.PERMISSION_DENIED, "you may only list your own referrals")
         after_id = self._read_page_token(page_token, referrer_id) if page_token else 0
         size = min(page_size or self._default_page, self._max_page)
-        async with self._db.read() as session:
-            total = await repo.referral_count(session, referrer_id)
+        async with self._db.reader() as conn:
+            total = await repo.referral_count(conn, referrer_id)
             if total is None:
                 raise NotFound(Reason.USER_NOT_FOUND, "no user with this id")
-            rows = await repo.referral_page(session, referrer_id, after_id, size + 1)
+            rows = await repo.referral_page(conn, referrer_id, after_id, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         token = self._page_token(referrer_id, rows[-1].user_id) if more and rows else ""

@@ -48,8 +48,8 @@ class Revocations:
                 return answer
             if self._cache.shared:
                 self._schedule_resync()
-        async with self._db.read() as session:
-            return await repo.any_revoked(session, keys, now)
+        async with self._db.reader() as conn:
+            return await repo.any_revoked(conn, keys, now)
 
     async def resync(self, now: datetime) -> bool:
         async with self._db.read() as session:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from referral_service.domain import models
 from referral_service.storage.tables import (
@@ -51,6 +51,10 @@ def _conflict(error: IntegrityError) -> Conflict | None:
             return Conflict(name)
     return None
 
+
+#: Core-only reads (columns, not ORM rows) run on a session or on a bare connection
+#: (``Database.reader()``, the cheaper path for hot reads).
+Reader = AsyncSession | AsyncConnection
 
 async def flush(session: AsyncSession) -> None:
     try:
@@ -229,7 +233,7 @@ async def add_revocations(session: AsyncSession, entries: Sequence[tuple[str, da
     await session.flush()
 
 
-async def any_revoked(session: AsyncSession, keys: Sequence[str], now: datetime) -> bool:
+async def any_revoked(session: Reader, keys: Sequence[str], now: datetime) -> bool:
     result = await session.execute(
         select(exists().where(RevocationRow.key.in_(keys), RevocationRow.expire_time > now))
     )
@@ -409,7 +413,7 @@ async def claim_code_use(session: AsyncSession, code_id: int, now: datetime) -> 
 
 
 async def referral_page(
-    session: AsyncSession, referrer_id: int, after_id: int, limit: int
+    session: Reader, referrer_id: int, after_id: int, limit: int
 ) -> list[models.Referral]:
     """Keyset pagination on (referrer_id, id): the cost of a page does not depend on its depth."""
     result = await session.execute(
@@ -425,7 +429,7 @@ async def referral_page(
     ]
 
 
-async def referral_count(session: AsyncSession, referrer_id: int) -> int | None:
+async def referral_count(session: Reader, referrer_id: int) -> int | None:
     result = await session.execute(select(UserRow.referral_count).where(UserRow.id == referrer_id))
     value = result.scalar_one_or_none()
     return None if value is None else int(value)
