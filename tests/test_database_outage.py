@@ -110,6 +110,36 @@ async def test_database_down_fails_fast_reports_not_serving_and_recovers(
 
 
 @pytest.mark.postgres_stacks
+async def test_a_database_restart_while_the_pool_is_idle_costs_no_call(
+    proxied_db: tuple[Api, Proxy],
+) -> None:
+    """Pooled connections that idled through a restart are checked (and replaced) before a call
+    uses them: no call sees the restart. Busy connections skip the check (see db.py)."""
+    from referral_service.storage.db import PING_AFTER_IDLE_SECONDS
+
+    api, proxy = proxied_db
+    owner = api.unique_email()
+    user = await api.register(owner)
+    tokens = await api.login(owner)
+    for _ in range(3):  # several pooled connections, each used and returned
+        await asyncio.gather(*(api.login(owner) for _ in range(4)))
+    proxy.restore()  # the server "restarted": every open connection is gone, new ones work
+    await asyncio.sleep(PING_AFTER_IDLE_SECONDS + 0.2)
+    results = await asyncio.gather(
+        *(api.login(owner) for _ in range(4)),
+        *(
+            api.referral.ListReferrals(
+                referral_pb2.ListReferralsRequest(referrer_id=user.id),
+                metadata=bearer(tokens.access_token),
+                timeout=DEADLINE,
+            )
+            for _ in range(4)
+        ),
+    )
+    assert len(results) == 8  # every call answered OK
+
+
+@pytest.mark.postgres_stacks
 async def test_no_committed_write_is_lost_across_an_outage(proxied_db: tuple[Api, Proxy]) -> None:
     """Registrations under load while the database goes away and comes back: every call that
     answered OK has its row; every failed one, retried with its request_id, yields exactly one

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -155,7 +155,36 @@ async def user_by_email_key(session: AsyncSession, email_key: str) -> UserRow | 
     return result.scalar_one_or_none()
 
 
-async def set_password_hash(session: AsyncSession, user_id: int, password_hash: str, now: datetime) -> None:
+# Statements of the hottest paths are built once, with bind parameters: building a statement
+# and its cache key costs more event-loop time than SQLite takes to run it.
+_LOGIN_CREDENTIALS = select(UserRow.id, UserRow.password_hash, UserRow.is_active).where(
+    UserRow.email_key == bindparam("email_key")
+)
+_INSERT_REFRESH_TOKEN = insert(RefreshTokenRow)
+_ANY_REVOKED = select(
+    exists().where(
+        RevocationRow.key.in_(bindparam("keys", expanding=True)),
+        RevocationRow.expire_time > bindparam("now"),
+    )
+)
+
+_REFERRAL_PAGE = (
+    select(UserRow.id, UserRow.email, UserRow.create_time, ReferralCodeRow.code)
+    .outerjoin(ReferralCodeRow, ReferralCodeRow.id == UserRow.referral_code_id)
+    .where(UserRow.referrer_id == bindparam("referrer_id"), UserRow.id > bindparam("after_id"))
+    .order_by(UserRow.id)
+    .limit(bindparam("limit"))
+)
+_REFERRAL_COUNT = select(UserRow.referral_count).where(UserRow.id == bindparam("user_id"))
+
+
+async def login_credentials(conn: Reader, email_key: str) -> Row[tuple[int, str, bool]] | None:
+    """(id, password_hash, is_active) of the account with this email, for a login."""
+    result = await conn.execute(_LOGIN_CREDENTIALS, {"email_key": email_key})
+    return result.one_or_none()
+
+
+async def set_password_hash(session: Reader, user_id: int, password_hash: str, now: datetime) -> None:
     await session.execute(
         update(UserRow).where(UserRow.id == user_id).values(password_hash=password_hash, update_time=now)
     )
@@ -177,7 +206,7 @@ async def make_superuser(session: AsyncSession, user_id: int, now: datetime) -> 
 
 
 async def add_refresh_token(
-    session: AsyncSession,
+    session: Reader,
     *,
     jti: str,
     session_id: str,
@@ -188,9 +217,8 @@ async def add_refresh_token(
     # A Core INSERT, not session.add() + flush(): on the login path the ORM's unit of work cost
     # more event-loop time than everything else but argon2.
     await session.execute(
-        insert(RefreshTokenRow).values(
-            jti=jti, session_id=session_id, user_id=user_id, create_time=now, expire_time=expire_time
-        )
+        _INSERT_REFRESH_TOKEN,
+        {"jti": jti, "session_id": session_id, "user_id": user_id, "create_time": now, "expire_time": expire_time},
     )
 
 
@@ -234,9 +262,7 @@ async def add_revocations(session: AsyncSession, entries: Sequence[tuple[str, da
 
 
 async def any_revoked(session: Reader, keys: Sequence[str], now: datetime) -> bool:
-    result = await session.execute(
-        select(exists().where(RevocationRow.key.in_(keys), RevocationRow.expire_time > now))
-    )
+    result = await session.execute(_ANY_REVOKED, {"keys": list(keys), "now": now})
     return bool(result.scalar())
 
 
@@ -417,11 +443,7 @@ async def referral_page(
 ) -> list[models.Referral]:
     """Keyset pagination on (referrer_id, id): the cost of a page does not depend on its depth."""
     result = await session.execute(
-        select(UserRow.id, UserRow.email, UserRow.create_time, ReferralCodeRow.code)
-        .outerjoin(ReferralCodeRow, ReferralCodeRow.id == UserRow.referral_code_id)
-        .where(UserRow.referrer_id == referrer_id, UserRow.id > after_id)
-        .order_by(UserRow.id)
-        .limit(limit)
+        _REFERRAL_PAGE, {"referrer_id": referrer_id, "after_id": after_id, "limit": limit}
     )
     return [
         models.Referral(user_id=uid, email=email, join_time=joined, code=code or "")
@@ -430,7 +452,7 @@ async def referral_page(
 
 
 async def referral_count(session: Reader, referrer_id: int) -> int | None:
-    result = await session.execute(select(UserRow.referral_count).where(UserRow.id == referrer_id))
+    result = await session.execute(_REFERRAL_COUNT, {"user_id": referrer_id})
     value = result.scalar_one_or_none()
     return None if value is None else int(value)
 
