@@ -35,9 +35,6 @@ from referral_service.domain.tokens import TokenCodec, TokenConfig, TokenKey, hm
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification, EmailVerifier
 from referral_service.gateway import HttpGateway, bind, loopback_target
-from referral_service.integrations import enrichment as enrichment_providers
-from referral_service.integrations import http
-from referral_service.integrations.hunter import HunterVerifier
 from referral_service.ratelimit import RateLimiter, RedisRates
 from referral_service.resilience import CircuitBreaker
 from referral_service.storage import repositories as repo
@@ -222,6 +219,10 @@ def build_cache(settings: Settings, on_health_change: Callable[[bool], None] | N
 def build_verifier(settings: Settings) -> EmailVerifier | None:
     if settings.hunter_api_key is None:
         return None
+    # The HTTP client (httpx, ~4 MB with what it imports) is loaded only when a provider is on.
+    from referral_service.integrations import http
+    from referral_service.integrations.hunter import HunterVerifier
+
     return HunterVerifier(
         http.client(
             connect_timeout=settings.hunter_connect_timeout_seconds,
@@ -245,6 +246,9 @@ def build_profile_provider(settings: Settings) -> ProfileProvider | None:
     if settings.enrichment_provider is EnrichmentProviderName.NONE:
         return None
     assert settings.enrichment_api_key is not None  # checked by Settings
+    from referral_service.integrations import enrichment as enrichment_providers
+    from referral_service.integrations import http
+
     kinds: dict[EnrichmentProviderName, tuple[type[enrichment_providers.ClearbitProvider], str]] = {
         EnrichmentProviderName.CLEARBIT: (
             enrichment_providers.ClearbitProvider,
