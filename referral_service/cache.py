@@ -41,6 +41,8 @@ log = logging.getLogger("referral_service.cache")
 T = TypeVar("T")
 
 _VERSION_TTL_MS = 24 * 3600 * 1000
+#: A queued script call: the script, its keys and arguments, and the caller's future.
+_Queued = tuple["AsyncScript", list[Any], list[Any], "asyncio.Future[Any]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,11 @@ class AutoPipeline:
     (what ioredis calls auto-pipelining, and Lettuce does by default). An idle client sends a
     call at once (one loop iteration later, so that calls made together leave together).
 
+    Batches go over one dedicated connection, written and read directly (redis-py's
+    connection and its hiredis parser, without the per-command client, pool and pipeline
+    layers, which cost more event-loop time than the round trip itself). A connection that
+    fails or times out is dropped by redis-py and reopened by the next batch.
+
     Callers wait on a future; one that gives up (deadline) simply stops waiting. A script the
     server does not know (after a restart or SCRIPT FLUSH) is loaded and the call retried.
     """
@@ -210,8 +217,9 @@ class AutoPipeline:
     def __init__(self, client: aioredis.Redis, timeout: float) -> None:
         self._client = client
         self._timeout = timeout
-        self._queue: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._queue: list[_Queued] = []
         self._sender: asyncio.Task[None] | None = None
+        self._conn: Any = None
 
     def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -221,7 +229,7 @@ class AutoPipeline:
         return future
 
     async def _send_all(self) -> None:
-        batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
+        batch: list[_Queued] = []
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
@@ -235,26 +243,28 @@ class AutoPipeline:
         finally:
             self._sender = None
 
-    async def _send(self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[_Queued]) -> None:
         if not batch:
             return
-        from redis.exceptions import NoScriptError
+        from redis.exceptions import NoScriptError, ResponseError
 
-        results: list[Any]
+        results: list[Any] = []
         try:
             async with asyncio.timeout(self._timeout):
-                if len(batch) == 1:
-                    script, keys, args, _ = batch[0]
-                    results = [await script(keys=keys, args=args)]
-                else:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for script, keys, args, _ in batch:
-                            pipe.evalsha(script.sha, len(keys), *keys, *args)
-                        results = await pipe.execute(raise_on_error=False)
-                    for index, result in enumerate(results):
-                        if isinstance(result, NoScriptError):
-                            script, keys, args, _ = batch[index]
-                            results[index] = await script(keys=keys, args=args)  # loads it
+                if self._conn is None:
+                    self._conn = await self._client.connection_pool.get_connection()
+                conn = self._conn
+                commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                for _ in batch:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as error:  # this call's error; the stream is intact
+                        results.append(error)
+                for index, result in enumerate(results):
+                    if isinstance(result, NoScriptError):
+                        script, keys, args, _ = batch[index]
+                        results[index] = await script(keys=keys, args=args)  # loads it
         except Exception as error:  # the connection failed or timed out: every call failed
             for *_, future in batch:
                 if not future.done():
@@ -267,6 +277,14 @@ class AutoPipeline:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.disconnect()
+            await self._client.connection_pool.release(conn)
 
 
 class RedisCache:
@@ -471,6 +489,7 @@ class RedisCache:
     async def close(self) -> None:
         if self._repair is not None:
             self._repair.cancel()
+        await self._batch.close()
         await self._redis.aclose()
 
 
