@@ -21,6 +21,8 @@ class RichError:
     request_id: str
     retry_seconds: float | None
     error_infos: int
+    #: QuotaFailure violations: (subject, quota_id, quota_value)
+    quota: list[tuple[str, str, int]]
 
 
 def rich(error: grpc.aio.AioRpcError) -> RichError:
@@ -28,6 +30,7 @@ def rich(error: grpc.aio.AioRpcError) -> RichError:
     assert status is not None, f"no google.rpc.Status details on {error.code()}: {error.details()}"
     infos, fields, field_reasons = [], {}, {}
     request_id, retry = "", None
+    quota: list[tuple[str, str, int]] = []
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -43,6 +46,10 @@ def rich(error: grpc.aio.AioRpcError) -> RichError:
             info_r = error_details_pb2.RequestInfo()
             detail.Unpack(info_r)
             request_id = info_r.request_id
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            quota += [(v.subject, v.quota_id, v.quota_value) for v in failure.violations]
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             retry_info = error_details_pb2.RetryInfo()
             detail.Unpack(retry_info)
@@ -59,6 +66,7 @@ def rich(error: grpc.aio.AioRpcError) -> RichError:
         request_id=request_id,
         retry_seconds=retry,
         error_infos=len(infos),
+        quota=quota,
     )
 
 

@@ -2,8 +2,9 @@
 restarted (a real restart of a redis-server this script owns, which loses every key) and
 PostgreSQL "restarted" (every connection dropped and refused for a few seconds by a loopback
 proxy, so the shared database server of this machine is not disturbed) once each. Prints calls
-made, failures by status, rows expected vs found and the server's RSS at start and end. Exits 1
-when a row is missing or a call failed with UNKNOWN/INTERNAL.
+made, failures by status, rows expected vs found and the server's RSS sampled through the run.
+Exits 1 when a row is missing, a call failed with UNKNOWN/INTERNAL, or RSS keeps growing in
+the second half of the run (the first half is warm-up).
 
     python -m tests.soak --seconds 120 [--workers 12]
 """
@@ -255,8 +256,17 @@ async def drive(
             await asyncio.sleep(3.0)
             proxy.restore()
 
-        await asyncio.gather(chaos(), *(load.worker(until) for _ in range(workers)))
+        samples: list[tuple[float, int]] = [(0.0, rss_start)]
+
+        async def sample_rss() -> None:
+            every = max(5.0, seconds / 20)
+            while time.monotonic() + every < until:
+                await asyncio.sleep(every)
+                samples.append((time.monotonic() - started, rss_kib(pid)))
+
+        await asyncio.gather(chaos(), sample_rss(), *(load.worker(until) for _ in range(workers)))
         rss_end = rss_kib(pid)
+        samples.append((time.monotonic() - started, rss_end))
         # a well-behaved client retries failed registrations with the same request_id
         for request_id, (email, code) in load.registrations.items():
             if request_id in load.registered:
@@ -287,8 +297,18 @@ async def drive(
     print(f"rows (users) expected: {expected}  found: {found}  (registrations attempted: {attempted})")
     print(f"database invariants: {invariants}")
     print(f"server RSS: start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB")
+    print("server RSS over time (MiB): " + ", ".join(f"{t:.0f}s {kib / 1024:.1f}" for t, kib in samples))
+    # Warm-up (caches, pools, allocator arenas) fills the first half; a leak keeps growing in
+    # the second. Growth there of more than 5% (and 8 MiB) fails the soak.
+    halfway = min(samples, key=lambda sample: abs(sample[0] - seconds / 2))[1]
+    growth = rss_end - halfway
+    growing = growth > 8 * 1024 and growth > halfway * 0.05
+    print(
+        f"RSS growth over the second half: {growth / 1024:+.1f} MiB "
+        f"({100 * growth / halfway:+.1f}%): {'GROWING' if growing else 'flat'}"
+    )
     broken = sum(c[k] for c in load.failures.values() for k in ("UNKNOWN", "INTERNAL", "DATA_LOSS"))
-    return 0 if found == expected and invariants == "hold" and broken == 0 else 1
+    return 0 if found == expected and invariants == "hold" and broken == 0 and not growing else 1
 
 
 def main() -> int:

@@ -44,6 +44,8 @@ def assert_quota(error: RichError, name: str, value: int) -> None:
     assert error.retry_seconds is not None
     assert error.retry_seconds > 0
     assert int(error.metadata["retry_after_seconds"]) >= 1
+    # the standard QuotaFailure detail names the same limit
+    assert error.quota == [(error.metadata["quota_subject"], name, value)]
 
 
 def login(api: Api, email: str, password: str = PASSWORD, **kw: Any) -> Any:

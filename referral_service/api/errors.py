@@ -3,7 +3,8 @@
 
 Every error carries exactly one ``ErrorInfo`` (reason from ``referral.v1.ErrorReason``, domain
 ``referral-service``) and a ``RequestInfo`` with the call's request id; invalid input adds
-``BadRequest`` field violations, rate limits and outages add ``RetryInfo``.
+``BadRequest`` field violations, rate limits a ``QuotaFailure``, rate limits and outages a
+``RetryInfo``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,23 @@ def build_status(
                             field=item.field, description=item.description, reason=item.reason
                         )
                         for item in violations
+                    ]
+                )
+            )
+        )
+    if metadata and "quota_limit" in metadata:
+        # The standard detail for quota errors (AIP-193), beside ErrorInfo's metadata.
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=metadata.get("quota_subject", ""),
+                            description=message,
+                            api_service=DOMAIN,
+                            quota_id=metadata["quota_limit"],
+                            quota_value=int(metadata.get("quota_limit_value", "0")),
+                        )
                     ]
                 )
             )
