@@ -97,6 +97,32 @@ def rss_mb(pids: list[int], key: str = "VmRSS") -> float:
     return largest / 1024
 
 
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size of the largest process: shared pages (the interpreter, grpc's and
+    the other extension modules' code) divided among the processes that map them."""
+    largest = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    largest = max(largest, int(line.split()[1]))
+        except OSError:
+            continue
+    return largest / 1024
+
+
+def redis_cpu_seconds() -> float:
+    """CPU time the Redis server has used (user + system), from INFO."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        info = client.info("cpu")
+    finally:
+        client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def grpc_frame(message: Any) -> bytes:
     body = message.SerializeToString()
     return b"\x00" + len(body).to_bytes(4, "big") + body
@@ -107,6 +133,7 @@ class Server:
 
     def __init__(self, argv: list[str], env: dict[str, str], port: int, workdir: Path, cwd: Path) -> None:
         self.port = port
+        self.uses_redis = bool(env.get("REFERRAL_REDIS_URL"))
         self.log = workdir / f"server-{port}.log"
         with self.log.open("w") as sink:
             self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
@@ -151,7 +178,9 @@ class Server:
 
 def start_echo(workdir: Path, loop: str) -> Server:
     port = free_port()
-    return Server([sys.executable, "-m", "bench.echo", str(port), loop], dict(os.environ), port, workdir, ROOT)
+    return Server(
+        [sys.executable, "-m", "bench.echo", str(port), loop], dict(os.environ), port, workdir, ROOT
+    )
 
 
 def start_service(workdir: Path, database_url: str, redis_url: str | None, loop: str, **env: str) -> Server:
@@ -202,6 +231,8 @@ class Result:
     server_peak_rss_mb: float
     loadgen_cpu_percent: float
     server_p50_ms: float = float("nan")
+    #: CPU the Redis server spent per call (NaN when the stack has no Redis)
+    redis_cpu_us_per_call: float = float("nan")
     notes: str = ""
     ratios: dict[str, float] = field(default_factory=dict)
 
@@ -244,12 +275,14 @@ def h2load(
         pids = server.pids
         log_offset = server.log_size()
         cpu_before = cpu_seconds(pids)
+        redis_before = redis_cpu_seconds() if server.uses_redis else 0.0
         started = time.monotonic()
         usage_before = os.times()
         output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         usage_after = os.times()
         elapsed = time.monotonic() - started
         cpu_after = cpu_seconds(pids)
+        redis_after = redis_cpu_seconds() if server.uses_redis else 0.0
         latencies = []
         failed = 0
         for line in log_file.read_text().splitlines():
@@ -265,6 +298,7 @@ def h2load(
     loadgen = (usage_after.children_user + usage_after.children_system) - (
         usage_before.children_user + usage_before.children_system
     )
+    calls = max(done + int(rps * warmup), 1)
     return Result(
         scenario=scenario,
         stack=stack,
@@ -274,7 +308,10 @@ def h2load(
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
         # CPU is read around the whole run (warm-up included), so divide by every call made
-        server_cpu_us_per_call=(cpu_after - cpu_before) * 1e6 / max(done + int(rps * warmup), 1),
+        server_cpu_us_per_call=(cpu_after - cpu_before) * 1e6 / calls,
+        redis_cpu_us_per_call=(redis_after - redis_before) * 1e6 / calls
+        if server.uses_redis
+        else float("nan"),
         server_peak_rss_mb=rss_mb(pids, "VmHWM"),
         loadgen_cpu_percent=100 * loadgen / elapsed,
         server_p50_ms=percentile(server.durations(path, log_offset), 50),
@@ -772,6 +809,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         if cache == "redis":
+            scaling = []
             for workers in ("1", "2"):
                 results.append(
                     lookup_run(
@@ -782,9 +820,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         duration,
                         stack,
                         f"cache hit, {workers} worker(s)",
+                        idle=meta.setdefault(f"idle_per_worker[{stack}, {workers} worker(s)]", {}),
                         REFERRAL_WORKERS=workers,
                     )
                 )
+                scaling.append(results[-1])
+            meta[f"workers[{stack}]"] = worker_scaling(*scaling)
         if pg_url:
             drop_postgres(pg_url)
 
@@ -808,13 +849,18 @@ def lookup_run(
     duration: float,
     stack: str,
     label: str,
+    idle: dict[str, float] | None = None,
     **env: str,
 ) -> Result:
-    """Start a service with ``env``, load cached look-ups of the seeded referrer, stop it."""
+    """Start a service with ``env``, load cached look-ups of the seeded referrer, stop it;
+    ``idle`` receives the idle RSS and PSS of the largest worker."""
     from referral.v1 import referral_pb2
 
     service = start_service(work, db_url, redis_url, loop, **env)
     try:
+        if idle is not None:
+            idle["rss_mb"] = round(rss_mb(service.pids), 1)
+            idle["pss_mb"] = round(pss_mb(service.pids), 1)
         result = h2load(
             service,
             "/referral.v1.ReferralService/GetReferralCodeByEmail",
@@ -829,6 +875,26 @@ def lookup_run(
         service.stop()
     print(result, flush=True)
     return result
+
+
+def worker_scaling(one: Result, two: Result) -> dict[str, float]:
+    """How two workers compare with one, and whether the machine, not the service, set the
+    limit: each call costs the server, Redis and h2load some CPU; with every core busy, calls/s
+    cannot pass cores / (their sum)."""
+    figures: dict[str, float] = {"ratio": round(two.rps / one.rps, 2) if one.rps else 0.0}
+    for name, result in (("1", one), ("2", two)):
+        loadgen_us = result.loadgen_cpu_percent / 100 / result.rps * 1e6 if result.rps else 0.0
+        redis_us = (
+            0.0
+            if result.redis_cpu_us_per_call != result.redis_cpu_us_per_call
+            else result.redis_cpu_us_per_call
+        )
+        total = result.server_cpu_us_per_call + redis_us + loadgen_us
+        bound = (os.cpu_count() or 1) * 1e6 / total if total else 0.0
+        figures[f"cpu_us_per_call_all[{name}]"] = round(total)
+        figures[f"machine_bound_rps[{name}]"] = round(bound)
+        figures[f"share_of_bound[{name}]"] = round(result.rps / bound, 2) if bound else 0.0
+    return figures
 
 
 def _frame_file(work: Path, message: Any) -> str:
@@ -863,6 +929,28 @@ def markdown(report: dict[str, Any]) -> str:
         "Peak RSS is the largest single process (one worker); idle RSS is one worker after start-up.",
     ]
     lines += ["", f"Idle RSS per worker: {idle}; echo server {meta['echo_idle_rss_mb']} MB."]
+    for key, value in meta.items():
+        if key.startswith("idle_per_worker["):
+            lines.append(
+                f"Idle, {key[16:-1]}: RSS {value['rss_mb']} MB, PSS {value['pss_mb']} MB per worker."
+            )
+    redis_costs = [
+        f"{r['scenario']} {r['redis_cpu_us_per_call']:.0f} us"
+        for r in report["results"]
+        if r.get("redis_cpu_us_per_call", float("nan")) == r.get("redis_cpu_us_per_call")
+        and "hit" in r["scenario"]
+    ]
+    if redis_costs:
+        lines.append("Redis server CPU per call: " + ", ".join(redis_costs) + ".")
+    for key, value in meta.items():
+        if key.startswith("workers["):
+            lines.append(
+                f"Workers ({key[8:-1]}): 2 workers = {value['ratio']}x one. CPU per call, server + Redis + "
+                f"h2load: {value['cpu_us_per_call_all[1]']} us (1 worker), {value['cpu_us_per_call_all[2]']} us "
+                f"(2); the cores allow at most {value['machine_bound_rps[1]']} and {value['machine_bound_rps[2]']} "
+                f"calls/s, of which the runs reached {value['share_of_bound[1]']:.0%} and "
+                f"{value['share_of_bound[2]']:.0%}."
+            )
     return "\n".join(lines)
 
 

@@ -252,9 +252,11 @@ class AutoPipeline:
         try:
             async with asyncio.timeout(self._timeout):
                 if self._conn is None:
-                    self._conn = await self._client.connection_pool.get_connection()
+                    self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
                 conn = self._conn
-                commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
+                commands = [
+                    ("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch
+                ]
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 for _ in batch:
                     try:
@@ -359,7 +361,9 @@ class RedisCache:
         if self._dirty:
             return Lookup(hit=False)
         try:
-            raw, version, epoch = await self._call(lambda: self._batch.call(self._lookup, self._keys(key), []))
+            raw, version, epoch = await self._call(
+                lambda: self._batch.call(self._lookup, self._keys(key), [])
+            )
         except ConnectionError:
             return Lookup(hit=False)
         version = _text(version)
@@ -473,7 +477,9 @@ class RedisCache:
         unavailable."""
         try:
             result = await self._call(
-                lambda: self._batch.call(self._gcra, [f"{self._prefix}rl:{key}"], [interval_ms, period_ms, cost])
+                lambda: self._batch.call(
+                    self._gcra, [f"{self._prefix}rl:{key}"], [interval_ms, period_ms, cost]
+                )
             )
         except ConnectionError:
             return None

@@ -23,8 +23,8 @@ whole /64.
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass

@@ -56,6 +56,7 @@ def _conflict(error: IntegrityError) -> Conflict | None:
 #: (``Database.reader()``, the cheaper path for hot reads).
 Reader = AsyncSession | AsyncConnection
 
+
 async def flush(session: AsyncSession) -> None:
     try:
         await session.flush()
@@ -178,7 +179,7 @@ _REFERRAL_PAGE = (
 _REFERRAL_COUNT = select(UserRow.referral_count).where(UserRow.id == bindparam("user_id"))
 
 
-async def login_credentials(conn: Reader, email_key: str) -> Row[tuple[int, str, bool]] | None:
+async def login_credentials(conn: Reader, email_key: str) -> Row[int, str, bool] | None:
     """(id, password_hash, is_active) of the account with this email, for a login."""
     result = await conn.execute(_LOGIN_CREDENTIALS, {"email_key": email_key})
     return result.one_or_none()
@@ -218,7 +219,13 @@ async def add_refresh_token(
     # more event-loop time than everything else but argon2.
     await session.execute(
         _INSERT_REFRESH_TOKEN,
-        {"jti": jti, "session_id": session_id, "user_id": user_id, "create_time": now, "expire_time": expire_time},
+        {
+            "jti": jti,
+            "session_id": session_id,
+            "user_id": user_id,
+            "create_time": now,
+            "expire_time": expire_time,
+        },
     )
 
 
