@@ -877,7 +877,8 @@ def lookup_run(
         )
         if len(workers) > 1:
             used = [cpu_seconds([pid]) - b for pid, b in zip(workers, before, strict=True)]
-            split = "/".join(f"{100 * u / max(sum(used), 1e-9):.0f}" for u in used)
+            shares = [100 * u / max(sum(used), 1e-9) for u in used]
+            split = "/".join(f"{share:.0f}" for share in shares if share >= 1)  # not the supervisor
             result.notes = ", ".join(filter(None, [result.notes, f"CPU split over workers {split}%"]))
     finally:
         service.stop()
