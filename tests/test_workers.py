@@ -75,6 +75,31 @@ async def test_workers_share_the_port_are_replaced_when_they_die_and_drain_on_si
     assert "all workers stopped" in output
 
 
+async def test_every_call_is_in_the_access_log_after_a_graceful_stop(tmp_path: Path) -> None:
+    """Access-log lines are written in batches; none is lost when the process stops on SIGTERM,
+    from the worker processes of a multi-worker server too."""
+    server = LiveServer(tmp_path, "--migrate", "--workers", "2").start()
+    ids = [f"log-check-{n}" for n in range(25)]
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = referral_pb2_grpc.ReferralServiceStub(channel)
+            for request_id in ids:
+                await expect_error(
+                    stub.GetReferralCodeByEmail(
+                        referral_pb2.GetReferralCodeByEmailRequest(email=f"{request_id}@example.com"),
+                        metadata=(("x-request-id", request_id),),
+                        timeout=5,
+                    ),
+                    grpc.StatusCode.NOT_FOUND,
+                )
+    finally:
+        output = server.stop()
+    assert server.returncode == 0, output
+    access = [line for line in output.splitlines() if "GetReferralCodeByEmail NOT_FOUND" in line]
+    for request_id in ids:
+        assert sum(f"request_id={request_id} " in line for line in access) == 1, request_id
+
+
 @pytest.fixture
 async def replicas(
     tmp_path: Path, postgres_database: str | None, redis_available: bool
