@@ -329,7 +329,7 @@ class RedisCache:
         self._invalidate = self._redis.register_script(_INVALIDATE)
         self._any_revoked = self._redis.register_script(_ANY_REVOKED)
         self._gcra = self._redis.register_script(GCRA_SCRIPT)
-        self._batch = AutoPipeline(self._redis, timeout * 2)
+        self._batch = AutoPipeline(self._redis, timeout)
         self._sentinel = f"{prefix}rev-seeded"
         self._epoch_key = f"{prefix}epoch"
         #: An invalidation failed: do not use cached values until the epoch has been bumped.
@@ -354,6 +354,20 @@ class RedisCache:
         self.breaker.success()
         return result
 
+    async def _script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """A Lua script call through the auto-pipeline, under the breaker. No timer per call:
+        each batch has its own deadline, and a call waits for at most two batches (the one on
+        the wire, then its own)."""
+        if not self.breaker.allow():
+            raise ConnectionError("redis circuit breaker is open")
+        try:
+            result = await self._batch.call(script, keys, args)
+        except self._errors as error:
+            self.breaker.failure(error)
+            raise ConnectionError(str(error)) from error
+        self.breaker.success()
+        return result
+
     def _keys(self, key: str) -> list[str]:
         return [f"{self._prefix}v:{key}", f"{self._prefix}ver:{key}", self._epoch_key]
 
@@ -361,9 +375,7 @@ class RedisCache:
         if self._dirty:
             return Lookup(hit=False)
         try:
-            raw, version, epoch = await self._call(
-                lambda: self._batch.call(self._lookup, self._keys(key), [])
-            )
+            raw, version, epoch = await self._script(self._lookup, self._keys(key), [])
         except ConnectionError:
             return Lookup(hit=False)
         version = _text(version)
@@ -381,17 +393,13 @@ class RedisCache:
         version, epoch = stamp
         data = f"{epoch}:{version}|".encode() + value
         try:
-            await self._call(
-                lambda: self._batch.call(self._fill, self._keys(key), [version, epoch, data, ttl_ms])
-            )
+            await self._script(self._fill, self._keys(key), [version, epoch, data, ttl_ms])
         except ConnectionError:
             return
 
     async def invalidate(self, key: str) -> None:
         try:
-            await self._call(
-                lambda: self._batch.call(self._invalidate, self._keys(key)[:2], [_VERSION_TTL_MS])
-            )
+            await self._script(self._invalidate, self._keys(key)[:2], [_VERSION_TTL_MS])
         except ConnectionError:
             self._mark_dirty()
 
@@ -451,7 +459,7 @@ class RedisCache:
     async def any_revoked(self, keys: Sequence[str]) -> bool | None:
         names = [self._sentinel] + [f"{self._prefix}rev:{key}" for key in keys]
         try:
-            count = await self._call(lambda: self._batch.call(self._any_revoked, names, []))
+            count = await self._script(self._any_revoked, names, [])
         except ConnectionError:
             return None
         if int(count) < 0:
@@ -476,10 +484,8 @@ class RedisCache:
         """One atomic GCRA step for a rate limit (see ``ratelimit.py``); None when Redis is
         unavailable."""
         try:
-            result = await self._call(
-                lambda: self._batch.call(
-                    self._gcra, [f"{self._prefix}rl:{key}"], [interval_ms, period_ms, cost]
-                )
+            result = await self._script(
+                self._gcra, [f"{self._prefix}rl:{key}"], [interval_ms, period_ms, cost]
             )
         except ConnectionError:
             return None
