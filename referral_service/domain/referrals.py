@@ -4,6 +4,7 @@ cache), list referrals with keyset pagination."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -76,7 +77,9 @@ def _encode(code: ReferralCode) -> bytes:
     ).encode()
 
 
+@functools.lru_cache(maxsize=4096)
 def _decode(raw: bytes) -> ReferralCode:
+    """Memoised: a hot code's cached bytes are the same on every hit (the value is immutable)."""
     data = json.loads(raw)
     return ReferralCode(
         id=data["i"],
