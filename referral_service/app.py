@@ -452,6 +452,7 @@ async def build_app(settings: Settings) -> App:
             cors_origins=settings.http_cors_origin_list,
             docs_enabled=settings.http_docs_enabled,
             gateway_auth=gateway_auth,
+            client_address_header=settings.rate_limit_client_address_header,
         )
     app = App(
         settings=settings,

@@ -282,3 +282,39 @@ async def test_limits_through_the_http_gateway_apply_per_http_client(stack: Stac
         )
     finally:
         await stop_api(api)
+
+
+async def test_http_clients_behind_a_trusted_load_balancer_are_limited_one_by_one(stack: Stack) -> None:
+    """Behind an HTTP load balancer every request comes from the balancer's address: with the
+    balancer in REFERRAL_RATE_LIMIT_TRUSTED_PROXIES, its X-Forwarded-For names the client (as for
+    gRPC). From an untrusted address the header is ignored, so a client cannot pick its key."""
+    import httpx
+
+    api = await start_api(
+        stack, rate_limit_register_address="2/1h", rate_limit_trusted_proxies=["127.0.0.2/32"]
+    )
+    try:
+        base = f"http://127.0.0.1:{api.app.http_port}"
+
+        async def register(source: str, forwarded: str) -> int:
+            transport = httpx.AsyncHTTPTransport(local_address=source)
+            async with httpx.AsyncClient(base_url=base, transport=transport) as client:
+                response = await client.post(
+                    "/v1/auth/register",
+                    json={"email": api.unique_email(), "password": PASSWORD},
+                    headers={"x-forwarded-for": forwarded},
+                )
+                return response.status_code
+
+        # the balancer (127.0.0.2, trusted) forwards two clients: each has its own budget
+        for client in ("203.0.113.10", "203.0.113.11"):
+            assert [await register("127.0.0.2", f"198.51.100.1, {client}") for _ in range(3)] == [
+                200,
+                200,
+                429,
+            ]
+        # an untrusted client (127.0.0.3) claiming other addresses is limited as itself
+        codes = [await register("127.0.0.3", f"203.0.113.{20 + n}") for n in range(3)]
+        assert codes == [200, 200, 429]
+    finally:
+        await stop_api(api)

@@ -93,7 +93,10 @@ def current_principal() -> Principal:
 #: limits apply to the HTTP client and not to the gateway's loopback connection.
 GATEWAY_CLIENT = "x-referral-gateway-client"
 GATEWAY_AUTH = "x-referral-gateway-auth"
-_WANTED = ("authorization", "x-request-id", GATEWAY_CLIENT, GATEWAY_AUTH)
+#: The client-address header (``REFERRAL_RATE_LIMIT_CLIENT_ADDRESS_HEADER``) the HTTP client sent,
+#: passed on by the gateway: believed only when the HTTP client is a trusted proxy.
+GATEWAY_FORWARDED = "x-referral-gateway-forwarded"
+_WANTED = ("authorization", "x-request-id", GATEWAY_CLIENT, GATEWAY_AUTH, GATEWAY_FORWARDED)
 
 
 def gateway_auth_key(secret: bytes) -> str:
@@ -219,7 +222,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                         and gateway_auth is not None
                         and hmac.compare_digest(meta.get(GATEWAY_AUTH, ""), gateway_auth)
                     ):
-                        client = limits.address.resolve_ip(via_gateway)
+                        hops = meta.get(GATEWAY_FORWARDED)
+                        client = limits.address.resolve_ip(via_gateway, [hops] if hops else [])
                     else:
                         client = limits.address.resolve(peer, forwarded)
                     grants = await limits.admit(method, request, client)

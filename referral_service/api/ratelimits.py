@@ -117,6 +117,10 @@ class ClientAddress:
         address = parse_peer(peer)
         if address is None:
             return peer or "unknown"
+        return self._through_proxies(address, forwarded)
+
+    def _through_proxies(self, address: IpAddress, forwarded: Sequence[str]) -> str:
+        """From a trusted peer, the right-most hop of the header that is not a trusted proxy."""
         if self._trusted and self._is_trusted(address) and forwarded:
             hops = [part.strip() for value in forwarded for part in value.split(",")]
             for hop in reversed(hops):
@@ -133,12 +137,14 @@ class ClientAddress:
         address = parse_peer(peer)
         return peer or "unknown" if address is None else self._key(address)
 
-    def resolve_ip(self, text: str) -> str:
-        """The limit key of an address given as text (the HTTP gateway's client)."""
+    def resolve_ip(self, text: str, forwarded: Sequence[str] = ()) -> str:
+        """The limit key of an address given as text (the HTTP gateway's client), with the
+        client-address header that HTTP client sent (believed only from a trusted proxy)."""
         try:
-            return self._key(ipaddress.ip_address(text.strip().strip("[]")))
+            address = ipaddress.ip_address(text.strip().strip("[]"))
         except ValueError:
             return text[:64] or "unknown"
+        return self._through_proxies(address, forwarded)
 
     def _key(self, address: IpAddress) -> str:
         if isinstance(address, ipaddress.IPv6Address):

@@ -119,8 +119,10 @@ class HttpGateway:
         cors_origins: list[str],
         docs_enabled: bool,
         gateway_auth: str | None = None,
+        client_address_header: str = "x-forwarded-for",
     ) -> None:
         self._gateway_auth = gateway_auth
+        self._address_header = client_address_header
         self._sock = sock
         self._target = grpc_target
         self._max_body = max_body_bytes
@@ -156,6 +158,7 @@ class HttpGateway:
             cors_origins=self._cors,
             extra=[self._extras],
             gateway_auth=self._gateway_auth,
+            client_address_header=self._address_header,
         )
         config = uvicorn.Config(
             self.app,

@@ -29,7 +29,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from referral_service.api.interceptors import GATEWAY_AUTH, GATEWAY_CLIENT
+from referral_service.api.interceptors import GATEWAY_AUTH, GATEWAY_CLIENT, GATEWAY_FORWARDED
 from referral_service.domain.errors import Reason
 from referral_service.gateway import descriptors, envelope
 from referral_service.gateway.jsonmap import (
@@ -160,8 +160,10 @@ class Transcoder:
         cors_origins: Iterable[str] = (),
         extra: Iterable[Extra] = (),
         gateway_auth: str | None = None,
+        client_address_header: str = "x-forwarded-for",
     ) -> None:
         self._gateway_auth = gateway_auth
+        self._address_header = client_address_header.lower()
         self._channel = channel
         self._routes = routes
         self._max_body = max_body_bytes
@@ -288,7 +290,14 @@ class Transcoder:
                 violations=error.violations,
             )
         client = scope.get("client")
-        return await self._forward(route, request, headers, request_id, client[0] if client else None)
+        forwarded = ", ".join(
+            value.decode("latin-1")
+            for key, value in scope.get("headers", ())
+            if key.decode("latin-1").lower() == self._address_header
+        )
+        return await self._forward(
+            route, request, headers, request_id, client[0] if client else None, forwarded
+        )
 
     async def _request(
         self,
@@ -356,7 +365,13 @@ class Transcoder:
         return to_message(data, route.request_class)
 
     async def _forward(
-        self, route: Route, request: Message, headers: dict[str, str], request_id: str, client: str | None
+        self,
+        route: Route,
+        request: Message,
+        headers: dict[str, str],
+        request_id: str,
+        client: str | None,
+        forwarded: str = "",
     ) -> Response:
         metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
         if "authorization" in headers:
@@ -364,6 +379,8 @@ class Transcoder:
         if client and self._gateway_auth:
             # per-address rate limits apply to the HTTP client, not to this loopback channel
             metadata += [(GATEWAY_CLIENT, client), (GATEWAY_AUTH, self._gateway_auth)]
+            if forwarded:  # the HTTP client may be a load balancer (trusted or not: the server decides)
+                metadata.append((GATEWAY_FORWARDED, forwarded[:2048]))
         call = self._calls[route.binding.grpc_path](request, metadata=metadata, timeout=self._timeout)
         try:
             response = await call
