@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -912,11 +913,7 @@ def worker_scaling(one: Result, two: Result) -> dict[str, float]:
     figures: dict[str, float] = {"ratio": round(two.rps / one.rps, 2) if one.rps else 0.0}
     for name, result in (("1", one), ("2", two)):
         loadgen_us = result.loadgen_cpu_percent / 100 / result.rps * 1e6 if result.rps else 0.0
-        redis_us = (
-            0.0
-            if result.redis_cpu_us_per_call != result.redis_cpu_us_per_call
-            else result.redis_cpu_us_per_call
-        )
+        redis_us = 0.0 if math.isnan(result.redis_cpu_us_per_call) else result.redis_cpu_us_per_call
         total = result.server_cpu_us_per_call + redis_us + loadgen_us
         bound = (os.cpu_count() or 1) * 1e6 / total if total else 0.0
         figures[f"cpu_us_per_call_all[{name}]"] = round(total)
@@ -970,8 +967,7 @@ def markdown(report: dict[str, Any]) -> str:
     redis_costs = [
         f"{r['scenario']} {r['redis_cpu_us_per_call']:.0f} us"
         for r in report["results"]
-        if r.get("redis_cpu_us_per_call", float("nan")) == r.get("redis_cpu_us_per_call")
-        and "hit" in r["scenario"]
+        if not math.isnan(r.get("redis_cpu_us_per_call", float("nan"))) and "hit" in r["scenario"]
     ]
     if redis_costs:
         lines.append("Redis server CPU per call: " + ", ".join(redis_costs) + ".")

@@ -340,13 +340,16 @@ class RedisCache:
         if self._on_health_change:
             self._on_health_change(up)
 
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation under the breaker and an overall deadline; raise
-        ``ConnectionError`` when it is not attempted or fails."""
+    async def _call(self, fn: Callable[[], Awaitable[T]], *, deadline: bool = True) -> T:
+        """Run one Redis operation under the breaker and (unless the operation brings its own)
+        an overall deadline; raise ``ConnectionError`` when it is not attempted or fails."""
         if not self.breaker.allow():
             raise ConnectionError("redis circuit breaker is open")
         try:
-            async with asyncio.timeout(self._timeout * 2):  # no extra task per call, unlike wait_for
+            if deadline:
+                async with asyncio.timeout(self._timeout * 2):  # no extra task, unlike wait_for
+                    result = await fn()
+            else:
                 result = await fn()
         except self._errors as error:
             self.breaker.failure(error)
@@ -355,18 +358,9 @@ class RedisCache:
         return result
 
     async def _script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
-        """A Lua script call through the auto-pipeline, under the breaker. No timer per call:
-        each batch has its own deadline, and a call waits for at most two batches (the one on
-        the wire, then its own)."""
-        if not self.breaker.allow():
-            raise ConnectionError("redis circuit breaker is open")
-        try:
-            result = await self._batch.call(script, keys, args)
-        except self._errors as error:
-            self.breaker.failure(error)
-            raise ConnectionError(str(error)) from error
-        self.breaker.success()
-        return result
+        """A Lua script call through the auto-pipeline. No timer per call: each batch has its
+        own deadline, and a call waits for at most two batches (the one on the wire, its own)."""
+        return await self._call(lambda: self._batch.call(script, keys, args), deadline=False)
 
     def _keys(self, key: str) -> list[str]:
         return [f"{self._prefix}v:{key}", f"{self._prefix}ver:{key}", self._epoch_key]

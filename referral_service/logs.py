@@ -6,7 +6,6 @@ are appended to text lines and become keys of JSON lines. Secrets never reach a 
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import sys
@@ -29,9 +28,10 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
 class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that does not make a write system call per line: lines collect in a
     buffer written out every ``interval`` seconds (by a daemon thread), when it passes
-    ``capacity`` bytes, at once for WARNING and above, and at exit. Every call writes an
-    access-log line, so at thousands of calls per second this is most of the cost of logging;
-    at most ``interval`` seconds of INFO lines can be lost if the process is killed."""
+    ``capacity`` bytes, at once for WARNING and above, and at exit (``logging.shutdown``).
+    Every call writes an access-log line, so at thousands of calls per second this is most of
+    the cost of logging; at most ``interval`` seconds of INFO lines can be lost if the process
+    is killed."""
 
     def __init__(self, stream: TextIO, interval: float = 0.2, capacity: int = 64 * 1024) -> None:
         super().__init__(stream)
@@ -42,7 +42,7 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._stop_flushing = threading.Event()
         self._thread = threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True)
         self._thread.start()
-        atexit.register(self.flush)
+        # At exit logging.shutdown() flushes and closes every handler: nothing to register.
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

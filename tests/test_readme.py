@@ -83,15 +83,12 @@ def live_server(tmp_path: Path) -> Iterator[Live]:
         assert "stopped" in output
 
 
-def test_readme_examples_work_as_printed(live_server: Live) -> None:
-    missing = [tool for tool in ("jq",) if shutil.which(tool) is None]
-    if not (ROOT / "node_modules/.bin/buf").exists():
-        missing.append("buf (npm install)")
+def _run_script(script: str, missing: list[str]) -> str:
+    """Run a README block with bash (strict mode) from the repository root; its output."""
     if missing:
         if REQUIRE:
             pytest.fail(f"missing tools for the README test: {missing}")
         pytest.skip(f"missing tools for the README test: {missing}")
-    script = readme_script().replace("127.0.0.1:50051", f"127.0.0.1:{live_server.grpc_port}")
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=ROOT,
@@ -102,6 +99,15 @@ def test_readme_examples_work_as_printed(live_server: Live) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    return output
+
+
+def test_readme_examples_work_as_printed(live_server: Live) -> None:
+    missing = [tool for tool in ("jq",) if shutil.which(tool) is None]
+    if not (ROOT / "node_modules/.bin/buf").exists():
+        missing.append("buf (npm install)")
+    script = readme_script().replace("127.0.0.1:50051", f"127.0.0.1:{live_server.grpc_port}")
+    output = _run_script(script, missing)
     assert "referral.v1.ReferralService/ListReferrals" in output
     assert '"email": "bob@example.com"' in output
     assert '"referrerId"' in output
@@ -113,23 +119,9 @@ def test_readme_examples_work_as_printed(live_server: Live) -> None:
 
 def test_readme_http_examples_work_as_printed(live_server: Live) -> None:
     missing = [tool for tool in ("jq", "curl") if shutil.which(tool) is None]
-    if missing:
-        if REQUIRE:
-            pytest.fail(f"missing tools for the README test: {missing}")
-        pytest.skip(f"missing tools for the README test: {missing}")
     script = readme_script("readme-test-http")
     assert "127.0.0.1:8080" in script
-    script = script.replace("127.0.0.1:8080", f"127.0.0.1:{live_server.http_port}")
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = _run_script(script.replace("127.0.0.1:8080", f"127.0.0.1:{live_server.http_port}"), missing)
     assert "Alice's code: " in output
     assert '"referrerId":"1"' in output  # Bob is Alice's referral
     assert '"totalSize":1' in output

@@ -77,7 +77,10 @@ _REQUEST_ID_PREFIX = os.urandom(8).hex()
 _request_counter = itertools.count(1)
 
 
-def new_request_id() -> str:
+def request_id(given: str | None) -> str:
+    """The caller's ``x-request-id`` when it is a sane id, else a new one (gRPC and HTTP alike)."""
+    if given and _REQUEST_ID_RE.fullmatch(given):
+        return given
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
@@ -199,9 +202,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(raw: Any, context: Context) -> Any:
             started = time.perf_counter()
             meta, forwarded = _metadata(context, proxy_header)
-            given = meta.get("x-request-id")
-            request_id = given if given and _REQUEST_ID_RE.fullmatch(given) else new_request_id()
-            request_id_var.set(request_id)
+            call_id = request_id(meta.get("x-request-id"))
+            request_id_var.set(call_id)
             peer: str = context.peer()
             code = grpc.StatusCode.OK
             reason = ""
@@ -237,10 +239,10 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     if grants:
                         assert limits is not None
                         await limits.settle(grants, failure)
-                context.set_trailing_metadata((("x-request-id", request_id),))
+                context.set_trailing_metadata((("x-request-id", call_id),))
                 return response
             except DomainError as error:
-                status = errors.from_domain(error, request_id)
+                status = errors.from_domain(error, call_id)
                 code, reason = status.code, error.reason.value
                 await cast(Any, context).abort_with_status(status)
             except grpc.aio.AbortError:
@@ -250,8 +252,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception:
-                log.exception("unhandled error in %s", method, extra={"request_id": request_id})
-                status = errors.internal(request_id)
+                log.exception("unhandled error in %s", method, extra={"request_id": call_id})
+                status = errors.internal(call_id)
                 code, reason = status.code, Reason.INTERNAL_ERROR.value
                 await cast(Any, context).abort_with_status(status)
             finally:
@@ -267,7 +269,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                         "code": code.name,
                         "reason": reason,
                         "duration_ms": round(elapsed_ms, 3),
-                        "request_id": request_id,
+                        "request_id": call_id,
                         "peer": peer,
                         "user_id": principal.user_id if principal else None,
                     },

@@ -326,7 +326,7 @@ class AuthService:
         log.info("login", extra={"user_id": row.id})
         return pair
 
-    async def _issue(self, session: repo.Reader, user_id: int, session_id: str, now: datetime) -> TokenPair:
+    async def _issue(self, session: repo.Executor, user_id: int, session_id: str, now: datetime) -> TokenPair:
         access = self._tokens.issue_access(user_id, session_id, now)
         refresh = self._tokens.issue_refresh(user_id, session_id, now)
         await repo.add_refresh_token(

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +28,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from referral_service.api.interceptors import GATEWAY_AUTH, GATEWAY_CLIENT, GATEWAY_FORWARDED
+from referral_service.api.interceptors import request_id as new_request_id
 from referral_service.domain.errors import Reason
 from referral_service.gateway import descriptors, envelope
 from referral_service.gateway.jsonmap import (
@@ -50,7 +49,6 @@ Receive = Callable[[], Awaitable[Message_]]
 Send = Callable[[Message_], Awaitable[None]]
 Extra = Callable[[Scope, Receive, Send], Awaitable[bool]]
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON_TYPES = ("application/json", "")
 # Accepted for ``body: "*"`` bindings, like query parameters (HTML forms, OAuth 2.0 clients);
 # a form-typed body that is a JSON object is read as JSON, so `curl -d '{...}'` works.
@@ -191,7 +189,7 @@ class Transcoder:
             return
         if scope["type"] != "http":
             return
-        headers = _headers(scope)
+        headers = _headers(scope, joined=self._address_header)
         cors = self._cors_headers(headers)
         for handler in self._extra:
             if await handler(scope, receive, send):
@@ -229,8 +227,7 @@ class Transcoder:
     async def _handle(
         self, scope: Scope, receive: Receive, headers: dict[str, str], cors: dict[str, str]
     ) -> Response:
-        given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        request_id = new_request_id(headers.get("x-request-id"))
         raw_path = scope.get("raw_path") or scope["path"].encode()
         path = raw_path.decode("latin-1").split("?", 1)[0]
         method = scope["method"].upper()
@@ -290,14 +287,7 @@ class Transcoder:
                 violations=error.violations,
             )
         client = scope.get("client")
-        forwarded = ", ".join(
-            value.decode("latin-1")
-            for key, value in scope.get("headers", ())
-            if key.decode("latin-1").lower() == self._address_header
-        )
-        return await self._forward(
-            route, request, headers, request_id, client[0] if client else None, forwarded
-        )
+        return await self._forward(route, request, headers, request_id, client[0] if client else None)
 
     async def _request(
         self,
@@ -371,7 +361,6 @@ class Transcoder:
         headers: dict[str, str],
         request_id: str,
         client: str | None,
-        forwarded: str = "",
     ) -> Response:
         metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
         if "authorization" in headers:
@@ -379,6 +368,7 @@ class Transcoder:
         if client and self._gateway_auth:
             # per-address rate limits apply to the HTTP client, not to this loopback channel
             metadata += [(GATEWAY_CLIENT, client), (GATEWAY_AUTH, self._gateway_auth)]
+            forwarded = headers.get(self._address_header)
             if forwarded:  # the HTTP client may be a load balancer (trusted or not: the server decides)
                 metadata.append((GATEWAY_FORWARDED, forwarded[:2048]))
         call = self._calls[route.binding.grpc_path](request, metadata=metadata, timeout=self._timeout)
@@ -429,12 +419,16 @@ class UnsupportedMediaType(Exception):
     pass
 
 
-def _headers(scope: Scope) -> dict[str, str]:
+def _headers(scope: Scope, joined: str = "") -> dict[str, str]:
+    """The request's headers by lower-case name: the first value of each, but every value of the
+    list header ``joined`` (the client-address header), comma-joined as RFC 9110 allows."""
     found: dict[str, str] = {}
     for key, value in scope.get("headers", ()):
         name = key.decode("latin-1").lower()
         if name not in found:
             found[name] = value.decode("latin-1")
+        elif name == joined:
+            found[name] += ", " + value.decode("latin-1")
     return found
 
 

@@ -52,9 +52,9 @@ def _conflict(error: IntegrityError) -> Conflict | None:
     return None
 
 
-#: Core-only reads (columns, not ORM rows) run on a session or on a bare connection
-#: (``Database.reader()``, the cheaper path for hot reads).
-Reader = AsyncSession | AsyncConnection
+#: Core-only statements (columns, not ORM rows) run on a session or on a bare connection
+#: (``Database.reader()`` / ``writer()``, the cheaper path for hot reads and login).
+Executor = AsyncSession | AsyncConnection
 
 
 async def flush(session: AsyncSession) -> None:
@@ -179,13 +179,13 @@ _REFERRAL_PAGE = (
 _REFERRAL_COUNT = select(UserRow.referral_count).where(UserRow.id == bindparam("user_id"))
 
 
-async def login_credentials(conn: Reader, email_key: str) -> Row[int, str, bool] | None:
+async def login_credentials(conn: Executor, email_key: str) -> Row[int, str, bool] | None:
     """(id, password_hash, is_active) of the account with this email, for a login."""
     result = await conn.execute(_LOGIN_CREDENTIALS, {"email_key": email_key})
     return result.one_or_none()
 
 
-async def set_password_hash(session: Reader, user_id: int, password_hash: str, now: datetime) -> None:
+async def set_password_hash(session: Executor, user_id: int, password_hash: str, now: datetime) -> None:
     await session.execute(
         update(UserRow).where(UserRow.id == user_id).values(password_hash=password_hash, update_time=now)
     )
@@ -207,7 +207,7 @@ async def make_superuser(session: AsyncSession, user_id: int, now: datetime) -> 
 
 
 async def add_refresh_token(
-    session: Reader,
+    session: Executor,
     *,
     jti: str,
     session_id: str,
@@ -268,7 +268,7 @@ async def add_revocations(session: AsyncSession, entries: Sequence[tuple[str, da
     await session.flush()
 
 
-async def any_revoked(session: Reader, keys: Sequence[str], now: datetime) -> bool:
+async def any_revoked(session: Executor, keys: Sequence[str], now: datetime) -> bool:
     result = await session.execute(_ANY_REVOKED, {"keys": list(keys), "now": now})
     return bool(result.scalar())
 
@@ -446,7 +446,7 @@ async def claim_code_use(session: AsyncSession, code_id: int, now: datetime) -> 
 
 
 async def referral_page(
-    session: Reader, referrer_id: int, after_id: int, limit: int
+    session: Executor, referrer_id: int, after_id: int, limit: int
 ) -> list[models.Referral]:
     """Keyset pagination on (referrer_id, id): the cost of a page does not depend on its depth."""
     result = await session.execute(
@@ -458,7 +458,7 @@ async def referral_page(
     ]
 
 
-async def referral_count(session: Reader, referrer_id: int) -> int | None:
+async def referral_count(session: Executor, referrer_id: int) -> int | None:
     result = await session.execute(_REFERRAL_COUNT, {"user_id": referrer_id})
     value = result.scalar_one_or_none()
     return None if value is None else int(value)
