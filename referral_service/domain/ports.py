@@ -1,0 +1,399 @@
+"""What the domain needs from the outside world, declared as Protocols (hexagonal "ports").
+
+Adapters implement them: ``referral_service.storage`` (SQLAlchemy: SQLite, PostgreSQL),
+``referral_service.redis`` (Redis), ``referral_service.memory`` (in-process twins of every
+port, used for the embedded default and for fast domain tests) and
+``referral_service.integrations`` (HTTP providers). The domain imports none of them: the
+composition root (``app.py``) hands the use cases their adapters.
+
+Storage
+-------
+A use case runs its reads and writes on a :class:`UnitOfWork`, which offers one repository per
+aggregate. ``Store.read()`` opens one for reads (autocommit: each statement sees committed
+data); ``Store.transact(work)`` runs ``work`` in one transaction, committed when it returns and
+rolled back when it raises. Which queries run how (Core or ORM, prebuilt statements, ``BEGIN
+IMMEDIATE`` on SQLite, finishing a transaction whose caller was cancelled) is the adapter's
+business.
+
+Unique constraints are the database's to enforce: a write that breaks one raises
+:class:`Conflict` naming which (the constants below), and the transaction is rolled back.
+Use cases never check-then-insert.
+
+Every time is timezone-aware UTC. Every method may raise ``errors.Unavailable`` when the
+store cannot be reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+from referral_service.domain.models import Profile, ProfileState, Referral, ReferralCode, User
+
+T = TypeVar("T")
+
+# --- conflicts -------------------------------------------------------------------------------
+
+#: Another account has this email (its normalised key).
+EMAIL_TAKEN = "uq_users_email_key"
+#: Another code has this code (case-insensitively), now or ever.
+CODE_TAKEN = "uq_referral_codes_code_key"
+#: The owner already has an open (live or not yet closed) code.
+OPEN_CODE_EXISTS = "uq_referral_codes_open_owner"
+#: The (scope, request_id) pair is already remembered.
+REQUEST_ID_TAKEN = "pk_idempotency_keys"
+
+
+class Conflict(Exception):
+    """A unique constraint refused a write; ``constraint`` names which one (see above)."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+# --- records that are not domain models --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a login needs of an account."""
+
+    user_id: int
+    password_hash: str
+    is_active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenRecord:
+    jti: str
+    session_id: str
+    user_id: int
+    expire_time: datetime
+    used_time: datetime | None
+    revoke_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RememberedRequest:
+    """An AIP-155 request id: what the first request was (fingerprint) and what it made."""
+
+    fingerprint: str
+    resource_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    email: str
+    email_key: str
+    password_hash: str
+    is_superuser: bool = False
+    referrer_id: int | None = None
+    referral_code_id: int | None = None
+    is_verified: bool = False
+    #: ``EmailStatus`` value; None when the email was not checked.
+    email_verification: str | None = None
+    email_verify_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewCode:
+    code: str
+    code_key: str
+    owner_id: int
+    expire_time: datetime
+    max_uses: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileClaim:
+    """A claimed enrichment lookup: the address to look up and which attempt this is."""
+
+    email: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PersonData:
+    """What an enrichment provider found about a person."""
+
+    full_name: str | None = None
+    company: str | None = None
+    title: str | None = None
+    location: str | None = None
+    avatar_uri: str | None = None
+
+    def empty(self) -> bool:
+        return not any((self.full_name, self.company, self.title, self.location, self.avatar_uri))
+
+
+# --- repositories ------------------------------------------------------------------------------
+
+
+class Users(Protocol):
+    async def add(self, user: NewUser, now: datetime) -> User:
+        """Insert an account (active, no referrals yet). Conflict(EMAIL_TAKEN)."""
+        ...
+
+    async def get(self, user_id: int) -> User | None:
+        """The account with its profile (when enrichment queued one)."""
+        ...
+
+    async def by_email_key(self, email_key: str) -> User | None: ...
+
+    async def credentials(self, email_key: str) -> Credentials | None: ...
+
+    async def set_password_hash(self, user_id: int, password_hash: str, now: datetime) -> None: ...
+
+    async def make_superuser(self, user_id: int, now: datetime) -> User | None: ...
+
+    async def count_referral(self, referrer_id: int) -> None:
+        """One more referral of ``referrer_id`` (the O(1) ``total_size`` counter)."""
+        ...
+
+
+class Codes(Protocol):
+    """Referral codes. A code is *open* until it is closed (revoked, or found dead when its
+    owner creates the next one); at most one open code per owner. A code is *live* when it is
+    open, unrevoked, unexpired and not used up: the one definition of "live" is the adapter's
+    query for it (``live_by_email_key`` and ``claim_use``)."""
+
+    async def add(self, code: NewCode, now: datetime) -> ReferralCode:
+        """Insert an open code. Conflict(CODE_TAKEN) or Conflict(OPEN_CODE_EXISTS)."""
+        ...
+
+    async def get(self, code_id: int) -> ReferralCode | None: ...
+
+    async def by_key(self, code_key: str) -> ReferralCode | None: ...
+
+    async def open_code(self, owner_id: int) -> ReferralCode | None: ...
+
+    async def close_dead(self, owner_id: int, now: datetime) -> None:
+        """Close the owner's open code if it has expired or been used up (frees the slot)."""
+        ...
+
+    async def revoke_open(self, owner_id: int, now: datetime) -> ReferralCode | None:
+        """Revoke and close the owner's open code; None when there is none."""
+        ...
+
+    async def live_by_email_key(self, email_key: str, now: datetime) -> ReferralCode | None:
+        """The live code of the account with this email."""
+        ...
+
+    async def claim_use(self, code_id: int, now: datetime) -> bool:
+        """Atomically count one use of a live code; False when it is not live (any number of
+        concurrent claims never push ``use_count`` past ``max_uses``)."""
+        ...
+
+
+class Referrals(Protocol):
+    async def page(self, referrer_id: int, after_id: int, limit: int) -> list[Referral]:
+        """Referrals of ``referrer_id`` with user id > ``after_id``, by id (keyset)."""
+        ...
+
+    async def count(self, referrer_id: int) -> int | None:
+        """How many referrals ``referrer_id`` has; None when there is no such user."""
+        ...
+
+
+class Sessions(Protocol):
+    """Login sessions: their refresh tokens (one family per session) and revocation records
+    (``jti:<id>`` for an access token, ``sid:<id>`` for a session), kept until they expire."""
+
+    async def add_refresh_token(
+        self, *, jti: str, session_id: str, user_id: int, now: datetime, expire_time: datetime
+    ) -> None: ...
+
+    async def use_refresh_token(self, jti: str, user_id: int, now: datetime) -> bool:
+        """Atomically mark an unused, unrevoked, unexpired refresh token used; exactly one of
+        any number of concurrent callers gets True."""
+        ...
+
+    async def refresh_token(self, jti: str) -> RefreshTokenRecord | None: ...
+
+    async def revoke_session(self, session_id: str, now: datetime) -> None:
+        """Revoke every refresh token of the session."""
+        ...
+
+    async def add_revocations(self, entries: Sequence[tuple[str, datetime]]) -> None:
+        """Record revoked keys until their expiry (a later expiry wins)."""
+        ...
+
+    async def any_revoked(self, keys: Sequence[str], now: datetime) -> bool: ...
+
+    async def live_revocations(self, now: datetime) -> list[tuple[str, datetime]]: ...
+
+
+class Requests(Protocol):
+    """AIP-155 request ids, per scope."""
+
+    async def get(self, scope: str, request_id: str, now: datetime) -> RememberedRequest | None:
+        """The unexpired record of this id."""
+        ...
+
+    async def remember(
+        self,
+        *,
+        scope: str,
+        request_id: str,
+        fingerprint: str,
+        resource_id: int,
+        now: datetime,
+        expire_time: datetime,
+    ) -> None:
+        """Conflict(REQUEST_ID_TAKEN) when a live record exists (an expired one is replaced)."""
+        ...
+
+
+class Profiles(Protocol):
+    """Enrichment jobs and their results (one row per user)."""
+
+    async def add_job(self, user_id: int, now: datetime) -> Profile:
+        """A pending lookup, due now."""
+        ...
+
+    async def due(self, now: datetime, limit: int) -> list[int]:
+        """User ids of pending lookups due by ``now``, earliest first."""
+        ...
+
+    async def next_due_time(self, exclude: Sequence[int] = ()) -> datetime | None: ...
+
+    async def claim(self, user_id: int, now: datetime, lease_until: datetime) -> ProfileClaim | None:
+        """Take the lease of a due lookup and count the attempt (compare-and-set); None when it
+        is not due (finished, or claimed by another worker)."""
+        ...
+
+    async def finish(
+        self,
+        user_id: int,
+        state: ProfileState,
+        now: datetime,
+        *,
+        source: str,
+        person: PersonData | None = None,
+        error: str = "",
+    ) -> None: ...
+
+    async def reschedule(self, user_id: int, now: datetime, next_time: datetime, *, error: str) -> None: ...
+
+    async def release(self, user_ids: Sequence[int], now: datetime) -> None:
+        """Hand interrupted lookups back: due now, the interrupted attempt not counted."""
+        ...
+
+
+class UnitOfWork(Protocol):
+    """The repositories of one transaction (or, from ``Store.read()``, of autocommit reads)."""
+
+    @property
+    def users(self) -> Users: ...
+    @property
+    def codes(self) -> Codes: ...
+    @property
+    def referrals(self) -> Referrals: ...
+    @property
+    def sessions(self) -> Sessions: ...
+    @property
+    def requests(self) -> Requests: ...
+    @property
+    def profiles(self) -> Profiles: ...
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Delete expired revocations, request ids and refresh tokens; the rows deleted."""
+        ...
+
+
+class Store(Protocol):
+    """The system of record."""
+
+    def read(self) -> AbstractAsyncContextManager[UnitOfWork]:
+        """Reads in autocommit mode (no transaction to protect)."""
+        ...
+
+    async def transact(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction: committed when it returns, rolled back when it
+        raises (the exception propagates). A caller cancelled meanwhile does not interrupt the
+        transaction midway: it ends (commit or rollback) before the cancellation propagates."""
+        ...
+
+    async def ping(self) -> bool:
+        """Whether the store answers now."""
+        ...
+
+
+# --- fast stores (Redis or in-process) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    hit: bool
+    #: On a hit, the cached bytes (``b""`` is a cached "nothing there").
+    value: bytes | None = None
+    #: On a miss, what ``fill`` needs; None when the cache must not be filled now.
+    stamp: object | None = None
+
+
+class VersionedCache(Protocol):
+    """Cache-aside with versioned fills: a read racing an invalidation can never put the
+    invalidated value back. ``lookup`` misses carry a stamp; ``fill`` stores only if no
+    invalidation happened since the stamp was taken; ``invalidate`` runs after the commit.
+    Never raises for an outage: a lookup misses, a fill is skipped, a failed invalidation makes
+    the adapter bypass the cache until it is safe again."""
+
+    async def lookup(self, key: str) -> CacheLookup: ...
+
+    async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None: ...
+
+    async def invalidate(self, key: str) -> None: ...
+
+
+class KeyValueCache(Protocol):
+    """Plain values with a lifetime, never invalidated (answers of external providers)."""
+
+    async def get(self, key: str) -> bytes | None:
+        """None when absent, expired or the store is unavailable."""
+        ...
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None: ...
+
+
+class RevocationCache(Protocol):
+    """The fast copy of the revocation records (the database keeps the record)."""
+
+    #: True when every worker and replica sees the same store (Redis); False for a
+    #: process-local copy, which can only short-cut what this process revoked.
+    shared: bool
+
+    async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
+        """False when the store could not be written."""
+        ...
+
+    async def any_revoked(self, keys: Sequence[str]) -> bool | None:
+        """None when the store cannot tell (unavailable, or not seeded since it started)."""
+        ...
+
+    async def seed(self, entries: Sequence[tuple[str, float]]) -> bool:
+        """Copy every live revocation (key, seconds left) in and mark the store seeded."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    #: Seconds until one more event would be allowed (0 when allowed).
+    retry_after: float
+    #: Events still allowed right now after this one.
+    remaining: int
+
+
+class RateLimiter(Protocol):
+    """GCRA rate limits: ``limit`` events per ``period`` seconds per key. Always answers (an
+    adapter whose shared store is down counts in the process meanwhile)."""
+
+    async def acquire(self, key: str, limit: int, period: float) -> RateDecision: ...
+
+    async def release(self, key: str, limit: int, period: float) -> None:
+        """Give one event back."""
+        ...
