@@ -1,12 +1,13 @@
 """Resilience primitives shared by every outbound dependency (Redis, Hunter, enrichment
-providers): a circuit breaker and capped exponential backoff."""
+providers): a circuit breaker (and, re-exported, the back-off rule of the domain)."""
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
+
+from referral_service.domain.backoff import backoff_delay as backoff_delay
 
 log = logging.getLogger("referral_service.resilience")
 
@@ -79,11 +80,3 @@ class CircuitBreaker:
                 self._on_change(False)
         if not self.closed:
             self._open_until = self._clock() + self._reset
-
-
-def backoff_delay(attempt: int, base: float, cap: float, jitter: float = 0.2) -> float:
-    """Delay before retry number ``attempt`` (1-based): ``base * 2**(attempt-1)``, capped, with
-    +-``jitter`` proportional randomness so that retries from many callers spread out."""
-    delay: float = min(base * 2.0 ** max(attempt - 1, 0), cap)
-    factor: float = 1 + random.uniform(-jitter, jitter)  # noqa: S311 - not crypto
-    return max(delay * factor, 0.0)
