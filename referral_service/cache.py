@@ -153,6 +153,9 @@ class MemoryCache:
         now = self._clock()
         return True if any(self._revoked.get(key, 0.0) > now for key in keys) else None
 
+    async def seed(self, entries: Sequence[tuple[str, float]]) -> bool:
+        return await self.seed_revocations(entries)
+
     async def seed_revocations(self, entries: Sequence[tuple[str, float]]) -> bool:
         for key, ttl in entries:
             await self.revoke([key], ttl)
@@ -459,6 +462,9 @@ class RedisCache:
         if int(count) < 0:
             return None
         return bool(count)
+
+    async def seed(self, entries: Sequence[tuple[str, float]]) -> bool:
+        return await self.seed_revocations(entries)
 
     async def seed_revocations(self, entries: Sequence[tuple[str, float]]) -> bool:
         async def run() -> Any:

@@ -125,10 +125,10 @@ def test_environment_variables_configure_the_service(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("REFERRAL_REDIS_URL", "")
     monkeypatch.setenv("REFERRAL_CODE_CACHE_TTL", "90")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.grpc_port == 6000
-    assert settings.access_token_ttl.total_seconds() == 300
-    assert settings.redis_url is None
-    assert settings.code_cache_ttl.total_seconds() == 90
+    assert settings.server.grpc_port == 6000
+    assert settings.jwt.access_token_ttl.total_seconds() == 300
+    assert settings.redis.url is None
+    assert settings.codes.cache_ttl.total_seconds() == 90
 
 
 def test_development_secret_is_generated_once_and_private(tmp_path: Path) -> None:
