@@ -170,7 +170,7 @@ class Database:
             if self.dialect == "sqlite"
             else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
-        self._read_engine = read_engine
+        self.read_engine = read_engine
         self._read = async_sessionmaker(read_engine, expire_on_commit=False, autoflush=False)
         self._write = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
 
@@ -180,10 +180,12 @@ class Database:
             async with factory() as session, session.begin():
                 yield session
         except Exception as error:
-            self._raise_unavailable(error)
+            self.raise_if_unavailable(error)
             raise
 
-    def _raise_unavailable(self, error: Exception) -> None:
+    def raise_if_unavailable(self, error: BaseException) -> None:
+        """Raise ``Unavailable`` (and tell ``on_unavailable``) when ``error`` says the database
+        cannot be reached; return otherwise, for the caller to re-raise ``error``."""
         if _is_unavailable(error):
             log.warning("database unavailable: %s: %s", type(error).__name__, error)
             if self._on_unavailable is not None:
@@ -202,7 +204,7 @@ class Database:
             async with self.write_engine.begin() as conn:
                 yield conn
         except Exception as error:
-            self._raise_unavailable(error)
+            self.raise_if_unavailable(error)
             raise
 
     @asynccontextmanager
@@ -211,10 +213,10 @@ class Database:
         autocommit mode, without an ORM session: a session's bookkeeping cost as much as the
         query itself (0.6 of the 1.1 ms of a revocation check on SQLite)."""
         try:
-            async with self._read_engine.connect() as conn:
+            async with self.read_engine.connect() as conn:
                 yield conn
         except Exception as error:
-            self._raise_unavailable(error)
+            self.raise_if_unavailable(error)
             raise
 
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
