@@ -368,8 +368,8 @@ class _Codes:
 
     async def add(self, code: ports.NewCode, now: datetime) -> ReferralCode:
         v = self._v
-        # The code_key constraint was created before the open-owner index; both databases
-        # report it first when a write breaks both.
+        # A write that breaks both constraints: PostgreSQL names the code key (as here),
+        # SQLite the open slot.
         if v.code_ids_by_key.get(code.code_key) is not None:
             raise Conflict(ports.CODE_TAKEN)
         if v.open_code_ids.get(code.owner_id) is not None:
