@@ -368,8 +368,7 @@ class _Codes:
 
     async def add(self, code: ports.NewCode, now: datetime) -> ReferralCode:
         v = self._v
-        # A write that breaks both constraints: PostgreSQL names the code key (as here),
-        # SQLite the open slot.
+        # A write that breaks both constraints names the code key (as SqlStore does).
         if v.code_ids_by_key.get(code.code_key) is not None:
             raise Conflict(ports.CODE_TAKEN)
         if v.open_code_ids.get(code.owner_id) is not None:
