@@ -761,6 +761,14 @@ class MemoryStore:
     async def ping(self) -> bool:
         return not self.down
 
+    def set_active(self, user_id: int, active: bool) -> None:
+        """Disable (or enable again) an account, as an operator would in the database: no use
+        case does it yet. For tests."""
+        row = self._data.users.get(user_id)
+        if row is None:
+            raise KeyError(user_id)
+        self._data.users[user_id] = replace(row, is_active=active)
+
 
 if TYPE_CHECKING:
     _conforms: ports.Store = MemoryStore()
