@@ -771,6 +771,7 @@ async def test_profile_jobs_lifecycle(store: Store) -> None:
         stored = await uow.users.get(u1)
         assert stored is not None
         assert stored.profile == Profile(state=ProfileState.PENDING)
+        assert await uow.users.by_email_key("p0@example.com") == stored
         assert await uow.profiles.due(at(1), 10) == [u1, u2]
         assert await uow.profiles.due(at(5), 2) == [u1, u2]
         assert await uow.profiles.due(at(-1), 10) == []
@@ -827,8 +828,12 @@ async def test_profile_jobs_lifecycle(store: Store) -> None:
         stored = await uow.users.get(u1)
         assert stored is not None
         assert stored.profile == found
+        assert await uow.users.by_email_key("p0@example.com") == stored
         assert await uow.profiles.due(at(10_000), 10) == [u2, u3]
         assert await uow.profiles.next_due_time([u2, u3]) is None
+    promoted = await store.transact(lambda uow: uow.users.make_superuser(u1, at(601)))
+    assert promoted is not None
+    assert promoted.profile == found
     # A finished job ignores every later step.
     assert await store.transact(lambda uow: uow.profiles.claim(u1, at(10_000), at(20_000))) is None
 
