@@ -16,6 +16,9 @@ Times must be timezone-aware (naive ones are refused, as the database refuses th
 back in UTC. Ids are increasing integers; like a database sequence, a rolled-back transaction
 does not give its ids back. Violations of foreign keys and check constraints, which only a
 programming error can cause, raise ``ValueError``.
+
+Two hooks for tests: ``down`` makes the store unreachable (``Unavailable``, ``ping()`` False),
+and ``set_active`` disables an account.
 """
 
 from __future__ import annotations
