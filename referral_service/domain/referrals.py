@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from referral_service.cache import Cache
 from referral_service.domain import idempotency
 from referral_service.domain import validation as v
 from referral_service.domain.clock import utcnow
@@ -31,6 +30,7 @@ from referral_service.domain.errors import (
     check,
 )
 from referral_service.domain.models import CodeState, ReferralCode, ReferralPage
+from referral_service.domain.ports import VersionedCache
 from referral_service.storage import repositories as repo
 from referral_service.storage.db import Database
 from referral_service.storage.repositories import Conflict
@@ -97,7 +97,7 @@ class ReferralService:
     def __init__(
         self,
         db: Database,
-        cache: Cache,
+        cache: VersionedCache,
         *,
         page_secret: bytes,
         max_horizon: timedelta,

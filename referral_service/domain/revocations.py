@@ -16,8 +16,8 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 
-from referral_service.cache import Cache
 from referral_service.domain.clock import utcnow
+from referral_service.domain.ports import RevocationCache
 from referral_service.storage import repositories as repo
 from referral_service.storage.db import Database
 
@@ -25,7 +25,7 @@ log = logging.getLogger("referral_service.revocations")
 
 
 class Revocations:
-    def __init__(self, db: Database, cache: Cache) -> None:
+    def __init__(self, db: Database, cache: RevocationCache) -> None:
         self._db = db
         self._cache = cache
         #: A revocation could not be written to Redis: checks use the database until a re-seed
@@ -55,7 +55,7 @@ class Revocations:
         async with self._db.read() as session:
             rows = await repo.live_revocations(session, now)
         entries = [(key, (expire - now).total_seconds()) for key, expire in rows]
-        return await self._cache.seed_revocations(entries)
+        return await self._cache.seed(entries)
 
     def _schedule_resync(self) -> None:
         if self._resync_task is None or self._resync_task.done():

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from referral_service.cache import Cache
 from referral_service.domain.errors import FieldViolation, InvalidArgument, Reason, Unavailable
 from referral_service.domain.models import EmailStatus
+from referral_service.domain.ports import KeyValueCache
 from referral_service.domain.validation import Email
 
 log = logging.getLogger("referral_service.verification")
@@ -66,7 +66,7 @@ class EmailVerification:
     def __init__(
         self,
         verifier: EmailVerifier,
-        cache: Cache,
+        cache: KeyValueCache,
         *,
         fail_closed: bool,
         cache_ttl: timedelta,
