@@ -25,6 +25,7 @@ from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_fro
 from referral_service.api.referral import ReferralServicer
 from referral_service.config import EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
 from referral_service.domain.auth import AuthService
+from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
 from referral_service.domain.passwords import Argon2Params, PasswordHasher
@@ -39,8 +40,8 @@ from referral_service.memory.cache import MemoryCache, NoCache
 from referral_service.memory.limiter import MemoryRateLimiter
 from referral_service.memory.revocations import MemoryRevocations
 from referral_service.resilience import CircuitBreaker
-from referral_service.storage import repositories as repo
 from referral_service.storage.db import Database
+from referral_service.storage.store import SqlStore
 
 log = logging.getLogger("referral_service")
 
@@ -78,6 +79,7 @@ class FastStores:
 class App:
     settings: Settings
     db: Database
+    store: SqlStore
     stores: FastStores
     hasher: PasswordHasher
     auth: AuthService
@@ -103,7 +105,7 @@ class App:
 
     @property
     def address(self) -> str:
-        return f"{self.settings.grpc_host}:{self.port}"
+        return f"{self.settings.server.grpc_host}:{self.port}"
 
     @property
     def http_port(self) -> int | None:
@@ -125,10 +127,10 @@ class App:
 
     async def _probe_database(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        delay = 0.2
-        while not await self.db.ping():
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        attempt = 0
+        while not await self.store.ping():
+            attempt += 1
+            await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
         self._db_up = True
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -136,12 +138,12 @@ class App:
 
     async def housekeeping(self) -> int:
         """Purge expired revocations, request ids and refresh tokens; returns rows deleted."""
-        async with self.db.write() as session:
-            return await repo.purge_expired(session, utcnow())
+        now = utcnow()
+        return await self.store.transact(lambda uow: uow.purge_expired(now))
 
     async def _housekeeping_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.housekeeping_interval.total_seconds())
+            await asyncio.sleep(self.settings.server.housekeeping_interval.total_seconds())
             try:
                 deleted = await self.housekeeping()
             except Exception:
@@ -152,7 +154,7 @@ class App:
 
     async def start(self) -> None:
         if self.stores.revocations.shared:
-            await self.revocations.resync(utcnow())
+            await self.revocations.resync()
         await self.server.start()
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
         if self.enrichment is not None:
@@ -170,7 +172,7 @@ class App:
             await self.http.start()
             log.info(
                 "serving HTTP/JSON on http://%s:%d (docs: /docs, OpenAPI: /openapi.json)",
-                self.settings.http_host,
+                self.settings.http.host,
                 self.http.port,
             )
         log.info(
@@ -184,8 +186,8 @@ class App:
         """Report NOT_SERVING, keep serving for the drain period so that watchers notice, stop
         accepting calls and let in-flight ones finish within the grace period, then close the
         stores."""
-        grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        drain = self.settings.shutdown_drain_seconds if drain is None else drain
+        grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
+        drain = self.settings.server.shutdown_drain_seconds if drain is None else drain
         self._stopping = True
         if self._db_probe is not None:
             self._db_probe.cancel()
@@ -224,7 +226,7 @@ def build_fast_stores(
     """With ``REFERRAL_REDIS_URL``: one Redis transport shared by the four Redis adapters.
     Without it: the in-process twins; with several workers, the look-up cache never stores (a
     worker's copy could serve a code another worker deleted)."""
-    if settings.redis_url:
+    if settings.redis.url:
         # Imported here: a deployment without Redis does not pay for the client (~5 MB per worker).
         from referral_service.redis.cache import RedisCache
         from referral_service.redis.limiter import RedisRateLimiter
@@ -232,11 +234,11 @@ def build_fast_stores(
         from referral_service.redis.transport import RedisTransport
 
         transport = RedisTransport(
-            settings.redis_url,
-            prefix=settings.redis_key_prefix,
-            timeout=settings.redis_timeout_seconds,
-            breaker_threshold=settings.redis_breaker_threshold,
-            breaker_reset_seconds=settings.redis_breaker_reset_seconds,
+            settings.redis.url,
+            prefix=settings.redis.key_prefix,
+            timeout=settings.redis.timeout_seconds,
+            breaker_threshold=settings.redis.breaker_threshold,
+            breaker_reset_seconds=settings.redis.breaker_reset_seconds,
             on_health_change=on_health_change,
         )
         cache = RedisCache(transport)
@@ -274,7 +276,7 @@ def build_fast_stores(
 
 
 def build_verifier(settings: Settings) -> EmailVerifier | None:
-    if settings.hunter_api_key is None:
+    if settings.hunter.api_key is None:
         return None
     # The HTTP client (httpx, ~4 MB with what it imports) is loaded only when a provider is on.
     from referral_service.integrations import http
@@ -282,27 +284,27 @@ def build_verifier(settings: Settings) -> EmailVerifier | None:
 
     return HunterVerifier(
         http.client(
-            connect_timeout=settings.hunter_connect_timeout_seconds,
-            read_timeout=settings.hunter_read_timeout_seconds,
+            connect_timeout=settings.hunter.connect_timeout_seconds,
+            read_timeout=settings.hunter.read_timeout_seconds,
         ),
-        base_url=settings.hunter_base_url,
-        api_key=settings.hunter_api_key.get_secret_value(),
-        total_timeout=settings.hunter_total_timeout_seconds,
-        max_attempts=settings.hunter_max_attempts,
-        retry_backoff=settings.hunter_retry_backoff_seconds,
+        base_url=settings.hunter.base_url,
+        api_key=settings.hunter.api_key.get_secret_value(),
+        total_timeout=settings.hunter.total_timeout_seconds,
+        max_attempts=settings.hunter.max_attempts,
+        retry_backoff=settings.hunter.retry_backoff_seconds,
         breaker=CircuitBreaker(
-            settings.hunter_breaker_threshold,
-            settings.hunter_breaker_reset_seconds,
+            settings.hunter.breaker_threshold,
+            settings.hunter.breaker_reset_seconds,
             name="hunter",
-            fallback=f"registrations skip email verification ({settings.hunter_policy.value})",
+            fallback=f"registrations skip email verification ({settings.hunter.policy.value})",
         ),
     )
 
 
 def build_profile_provider(settings: Settings) -> ProfileProvider | None:
-    if settings.enrichment_provider is EnrichmentProviderName.NONE:
+    if settings.enrichment.provider is EnrichmentProviderName.NONE:
         return None
-    assert settings.enrichment_api_key is not None  # checked by Settings
+    assert settings.enrichment.api_key is not None  # checked by Settings
     from referral_service.integrations import enrichment as enrichment_providers
     from referral_service.integrations import http
 
@@ -316,19 +318,19 @@ def build_profile_provider(settings: Settings) -> ProfileProvider | None:
             enrichment_providers.PEOPLEDATALABS_URL,
         ),
     }
-    kind, default_url = kinds[settings.enrichment_provider]
+    kind, default_url = kinds[settings.enrichment.provider]
     return kind(
         http.client(
-            connect_timeout=settings.enrichment_connect_timeout_seconds,
-            read_timeout=settings.enrichment_read_timeout_seconds,
-            max_connections=settings.enrichment_concurrency,
+            connect_timeout=settings.enrichment.connect_timeout_seconds,
+            read_timeout=settings.enrichment.read_timeout_seconds,
+            max_connections=settings.enrichment.concurrency,
         ),
-        base_url=settings.enrichment_base_url or default_url,
-        api_key=settings.enrichment_api_key.get_secret_value(),
+        base_url=settings.enrichment.base_url or default_url,
+        api_key=settings.enrichment.api_key.get_secret_value(),
         breaker=CircuitBreaker(
-            settings.enrichment_breaker_threshold,
-            settings.enrichment_breaker_reset_seconds,
-            name=settings.enrichment_provider.value,
+            settings.enrichment.breaker_threshold,
+            settings.enrichment.breaker_reset_seconds,
+            name=settings.enrichment.provider.value,
             fallback="profile lookups wait",
         ),
     )
@@ -337,17 +339,17 @@ def build_profile_provider(settings: Settings) -> ProfileProvider | None:
 def build_token_keys(settings: Settings, secret: bytes) -> tuple[TokenKey, list[TokenKey]]:
     """The signing key and the verification-only keys (rotation) from the settings."""
     previous = [
-        hmac_key(old.get_secret_value().encode(), signing=False) for old in settings.jwt_previous_secrets
+        hmac_key(old.get_secret_value().encode(), signing=False) for old in settings.jwt.previous_secrets
     ]
-    previous += [pem_key(pem.encode(), signing=False) for pem in settings.jwt_previous_public_keys]
-    if settings.jwt_algorithm is JwtAlgorithm.HS256:
+    previous += [pem_key(pem.encode(), signing=False) for pem in settings.jwt.previous_public_keys]
+    if settings.jwt.algorithm is JwtAlgorithm.HS256:
         return hmac_key(secret), previous
     pem = settings.resolve_jwt_private_key()
     assert pem is not None
     signing = pem_key(pem)
-    if signing.algorithm != settings.jwt_algorithm.value:
+    if signing.algorithm != settings.jwt.algorithm.value:
         raise ValueError(
-            f"REFERRAL_JWT_ALGORITHM is {settings.jwt_algorithm.value} but the private key is for "
+            f"REFERRAL_JWT_ALGORITHM is {settings.jwt.algorithm.value} but the private key is for "
             f"{signing.algorithm}"
         )
     return signing, previous
@@ -363,8 +365,8 @@ async def build_app(settings: Settings) -> App:
 
     db = Database(
         settings.effective_database_url,
-        pool_size=settings.database_pool_size,
-        timeout=settings.database_timeout_seconds,
+        pool_size=settings.database.pool_size,
+        timeout=settings.database.timeout_seconds,
         on_unavailable=database_failed,
     )
     health_servicer = GracefulHealthServicer()
@@ -380,37 +382,42 @@ async def build_app(settings: Settings) -> App:
         TokenConfig(
             signing_key=signing_key,
             verification_keys=verification_keys,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            access_ttl=settings.access_token_ttl,
-            refresh_ttl=settings.refresh_token_ttl,
-            leeway_seconds=settings.jwt_leeway_seconds,
+            issuer=settings.jwt.issuer,
+            audience=settings.jwt.audience,
+            access_ttl=settings.jwt.access_token_ttl,
+            refresh_ttl=settings.jwt.refresh_token_ttl,
+            leeway_seconds=settings.jwt.leeway_seconds,
         )
     )
     hasher = PasswordHasher(
-        Argon2Params(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism),
-        workers=settings.hash_workers,
-        queue=settings.hash_queue,
+        Argon2Params(
+            settings.passwords.argon2_time_cost,
+            settings.passwords.argon2_memory_kib,
+            settings.passwords.argon2_parallelism,
+        ),
+        workers=settings.passwords.hash_workers,
+        queue=settings.passwords.hash_queue,
     )
-    revocations = Revocations(db, stores.revocations)
+    store = SqlStore(db)
+    revocations = Revocations(store, stores.revocations)
     referrals = ReferralService(
-        db,
+        store,
         stores.cache,
         page_secret=secret,
-        max_horizon=settings.code_max_horizon,
-        cache_ttl=settings.code_cache_ttl,
-        negative_cache_ttl=settings.code_negative_cache_ttl,
-        default_page_size=settings.list_default_page_size,
-        max_page_size=settings.list_max_page_size,
-        request_id_ttl=settings.request_id_ttl,
+        max_horizon=settings.codes.max_horizon,
+        cache_ttl=settings.codes.cache_ttl,
+        negative_cache_ttl=settings.codes.negative_cache_ttl,
+        default_page_size=settings.codes.list_default_page_size,
+        max_page_size=settings.codes.list_max_page_size,
+        request_id_ttl=settings.server.request_id_ttl,
     )
     verifier = build_verifier(settings)
     verification = (
         EmailVerification(
             verifier,
             stores.values,
-            fail_closed=settings.hunter_policy is HunterPolicy.FAIL_CLOSED,
-            cache_ttl=settings.hunter_cache_ttl,
+            fail_closed=settings.hunter.policy is HunterPolicy.FAIL_CLOSED,
+            cache_ttl=settings.hunter.cache_ttl,
         )
         if verifier is not None
         else None
@@ -418,30 +425,33 @@ async def build_app(settings: Settings) -> App:
     provider = build_profile_provider(settings)
     enrichment = (
         EnrichmentWorker(
-            db,
+            store,
             provider,
-            max_attempts=settings.enrichment_max_attempts,
-            retry_backoff=settings.enrichment_retry_backoff,
-            retry_max=settings.enrichment_retry_max,
-            concurrency=settings.enrichment_concurrency,
-            poll_seconds=settings.enrichment_poll_seconds,
-            lease=settings.enrichment_lease,
+            max_attempts=settings.enrichment.max_attempts,
+            retry_backoff=settings.enrichment.retry_backoff,
+            retry_max=settings.enrichment.retry_max,
+            concurrency=settings.enrichment.concurrency,
+            poll_seconds=settings.enrichment.poll_seconds,
+            lease=settings.enrichment.lease,
         )
         if provider is not None
         else None
     )
     auth = AuthService(
-        db,
+        store,
         hasher,
         tokens,
         revocations,
-        request_id_ttl=settings.request_id_ttl,
+        request_id_ttl=settings.server.request_id_ttl,
         on_code_used=referrals.code_used,
         verification=verification,
         on_profile_queued=enrichment.notify if enrichment is not None else None,
         disposable_domains=(
-            DisposableDomains(settings.disposable_domains_extra, settings.disposable_domains_allowed)
-            if settings.reject_disposable_emails
+            DisposableDomains(
+                settings.registration.disposable_domains_extra,
+                settings.registration.disposable_domains_allowed,
+            )
+            if settings.registration.reject_disposable_emails
             else None
         ),
     )
@@ -449,9 +459,9 @@ async def build_app(settings: Settings) -> App:
         stores.limiter,
         rules_from_settings(settings),
         ClientAddress(
-            settings.rate_limit_trusted_proxies,
-            settings.rate_limit_client_address_header,
-            settings.rate_limit_ipv6_prefix,
+            settings.rate_limits.trusted_proxies,
+            settings.rate_limits.client_address_header,
+            settings.rate_limits.ipv6_prefix,
         ),
     )
     gateway_auth = gateway_auth_key(secret)
@@ -468,9 +478,9 @@ async def build_app(settings: Settings) -> App:
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.server.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
-            ("grpc.so_reuseport", 1 if settings.so_reuseport else 0),
+            ("grpc.so_reuseport", 1 if settings.server.so_reuseport else 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
@@ -486,7 +496,7 @@ async def build_app(settings: Settings) -> App:
         ],
         server,
     )
-    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    address = f"{settings.server.grpc_host}:{settings.server.grpc_port}"
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:
@@ -494,25 +504,26 @@ async def build_app(settings: Settings) -> App:
     if port == 0:
         raise StartupError(f"cannot listen on {address}: the address is in use or not available")
     http = None
-    if settings.http_enabled:
+    if settings.http.enabled:
         try:
-            sock = bind(settings.http_host, settings.http_port, reuse_port=settings.so_reuseport)
+            sock = bind(settings.http.host, settings.http.port, reuse_port=settings.server.so_reuseport)
         except OSError as error:
-            where = f"{settings.http_host}:{settings.http_port}"
+            where = f"{settings.http.host}:{settings.http.port}"
             raise StartupError(f"cannot listen on HTTP {where}: {error}") from None
         http = HttpGateway(
             sock,
-            grpc_target=loopback_target(settings.grpc_host, port),
-            max_body_bytes=settings.http_max_body_bytes,
-            timeout_seconds=settings.http_timeout_seconds,
-            cors_origins=settings.http_cors_origin_list,
-            docs_enabled=settings.http_docs_enabled,
+            grpc_target=loopback_target(settings.server.grpc_host, port),
+            max_body_bytes=settings.http.max_body_bytes,
+            timeout_seconds=settings.http.timeout_seconds,
+            cors_origins=settings.http.cors_origin_list,
+            docs_enabled=settings.http.docs_enabled,
             gateway_auth=gateway_auth,
-            client_address_header=settings.rate_limit_client_address_header,
+            client_address_header=settings.rate_limits.client_address_header,
         )
     app = App(
         settings=settings,
         db=db,
+        store=store,
         stores=stores,
         hasher=hasher,
         auth=auth,

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import getpass
 import logging
 import os
-import signal
 import sys
 from typing import Any
 
@@ -19,7 +17,7 @@ from pydantic import ValidationError
 
 from referral_service import logs
 from referral_service.app import StartupError
-from referral_service.config import Settings
+from referral_service.config import Settings, describe
 
 log = logging.getLogger("referral_service")
 
@@ -44,32 +42,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-async def serve_coroutine(settings: Settings, migrate_first: bool) -> None:
-    from referral_service.app import build_app
-
-    if migrate_first:
-        from referral_service.storage import migrate  # alembic only where it is needed
-
-        await migrate.upgrade_async(settings.effective_database_url)
-    app = await build_app(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await app.start()
-    # What start-up built (modules, descriptors, pools) lives as long as the process: keep it
-    # out of the cyclic collector, so collections under load walk only the objects of calls.
-    gc.freeze()
-    await stop.wait()
-    log.info("shutting down: draining in-flight calls for up to %.1fs", settings.shutdown_grace_seconds)
-    await app.stop()
-
-
 async def _create_superuser(settings: Settings, email: str, password: str) -> int:
     from referral_service.app import build_app
     from referral_service.domain.errors import DomainError
 
-    app = await build_app(settings.model_copy(update={"grpc_port": 0, "http_enabled": False}))
+    app = await build_app(settings.replace(grpc_port=0, http_enabled=False))
     try:
         user, created = await app.auth.create_superuser(email, password)
     except DomainError as error:
@@ -142,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ValidationError as error:
-        print(f"configuration error:\n{error}", file=sys.stderr)
+        print("configuration error:", file=sys.stderr)
+        for problem in describe(error):
+            print(f"  {problem}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format.value)
+    logs.configure(settings.logging.level, settings.logging.format.value)
     try:
         if args.command == "serve":
-            from referral_service.supervisor import run_event_loop, serve_workers
+            from referral_service.supervisor import run_event_loop, serve, serve_workers
 
             workers = settings.effective_workers
             if workers > 1:
@@ -156,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     migrate.upgrade(settings.effective_database_url)
                 return serve_workers(settings, workers)
-            run_event_loop(settings, serve_coroutine(settings, args.migrate))
+            run_event_loop(settings, serve(settings, args.migrate))
             return 0
         if args.command == "migrate":
             from referral_service.storage import migrate

@@ -9,6 +9,8 @@ workers keep crashing at once).
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import multiprocessing
 import signal
@@ -19,6 +21,7 @@ from types import FrameType
 
 from referral_service import logs
 from referral_service.config import Settings
+from referral_service.domain.backoff import backoff_delay
 
 log = logging.getLogger("referral_service.supervisor")
 
@@ -29,9 +32,7 @@ _MAX_QUICK_CRASHES = 5
 
 def run_event_loop(settings: Settings, main: object) -> None:
     """Run ``main`` (a coroutine) on uvloop when configured or available, else asyncio."""
-    import asyncio
-
-    choice = settings.event_loop
+    choice = settings.server.event_loop
     if choice in ("auto", "uvloop"):
         try:
             import uvloop
@@ -44,24 +45,46 @@ def run_event_loop(settings: Settings, main: object) -> None:
     asyncio.run(main)  # type: ignore[arg-type]
 
 
-def _worker(settings: Settings, index: int) -> None:
-    from referral_service.cli import serve_coroutine
+async def serve(settings: Settings, migrate_first: bool) -> None:
+    """One server process: build the app, serve until SIGTERM/SIGINT, drain, stop."""
+    from referral_service.app import build_app
 
-    logs.configure(settings.log_level, settings.log_format.value, worker=index)
-    run_event_loop(settings, serve_coroutine(settings, migrate_first=False))
+    if migrate_first:
+        from referral_service.storage import migrate  # alembic only where it is needed
+
+        await migrate.upgrade_async(settings.effective_database_url)
+    app = await build_app(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    # What start-up built (modules, descriptors, pools) lives as long as the process: keep it
+    # out of the cyclic collector, so collections under load walk only the objects of calls.
+    gc.freeze()
+    await stop.wait()
+    log.info(
+        "shutting down: draining in-flight calls for up to %.1fs", settings.server.shutdown_grace_seconds
+    )
+    await app.stop()
+
+
+def _worker(settings: Settings, index: int) -> None:
+    logs.configure(settings.logging.level, settings.logging.format.value, worker=index)
+    run_event_loop(settings, serve(settings, migrate_first=False))
 
 
 def serve_workers(settings: Settings, workers: int) -> int:
-    if settings.grpc_port == 0:
+    if settings.server.grpc_port == 0:
         raise SystemExit("--workers > 1 needs a fixed port (REFERRAL_GRPC_PORT)")
-    if settings.redis_url is None:
+    if settings.redis.url is None:
         log.warning(
             "%d workers without Redis: the look-up cache is off (each worker would hold its own "
             "copy); set REFERRAL_REDIS_URL to share one",
             workers,
         )
     context = multiprocessing.get_context("spawn")
-    child_settings = settings.model_copy(update={"so_reuseport": True, "workers": workers})
+    child_settings = settings.replace(so_reuseport=True, workers=workers)
     processes: dict[int, BaseProcess] = {}
     started: dict[int, float] = {}
     quick_crashes = 0
@@ -86,7 +109,9 @@ def serve_workers(settings: Settings, workers: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     for index in range(workers):
         start(index)
-    log.info("serving gRPC on %s:%d with %d workers", settings.grpc_host, settings.grpc_port, workers)
+    log.info(
+        "serving gRPC on %s:%d with %d workers", settings.server.grpc_host, settings.server.grpc_port, workers
+    )
     exit_code = 0
     while processes:
         wait([p.sentinel for p in processes.values()], timeout=1.0)
@@ -108,7 +133,7 @@ def serve_workers(settings: Settings, workers: int) -> int:
                 exit_code = 1
                 on_signal(signal.SIGTERM, None)
                 continue
-            time.sleep(min(0.1 * 2**quick_crashes, 5.0))
+            time.sleep(backoff_delay(quick_crashes, 0.2, 5.0))
             start(index)
     log.info("all workers stopped")
     return exit_code

@@ -435,8 +435,8 @@ def test_integration_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("REFERRAL_ENRICHMENT_API_KEY", "secret-key")
     monkeypatch.setenv("REFERRAL_ENRICHMENT_BASE_URL", "https://breeze.example.com/")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert not settings.hunter_enabled
-    assert settings.hunter_policy.value == "fail_closed"
-    assert settings.enrichment_enabled
-    assert settings.enrichment_base_url == "https://breeze.example.com"
+    assert not settings.hunter.enabled
+    assert settings.hunter.policy.value == "fail_closed"
+    assert settings.enrichment.enabled
+    assert settings.enrichment.base_url == "https://breeze.example.com"
     assert "secret-key" not in repr(settings)

@@ -436,23 +436,28 @@ async def _seed_referrals(api: Api, owner_id: int, count: int) -> list[int]:
     """Seed referrals straight into the database (hashing 300 passwords through the API would
     only slow the suite down); a few more go through Register in the tests themselves."""
     from referral_service.domain.clock import utcnow
-    from referral_service.storage import repositories as repo
+    from referral_service.domain.ports import NewUser, UnitOfWork
 
-    ids = []
     now = utcnow()
-    async with api.app.db.write() as session:
+
+    async def seed(uow: UnitOfWork) -> list[int]:
+        ids = []
         for i in range(count):
-            row = await repo.add_user(
-                session,
-                email=f"seeded{i}-{uuid.uuid4().hex[:6]}@example.com",
-                email_key=f"seeded{i}-{uuid.uuid4().hex[:6]}@example.com",
-                password_hash="$argon2id$v=19$m=19456,t=2,p=1$c2VlZA$c2VlZA",
-                now=now,
-                referrer_id=owner_id,
+            email = f"seeded{i}-{uuid.uuid4().hex[:6]}@example.com"
+            user = await uow.users.add(
+                NewUser(
+                    email=email,
+                    email_key=email,
+                    password_hash="$argon2id$v=19$m=19456,t=2,p=1$c2VlZA$c2VlZA",
+                    referrer_id=owner_id,
+                ),
+                now,
             )
-            await repo.count_referral(session, owner_id)
-            ids.append(row.id)
-    return ids
+            await uow.users.count_referral(owner_id)
+            ids.append(user.id)
+        return ids
+
+    return await api.app.store.transact(seed)
 
 
 @pytest.mark.parametrize("page_size", [7, 100])

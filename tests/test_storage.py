@@ -125,10 +125,10 @@ def test_environment_variables_configure_the_service(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("REFERRAL_REDIS_URL", "")
     monkeypatch.setenv("REFERRAL_CODE_CACHE_TTL", "90")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.grpc_port == 6000
-    assert settings.access_token_ttl.total_seconds() == 300
-    assert settings.redis_url is None
-    assert settings.code_cache_ttl.total_seconds() == 90
+    assert settings.server.grpc_port == 6000
+    assert settings.jwt.access_token_ttl.total_seconds() == 300
+    assert settings.redis.url is None
+    assert settings.codes.cache_ttl.total_seconds() == 90
 
 
 def test_development_secret_is_generated_once_and_private(tmp_path: Path) -> None:
@@ -246,7 +246,7 @@ async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
     from sqlalchemy import func, select
 
     from referral_service.domain.clock import utcnow
-    from referral_service.storage import repositories as repo
+    from referral_service.domain.ports import UnitOfWork
     from referral_service.storage.tables import IdempotencyRow, RefreshTokenRow, RevocationRow
     from tests.conftest import bearer
     from tests.errors import expect_error
@@ -258,13 +258,13 @@ async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
         tokens = await api.login(email)
         await api.auth.Logout(auth_pb2.LogoutRequest(), metadata=bearer(tokens.access_token))
         past = utcnow() - timedelta(days=2)
-        async with api.app.db.write() as session:
-            await repo.add_revocations(session, [("jti:long-gone", past)])
-            await repo.add_refresh_token(
-                session, jti="old", session_id="old", user_id=user.id, now=past, expire_time=past
+
+        async def expired_rows(uow: UnitOfWork) -> None:
+            await uow.sessions.add_revocations([("jti:long-gone", past)])
+            await uow.sessions.add_refresh_token(
+                jti="old", session_id="old", user_id=user.id, now=past, expire_time=past
             )
-            await repo.remember_request(
-                session,
+            await uow.requests.remember(
                 scope="register",
                 request_id="00000000-0000-4000-8000-000000000000",
                 fingerprint="x",
@@ -272,6 +272,8 @@ async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
                 now=past,
                 expire_time=past,
             )
+
+        await api.app.store.transact(expired_rows)
 
         async def count(table: type) -> int:
             async with api.app.db.read() as session:

@@ -76,25 +76,25 @@ def _address_if_code(request: Any, address: str) -> str | None:
 
 
 def rules_from_settings(settings: Settings) -> dict[str, list[Rule]]:
-    if not settings.rate_limits_enabled:
+    if not settings.rate_limits.enabled:
         return {}
     failed_login = frozenset({Reason.INVALID_CREDENTIALS})
     table = {
         "/referral.v1.AuthService/Login": [
-            Rule("login-account", settings.rate_limit_login_account, _account, failed_login, "account"),
-            Rule("login-address", settings.rate_limit_login_address, _address, failed_login),
+            Rule("login-account", settings.rate_limits.login_account, _account, failed_login, "account"),
+            Rule("login-address", settings.rate_limits.login_address, _address, failed_login),
         ],
         "/referral.v1.AuthService/Register": [
-            Rule("register-address", settings.rate_limit_register_address, _address),
+            Rule("register-address", settings.rate_limits.register_address, _address),
             Rule(
                 "code-check-address",
-                settings.rate_limit_code_check_address,
+                settings.rate_limits.code_check_address,
                 _address_if_code,
                 frozenset({Reason.REFERRAL_CODE_UNKNOWN}),
             ),
         ],
         "/referral.v1.ReferralService/GetReferralCodeByEmail": [
-            Rule("lookup-address", settings.rate_limit_lookup_address, _address),
+            Rule("lookup-address", settings.rate_limits.lookup_address, _address),
         ],
     }
     return {method: [r for r in rules if r.rate.enabled] for method, rules in table.items()}

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from referral_service.domain import idempotency
 from referral_service.domain import validation as v
@@ -28,12 +26,17 @@ from referral_service.domain.errors import (
 )
 from referral_service.domain.models import CodeState, Principal, TokenPair, User
 from referral_service.domain.passwords import PasswordHasher
+from referral_service.domain.ports import (
+    EMAIL_TAKEN,
+    Conflict,
+    NewUser,
+    RefreshTokenRecord,
+    Store,
+    UnitOfWork,
+)
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.tokens import ACCESS_TYP, MAX_TOKEN_LENGTH, REFRESH_TYP, TokenCodec
 from referral_service.domain.verification import EmailVerification, Verification
-from referral_service.storage import repositories as repo
-from referral_service.storage.db import Database
-from referral_service.storage.repositories import Conflict
 
 log = logging.getLogger("referral_service.auth")
 
@@ -49,8 +52,11 @@ class RegisterCommand:
     request_id: str = ""
 
 
-class _Retry(Exception):
-    """A concurrent request with the same request_id won; read its result."""
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    code_id: int
+    referrer_id: int
+    referrer_email_key: str
 
 
 def _token_length(field: str, token: str) -> list[FieldViolation]:
@@ -67,14 +73,17 @@ def _email_taken() -> AlreadyExists:
     )
 
 
-def _fingerprint(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+_CODE_REFUSALS = {
+    CodeState.REVOKED: (Reason.REFERRAL_CODE_REVOKED, "the referral code was withdrawn by its owner"),
+    CodeState.EXPIRED: (Reason.REFERRAL_CODE_EXPIRED, "the referral code has expired"),
+    CodeState.EXHAUSTED: (Reason.REFERRAL_CODE_EXHAUSTED, "the referral code has been used up"),
+}
 
 
 class AuthService:
     def __init__(
         self,
-        db: Database,
+        store: Store,
         hasher: PasswordHasher,
         tokens: TokenCodec,
         revocations: Revocations,
@@ -84,9 +93,9 @@ class AuthService:
         verification: EmailVerification | None = None,
         on_profile_queued: Callable[[], None] | None = None,
         disposable_domains: v.DisposableDomains | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._disposable = disposable_domains
-        self._db = db
+        self._store = store
         self._hasher = hasher
         self._tokens = tokens
         self._revocations = revocations
@@ -96,10 +105,80 @@ class AuthService:
         self._verification = verification
         #: Wakes the enrichment worker; None when enrichment is off.
         self._on_profile_queued = on_profile_queued
+        self._disposable = disposable_domains
+        self._now = clock
 
     # --- register ----------------------------------------------------------------------------
 
     async def register(self, cmd: RegisterCommand) -> User:
+        email, password, code_key = self._validate_registration(cmd)
+        fingerprint = idempotency.fingerprint(email.key, code_key)
+        if cmd.request_id:
+            earlier = await self._replay(cmd.request_id, fingerprint)
+            if earlier is not None:
+                return earlier
+
+        verification: Verification | None = None
+        if self._verification is not None:
+            password_hash, verification = await self._hash_and_verify(password, email)
+        else:
+            password_hash = await self._hasher.hash(password)
+        now = self._now()
+        new_user = NewUser(
+            email=email.display,
+            email_key=email.key,
+            password_hash=password_hash,
+            is_verified=verification is not None and verification.is_verified,
+            email_verification=verification.status.value if verification else None,
+            email_verify_time=verification.checked_time if verification else None,
+        )
+
+        async def work(uow: UnitOfWork) -> tuple[User, _Claimed | None]:
+            claimed = await self._claim_code(uow, code_key, email.key, now) if code_key else None
+            if claimed is not None:
+                user = await uow.users.add(
+                    dataclasses.replace(
+                        new_user, referrer_id=claimed.referrer_id, referral_code_id=claimed.code_id
+                    ),
+                    now,
+                )
+                await uow.users.count_referral(claimed.referrer_id)
+            else:
+                user = await uow.users.add(new_user, now)
+            if self._on_profile_queued is not None:
+                user = dataclasses.replace(user, profile=await uow.profiles.add_job(user.id, now))
+            if cmd.request_id:
+                await uow.requests.remember(
+                    scope="register",
+                    request_id=cmd.request_id,
+                    fingerprint=fingerprint,
+                    resource_id=user.id,
+                    now=now,
+                    expire_time=now + self._request_id_ttl,
+                )
+            return user, claimed
+
+        try:
+            user, claimed = await self._store.transact(work)
+        except Conflict as conflict:
+            if cmd.request_id:  # a concurrent request with the same request_id won: its result
+                earlier = await self._replay(cmd.request_id, fingerprint)
+                if earlier is not None:
+                    return earlier
+                raise _email_taken() from None
+            if conflict.constraint == EMAIL_TAKEN:
+                raise _email_taken() from None
+            raise
+        if claimed is not None and self._on_code_used is not None:
+            await self._on_code_used(claimed.referrer_email_key)
+        if user.profile is not None and self._on_profile_queued is not None:
+            self._on_profile_queued()
+        log.info("user registered", extra={"user_id": user.id, "referrer_id": user.referrer_id})
+        return user
+
+    def _validate_registration(self, cmd: RegisterCommand) -> tuple[v.Email, str, str]:
+        """The parsed email, the normalised password and the code key ("" without a code), or
+        one INVALID_ARGUMENT naming every bad field."""
         parsed = v.parse_email(cmd.email)
         violations: list[FieldViolation] = []
         email: v.Email | None = None
@@ -128,73 +207,7 @@ class AuthService:
                     "disposable email addresses cannot register; use a permanent address",
                     violations=[disposable],
                 )
-
-        fingerprint = _fingerprint(email.key, code_key)
-        if cmd.request_id:
-            earlier = await self._replay("register", cmd.request_id, fingerprint)
-            if earlier is not None:
-                return earlier
-
-        verification: Verification | None = None
-        if self._verification is not None:
-            password_hash, verification = await self._hash_and_verify(password, email)
-        else:
-            password_hash = await self._hasher.hash(password)
-        now = utcnow()
-        owner_email_key: str | None = None
-        try:
-            async with self._db.write() as session:
-                referrer_id = code_id = None
-                if code_key:
-                    code_id, referrer_id, owner_email_key = await self._claim_code(
-                        session, code_key, email.key, now
-                    )
-                try:
-                    row = await repo.add_user(
-                        session,
-                        email=email.display,
-                        email_key=email.key,
-                        password_hash=password_hash,
-                        now=now,
-                        referrer_id=referrer_id,
-                        referral_code_id=code_id,
-                        is_verified=verification is not None and verification.is_verified,
-                        email_verification=verification.status.value if verification else None,
-                        email_verify_time=verification.checked_time if verification else None,
-                    )
-                    profile = None
-                    if self._on_profile_queued is not None:
-                        profile = await repo.add_profile_job(session, row.id, now)
-                    if referrer_id is not None:
-                        await repo.count_referral(session, referrer_id)
-                    if cmd.request_id:
-                        await repo.remember_request(
-                            session,
-                            scope="register",
-                            request_id=cmd.request_id,
-                            fingerprint=fingerprint,
-                            resource_id=row.id,
-                            now=now,
-                            expire_time=now + self._request_id_ttl,
-                        )
-                except Conflict as conflict:
-                    if cmd.request_id:
-                        raise _Retry from conflict
-                    if conflict.constraint == "uq_users_email_key":
-                        raise _email_taken() from None
-                    raise
-                user = repo.user_model(row, profile)
-        except _Retry:
-            earlier = await self._replay("register", cmd.request_id, fingerprint)
-            if earlier is not None:
-                return earlier
-            raise _email_taken() from None
-        if owner_email_key is not None and self._on_code_used is not None:
-            await self._on_code_used(owner_email_key)
-        if user.profile is not None and self._on_profile_queued is not None:
-            self._on_profile_queued()
-        log.info("user registered", extra={"user_id": user.id, "referrer_id": user.referrer_id})
-        return user
+        return email, password, code_key
 
     async def _hash_and_verify(self, password: str, email: v.Email) -> tuple[str, Verification]:
         """Verify the email with the provider while the password hashes on the pool: the slower
@@ -203,8 +216,8 @@ class AuthService:
         assert self._verification is not None
         # A duplicate email would be refused by the insert anyway; asking first (a cheap read)
         # keeps it from spending a provider credit.
-        async with self._db.read() as session:
-            taken = await repo.user_by_email_key(session, email.key) is not None
+        async with self._store.read() as uow:
+            taken = await uow.users.by_email_key(email.key) is not None
         if taken:
             raise _email_taken()
         hashing = asyncio.ensure_future(self._hasher.hash(password))
@@ -217,16 +230,16 @@ class AuthService:
         return await hashing, verification
 
     async def _claim_code(
-        self, session: AsyncSession, code_key: str, new_email_key: str, now: datetime
-    ) -> tuple[int, int, str]:
-        code = await repo.code_by_key(session, code_key)
+        self, uow: UnitOfWork, code_key: str, new_email_key: str, now: datetime
+    ) -> _Claimed:
+        code = await uow.codes.by_key(code_key)
         if code is None:
             raise InvalidArgument(
                 Reason.REFERRAL_CODE_UNKNOWN,
                 "the referral code does not exist",
                 violations=[FieldViolation("referral_code", "does not exist", "UNKNOWN")],
             )
-        owner = await repo.user_by_id(session, code.owner_id)
+        owner = await uow.users.get(code.owner_id)
         assert owner is not None
         if owner.email_key == new_email_key:
             raise InvalidArgument(
@@ -234,30 +247,22 @@ class AuthService:
                 "you cannot register with your own referral code",
                 violations=[FieldViolation("referral_code", "is your own code", "SELF_REFERRAL")],
             )
-        if not await repo.claim_code_use(session, code.id, now):
-            await session.refresh(code)
-            state = repo.code_model(code).state(now)
-            reason, message = {
-                CodeState.REVOKED: (
-                    Reason.REFERRAL_CODE_REVOKED,
-                    "the referral code was withdrawn by its owner",
-                ),
-                CodeState.EXPIRED: (Reason.REFERRAL_CODE_EXPIRED, "the referral code has expired"),
-                CodeState.EXHAUSTED: (
-                    Reason.REFERRAL_CODE_EXHAUSTED,
-                    "the referral code has been used up",
-                ),
-            }.get(state, (Reason.REFERRAL_CODE_REVOKED, "the referral code is no longer valid"))
+        if not await uow.codes.claim_use(code.id, now):
+            current = await uow.codes.get(code.id) or code
+            reason, message = _CODE_REFUSALS.get(
+                current.state(now), (Reason.REFERRAL_CODE_REVOKED, "the referral code is no longer valid")
+            )
             raise FailedPrecondition(reason, message, metadata={"code": code.code})
-        return code.id, owner.id, owner.email_key
+        return _Claimed(code.id, owner.id, owner.email_key)
 
-    async def _replay(self, scope: str, request_id: str, fingerprint: str) -> User | None:
-        async def load(session: AsyncSession, user_id: int) -> User:
-            row = await repo.user_by_id(session, user_id)
-            assert row is not None
-            return repo.user_model(row, await repo.profile(session, row.id))
+    async def _replay(self, request_id: str, fingerprint: str) -> User | None:
+        async def load(uow: UnitOfWork, user_id: int) -> User:
+            user = await uow.users.get(user_id)
+            assert user is not None
+            return user
 
-        return await idempotency.replay(self._db, scope, request_id, fingerprint, load)
+        async with self._store.read() as uow:
+            return await idempotency.replay(uow, "register", request_id, fingerprint, self._now(), load)
 
     async def create_superuser(self, email_raw: str, password_raw: str) -> tuple[User, bool]:
         """Create a superuser, or promote the existing account with that email. Returns the
@@ -265,29 +270,28 @@ class AuthService:
         email = v.parse_email(email_raw)
         if isinstance(email, FieldViolation):
             raise InvalidArgument.fields(email)
-        now = utcnow()
-        async with self._db.write() as session:
-            existing = await repo.user_by_email_key(session, email.key)
-            if existing is not None:
-                await repo.make_superuser(session, existing.id, now)
-                await session.refresh(existing)
-                return repo.user_model(existing), False
+        now = self._now()
+
+        async def promote(uow: UnitOfWork) -> User | None:
+            existing = await uow.users.by_email_key(email.key)
+            return None if existing is None else await uow.users.make_superuser(existing.id, now)
+
+        promoted = await self._store.transact(promote)
+        if promoted is not None:
+            return promoted, False
         password = v.normalize_password(password_raw)
         check(v.password_violations(password, email))
-        password_hash = await self._hasher.hash(password)
-        async with self._db.write() as session:
-            try:
-                row = await repo.add_user(
-                    session,
-                    email=email.display,
-                    email_key=email.key,
-                    password_hash=password_hash,
-                    now=now,
-                    is_superuser=True,
-                )
-            except Conflict:
-                raise _email_taken() from None
-            return repo.user_model(row), True
+        new_user = NewUser(
+            email=email.display,
+            email_key=email.key,
+            password_hash=await self._hasher.hash(password),
+            is_superuser=True,
+        )
+        try:
+            user = await self._store.transact(lambda uow: uow.users.add(new_user, now))
+        except Conflict:
+            raise _email_taken() from None
+        return user, True
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -306,31 +310,33 @@ class AuthService:
         check(violations)
         key = v.email_key(email_raw)
         password = v.normalize_password(password_raw)
-        row = None
+        account = None
         if key is not None:
-            # Core statements on bare connections: argon2 runs in its pool, and the event-loop
-            # time of the rest of a login competes with it for the same cores.
-            async with self._db.reader() as conn:
-                row = await repo.login_credentials(conn, key)
-        result = await self._hasher.verify(row.password_hash if row else None, password)
-        if row is None or not result.ok:
+            async with self._store.read() as uow:
+                account = await uow.users.credentials(key)
+        # argon2 runs in its pool; an unknown email is checked against a dummy hash (same time).
+        result = await self._hasher.verify(account.password_hash if account else None, password)
+        if account is None or not result.ok:
             raise Unauthenticated(Reason.INVALID_CREDENTIALS, "the email or password is incorrect")
-        if not row.is_active:
+        if not account.is_active:
             raise PermissionDenied(Reason.ACCOUNT_DISABLED, "this account is disabled")
-        now = utcnow()
+        now = self._now()
         session_id = uuid.uuid4().hex
-        async with self._db.writer() as conn:
+        user_id = account.user_id
+
+        async def work(uow: UnitOfWork) -> TokenPair:
             if result.new_hash is not None:
-                await repo.set_password_hash(conn, row.id, result.new_hash, now)
-            pair = await self._issue(conn, row.id, session_id, now)
-        log.info("login", extra={"user_id": row.id})
+                await uow.users.set_password_hash(user_id, result.new_hash, now)
+            return await self._issue(uow, user_id, session_id, now)
+
+        pair = await self._store.transact(work)
+        log.info("login", extra={"user_id": user_id})
         return pair
 
-    async def _issue(self, session: repo.Executor, user_id: int, session_id: str, now: datetime) -> TokenPair:
+    async def _issue(self, uow: UnitOfWork, user_id: int, session_id: str, now: datetime) -> TokenPair:
         access = self._tokens.issue_access(user_id, session_id, now)
         refresh = self._tokens.issue_refresh(user_id, session_id, now)
-        await repo.add_refresh_token(
-            session,
+        await uow.sessions.add_refresh_token(
             jti=refresh.jti,
             session_id=session_id,
             user_id=user_id,
@@ -349,23 +355,29 @@ class AuthService:
             raise InvalidArgument.fields(FieldViolation("refresh_token", "is required", "REQUIRED"))
         check(_token_length("refresh_token", refresh_token))
         token = self._tokens.verify(refresh_token, REFRESH_TYP)
-        now = utcnow()
-        async with self._db.write() as session:
-            if await repo.use_refresh_token(session, token.jti, token.user_id, now):
-                user = await repo.user_by_id(session, token.user_id)
+        now = self._now()
+
+        async def rotate(uow: UnitOfWork) -> TokenPair | RefreshTokenRecord | None:
+            """New tokens for an unused refresh token; else what is known of it."""
+            if await uow.sessions.use_refresh_token(token.jti, token.user_id, now):
+                user = await uow.users.get(token.user_id)
                 if user is None or not user.is_active:
                     raise PermissionDenied(Reason.ACCOUNT_DISABLED, "this account is disabled")
-                return await self._issue(session, token.user_id, token.session_id, now)
-            row = await repo.refresh_token(session, token.jti)
-        if row is None or row.user_id != token.user_id:
+                return await self._issue(uow, token.user_id, token.session_id, now)
+            return await uow.sessions.refresh_token(token.jti)
+
+        outcome = await self._store.transact(rotate)
+        if isinstance(outcome, TokenPair):
+            return outcome
+        if outcome is None or outcome.user_id != token.user_id:
             raise Unauthenticated(Reason.TOKEN_INVALID, "the refresh token is not recognised")
-        if row.revoke_time is not None:
+        if outcome.revoke_time is not None:
             raise Unauthenticated(Reason.TOKEN_REVOKED, "the refresh token has been revoked")
-        if row.used_time is None:
+        if outcome.used_time is None:
             raise Unauthenticated(Reason.TOKEN_EXPIRED, "the refresh token has expired")
         # Reuse of a rotated-out refresh token: it may have been stolen. Revoke the family
         # (every refresh token and, for their remaining lifetime, every access token of it).
-        await self._revoke_sessions(token.user_id, [token.session_id], [], now)
+        await self._revoke_sessions([token.session_id], [], now)
         log.warning("refresh token reuse; session revoked", extra={"user_id": token.user_id})
         raise Unauthenticated(
             Reason.REFRESH_TOKEN_REUSED,
@@ -373,14 +385,18 @@ class AuthService:
         )
 
     async def _revoke_sessions(
-        self, user_id: int, session_ids: list[str], extra: list[tuple[str, datetime]], now: datetime
+        self, session_ids: list[str], extra: list[tuple[str, datetime]], now: datetime
     ) -> None:
         until = now + self._tokens.access_ttl + timedelta(minutes=1)
-        entries = [(f"sid:{sid}", until) for sid in dict.fromkeys(session_ids)] + extra
-        async with self._db.write() as session:
-            for sid in dict.fromkeys(session_ids):
-                await repo.revoke_session(session, sid, now)
-            await repo.add_revocations(session, entries)
+        sessions = list(dict.fromkeys(session_ids))
+        entries = [(f"sid:{sid}", until) for sid in sessions] + extra
+
+        async def work(uow: UnitOfWork) -> None:
+            for sid in sessions:
+                await uow.sessions.revoke_session(sid, now)
+            await self._revocations.record(uow, entries)
+
+        await self._store.transact(work)
         await self._revocations.publish(entries, now)
 
     async def logout(self, principal: Principal, refresh_token: str) -> None:
@@ -391,15 +407,14 @@ class AuthService:
             if token.user_id != principal.user_id:
                 raise PermissionDenied(Reason.PERMISSION_DENIED, "the refresh token belongs to another user")
             sessions.append(token.session_id)
-        now = utcnow()
         await self._revoke_sessions(
-            principal.user_id, sessions, [(f"jti:{principal.token_id}", principal.expire_time)], now
+            sessions, [(f"jti:{principal.token_id}", principal.expire_time)], self._now()
         )
 
     async def authenticate(self, access_token: str) -> Principal:
         token = self._tokens.verify(access_token, ACCESS_TYP)
         keys = [f"jti:{token.jti}", f"sid:{token.session_id}"]
-        if await self._revocations.is_revoked(keys, utcnow()):
+        if await self._revocations.is_revoked(keys, self._now()):
             raise Unauthenticated(Reason.TOKEN_REVOKED, "the access token has been revoked")
         return Principal(
             user_id=token.user_id,
@@ -413,9 +428,8 @@ class AuthService:
         return self._tokens.jwks()
 
     async def current_user(self, principal: Principal) -> User:
-        async with self._db.read() as session:
-            row = await repo.user_by_id(session, principal.user_id)
-            profile = await repo.profile(session, principal.user_id) if row is not None else None
-        if row is None:
+        async with self._store.read() as uow:
+            user = await uow.users.get(principal.user_id)
+        if user is None:
             raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
-        return repo.user_model(row, profile)
+        return user

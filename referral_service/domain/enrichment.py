@@ -18,30 +18,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
 from referral_service.domain.models import ProfileState
-from referral_service.resilience import backoff_delay
-from referral_service.storage import repositories as repo
-from referral_service.storage.db import Database
+from referral_service.domain.ports import PersonData, Store, UnitOfWork
 
 log = logging.getLogger("referral_service.enrichment")
 
 
-@dataclass(frozen=True, slots=True)
-class PersonData:
-    full_name: str | None = None
-    company: str | None = None
-    title: str | None = None
-    location: str | None = None
-    avatar_uri: str | None = None
-
-    def empty(self) -> bool:
-        return not any((self.full_name, self.company, self.title, self.location, self.avatar_uri))
+__all__ = ["Lookup", "Outcome", "PersonData", "ProfileProvider"]  # PersonData: see ports
 
 
 class Outcome(StrEnum):
@@ -75,7 +66,7 @@ class ProfileProvider(Protocol):
 class EnrichmentWorker:
     def __init__(
         self,
-        db: Database,
+        store: Store,
         provider: ProfileProvider,
         *,
         max_attempts: int,
@@ -84,8 +75,10 @@ class EnrichmentWorker:
         concurrency: int,
         poll_seconds: float,
         lease: timedelta,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._db = db
+        self._store = store
+        self._now = clock
         self.provider = provider
         self._max_attempts = max_attempts
         self._backoff = retry_backoff.total_seconds()
@@ -127,8 +120,7 @@ class EnrichmentWorker:
                 await asyncio.gather(*pending, return_exceptions=True)
                 unfinished = [user_id for user_id, task in running if task in pending]
                 try:
-                    async with self._db.write() as session:
-                        await repo.release_profile_jobs(session, unfinished, utcnow())
+                    await self._store.transact(lambda uow: uow.profiles.release(unfinished, self._now()))
                 except Exception:
                     log.warning(
                         "could not hand back %d enrichment lookups; due after the lease", len(unfinished)
@@ -143,12 +135,12 @@ class EnrichmentWorker:
         while not self._stopping:
             self._wake.clear()
             try:
-                async with self._db.read() as session:
-                    due = await repo.due_profile_jobs(session, utcnow(), limit=self._concurrency * 4)
-                    upcoming = await repo.next_profile_job_time(session, exclude=[*self._jobs, *due])
+                async with self._store.read() as uow:
+                    due = await uow.profiles.due(self._now(), limit=self._concurrency * 4)
+                    upcoming = await uow.profiles.next_due_time(exclude=[*self._jobs, *due])
                 delay = self._poll
                 if upcoming is not None:  # a retry falls due before the next poll
-                    delay = min(self._poll, max((upcoming - utcnow()).total_seconds(), 0.01))
+                    delay = min(self._poll, max((upcoming - self._now()).total_seconds(), 0.01))
             except Exception as error:
                 log.warning("enrichment scan failed (%s); retrying", type(error).__name__)
                 due, delay = [], min(max(delay, 1.0) * 2, 60.0)
@@ -184,58 +176,42 @@ class EnrichmentWorker:
             log.exception("enrichment of user %d failed unexpectedly", user_id)
 
     async def _attempt(self, user_id: int) -> None:
-        now = utcnow()
-        async with self._db.write() as session:
-            claim = await repo.claim_profile_job(session, user_id, now, now + self._lease)
+        now = self._now()
+        claim = await self._store.transact(lambda uow: uow.profiles.claim(user_id, now, now + self._lease))
         if claim is None:  # finished or claimed by another process meanwhile
             return
-        email, attempts = claim
         try:
-            result = await self.provider.lookup(email)
+            result = await self.provider.lookup(claim.email)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a provider bug must not kill the worker
             log.exception("enrichment provider %s raised", self.provider.name)
             result = Lookup(Outcome.RETRY, detail=f"provider error ({type(error).__name__})")
-        done = utcnow()
-        async with self._db.write() as session:
-            if result.outcome is Outcome.FOUND and result.person is not None and not result.person.empty():
-                await repo.finish_profile_job(
-                    session,
-                    user_id,
-                    ProfileState.FOUND,
-                    done,
-                    source=self.provider.name,
-                    person=result.person,
-                )
-            elif result.outcome in (Outcome.FOUND, Outcome.NOT_FOUND):
-                await repo.finish_profile_job(
-                    session, user_id, ProfileState.NOT_FOUND, done, source=self.provider.name
-                )
-            elif result.outcome is Outcome.FAILED or attempts >= self._max_attempts:
-                await repo.finish_profile_job(
-                    session,
-                    user_id,
-                    ProfileState.FAILED,
-                    done,
-                    source=self.provider.name,
-                    error=result.detail,
-                )
-            else:
-                wait = max(
-                    backoff_delay(attempts, self._backoff, self._backoff_max),
-                    min(result.retry_after_seconds or 0.0, self._backoff_max),
-                )
-                await repo.reschedule_profile_job(
-                    session, user_id, done, done + timedelta(seconds=wait), error=result.detail
-                )
+        await self._store.transact(functools.partial(self._record, user_id, claim.attempts, result))
         log.info(
             "enrichment attempt",
             extra={
                 "user_id": user_id,
                 "provider": self.provider.name,
                 "outcome": result.outcome.value,
-                "attempt": attempts,
+                "attempt": claim.attempts,
                 "detail": result.detail,
             },
         )
+
+    async def _record(self, user_id: int, attempts: int, result: Lookup, uow: UnitOfWork) -> None:
+        """Store the outcome of one attempt: found, not found, failed for good, or retry later."""
+        done = self._now()
+        source = self.provider.name
+        if result.outcome is Outcome.FOUND and result.person is not None and not result.person.empty():
+            await uow.profiles.finish(user_id, ProfileState.FOUND, done, source=source, person=result.person)
+        elif result.outcome in (Outcome.FOUND, Outcome.NOT_FOUND):
+            await uow.profiles.finish(user_id, ProfileState.NOT_FOUND, done, source=source)
+        elif result.outcome is Outcome.FAILED or attempts >= self._max_attempts:
+            await uow.profiles.finish(user_id, ProfileState.FAILED, done, source=source, error=result.detail)
+        else:
+            wait = max(
+                backoff_delay(attempts, self._backoff, self._backoff_max),
+                min(result.retry_after_seconds or 0.0, self._backoff_max),
+            )
+            await uow.profiles.reschedule(user_id, done, done + timedelta(seconds=wait), error=result.detail)

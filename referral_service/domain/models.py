@@ -57,6 +57,12 @@ class User:
     #: None when enrichment was off when the user registered.
     profile: Profile | None = None
 
+    @property
+    def email_key(self) -> str:
+        """What emails are compared by (``validation.parse_email``: the stored address is
+        already normalised, and the key is that address lower-cased)."""
+        return self.email.lower()
+
 
 class CodeState(Enum):
     ACTIVE = "ACTIVE"

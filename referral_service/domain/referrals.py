@@ -10,10 +10,9 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from referral_service.domain import idempotency
 from referral_service.domain import validation as v
@@ -30,10 +29,14 @@ from referral_service.domain.errors import (
     check,
 )
 from referral_service.domain.models import CodeState, ReferralCode, ReferralPage
-from referral_service.domain.ports import VersionedCache
-from referral_service.storage import repositories as repo
-from referral_service.storage.db import Database
-from referral_service.storage.repositories import Conflict
+from referral_service.domain.ports import (
+    CODE_TAKEN,
+    Conflict,
+    NewCode,
+    Store,
+    UnitOfWork,
+    VersionedCache,
+)
 
 log = logging.getLogger("referral_service.referrals")
 
@@ -96,7 +99,7 @@ def _decode(raw: bytes) -> ReferralCode:
 class ReferralService:
     def __init__(
         self,
-        db: Database,
+        store: Store,
         cache: VersionedCache,
         *,
         page_secret: bytes,
@@ -106,9 +109,11 @@ class ReferralService:
         default_page_size: int,
         max_page_size: int,
         request_id_ttl: timedelta,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._db = db
+        self._store = store
         self._cache = cache
+        self._now = clock
         self._page_key = hmac.new(page_secret, b"referral-service page tokens", hashlib.sha256).digest()
         self._max_horizon = max_horizon
         self._cache_ttl = cache_ttl
@@ -163,7 +168,7 @@ class ReferralService:
         return expire
 
     async def create_code(self, cmd: CreateCodeCommand) -> ReferralCode:
-        now = utcnow()
+        now = self._now()
         expire = self._validate(cmd, now)
         scope = f"code:{cmd.owner_id}"
         fingerprint = self._fingerprint(cmd)
@@ -176,13 +181,15 @@ class ReferralService:
         for _attempt in range(5):
             code = cmd.code or generate_code()
             try:
-                created, owner_key = await self._insert_code(cmd, code, now, expire)
+                created, owner_key = await self._store.transact(
+                    functools.partial(self._insert_code, cmd=cmd, code=code, now=now, expire=expire)
+                )
             except Conflict as conflict:
                 if cmd.request_id:
                     earlier = await self._replay(scope, cmd.request_id, fingerprint)
                     if earlier is not None:
                         return earlier
-                if conflict.constraint == "uq_referral_codes_code_key" and not cmd.code:
+                if conflict.constraint == CODE_TAKEN and not cmd.code:
                     continue
                 raise self._conflict_error(conflict) from None
             await self._cache.invalidate(_cache_key(owner_key))
@@ -196,7 +203,7 @@ class ReferralService:
 
     @staticmethod
     def _conflict_error(conflict: Conflict) -> Exception:
-        if conflict.constraint == "uq_referral_codes_code_key":
+        if conflict.constraint == CODE_TAKEN:
             return AlreadyExists(
                 Reason.REFERRAL_CODE_TAKEN,
                 "this referral code has already been issued; choose another",
@@ -210,66 +217,71 @@ class ReferralService:
         )
 
     async def _insert_code(
-        self, cmd: CreateCodeCommand, code: str, now: datetime, expire: datetime
+        self, uow: UnitOfWork, cmd: CreateCodeCommand, code: str, now: datetime, expire: datetime
     ) -> tuple[ReferralCode, str]:
         """One transaction: free the slot of a dead code, insert, remember the request id.
         Unique violations surface as ``Conflict`` after the rollback."""
-        async with self._db.write() as session:
-            owner = await repo.user_by_id(session, cmd.owner_id)
-            if owner is None:
-                raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
-            await repo.close_dead_codes(session, cmd.owner_id, now)
-            row = await repo.add_code(
-                session,
+        owner = await uow.users.get(cmd.owner_id)
+        if owner is None:
+            raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
+        await uow.codes.close_dead(cmd.owner_id, now)
+        created = await uow.codes.add(
+            NewCode(
                 code=code.upper(),
                 code_key=v.code_key(code),
                 owner_id=cmd.owner_id,
-                now=now,
                 expire_time=expire,
                 max_uses=cmd.max_uses,
+            ),
+            now,
+        )
+        if cmd.request_id:
+            await uow.requests.remember(
+                scope=f"code:{cmd.owner_id}",
+                request_id=cmd.request_id,
+                fingerprint=self._fingerprint(cmd),
+                resource_id=created.id,
+                now=now,
+                expire_time=now + self._request_id_ttl,
             )
-            if cmd.request_id:
-                await repo.remember_request(
-                    session,
-                    scope=f"code:{cmd.owner_id}",
-                    request_id=cmd.request_id,
-                    fingerprint=self._fingerprint(cmd),
-                    resource_id=row.id,
-                    now=now,
-                    expire_time=now + self._request_id_ttl,
-                )
-            return repo.code_model(row), owner.email_key
+        return created, owner.email_key
 
     @staticmethod
     def _fingerprint(cmd: CreateCodeCommand) -> str:
-        parts = f"{v.code_key(cmd.code)}\0{cmd.max_uses}\0{cmd.expire_time}\0{cmd.ttl}"
-        return hashlib.sha256(parts.encode()).hexdigest()
+        return idempotency.fingerprint(
+            v.code_key(cmd.code), str(cmd.max_uses), str(cmd.expire_time), str(cmd.ttl)
+        )
 
     async def _replay(self, scope: str, request_id: str, fingerprint: str) -> ReferralCode | None:
-        async def load(session: AsyncSession, code_id: int) -> ReferralCode:
-            row = await repo.code_by_id(session, code_id)
-            assert row is not None
-            return repo.code_model(row)
+        async def load(uow: UnitOfWork, code_id: int) -> ReferralCode:
+            code = await uow.codes.get(code_id)
+            assert code is not None
+            return code
 
-        return await idempotency.replay(self._db, scope, request_id, fingerprint, load)
+        async with self._store.read() as uow:
+            return await idempotency.replay(uow, scope, request_id, fingerprint, self._now(), load)
 
     # --- mine --------------------------------------------------------------------------------
 
     async def my_code(self, owner_id: int) -> ReferralCode:
-        async with self._db.read() as session:
-            row = await repo.open_code(session, owner_id)
-        if row is None:
+        async with self._store.read() as uow:
+            code = await uow.codes.open_code(owner_id)
+        if code is None:
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, "you have no referral code")
-        return repo.code_model(row)
+        return code
 
     async def delete_code(self, owner_id: int) -> None:
-        now = utcnow()
-        async with self._db.write() as session:
-            row = await repo.revoke_open_code(session, owner_id, now)
-            owner = await repo.user_by_id(session, owner_id)
-        if row is None or owner is None:
+        now = self._now()
+
+        async def work(uow: UnitOfWork) -> str | None:
+            revoked = await uow.codes.revoke_open(owner_id, now)
+            owner = await uow.users.get(owner_id)
+            return owner.email_key if revoked is not None and owner is not None else None
+
+        owner_key = await self._store.transact(work)
+        if owner_key is None:
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, "you have no referral code")
-        await self._cache.invalidate(_cache_key(owner.email_key))
+        await self._cache.invalidate(_cache_key(owner_key))
         log.info("referral code deleted", extra={"user_id": owner_id})
 
     async def code_used(self, owner_email_key: str) -> None:
@@ -284,16 +296,15 @@ class ReferralService:
             raise InvalidArgument.fields(parsed)
         key = _cache_key(parsed.key)
         found = await self._cache.lookup(key)
-        now = utcnow()
+        now = self._now()
         if found.hit:
             if found.value:
                 code = _decode(found.value)
                 if code.state(now) is CodeState.ACTIVE:
                     return code
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
-        async with self._db.read() as session:
-            row = await repo.live_code_by_email_key(session, parsed.key, now)
-        live = repo.code_model(row) if row is not None else None
+        async with self._store.read() as uow:
+            live = await uow.codes.live_by_email_key(parsed.key, now)
         if found.stamp is not None:
             if live is None:
                 await self._cache.fill(key, found.stamp, b"", self._negative_ttl.total_seconds())
@@ -352,17 +363,17 @@ class ReferralService:
         check(violations)
         # Permission before existence: others' ids are not probed.
         if caller_id != referrer_id:
-            async with self._db.read() as session:
-                caller = await repo.user_by_id(session, caller_id)
+            async with self._store.read() as uow:
+                caller = await uow.users.get(caller_id)
             if caller is None or not caller.is_superuser:
                 raise PermissionDenied(Reason.PERMISSION_DENIED, "you may only list your own referrals")
         after_id = self._read_page_token(page_token, referrer_id) if page_token else 0
         size = min(page_size or self._default_page, self._max_page)
-        async with self._db.reader() as conn:
-            total = await repo.referral_count(conn, referrer_id)
+        async with self._store.read() as uow:
+            total = await uow.referrals.count(referrer_id)
             if total is None:
                 raise NotFound(Reason.USER_NOT_FOUND, "no user with this id")
-            rows = await repo.referral_page(conn, referrer_id, after_id, size + 1)
+            rows = await uow.referrals.page(referrer_id, after_id, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         token = self._page_token(referrer_id, rows[-1].user_id) if more and rows else ""

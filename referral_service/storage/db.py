@@ -1,10 +1,11 @@
-"""Engines and transactions.
+"""Engines, pools and outages; ``store.SqlStore`` runs the use cases' units of work on them.
 
-``Database.read()`` and ``Database.write()`` open one session and one transaction for a use
-case. On PostgreSQL they share one engine. On SQLite, writes go through a second engine with a
-single connection that starts every transaction with ``BEGIN IMMEDIATE``: writers queue in the
-process instead of failing with "database is locked" when two deferred transactions both try to
-upgrade to a write lock; WAL mode keeps readers running meanwhile.
+Reads run on ``read_engine`` in autocommit mode (no BEGIN/COMMIT round trips for what are
+mostly single statements). Writes run on ``write_engine``: on PostgreSQL the same pool; on
+SQLite a second engine with a single connection that starts every transaction with ``BEGIN
+IMMEDIATE``: writers queue in the process instead of failing with "database is locked" when two
+deferred transactions both try to upgrade to a write lock; WAL mode keeps readers running
+meanwhile.
 
 Connection failures, timeouts and lock waits become ``Unavailable`` (gRPC UNAVAILABLE), never
 INTERNAL.
@@ -22,7 +23,6 @@ from typing import Any
 
 from sqlalchemy import event, exc, make_url, text
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -163,15 +163,14 @@ class Database:
             if self.dialect == "sqlite"
             else self.engine
         )
-        # Reads run in autocommit mode: no BEGIN/COMMIT round trips for what are mostly single
-        # statements; use cases that need one consistent snapshot use write().
-        read_engine = (
+        # Reads run in autocommit mode (SQLite's reader engine never begins a transaction); a
+        # use case that needs one consistent snapshot reads in a transaction.
+        self.read_engine = (
             self.engine
             if self.dialect == "sqlite"
             else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
-        self._read_engine = read_engine
-        self._read = async_sessionmaker(read_engine, expire_on_commit=False, autoflush=False)
+        self._read = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
         self._write = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
 
     @asynccontextmanager
@@ -180,10 +179,12 @@ class Database:
             async with factory() as session, session.begin():
                 yield session
         except Exception as error:
-            self._raise_unavailable(error)
+            self.raise_if_unavailable(error)
             raise
 
-    def _raise_unavailable(self, error: Exception) -> None:
+    def raise_if_unavailable(self, error: BaseException) -> None:
+        """Raise ``Unavailable`` (and tell ``on_unavailable``) when ``error`` says the database
+        cannot be reached; return otherwise, for the caller to re-raise ``error``."""
         if _is_unavailable(error):
             log.warning("database unavailable: %s: %s", type(error).__name__, error)
             if self._on_unavailable is not None:
@@ -194,35 +195,14 @@ class Database:
                 retry_after_seconds=1.0,
             ) from error
 
-    @asynccontextmanager
-    async def writer(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction on a bare connection for Core writes on hot paths (login), committed
-        when the block exits without an error; like ``write()`` without the ORM session."""
-        try:
-            async with self.write_engine.begin() as conn:
-                yield conn
-        except Exception as error:
-            self._raise_unavailable(error)
-            raise
-
-    @asynccontextmanager
-    async def reader(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for Core reads on the hot paths (token checks, pages, look-ups), in
-        autocommit mode, without an ORM session: a session's bookkeeping cost as much as the
-        query itself (0.6 of the 1.1 ms of a revocation check on SQLite)."""
-        try:
-            async with self._read_engine.connect() as conn:
-                yield conn
-        except Exception as error:
-            self._raise_unavailable(error)
-            raise
-
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
-        """A read-only unit of work, in autocommit mode (each statement sees committed data)."""
+        """An ORM session in autocommit mode, for tests and maintenance scripts that look at
+        rows directly (the service itself goes through ``SqlStore``)."""
         return self._session(self._read)
 
     def write(self) -> AbstractAsyncContextManager[AsyncSession]:
-        """A unit of work that writes; committed when the block exits without an error."""
+        """An ORM session in one transaction (committed when the block exits without an error),
+        for tests and maintenance scripts; the service itself goes through ``SqlStore``."""
         return self._session(self._write)
 
     async def ping(self) -> bool:

@@ -1,0 +1,122 @@
+"""The ``Store`` port on SQLAlchemy Core (SQLite or PostgreSQL).
+
+``read()`` hands out a unit of work on a pooled connection in autocommit mode: each statement
+sees committed data, with no BEGIN/COMMIT round trips and no ORM session bookkeeping (which cost
+as much as the query itself on the hot reads). ``transact(work)`` runs ``work`` in one
+transaction on the writer: ``BEGIN IMMEDIATE`` on SQLite (see ``db.py``), committed when
+``work`` returns, rolled back when it raises.
+
+On SQLite a caller cancelled meanwhile (deadline, client gone) does not interrupt the
+transaction: it runs to its end (commit or rollback) before the cancellation propagates. With
+aiosqlite an interrupted transaction can leave its connection holding SQLite's write lock until
+it is garbage-collected, blocking every later write. PostgreSQL rolls an interrupted
+transaction back itself when its connection is dropped.
+
+Connection failures, timeouts and lock waits become ``Unavailable`` (``Database``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar
+
+from sqlalchemy import delete
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from referral_service.domain.ports import UnitOfWork
+from referral_service.storage.codes import SqlCodes
+from referral_service.storage.core import REFRESH_TOKENS, REQUESTS, REVOCATIONS, at
+from referral_service.storage.db import Database
+from referral_service.storage.profiles import SqlProfiles
+from referral_service.storage.referrals import SqlReferrals
+from referral_service.storage.requests import SqlRequests
+from referral_service.storage.sessions import SqlSessions
+from referral_service.storage.users import SqlUsers
+
+if TYPE_CHECKING:
+    from referral_service.domain import ports
+
+T = TypeVar("T")
+
+#: What can no longer matter: revocations of tokens past their expiry, forgotten request ids,
+#: refresh tokens past their expiry (reuse detection only needs live ones).
+_PURGE = tuple(
+    delete(table).where(table.c.expire_time <= at("now")) for table in (REVOCATIONS, REQUESTS, REFRESH_TOKENS)
+)
+
+
+class SqlUnitOfWork:
+    """The repositories of one connection: a transaction (``transact``) or autocommit reads
+    (``read``). Each is a small object over the connection, cheap to make per unit of work."""
+
+    __slots__ = ("codes", "connection", "profiles", "referrals", "requests", "sessions", "users")
+
+    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
+        self.connection = connection
+        self.users = SqlUsers(connection)
+        self.codes = SqlCodes(connection, dialect)
+        self.referrals = SqlReferrals(connection)
+        self.sessions = SqlSessions(connection, dialect)
+        self.requests = SqlRequests(connection)
+        self.profiles = SqlProfiles(connection)
+
+    async def purge_expired(self, now: datetime) -> int:
+        deleted = 0
+        for statement in _PURGE:
+            deleted += (await self.connection.execute(statement, {"now": now})).rowcount
+        return deleted
+
+
+class SqlStore:
+    """The ``Store`` port on a ``Database`` (whose engines, pools and outage handling it uses)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._dialect = database.dialect
+        self._read_engine = database.read_engine
+        self._write_engine = database.write_engine
+        self._finish_when_cancelled = database.dialect == "sqlite"
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[SqlUnitOfWork]:
+        try:
+            async with self._read_engine.connect() as conn:
+                yield SqlUnitOfWork(conn, self._dialect)
+        except Exception as error:
+            self.database.raise_if_unavailable(error)
+            raise
+
+    async def transact(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        if not self._finish_when_cancelled:
+            return await self._transact(work)
+        task = asyncio.ensure_future(self._transact(work))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller has gone: let the transaction end first (through further cancels),
+            # then tell the caller. Its outcome goes unread (shield marks it retrieved).
+            while not task.done():
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(task)
+            raise
+
+    async def _transact(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        try:
+            async with self._write_engine.begin() as conn:
+                return await work(SqlUnitOfWork(conn, self._dialect))
+        except Exception as error:
+            self.database.raise_if_unavailable(error)
+            raise
+
+    async def ping(self) -> bool:
+        return await self.database.ping()
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_port(store: SqlStore, uow: SqlUnitOfWork) -> tuple[ports.Store, ports.UnitOfWork]:
+        return store, uow
