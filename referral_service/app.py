@@ -1,11 +1,11 @@
 """The composition root: the one place that turns Settings into a running service (engine,
-cache, hasher, token codec, use cases, servicers, interceptor, health, reflection)."""
+fast stores, hasher, token codec, use cases, servicers, interceptor, health, reflection)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -23,21 +23,23 @@ from referral_service.api.interceptors import (
 )
 from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
 from referral_service.api.referral import ReferralServicer
-from referral_service.cache import Cache, MemoryCache, RedisCache
 from referral_service.config import EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
 from referral_service.domain.auth import AuthService
+from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
 from referral_service.domain.passwords import Argon2Params, PasswordHasher
+from referral_service.domain.ports import KeyValueCache, RateLimiter, RevocationCache, VersionedCache
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.tokens import TokenCodec, TokenConfig, TokenKey, hmac_key, pem_key
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification, EmailVerifier
 from referral_service.gateway import HttpGateway, bind, loopback_target
-from referral_service.ratelimit import RateLimiter, RedisRates
+from referral_service.memory.cache import MemoryCache, NoCache
+from referral_service.memory.limiter import MemoryRateLimiter
+from referral_service.memory.revocations import MemoryRevocations
 from referral_service.resilience import CircuitBreaker
-from referral_service.domain.backoff import backoff_delay
 from referral_service.storage.db import Database
 from referral_service.storage.store import SqlStore
 
@@ -57,11 +59,28 @@ class StartupError(RuntimeError):
 
 
 @dataclass
+class FastStores:
+    """The fast stores the use cases and the limits use: the Redis adapters sharing one
+    transport, or their in-process twins."""
+
+    cache: VersionedCache
+    values: KeyValueCache
+    revocations: RevocationCache
+    limiter: RateLimiter
+    #: "redis" or "memory", for the logs.
+    backend: str
+    #: Whether the backing store answers (the in-process twins always do).
+    ping: Callable[[], Awaitable[bool]]
+    #: Stops background work and closes connections.
+    close: Callable[[], Awaitable[None]]
+
+
+@dataclass
 class App:
     settings: Settings
     db: Database
     store: SqlStore
-    cache: Cache
+    stores: FastStores
     hasher: PasswordHasher
     auth: AuthService
     referrals: ReferralService
@@ -134,7 +153,7 @@ class App:
                     log.info("housekeeping purged %d expired rows", deleted)
 
     async def start(self) -> None:
-        if self.cache.shared:
+        if self.stores.revocations.shared:
             await self.revocations.resync()
         await self.server.start()
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
@@ -142,7 +161,7 @@ class App:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
             self.enrichment.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        redis_ok = await self.cache.healthy()
+        redis_ok = await self.stores.ping()
         await self.health.set(
             HEALTH_REDIS,
             health_pb2.HealthCheckResponse.SERVING
@@ -160,7 +179,7 @@ class App:
             "serving gRPC on %s (database: %s, cache: %s)",
             self.address,
             self.db.dialect,
-            self.cache.backend,
+            self.stores.backend,
         )
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
@@ -195,15 +214,26 @@ class App:
         if self.verifier is not None:
             await self.verifier.close()
         await self.revocations.close()
-        await self.cache.close()
+        await self.stores.close()
         await self.db.dispose()
         self.hasher.close()
         log.info("stopped")
 
 
-def build_cache(settings: Settings, on_health_change: Callable[[bool], None] | None = None) -> Cache:
+def build_fast_stores(
+    settings: Settings, on_health_change: Callable[[bool], None] | None = None
+) -> FastStores:
+    """With ``REFERRAL_REDIS_URL``: one Redis transport shared by the four Redis adapters.
+    Without it: the in-process twins; with several workers, the look-up cache never stores (a
+    worker's copy could serve a code another worker deleted)."""
     if settings.redis.url:
-        return RedisCache(
+        # Imported here: a deployment without Redis does not pay for the client (~5 MB per worker).
+        from referral_service.redis.cache import RedisCache
+        from referral_service.redis.limiter import RedisRateLimiter
+        from referral_service.redis.revocations import RedisRevocations
+        from referral_service.redis.transport import RedisTransport
+
+        transport = RedisTransport(
             settings.redis.url,
             prefix=settings.redis.key_prefix,
             timeout=settings.redis.timeout_seconds,
@@ -211,11 +241,38 @@ def build_cache(settings: Settings, on_health_change: Callable[[bool], None] | N
             breaker_reset_seconds=settings.redis.breaker_reset_seconds,
             on_health_change=on_health_change,
         )
-    if settings.shared_cache_needed:
-        # Workers without Redis: no per-process value cache (it could serve a deleted code);
-        # the store still short-cuts this process's own revocations.
-        return MemoryCache(max_entries=0)
-    return MemoryCache()
+        cache = RedisCache(transport)
+
+        async def close() -> None:
+            await cache.close()
+            await transport.close()
+
+        return FastStores(
+            cache=cache,
+            values=cache,
+            revocations=RedisRevocations(transport),
+            limiter=RedisRateLimiter(transport, fallback=MemoryRateLimiter()),
+            backend="redis",
+            ping=transport.ping,
+            close=close,
+        )
+
+    async def always_up() -> bool:
+        return True
+
+    async def nothing_to_close() -> None:
+        return None
+
+    memory = MemoryCache()
+    return FastStores(
+        cache=NoCache() if settings.shared_cache_needed else memory,
+        values=memory,
+        revocations=MemoryRevocations(),
+        limiter=MemoryRateLimiter(),
+        backend="memory",
+        ping=always_up,
+        close=nothing_to_close,
+    )
 
 
 def build_verifier(settings: Settings) -> EmailVerifier | None:
@@ -318,7 +375,7 @@ async def build_app(settings: Settings) -> App:
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         asyncio.get_running_loop().create_task(health_servicer.set(HEALTH_REDIS, status))
 
-    cache = build_cache(settings, redis_health)
+    stores = build_fast_stores(settings, redis_health)
     secret = settings.resolve_jwt_secret()
     signing_key, verification_keys = build_token_keys(settings, secret)
     tokens = TokenCodec(
@@ -333,15 +390,19 @@ async def build_app(settings: Settings) -> App:
         )
     )
     hasher = PasswordHasher(
-        Argon2Params(settings.passwords.argon2_time_cost, settings.passwords.argon2_memory_kib, settings.passwords.argon2_parallelism),
+        Argon2Params(
+            settings.passwords.argon2_time_cost,
+            settings.passwords.argon2_memory_kib,
+            settings.passwords.argon2_parallelism,
+        ),
         workers=settings.passwords.hash_workers,
         queue=settings.passwords.hash_queue,
     )
     store = SqlStore(db)
-    revocations = Revocations(store, cache)
+    revocations = Revocations(store, stores.revocations)
     referrals = ReferralService(
         store,
-        cache,
+        stores.cache,
         page_secret=secret,
         max_horizon=settings.codes.max_horizon,
         cache_ttl=settings.codes.cache_ttl,
@@ -354,7 +415,7 @@ async def build_app(settings: Settings) -> App:
     verification = (
         EmailVerification(
             verifier,
-            cache,
+            stores.values,
             fail_closed=settings.hunter.policy is HunterPolicy.FAIL_CLOSED,
             cache_ttl=settings.hunter.cache_ttl,
         )
@@ -386,14 +447,16 @@ async def build_app(settings: Settings) -> App:
         verification=verification,
         on_profile_queued=enrichment.notify if enrichment is not None else None,
         disposable_domains=(
-            DisposableDomains(settings.registration.disposable_domains_extra, settings.registration.disposable_domains_allowed)
+            DisposableDomains(
+                settings.registration.disposable_domains_extra,
+                settings.registration.disposable_domains_allowed,
+            )
             if settings.registration.reject_disposable_emails
             else None
         ),
     )
-    limiter = RateLimiter(RedisRates(cache) if isinstance(cache, RedisCache) else None)
     limits = RateLimits(
-        limiter,
+        stores.limiter,
         rules_from_settings(settings),
         ClientAddress(
             settings.rate_limits.trusted_proxies,
@@ -461,7 +524,7 @@ async def build_app(settings: Settings) -> App:
         settings=settings,
         db=db,
         store=store,
-        cache=cache,
+        stores=stores,
         hasher=hasher,
         auth=auth,
         referrals=referrals,
@@ -470,7 +533,7 @@ async def build_app(settings: Settings) -> App:
         health=health_servicer,
         port=port,
         tokens=tokens,
-        limiter=limiter,
+        limiter=stores.limiter,
         interceptor=interceptor,
         verifier=verifier,
         enrichment=enrichment,

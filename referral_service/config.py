@@ -626,8 +626,8 @@ def describe(error: ValidationError) -> list[str]:
     flat_of = {place: flat for flat, place in FLAT_NAMES.items()}
     lines = []
     for problem in error.errors():
-        location = tuple(str(part) for part in problem["loc"])
-        flat = flat_of.get(location[:2]) if len(location) >= 2 else None
+        location = [str(part) for part in problem["loc"]]
+        flat = flat_of.get((location[0], location[1])) if len(location) >= 2 else None
         if flat is None and location and location[0] in _TOP_LEVEL:
             flat = location[0]
         message = problem["msg"].removeprefix("Value error, ")

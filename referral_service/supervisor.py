@@ -63,7 +63,9 @@ async def serve(settings: Settings, migrate_first: bool) -> None:
     # out of the cyclic collector, so collections under load walk only the objects of calls.
     gc.freeze()
     await stop.wait()
-    log.info("shutting down: draining in-flight calls for up to %.1fs", settings.server.shutdown_grace_seconds)
+    log.info(
+        "shutting down: draining in-flight calls for up to %.1fs", settings.server.shutdown_grace_seconds
+    )
     await app.stop()
 
 
@@ -107,7 +109,9 @@ def serve_workers(settings: Settings, workers: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     for index in range(workers):
         start(index)
-    log.info("serving gRPC on %s:%d with %d workers", settings.server.grpc_host, settings.server.grpc_port, workers)
+    log.info(
+        "serving gRPC on %s:%d with %d workers", settings.server.grpc_host, settings.server.grpc_port, workers
+    )
     exit_code = 0
     while processes:
         wait([p.sentinel for p in processes.values()], timeout=1.0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 from referral_service.config import Rate, Settings
 from referral_service.domain import validation
 from referral_service.domain.errors import Reason, ResourceExhausted
-from referral_service.ratelimit import RateLimiter, retry_seconds
+from referral_service.domain.ports import RateLimiter
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -214,3 +215,8 @@ class RateLimits:
 
     async def _give_back(self, grant: Grant) -> None:
         await self._limiter.release(grant.key, grant.rule.rate.limit, grant.rule.rate.period_seconds)
+
+
+def retry_seconds(value: float) -> int:
+    """Whole seconds for messages and metadata (at least 1)."""
+    return max(1, math.ceil(value))
