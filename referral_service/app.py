@@ -24,15 +24,15 @@ from referral_service.api.interceptors import (
 from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
 from referral_service.api.referral import ReferralServicer
 from referral_service.config import EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
+from referral_service.crypto.jwt import JwtCodec, TokenConfig, TokenKey, hmac_key, pem_key
+from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
 from referral_service.domain.auth import AuthService
 from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
-from referral_service.domain.passwords import Argon2Params, PasswordHasher
 from referral_service.domain.ports import KeyValueCache, RateLimiter, RevocationCache, VersionedCache
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.tokens import TokenCodec, TokenConfig, TokenKey, hmac_key, pem_key
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification, EmailVerifier
 from referral_service.gateway import HttpGateway, bind, loopback_target
@@ -81,14 +81,14 @@ class App:
     db: Database
     store: SqlStore
     stores: FastStores
-    hasher: PasswordHasher
+    hasher: Argon2PasswordHasher
     auth: AuthService
     referrals: ReferralService
     revocations: Revocations
     server: grpc.aio.Server
     health: GracefulHealthServicer
     port: int
-    tokens: TokenCodec
+    tokens: JwtCodec
     limiter: RateLimiter
     interceptor: ApiInterceptor
     #: Email verification provider; None when off.
@@ -378,7 +378,7 @@ async def build_app(settings: Settings) -> App:
     stores = build_fast_stores(settings, redis_health)
     secret = settings.resolve_jwt_secret()
     signing_key, verification_keys = build_token_keys(settings, secret)
-    tokens = TokenCodec(
+    tokens = JwtCodec(
         TokenConfig(
             signing_key=signing_key,
             verification_keys=verification_keys,
@@ -389,7 +389,7 @@ async def build_app(settings: Settings) -> App:
             leeway_seconds=settings.jwt.leeway_seconds,
         )
     )
-    hasher = PasswordHasher(
+    hasher = Argon2PasswordHasher(
         Argon2Params(
             settings.passwords.argon2_time_cost,
             settings.passwords.argon2_memory_kib,

@@ -15,7 +15,7 @@ import pytest
 from referral.v1 import auth_pb2
 from sqlalchemy import select
 
-from referral_service.domain.tokens import hmac_kid
+from referral_service.crypto.jwt import hmac_kid
 from referral_service.storage.tables import UserRow
 from tests.conftest import PASSWORD, TEST_SECRET, Api, bearer, start_api, stop_api, token_claims
 from tests.errors import expect_error

@@ -25,17 +25,18 @@ from referral_service.domain.errors import (
     check,
 )
 from referral_service.domain.models import CodeState, Principal, TokenPair, User
-from referral_service.domain.passwords import PasswordHasher
 from referral_service.domain.ports import (
     EMAIL_TAKEN,
+    MAX_TOKEN_LENGTH,
     Conflict,
     NewUser,
+    PasswordHasher,
     RefreshTokenRecord,
     Store,
+    TokenCodec,
     UnitOfWork,
 )
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.tokens import ACCESS_TYP, MAX_TOKEN_LENGTH, REFRESH_TYP, TokenCodec
 from referral_service.domain.verification import EmailVerification, Verification
 
 log = logging.getLogger("referral_service.auth")
@@ -354,7 +355,7 @@ class AuthService:
         if not refresh_token:
             raise InvalidArgument.fields(FieldViolation("refresh_token", "is required", "REQUIRED"))
         check(_token_length("refresh_token", refresh_token))
-        token = self._tokens.verify(refresh_token, REFRESH_TYP)
+        token = self._tokens.verify_refresh(refresh_token)
         now = self._now()
 
         async def rotate(uow: UnitOfWork) -> TokenPair | RefreshTokenRecord | None:
@@ -403,7 +404,7 @@ class AuthService:
         sessions = [principal.session_id]
         check(_token_length("refresh_token", refresh_token))
         if refresh_token:
-            token = self._tokens.verify(refresh_token, REFRESH_TYP)
+            token = self._tokens.verify_refresh(refresh_token)
             if token.user_id != principal.user_id:
                 raise PermissionDenied(Reason.PERMISSION_DENIED, "the refresh token belongs to another user")
             sessions.append(token.session_id)
@@ -412,7 +413,7 @@ class AuthService:
         )
 
     async def authenticate(self, access_token: str) -> Principal:
-        token = self._tokens.verify(access_token, ACCESS_TYP)
+        token = self._tokens.verify_access(access_token)
         keys = [f"jti:{token.jti}", f"sid:{token.session_id}"]
         if await self._revocations.is_revoked(keys, self._now()):
             raise Unauthenticated(Reason.TOKEN_REVOKED, "the access token has been revoked")

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 
 from referral_service.domain.models import Profile, ProfileState, Referral, ReferralCode, User
@@ -396,4 +396,69 @@ class RateLimiter(Protocol):
 
     async def release(self, key: str, limit: int, period: float) -> None:
         """Give one event back."""
+        ...
+
+
+# --- credentials and tokens --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    #: A new hash to store when the stored one used other parameters.
+    new_hash: str | None = None
+
+
+class PasswordHasher(Protocol):
+    """Slow, salted password hashing, off the event loop."""
+
+    async def hash(self, password: str) -> str: ...
+
+    async def verify(self, stored: str | None, password: str) -> VerifyResult:
+        """Check ``password``; with ``stored=None`` (unknown account) take as long as a real
+        check and fail, so that timing does not tell whether an account exists."""
+        ...
+
+
+#: Longest token accepted anywhere (a field longer than this is INVALID_ARGUMENT).
+MAX_TOKEN_LENGTH = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str
+    jti: str
+    session_id: str
+    expire_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    user_id: int
+    jti: str
+    session_id: str
+    expire_time: datetime
+
+
+class TokenCodec(Protocol):
+    """Signed access and refresh tokens of a login session (``session_id``), never accepted as
+    each other. ``verify_*`` raise ``Unauthenticated`` (TOKEN_INVALID / TOKEN_EXPIRED) for a
+    token that is malformed, forged, expired or of the other kind; revocation is the caller's
+    business."""
+
+    @property
+    def access_ttl(self) -> timedelta: ...
+    @property
+    def refresh_ttl(self) -> timedelta: ...
+
+    def issue_access(self, user_id: int, session_id: str, now: datetime) -> IssuedToken: ...
+
+    def issue_refresh(self, user_id: int, session_id: str, now: datetime) -> IssuedToken: ...
+
+    def verify_access(self, token: str) -> VerifiedToken: ...
+
+    def verify_refresh(self, token: str) -> VerifiedToken: ...
+
+    def jwks(self) -> list[dict[str, str]]:
+        """The public keys (JWK) that verify the tokens; none for shared secrets."""
         ...

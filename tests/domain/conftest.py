@@ -10,11 +10,11 @@ from typing import Any, Protocol
 
 import pytest
 
+from referral_service.crypto.jwt import JwtCodec, TokenConfig, hmac_key
 from referral_service.domain.auth import AuthService, RegisterCommand
 from referral_service.domain.models import Principal, ReferralCode, TokenPair, User
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.tokens import TokenCodec, TokenConfig, hmac_key
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification
 from referral_service.memory.store import MemoryStore
@@ -38,7 +38,7 @@ class Domain:
     clock: FakeClock
     store: MemoryStore
     hasher: FastHasher
-    tokens: TokenCodec
+    tokens: JwtCodec
     cache: FakeCache
     revocation_cache: FakeRevocationCache
     revocations: Revocations
@@ -107,7 +107,7 @@ async def make_domain(clock: FakeClock) -> AsyncIterator[MakeDomain]:
         store = MemoryStore()
         cache = FakeCache(clock)
         revocation_cache = FakeRevocationCache(clock, shared=shared_revocations)
-        tokens = TokenCodec(
+        tokens = JwtCodec(
             TokenConfig(
                 signing_key=hmac_key(SECRET),
                 issuer="referral-service",
@@ -144,7 +144,7 @@ async def make_domain(clock: FakeClock) -> AsyncIterator[MakeDomain]:
         )
         auth = AuthService(
             store,
-            hasher,  # type: ignore[arg-type]  # the PasswordHasher interface
+            hasher,
             tokens,
             revocations,
             request_id_ttl=REQUEST_ID_TTL,

@@ -11,8 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from referral_service.domain.enrichment import Lookup
 from referral_service.domain.models import EmailStatus
-from referral_service.domain.passwords import VerifyResult
-from referral_service.domain.ports import CacheLookup
+from referral_service.domain.ports import CacheLookup, VerifyResult
 from referral_service.domain.verification import Verification
 
 

@@ -1,4 +1,4 @@
-"""JWT access and refresh tokens (PyJWT), signed with named keys.
+"""JWT access and refresh tokens (PyJWT), signed with named keys: the ``TokenCodec`` port.
 
 Tokens are typed (RFC 8725 section 3.11) in the header: ``at+jwt`` for access tokens (RFC 9068)
 and ``refresh+jwt`` for refresh tokens, so one is never accepted as the other. Every token names
@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from referral_service.domain.errors import Reason, Unauthenticated
+from referral_service.domain.ports import MAX_TOKEN_LENGTH, IssuedToken, VerifiedToken
 
 ALGORITHM = "HS256"
 ACCESS_TYP = "at+jwt"
 REFRESH_TYP = "refresh+jwt"
-MAX_TOKEN_LENGTH = 4096
 _REQUIRED = ["exp", "iat", "nbf", "iss", "aud", "sub", "jti", "sid"]
 
 
@@ -118,23 +118,9 @@ class TokenConfig:
     verification_keys: Sequence[TokenKey] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedToken:
-    token: str
-    jti: str
-    session_id: str
-    expire_time: datetime
+class JwtCodec:
+    """The ``TokenCodec`` port with JWTs."""
 
-
-@dataclass(frozen=True, slots=True)
-class VerifiedToken:
-    user_id: int
-    jti: str
-    session_id: str
-    expire_time: datetime
-
-
-class TokenCodec:
     def __init__(self, config: TokenConfig) -> None:
         if config.signing_key.signer is None:
             raise ValueError("the signing key has no private part")
@@ -181,6 +167,12 @@ class TokenCodec:
 
     def issue_refresh(self, user_id: int, session_id: str, now: datetime) -> IssuedToken:
         return self._issue(REFRESH_TYP, user_id, session_id, self._config.refresh_ttl, now)
+
+    def verify_access(self, token: str) -> VerifiedToken:
+        return self.verify(token, ACCESS_TYP)
+
+    def verify_refresh(self, token: str) -> VerifiedToken:
+        return self.verify(token, REFRESH_TYP)
 
     def verify(self, token: str, typ: str) -> VerifiedToken:
         what = "access token" if typ == ACCESS_TYP else "refresh token"

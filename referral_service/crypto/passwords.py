@@ -1,4 +1,4 @@
-"""argon2id password hashing, off the event loop, in a bounded pool.
+"""argon2id password hashing (the ``PasswordHasher`` port), off the event loop, in a bounded pool.
 
 argon2-cffi releases the GIL while hashing, so a thread pool sized to the cores uses them all.
 A semaphore bounds the jobs handed to the pool: a burst of logins waits as cheap coroutines
@@ -17,6 +17,8 @@ from argon2 import PasswordHasher as _Argon2
 from argon2 import Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from referral_service.domain.ports import VerifyResult
+
 T = TypeVar("T")
 
 
@@ -27,14 +29,9 @@ class Argon2Params:
     parallelism: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    ok: bool
-    #: A new hash to store when the stored one used other parameters.
-    new_hash: str | None = None
+class Argon2PasswordHasher:
+    """The ``PasswordHasher`` port with argon2id."""
 
-
-class PasswordHasher:
     def __init__(self, params: Argon2Params, workers: int, queue: int) -> None:
         self._argon2 = _Argon2(
             time_cost=params.time_cost,

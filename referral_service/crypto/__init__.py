@@ -1,0 +1,2 @@
+"""Adapters for the domain's crypto ports: argon2id password hashing, JWT access and refresh
+tokens."""
