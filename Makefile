@@ -82,10 +82,11 @@ buf-breaking: $(BUF) ## buf breaking against main (BREAKING_BASE=<git rev> to ch
 		$(BUF) breaking protos --against .breaking-base/protos; status=$$?; rm -rf .breaking-base; exit $$status; \
 	else echo "buf breaking: no $(BREAKING_BASE) to compare with, skipped"; fi
 
-lint: $(STAMP) buf-lint ## ruff, mypy and buf lint
+lint: $(STAMP) buf-lint ## ruff, mypy, the architecture contracts (import-linter) and buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff check --fix .
