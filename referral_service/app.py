@@ -1,5 +1,6 @@
 """The composition root: the one place that turns Settings into a running service (engine,
-cache, hasher, token codec, use cases, servicers, interceptor, health, reflection)."""
+cache, hasher, token codec, use cases, servicers, request pipeline and its two transports,
+health, reflection)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,7 @@ from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service.api.auth import AuthServicer
 from referral_service.api.health import GracefulHealthServicer
-from referral_service.api.interceptors import (
-    ApiInterceptor,
-    access_rules,
-    gateway_auth_key,
-    read_only_methods,
-)
-from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
+from referral_service.api.interceptors import ApiInterceptor
 from referral_service.api.referral import ReferralServicer
 from referral_service.cache import Cache, MemoryCache, RedisCache
 from referral_service.config import EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
@@ -29,12 +24,17 @@ from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
 from referral_service.domain.passwords import Argon2Params, PasswordHasher
+from referral_service.domain.ports import RateDecision
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.tokens import TokenCodec, TokenConfig, TokenKey, hmac_key, pem_key
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification, EmailVerifier
-from referral_service.gateway import HttpGateway, bind, loopback_target
+from referral_service.gateway import HttpGateway, bind
+from referral_service.pipeline.address import ClientAddress
+from referral_service.pipeline.auth import Authentication
+from referral_service.pipeline.chain import Pipeline
+from referral_service.pipeline.limits import RateLimits
 from referral_service.ratelimit import RateLimiter, RedisRates
 from referral_service.resilience import CircuitBreaker
 from referral_service.storage import repositories as repo
@@ -174,7 +174,7 @@ class App:
             self._housekeeper.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(drain)
-        # HTTP first: its in-flight requests still need the gRPC server to answer them.
+        # HTTP, then gRPC: each lets its in-flight calls finish, within one grace period.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self.http is not None:
@@ -275,6 +275,43 @@ def build_profile_provider(settings: Settings) -> ProfileProvider | None:
             fallback="profile lookups wait",
         ),
     )
+
+
+class LimiterPort:
+    """The domain's ``RateLimiter`` port over ``ratelimit.RateLimiter`` (which answers with its
+    own Decision type), until the limiter adapters implement the port themselves."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    async def acquire(self, key: str, limit: int, period: float) -> RateDecision:
+        decision = await self._limiter.acquire(key, limit, period)
+        return RateDecision(decision.allowed, decision.retry_after, decision.remaining)
+
+    async def release(self, key: str, limit: int, period: float) -> None:
+        await self._limiter.release(key, limit, period)
+
+
+def build_rate_limits(settings: Settings, limiter: RateLimiter) -> RateLimits | None:
+    """The limits the protos declare (``(referral.v1.rate_limit)``), at the configured rates."""
+    if not settings.rate_limits_enabled:
+        return None
+    rates = {
+        "login-account": settings.rate_limit_login_account,
+        "login-address": settings.rate_limit_login_address,
+        "register-address": settings.rate_limit_register_address,
+        "code-check-address": settings.rate_limit_code_check_address,
+        "lookup-address": settings.rate_limit_lookup_address,
+    }
+    address = ClientAddress(
+        settings.rate_limit_trusted_proxies,
+        settings.rate_limit_client_address_header,
+        settings.rate_limit_ipv6_prefix,
+    )
+    try:
+        return RateLimits.from_services(SERVICES, rates, LimiterPort(limiter), address)
+    except RuntimeError as error:
+        raise StartupError(str(error)) from None
 
 
 def build_token_keys(settings: Settings, secret: bytes) -> tuple[TokenKey, list[TokenKey]]:
@@ -389,26 +426,11 @@ async def build_app(settings: Settings) -> App:
         ),
     )
     limiter = RateLimiter(RedisRates(cache) if isinstance(cache, RedisCache) else None)
-    limits = RateLimits(
-        limiter,
-        rules_from_settings(settings),
-        ClientAddress(
-            settings.rate_limit_trusted_proxies,
-            settings.rate_limit_client_address_header,
-            settings.rate_limit_ipv6_prefix,
-        ),
+    pipeline = Pipeline(
+        Authentication.from_services(SERVICES, auth.authenticate), build_rate_limits(settings, limiter)
     )
-    gateway_auth = gateway_auth_key(secret)
-    interceptor = ApiInterceptor(
-        access_rules(SERVICES),
-        auth.authenticate,
-        limits,
-        gateway_auth,
-        # SQLite: a cancelled call finishes its transaction first (see the interceptor);
-        # PostgreSQL rolls an interrupted transaction back itself when the connection drops.
-        finish_when_cancelled=db.dialect == "sqlite",
-        read_only=read_only_methods(SERVICES),
-    )
+    interceptor = ApiInterceptor(pipeline)
+    auth_servicer, referral_servicer = AuthServicer(auth), ReferralServicer(referrals)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -419,8 +441,8 @@ async def build_app(settings: Settings) -> App:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth), server)
-    referral_pb2_grpc.add_ReferralServiceServicer_to_server(ReferralServicer(referrals), server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(auth_servicer, server)
+    referral_pb2_grpc.add_ReferralServiceServicer_to_server(referral_servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [
@@ -446,13 +468,15 @@ async def build_app(settings: Settings) -> App:
             raise StartupError(f"cannot listen on HTTP {where}: {error}") from None
         http = HttpGateway(
             sock,
-            grpc_target=loopback_target(settings.grpc_host, port),
+            invokers=pipeline.handlers(
+                {SERVICES[0]: auth_servicer, SERVICES[1]: referral_servicer},
+                timeout=settings.http_timeout_seconds,
+            ),
+            health=lambda: health_pb2.HealthCheckResponse.ServingStatus.Name(health_servicer.status()),
             max_body_bytes=settings.http_max_body_bytes,
-            timeout_seconds=settings.http_timeout_seconds,
             cors_origins=settings.http_cors_origin_list,
             docs_enabled=settings.http_docs_enabled,
-            gateway_auth=gateway_auth,
-            client_address_header=settings.rate_limit_client_address_header,
+            client_address_header=pipeline.client_address_header,
         )
     app = App(
         settings=settings,

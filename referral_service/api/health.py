@@ -14,6 +14,11 @@ from grpc_health.v1._async import HealthServicer
 
 
 class GracefulHealthServicer(HealthServicer):
+    def status(self, service: str = "") -> int:
+        """The serving status last set for ``service`` (``""``: the server as a whole)."""
+        base: Any = self
+        return int(base._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN))
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         base: Any = self  # the parent's private state (not in its type stubs)
         condition = base._server_watchers[request.service]
