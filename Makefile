@@ -59,7 +59,7 @@ common-passwords: $(STAMP) ## re-extract data/common-passwords.txt from zxcvbn's
 
 docs: $(STAMP) ## regenerate the Markdown API reference docs/api.md from the protos
 	@mkdir -p docs
-	$(PY) -m referral_service.gateway.markdown > docs/api.md.tmp && mv docs/api.md.tmp docs/api.md
+	$(PY) tools/api_markdown.py > docs/api.md.tmp && mv docs/api.md.tmp docs/api.md
 
 check-generated: generate docs ## fail when generated/ or docs/api.md is not what `make generate docs` produces
 	git diff --exit-code --stat -- generated/ docs/

@@ -6,7 +6,9 @@
 Load comes from h2load (Debian's nghttp2-client), a separate C process that sends prepared gRPC
 frames, so the load generator costs far less CPU per call than the server it measures. Scenarios
 that need a different request per call (Register, the mixed workload) use a multi-process
-grpc.aio client instead. For every scenario the harness reads the server's CPU time and peak RSS
+grpc.aio client instead. The cached look-up is also loaded as HTTP/JSON (``h2load --h1`` on the
+gateway's port, same service process), and the server CPU per HTTP request is compared with the
+gRPC call's and with the predecessor FastAPI service's (a recorded constant). For every scenario the harness reads the server's CPU time and peak RSS
 from /proc, computes p50/p99 from h2load's per-request log, prints a Markdown table and writes
 JSON next to it (bench/results/).
 """
@@ -38,6 +40,11 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SECRET = "bench-secret-" + "b" * 40
 PASSWORD = "correct horse battery staple"
 TICKS = os.sysconf("SC_CLK_TCK")
+#: Server CPU per request of the predecessor FastAPI service's cached look-up by email, measured
+#: on this machine when the gRPC service replaced it (a recorded constant: that service is gone).
+FASTAPI_US_PER_REQUEST = 2300
+#: Target: an HTTP/JSON look-up costs the server at most this many times a gRPC one.
+HTTP_VS_GRPC_TARGET = 2.0
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -134,6 +141,7 @@ class Server:
 
     def __init__(self, argv: list[str], env: dict[str, str], port: int, workdir: Path, cwd: Path) -> None:
         self.port = port
+        self.http_port = int(env["REFERRAL_HTTP_PORT"]) if env.get("REFERRAL_HTTP_PORT") else None
         self.uses_redis = bool(env.get("REFERRAL_REDIS_URL"))
         self.log = workdir / f"server-{port}.log"
         with self.log.open("w") as sink:
@@ -250,10 +258,11 @@ def h2load(
     stack: str,
     headers: tuple[str, ...] = (),
     warmup: int = 1,
+    http_method: str | None = None,
 ) -> Result:
+    """gRPC calls of ``path`` with ``message``; or, with ``http_method`` (the RPC the request
+    runs, for the server's access log), plain HTTP/1.1 GETs of ``path`` on the HTTP port."""
     with tempfile.TemporaryDirectory() as tmp:
-        body = Path(tmp) / "body"
-        body.write_bytes(grpc_frame(message))
         log_file = Path(tmp) / "log"
         argv = [
             "h2load",
@@ -262,17 +271,20 @@ def h2load(
             "-t1",
             f"-D{int(duration)}",
             f"--warm-up-time={int(warmup)}",
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "-d",
-            str(body),
             f"--log-file={log_file}",
         ]
+        if http_method is None:
+            body = Path(tmp) / "body"
+            body.write_bytes(grpc_frame(message))
+            argv += ["-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body)]
+        else:
+            argv.append("--h1")
         for header in headers:
             argv += ["-H", header]
-        argv.append(f"http://127.0.0.1:{server.port}{path}")
+        if http_method is None:
+            argv.append(f"http://127.0.0.1:{server.port}{path}")
+        else:
+            argv.append(f"http://127.0.0.1:{server.http_port}{path}")
         pids = server.pids
         log_offset = server.log_size()
         cpu_before = cpu_seconds(pids)
@@ -315,8 +327,8 @@ def h2load(
         else float("nan"),
         server_peak_rss_mb=rss_mb(pids, "VmHWM"),
         loadgen_cpu_percent=100 * loadgen / elapsed,
-        server_p50_ms=percentile(server.durations(path, log_offset), 50),
-        notes=_status_note(server.calls(path, log_offset)),
+        server_p50_ms=percentile(server.durations(http_method or path, log_offset), 50),
+        notes=_status_note(server.calls(http_method or path, log_offset)),
     )
 
 
@@ -686,6 +698,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             print(results[-1], flush=True)
+            grpc_lookup = results[-1]
+            # the same look-up as HTTP/JSON, same service process (HTTP/1.1: uvicorn has no h2c)
+            results.append(
+                h2load(
+                    service,
+                    "/v1/referral-codes/by-email/alice@bench.example",
+                    None,
+                    duration=duration,
+                    clients=32,
+                    streams=1,
+                    scenario="GET /v1/referral-codes/by-email/{email} (HTTP/JSON), cache hit",
+                    stack=stack,
+                    http_method=path,
+                )
+            )
+            http_ratio = results[-1].server_cpu_us_per_call / max(grpc_lookup.server_cpu_us_per_call, 1e-9)
+            results[-1].ratios["cpu_vs_grpc"] = round(http_ratio, 2)
+            results[-1].ratios["cpu_vs_fastapi"] = round(
+                results[-1].server_cpu_us_per_call / FASTAPI_US_PER_REQUEST, 2
+            )
+            meta[f"http_vs_grpc[{stack}]"] = {
+                "grpc_us": round(grpc_lookup.server_cpu_us_per_call),
+                "http_us": round(results[-1].server_cpu_us_per_call),
+                "ratio": round(http_ratio, 2),
+            }
+            print(results[-1], flush=True)
+            print(_http_summary(stack, meta[f"http_vs_grpc[{stack}]"]), flush=True)
             login = auth_pb2.LoginRequest(email="alice@bench.example", password=PASSWORD)
             results.append(
                 h2load(
@@ -922,6 +961,17 @@ def worker_scaling(one: Result, two: Result) -> dict[str, float]:
     return figures
 
 
+def _http_summary(stack: str, figures: dict[str, float]) -> str:
+    met = "met" if figures["ratio"] <= HTTP_VS_GRPC_TARGET else "NOT met"
+    return (
+        f"HTTP/JSON vs gRPC, cached look-up by email ({stack}): server CPU {figures['http_us']:.0f} us "
+        f"per HTTP request vs {figures['grpc_us']:.0f} us per gRPC call = {figures['ratio']:.2f}x "
+        f"(target <= {HTTP_VS_GRPC_TARGET:g}x: {met}); vs the predecessor FastAPI service's "
+        f"~{FASTAPI_US_PER_REQUEST:,} us per request (a recorded constant, measured on this machine "
+        f"earlier, not in this run): {figures['http_us'] / FASTAPI_US_PER_REQUEST:.2f}x."
+    )
+
+
 def _frame_file(work: Path, message: Any) -> str:
     path = work / f"frame-{time.monotonic_ns()}"
     path.write_bytes(grpc_frame(message))
@@ -971,6 +1021,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if redis_costs:
         lines.append("Redis server CPU per call: " + ", ".join(redis_costs) + ".")
+    for key, value in meta.items():
+        if key.startswith("http_vs_grpc["):
+            lines.append(_http_summary(key[13:-1], value))
     for key, value in meta.items():
         if key.startswith("workers["):
             lines.append(

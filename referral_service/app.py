@@ -1,33 +1,37 @@
-"""The composition root: the one place that turns Settings into a running service (engine,
-fast stores, hasher, token codec, use cases, servicers, interceptor, health, reflection)."""
+"""The composition root: the one place that turns Settings into a running service.
+
+``build_app`` reads as the list of what the service is made of; each part has a small builder:
+
+- the stores: the database (``SqlStore``) and the fast stores (Redis adapters sharing one
+  transport, or their in-process twins);
+- the services: token codec, password hasher, integrations, the use cases of the domain;
+- the transports: the request pipeline (``pipeline/``), the gRPC server (``api/``) and the
+  HTTP/JSON gateway (``gateway/``), both handing calls to the same servicers through it.
+
+``App`` owns their lifecycle: start, housekeeping, health, graceful stop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service.api.auth import AuthServicer
-from referral_service.api.health import GracefulHealthServicer
-from referral_service.api.interceptors import (
-    ApiInterceptor,
-    access_rules,
-    gateway_auth_key,
-    read_only_methods,
-)
-from referral_service.api.ratelimits import ClientAddress, RateLimits, rules_from_settings
+from referral_service.api.health import GracefulHealthServicer, HealthReporter
+from referral_service.api.interceptors import ApiInterceptor
 from referral_service.api.referral import ReferralServicer
 from referral_service.config import EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
 from referral_service.crypto.jwt import JwtCodec, TokenConfig, TokenKey, hmac_key, pem_key
 from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
 from referral_service.domain.auth import AuthService
-from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
 from referral_service.domain.ports import KeyValueCache, RateLimiter, RevocationCache, VersionedCache
@@ -35,10 +39,14 @@ from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification, EmailVerifier
-from referral_service.gateway import HttpGateway, bind, loopback_target
+from referral_service.gateway import HttpGateway, bind
 from referral_service.memory.cache import MemoryCache, NoCache
 from referral_service.memory.limiter import MemoryRateLimiter
 from referral_service.memory.revocations import MemoryRevocations
+from referral_service.pipeline.address import ClientAddress
+from referral_service.pipeline.auth import Authentication
+from referral_service.pipeline.chain import Pipeline
+from referral_service.pipeline.limits import RateLimits
 from referral_service.resilience import CircuitBreaker
 from referral_service.storage.db import Database
 from referral_service.storage.store import SqlStore
@@ -58,6 +66,9 @@ class StartupError(RuntimeError):
     """The service cannot start as configured; the message says why."""
 
 
+# --- stores ------------------------------------------------------------------------------------
+
+
 @dataclass
 class FastStores:
     """The fast stores the use cases and the limits use: the Redis adapters sharing one
@@ -73,151 +84,6 @@ class FastStores:
     ping: Callable[[], Awaitable[bool]]
     #: Stops background work and closes connections.
     close: Callable[[], Awaitable[None]]
-
-
-@dataclass
-class App:
-    settings: Settings
-    db: Database
-    store: SqlStore
-    stores: FastStores
-    hasher: Argon2PasswordHasher
-    auth: AuthService
-    referrals: ReferralService
-    revocations: Revocations
-    server: grpc.aio.Server
-    health: GracefulHealthServicer
-    port: int
-    tokens: JwtCodec
-    limiter: RateLimiter
-    interceptor: ApiInterceptor
-    #: Email verification provider; None when off.
-    verifier: EmailVerifier | None = None
-    #: Background profile enrichment; None when off.
-    enrichment: EnrichmentWorker | None = None
-    #: The HTTP/JSON gateway (None when REFERRAL_HTTP_ENABLED is false).
-    http: HttpGateway | None = None
-    _tasks: list[object] = field(default_factory=list)
-    _db_up: bool = True
-    _db_probe: asyncio.Task[None] | None = None
-    _stopping: bool = False
-    _housekeeper: asyncio.Task[None] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.settings.server.grpc_host}:{self.port}"
-
-    @property
-    def http_port(self) -> int | None:
-        """The bound HTTP port (useful with REFERRAL_HTTP_PORT=0)."""
-        return self.http.port if self.http is not None else None
-
-    async def _set_health(self, status: int) -> None:
-        for name in ("", *(service.full_name for service in SERVICES), HEALTH_DATABASE):
-            await self.health.set(name, status)
-
-    def database_failed(self) -> None:
-        """A call found the database unavailable: report NOT_SERVING (every service, so load
-        balancers move traffic to replicas that can reach it) and probe until it is back."""
-        if self._stopping or not self._db_up:
-            return
-        self._db_up = False
-        log.warning("database unavailable: health NOT_SERVING until it answers again")
-        self._db_probe = asyncio.get_running_loop().create_task(self._probe_database())
-
-    async def _probe_database(self) -> None:
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        attempt = 0
-        while not await self.store.ping():
-            attempt += 1
-            await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
-        self._db_up = True
-        if not self._stopping:
-            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            log.info("database reachable again: health SERVING")
-
-    async def housekeeping(self) -> int:
-        """Purge expired revocations, request ids and refresh tokens; returns rows deleted."""
-        now = utcnow()
-        return await self.store.transact(lambda uow: uow.purge_expired(now))
-
-    async def _housekeeping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.server.housekeeping_interval.total_seconds())
-            try:
-                deleted = await self.housekeeping()
-            except Exception:
-                log.warning("housekeeping failed; retrying at the next interval", exc_info=True)
-            else:
-                if deleted:
-                    log.info("housekeeping purged %d expired rows", deleted)
-
-    async def start(self) -> None:
-        if self.stores.revocations.shared:
-            await self.revocations.resync()
-        await self.server.start()
-        self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
-        if self.enrichment is not None:
-            # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
-            self.enrichment.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        redis_ok = await self.stores.ping()
-        await self.health.set(
-            HEALTH_REDIS,
-            health_pb2.HealthCheckResponse.SERVING
-            if redis_ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
-        if self.http is not None:
-            await self.http.start()
-            log.info(
-                "serving HTTP/JSON on http://%s:%d (docs: /docs, OpenAPI: /openapi.json)",
-                self.settings.http.host,
-                self.http.port,
-            )
-        log.info(
-            "serving gRPC on %s (database: %s, cache: %s)",
-            self.address,
-            self.db.dialect,
-            self.stores.backend,
-        )
-
-    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
-        """Report NOT_SERVING, keep serving for the drain period so that watchers notice, stop
-        accepting calls and let in-flight ones finish within the grace period, then close the
-        stores."""
-        grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
-        drain = self.settings.server.shutdown_drain_seconds if drain is None else drain
-        self._stopping = True
-        if self._db_probe is not None:
-            self._db_probe.cancel()
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-        await self.health.enter_graceful_shutdown()
-        await asyncio.sleep(drain)
-        # HTTP first: its in-flight requests still need the gRPC server to answer them.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        if self.http is not None:
-            await self.http.stop(grace)
-        remaining = max(deadline - loop.time(), 0.0)
-        # Refuse new calls and let in-flight ones finish within the grace time (health watch
-        # streams end by themselves, see api/health.py). Running enrichment lookups share the
-        # same grace period; those still running at its end are handed back to the database.
-        enrichment_stopping = (
-            loop.create_task(self.enrichment.stop(remaining)) if self.enrichment is not None else None
-        )
-        await self.server.stop(remaining)
-        if enrichment_stopping is not None and self.enrichment is not None:
-            await enrichment_stopping
-            await self.enrichment.provider.close()
-        if self.verifier is not None:
-            await self.verifier.close()
-        await self.revocations.close()
-        await self.stores.close()
-        await self.db.dispose()
-        self.hasher.close()
-        log.info("stopped")
 
 
 def build_fast_stores(
@@ -275,110 +141,29 @@ def build_fast_stores(
     )
 
 
-def build_verifier(settings: Settings) -> EmailVerifier | None:
-    if settings.hunter.api_key is None:
-        return None
-    # The HTTP client (httpx, ~4 MB with what it imports) is loaded only when a provider is on.
-    from referral_service.integrations import http
-    from referral_service.integrations.hunter import HunterVerifier
-
-    return HunterVerifier(
-        http.client(
-            connect_timeout=settings.hunter.connect_timeout_seconds,
-            read_timeout=settings.hunter.read_timeout_seconds,
-        ),
-        base_url=settings.hunter.base_url,
-        api_key=settings.hunter.api_key.get_secret_value(),
-        total_timeout=settings.hunter.total_timeout_seconds,
-        max_attempts=settings.hunter.max_attempts,
-        retry_backoff=settings.hunter.retry_backoff_seconds,
-        breaker=CircuitBreaker(
-            settings.hunter.breaker_threshold,
-            settings.hunter.breaker_reset_seconds,
-            name="hunter",
-            fallback=f"registrations skip email verification ({settings.hunter.policy.value})",
-        ),
-    )
-
-
-def build_profile_provider(settings: Settings) -> ProfileProvider | None:
-    if settings.enrichment.provider is EnrichmentProviderName.NONE:
-        return None
-    assert settings.enrichment.api_key is not None  # checked by Settings
-    from referral_service.integrations import enrichment as enrichment_providers
-    from referral_service.integrations import http
-
-    kinds: dict[EnrichmentProviderName, tuple[type[enrichment_providers.ClearbitProvider], str]] = {
-        EnrichmentProviderName.CLEARBIT: (
-            enrichment_providers.ClearbitProvider,
-            enrichment_providers.CLEARBIT_URL,
-        ),
-        EnrichmentProviderName.PEOPLEDATALABS: (
-            enrichment_providers.PeopleDataLabsProvider,  # type: ignore[dict-item]
-            enrichment_providers.PEOPLEDATALABS_URL,
-        ),
-    }
-    kind, default_url = kinds[settings.enrichment.provider]
-    return kind(
-        http.client(
-            connect_timeout=settings.enrichment.connect_timeout_seconds,
-            read_timeout=settings.enrichment.read_timeout_seconds,
-            max_connections=settings.enrichment.concurrency,
-        ),
-        base_url=settings.enrichment.base_url or default_url,
-        api_key=settings.enrichment.api_key.get_secret_value(),
-        breaker=CircuitBreaker(
-            settings.enrichment.breaker_threshold,
-            settings.enrichment.breaker_reset_seconds,
-            name=settings.enrichment.provider.value,
-            fallback="profile lookups wait",
-        ),
-    )
+# --- services ------------------------------------------------------------------------------------
 
 
 def build_token_keys(settings: Settings, secret: bytes) -> tuple[TokenKey, list[TokenKey]]:
     """The signing key and the verification-only keys (rotation) from the settings."""
-    previous = [
-        hmac_key(old.get_secret_value().encode(), signing=False) for old in settings.jwt.previous_secrets
-    ]
-    previous += [pem_key(pem.encode(), signing=False) for pem in settings.jwt.previous_public_keys]
-    if settings.jwt.algorithm is JwtAlgorithm.HS256:
+    jwt = settings.jwt
+    previous = [hmac_key(old.get_secret_value().encode(), signing=False) for old in jwt.previous_secrets]
+    previous += [pem_key(pem.encode(), signing=False) for pem in jwt.previous_public_keys]
+    if jwt.algorithm is JwtAlgorithm.HS256:
         return hmac_key(secret), previous
     pem = settings.resolve_jwt_private_key()
     assert pem is not None
     signing = pem_key(pem)
-    if signing.algorithm != settings.jwt.algorithm.value:
+    if signing.algorithm != jwt.algorithm.value:
         raise ValueError(
-            f"REFERRAL_JWT_ALGORITHM is {settings.jwt.algorithm.value} but the private key is for "
-            f"{signing.algorithm}"
+            f"REFERRAL_JWT_ALGORITHM is {jwt.algorithm.value} but the private key is for {signing.algorithm}"
         )
     return signing, previous
 
 
-async def build_app(settings: Settings) -> App:
-    """Build the service and bind its port (not started yet)."""
-    app_ref: list[App] = []
-
-    def database_failed() -> None:
-        if app_ref:
-            app_ref[0].database_failed()
-
-    db = Database(
-        settings.effective_database_url,
-        pool_size=settings.database.pool_size,
-        timeout=settings.database.timeout_seconds,
-        on_unavailable=database_failed,
-    )
-    health_servicer = GracefulHealthServicer()
-
-    def redis_health(up: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.get_running_loop().create_task(health_servicer.set(HEALTH_REDIS, status))
-
-    stores = build_fast_stores(settings, redis_health)
-    secret = settings.resolve_jwt_secret()
+def build_token_codec(settings: Settings, secret: bytes) -> JwtCodec:
     signing_key, verification_keys = build_token_keys(settings, secret)
-    tokens = JwtCodec(
+    return JwtCodec(
         TokenConfig(
             signing_key=signing_key,
             verification_keys=verification_keys,
@@ -389,33 +174,110 @@ async def build_app(settings: Settings) -> App:
             leeway_seconds=settings.jwt.leeway_seconds,
         )
     )
-    hasher = Argon2PasswordHasher(
-        Argon2Params(
-            settings.passwords.argon2_time_cost,
-            settings.passwords.argon2_memory_kib,
-            settings.passwords.argon2_parallelism,
-        ),
-        workers=settings.passwords.hash_workers,
-        queue=settings.passwords.hash_queue,
+
+
+def build_hasher(settings: Settings) -> Argon2PasswordHasher:
+    passwords = settings.passwords
+    return Argon2PasswordHasher(
+        Argon2Params(passwords.argon2_time_cost, passwords.argon2_memory_kib, passwords.argon2_parallelism),
+        workers=passwords.hash_workers,
+        queue=passwords.hash_queue,
     )
-    store = SqlStore(db)
-    revocations = Revocations(store, stores.revocations)
+
+
+def build_verifier(settings: Settings) -> EmailVerifier | None:
+    hunter = settings.hunter
+    if hunter.api_key is None:
+        return None
+    # The HTTP client (httpx, ~4 MB with what it imports) is loaded only when a provider is on.
+    from referral_service.integrations import http
+    from referral_service.integrations.hunter import HunterVerifier
+
+    return HunterVerifier(
+        http.client(connect_timeout=hunter.connect_timeout_seconds, read_timeout=hunter.read_timeout_seconds),
+        base_url=hunter.base_url,
+        api_key=hunter.api_key.get_secret_value(),
+        total_timeout=hunter.total_timeout_seconds,
+        max_attempts=hunter.max_attempts,
+        retry_backoff=hunter.retry_backoff_seconds,
+        breaker=CircuitBreaker(
+            hunter.breaker_threshold,
+            hunter.breaker_reset_seconds,
+            name="hunter",
+            fallback=f"registrations skip email verification ({hunter.policy.value})",
+        ),
+    )
+
+
+def build_profile_provider(settings: Settings) -> ProfileProvider | None:
+    enrichment = settings.enrichment
+    if enrichment.provider is EnrichmentProviderName.NONE:
+        return None
+    assert enrichment.api_key is not None  # checked by Settings
+    from referral_service.integrations import enrichment as providers
+    from referral_service.integrations import http
+
+    kinds: dict[EnrichmentProviderName, tuple[type[providers.ClearbitProvider], str]] = {
+        EnrichmentProviderName.CLEARBIT: (providers.ClearbitProvider, providers.CLEARBIT_URL),
+        EnrichmentProviderName.PEOPLEDATALABS: (
+            providers.PeopleDataLabsProvider,  # type: ignore[dict-item]
+            providers.PEOPLEDATALABS_URL,
+        ),
+    }
+    kind, default_url = kinds[enrichment.provider]
+    return kind(
+        http.client(
+            connect_timeout=enrichment.connect_timeout_seconds,
+            read_timeout=enrichment.read_timeout_seconds,
+            max_connections=enrichment.concurrency,
+        ),
+        base_url=enrichment.base_url or default_url,
+        api_key=enrichment.api_key.get_secret_value(),
+        breaker=CircuitBreaker(
+            enrichment.breaker_threshold,
+            enrichment.breaker_reset_seconds,
+            name=enrichment.provider.value,
+            fallback="profile lookups wait",
+        ),
+    )
+
+
+@dataclass
+class Services:
+    """The domain's use cases and what they run on besides the stores."""
+
+    tokens: JwtCodec
+    hasher: Argon2PasswordHasher
+    revocations: Revocations
+    auth: AuthService
+    referrals: ReferralService
+    #: Email verification provider; None when off.
+    verifier: EmailVerifier | None
+    #: Background profile enrichment; None when off.
+    enrichment: EnrichmentWorker | None
+
+
+def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret: bytes) -> Services:
+    tokens = build_token_codec(settings, secret)
+    hasher = build_hasher(settings)
+    revocations = Revocations(store, fast.revocations)
+    codes = settings.codes
     referrals = ReferralService(
         store,
-        stores.cache,
+        fast.cache,
         page_secret=secret,
-        max_horizon=settings.codes.max_horizon,
-        cache_ttl=settings.codes.cache_ttl,
-        negative_cache_ttl=settings.codes.negative_cache_ttl,
-        default_page_size=settings.codes.list_default_page_size,
-        max_page_size=settings.codes.list_max_page_size,
+        max_horizon=codes.max_horizon,
+        cache_ttl=codes.cache_ttl,
+        negative_cache_ttl=codes.negative_cache_ttl,
+        default_page_size=codes.list_default_page_size,
+        max_page_size=codes.list_max_page_size,
         request_id_ttl=settings.server.request_id_ttl,
     )
     verifier = build_verifier(settings)
     verification = (
         EmailVerification(
             verifier,
-            stores.values,
+            fast.values,
             fail_closed=settings.hunter.policy is HunterPolicy.FAIL_CLOSED,
             cache_ttl=settings.hunter.cache_ttl,
         )
@@ -437,6 +299,7 @@ async def build_app(settings: Settings) -> App:
         if provider is not None
         else None
     )
+    registration = settings.registration
     auth = AuthService(
         store,
         hasher,
@@ -447,36 +310,49 @@ async def build_app(settings: Settings) -> App:
         verification=verification,
         on_profile_queued=enrichment.notify if enrichment is not None else None,
         disposable_domains=(
-            DisposableDomains(
-                settings.registration.disposable_domains_extra,
-                settings.registration.disposable_domains_allowed,
-            )
-            if settings.registration.reject_disposable_emails
+            DisposableDomains(registration.disposable_domains_extra, registration.disposable_domains_allowed)
+            if registration.reject_disposable_emails
             else None
         ),
     )
-    limits = RateLimits(
-        stores.limiter,
-        rules_from_settings(settings),
-        ClientAddress(
-            settings.rate_limits.trusted_proxies,
-            settings.rate_limits.client_address_header,
-            settings.rate_limits.ipv6_prefix,
-        ),
-    )
-    gateway_auth = gateway_auth_key(secret)
-    interceptor = ApiInterceptor(
-        access_rules(SERVICES),
-        auth.authenticate,
-        limits,
-        gateway_auth,
-        # SQLite: a cancelled call finishes its transaction first (see the interceptor);
-        # PostgreSQL rolls an interrupted transaction back itself when the connection drops.
-        finish_when_cancelled=db.dialect == "sqlite",
-        read_only=read_only_methods(SERVICES),
-    )
+    return Services(tokens, hasher, revocations, auth, referrals, verifier, enrichment)
+
+
+# --- transports ----------------------------------------------------------------------------------
+
+
+def build_pipeline(settings: Settings, auth: AuthService, limiter: RateLimiter) -> Pipeline:
+    """Authentication from ``(referral.v1.access)``, the limits the protos declare with
+    ``(referral.v1.rate_limit)`` at the configured rates, error mapping, access log."""
+    limits = settings.rate_limits
+    address = ClientAddress(limits.trusted_proxies, limits.client_address_header, limits.ipv6_prefix)
+    try:
+        rate_limits = (
+            RateLimits.from_services(SERVICES, limits.rates(), limiter, address) if limits.enabled else None
+        )
+        authentication = Authentication.from_services(SERVICES, auth.authenticate)
+    except RuntimeError as error:
+        raise StartupError(str(error)) from None
+    return Pipeline(authentication, rate_limits)
+
+
+@dataclass(frozen=True)
+class Servicers:
+    """proto <-> domain for each service; both transports call these."""
+
+    auth: AuthServicer
+    referral: ReferralServicer
+
+    def by_service(self) -> dict[ServiceDescriptor, object]:
+        return {SERVICES[0]: self.auth, SERVICES[1]: self.referral}
+
+
+def build_grpc_server(
+    settings: Settings, pipeline: Pipeline, servicers: Servicers, health: GracefulHealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC transport, bound to its port (not started)."""
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=[ApiInterceptor(pipeline)],
         options=[
             ("grpc.max_receive_message_length", settings.server.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -485,9 +361,9 @@ async def build_app(settings: Settings) -> App:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth), server)
-    referral_pb2_grpc.add_ReferralServiceServicer_to_server(ReferralServicer(referrals), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(servicers.auth, server)
+    referral_pb2_grpc.add_ReferralServiceServicer_to_server(servicers.referral, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [
             *(s.full_name for s in SERVICES),
@@ -503,41 +379,162 @@ async def build_app(settings: Settings) -> App:
         port = 0
     if port == 0:
         raise StartupError(f"cannot listen on {address}: the address is in use or not available")
-    http = None
-    if settings.http.enabled:
-        try:
-            sock = bind(settings.http.host, settings.http.port, reuse_port=settings.server.so_reuseport)
-        except OSError as error:
-            where = f"{settings.http.host}:{settings.http.port}"
-            raise StartupError(f"cannot listen on HTTP {where}: {error}") from None
-        http = HttpGateway(
-            sock,
-            grpc_target=loopback_target(settings.server.grpc_host, port),
-            max_body_bytes=settings.http.max_body_bytes,
-            timeout_seconds=settings.http.timeout_seconds,
-            cors_origins=settings.http.cors_origin_list,
-            docs_enabled=settings.http.docs_enabled,
-            gateway_auth=gateway_auth,
-            client_address_header=settings.rate_limits.client_address_header,
-        )
-    app = App(
-        settings=settings,
-        db=db,
-        store=store,
-        stores=stores,
-        hasher=hasher,
-        auth=auth,
-        referrals=referrals,
-        revocations=revocations,
-        server=server,
-        health=health_servicer,
-        port=port,
-        tokens=tokens,
-        limiter=stores.limiter,
-        interceptor=interceptor,
-        verifier=verifier,
-        enrichment=enrichment,
-        http=http,
+    return server, port
+
+
+def build_http_gateway(
+    settings: Settings, pipeline: Pipeline, servicers: Servicers, health: GracefulHealthServicer
+) -> HttpGateway | None:
+    """The HTTP/JSON transport, bound to its port (not started); None when off."""
+    http = settings.http
+    if not http.enabled:
+        return None
+    try:
+        sock = bind(http.host, http.port, reuse_port=settings.server.so_reuseport)
+    except OSError as error:
+        raise StartupError(f"cannot listen on HTTP {http.host}:{http.port}: {error}") from None
+    return HttpGateway(
+        sock,
+        invokers=pipeline.handlers(servicers.by_service(), timeout=http.timeout_seconds),
+        health=lambda: health_pb2.HealthCheckResponse.ServingStatus.Name(health.status()),
+        max_body_bytes=http.max_body_bytes,
+        cors_origins=http.cors_origin_list,
+        docs_enabled=http.docs_enabled,
+        client_address_header=pipeline.client_address_header,
     )
-    app_ref.append(app)
-    return app
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+
+@dataclass
+class App:
+    settings: Settings
+    db: Database
+    store: SqlStore
+    stores: FastStores
+    services: Services
+    health: HealthReporter
+    server: grpc.aio.Server
+    port: int
+    #: The HTTP/JSON gateway (None when REFERRAL_HTTP_ENABLED is false).
+    http: HttpGateway | None = None
+    _housekeeper: asyncio.Task[None] | None = None
+
+    @property
+    def auth(self) -> AuthService:
+        return self.services.auth
+
+    @property
+    def referrals(self) -> ReferralService:
+        return self.services.referrals
+
+    @property
+    def verifier(self) -> EmailVerifier | None:
+        return self.services.verifier
+
+    @property
+    def enrichment(self) -> EnrichmentWorker | None:
+        return self.services.enrichment
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.server.grpc_host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (useful with REFERRAL_HTTP_PORT=0)."""
+        return self.http.port if self.http is not None else None
+
+    async def housekeeping(self) -> int:
+        """Purge expired revocations, request ids and refresh tokens; returns rows deleted."""
+        now = utcnow()
+        return await self.store.transact(lambda uow: uow.purge_expired(now))
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.server.housekeeping_interval.total_seconds())
+            try:
+                deleted = await self.housekeeping()
+            except Exception:
+                log.warning("housekeeping failed; retrying at the next interval", exc_info=True)
+            else:
+                if deleted:
+                    log.info("housekeeping purged %d expired rows", deleted)
+
+    async def start(self) -> None:
+        if self.stores.revocations.shared:
+            await self.services.revocations.resync()
+        await self.server.start()
+        self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
+        if self.enrichment is not None:
+            # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
+            self.enrichment.start()
+        await self.health.serving(self.store.ping, await self.stores.ping())
+        if self.http is not None:
+            await self.http.start()
+            log.info(
+                "serving HTTP/JSON on http://%s:%d (docs: /docs, OpenAPI: /openapi.json)",
+                self.settings.http.host,
+                self.http.port,
+            )
+        log.info(
+            "serving gRPC on %s (database: %s, cache: %s)", self.address, self.db.dialect, self.stores.backend
+        )
+
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Report NOT_SERVING, keep serving for the drain period so that watchers notice, stop
+        accepting calls and let in-flight ones finish within the grace period, then close the
+        stores."""
+        grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
+        drain = self.settings.server.shutdown_drain_seconds if drain is None else drain
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        await self.health.shutting_down()
+        await asyncio.sleep(drain)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.http is not None:
+            await self.http.stop(grace)
+        remaining = max(deadline - loop.time(), 0.0)
+        # Refuse new calls and let in-flight ones finish within the grace time (health watch
+        # streams end by themselves, see api/health.py). Running enrichment lookups share the
+        # same grace period; those still running at its end are handed back to the database.
+        enrichment = self.enrichment
+        enrichment_stopping = loop.create_task(enrichment.stop(remaining)) if enrichment is not None else None
+        await self.server.stop(remaining)
+        if enrichment_stopping is not None and enrichment is not None:
+            await enrichment_stopping
+            await enrichment.provider.close()
+        if self.verifier is not None:
+            await self.verifier.close()
+        await self.services.revocations.close()
+        await self.stores.close()
+        await self.db.dispose()
+        self.services.hasher.close()
+        log.info("stopped")
+
+
+async def build_app(settings: Settings) -> App:
+    """Build the service and bind its ports (not started yet)."""
+    health = HealthReporter(
+        GracefulHealthServicer(),
+        [service.full_name for service in SERVICES],
+        database=HEALTH_DATABASE,
+        fast_stores=HEALTH_REDIS,
+    )
+    db = Database(
+        settings.effective_database_url,
+        pool_size=settings.database.pool_size,
+        timeout=settings.database.timeout_seconds,
+        on_unavailable=health.database_failed,
+    )
+    store = SqlStore(db)
+    fast = build_fast_stores(settings, health.fast_stores_changed)
+    services = build_services(settings, store, fast, settings.resolve_jwt_secret())
+
+    pipeline = build_pipeline(settings, services.auth, fast.limiter)
+    servicers = Servicers(AuthServicer(services.auth), ReferralServicer(services.referrals))
+    server, port = build_grpc_server(settings, pipeline, servicers, health.servicer)
+    http = build_http_gateway(settings, pipeline, servicers, health.servicer)
+    return App(settings, db, store, fast, services, health, server, port, http)

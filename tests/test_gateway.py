@@ -164,7 +164,7 @@ async def test_server_errors_keep_their_details(api: Api, http: httpx.AsyncClien
 
 
 @pytest.mark.one_stack
-async def test_the_interceptor_runs_once_per_http_request(
+async def test_the_pipeline_runs_once_per_http_request(
     api: Api, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     email = api.unique_email()
@@ -177,6 +177,148 @@ async def test_the_interceptor_runs_once_per_http_request(
     assert [(r.method, r.request_id) for r in records] == [  # type: ignore[attr-defined]
         ("/referral.v1.AuthService/GetCurrentUser", "once-123")
     ]
+
+
+@pytest.mark.one_stack
+async def test_one_access_line_per_http_request_with_the_route_and_no_email(
+    api: Api, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every HTTP request, whether it reached an RPC or not, has exactly one access line with its
+    request id, the route template (never the raw path) and the HTTP status; no email from a path
+    or a query reaches the log. uvicorn's own access log is off."""
+    email = api.unique_email("secret.person")
+    _, token = await api.user_with_token(email)
+    auth = {"Authorization": f"Bearer {token}"}
+    requests: list[tuple[str, str, dict[str, Any], int, str, str]] = [
+        # (verb, path, extra request arguments, HTTP status, route, method)
+        (
+            "GET",
+            f"/v1/referral-codes/by-email/{email}",
+            {},
+            404,
+            "GET /v1/referral-codes/by-email/{email}",
+            "/referral.v1.ReferralService/GetReferralCodeByEmail",
+        ),
+        (
+            "GET",
+            "/v1/users/me",
+            {"headers": auth},
+            200,
+            "GET /v1/users/me",
+            "/referral.v1.AuthService/GetCurrentUser",
+        ),
+        ("GET", "/v1/users/me", {}, 401, "GET /v1/users/me", "/referral.v1.AuthService/GetCurrentUser"),
+        (
+            "POST",
+            f"/v1/auth/login?email={email}",
+            {"json": {}},
+            400,
+            "POST /v1/auth/login",
+            "/referral.v1.AuthService/Login",
+        ),
+        (
+            "GET",
+            "/v1/users/x/referrals",
+            {"params": {"pageToken": email}, "headers": auth},
+            400,
+            "GET /v1/users/{referrer_id}/referrals",
+            "/referral.v1.ReferralService/ListReferrals",
+        ),
+        ("GET", f"/v1/nothing/{email}", {}, 404, "GET (no route)", ""),
+        ("PUT", "/v1/users/me/referral-code", {"json": {}}, 405, "PUT /v1/users/me/referral-code", ""),
+        ("GET", "/healthz", {}, 200, "GET /healthz", ""),
+        ("GET", "/openapi.json", {}, 200, "GET /openapi.json", ""),
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        for index, (verb, path, kwargs, status, _, _) in enumerate(requests):
+            headers = {**kwargs.pop("headers", {}), "x-request-id": f"line-{index}"}
+            response = await http.request(verb, path, headers=headers, **kwargs)
+            assert response.status_code == status, (path, response.text)
+            assert response.headers["x-request-id"] == f"line-{index}"
+    records = [r for r in caplog.records if r.name == "referral_service.access"]
+    assert sorted(r.request_id for r in records) == sorted(  # type: ignore[attr-defined]
+        f"line-{index}" for index in range(len(requests))
+    )
+    by_id = {r.request_id: r for r in records}  # type: ignore[attr-defined]
+    for index, (_, _, _, status, route, method) in enumerate(requests):
+        record = by_id[f"line-{index}"]
+        assert record.transport == "http"  # type: ignore[attr-defined]
+        assert record.route == route  # type: ignore[attr-defined]
+        assert record.http_status == status  # type: ignore[attr-defined]
+        if method:
+            assert record.method == method  # type: ignore[attr-defined]
+        assert record.peer.startswith("ipv4:127.0.0.1:")  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.name.startswith("uvicorn.access")]
+    formatter = logging.Formatter()
+    server_records = [r for r in caplog.records if r.name.startswith(("referral_service", "uvicorn"))]
+    logged = "\n".join(formatter.format(r) + repr(vars(r)) for r in server_records)
+    assert "secret.person" not in logged
+
+
+@pytest.mark.one_stack
+async def test_the_gateway_needs_no_grpc_server(stack: Stack) -> None:
+    """The gateway calls the RPCs in-process: with the gRPC server stopped, HTTP still serves
+    every RPC (so it opens no gRPC channel, and no other server on the same ports can answer
+    for it)."""
+    api = await start_api(stack)
+    try:
+        await api.app.server.stop(0)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.app.http_port}") as http:
+            email = api.unique_email()
+            registered = await http.post("/v1/auth/register", json={"email": email, "password": PASSWORD})
+            assert registered.status_code == 200, registered.text
+            auth = await login(http, email)
+            me = await http.get("/v1/users/me", headers=auth)
+            assert me.json()["user"]["email"] == email
+            assert (await http.get("/healthz")).json() == {"status": "SERVING"}
+    finally:
+        await stop_api(api)
+
+
+def test_the_gateway_and_the_pipeline_do_not_import_the_grpc_transport() -> None:
+    """The gateway gets what it needs from app.py; the pipeline is transport-neutral."""
+    import ast
+    from pathlib import Path
+
+    import referral_service
+
+    root = Path(referral_service.__file__).parent
+    forbidden = {
+        "gateway": ("grpc", "referral_service.api"),
+        "pipeline": ("grpc", "referral_service.api", "referral_service.gateway"),
+    }
+    for package, prefixes in forbidden.items():
+        for path in (root / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [alias.name for alias in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                for name in names:
+                    assert not any(name == p or name.startswith(p + ".") for p in prefixes), (path, name)
+
+
+@pytest.mark.one_stack
+async def test_an_rpc_past_the_http_timeout_is_504(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """REFERRAL_HTTP_TIMEOUT_SECONDS bounds the RPC behind an HTTP request (a registration hashes
+    its password for far longer than a millisecond): 504 DEADLINE_EXCEEDED in the usual envelope."""
+    api = await start_api(stack, http_timeout_seconds=0.001)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.app.http_port}") as http:
+            with caplog.at_level(logging.INFO, logger="referral_service.access"):
+                response = await http.post(
+                    "/v1/auth/register", json={"email": api.unique_email(), "password": PASSWORD}
+                )
+        assert_envelope(response, 504, "DEADLINE_EXCEEDED")
+        assert reason(response) == "CANCELLED"
+        (record,) = [r for r in caplog.records if r.name == "referral_service.access"]
+        assert (record.code, record.http_status) == ("DEADLINE_EXCEEDED", 504)  # type: ignore[attr-defined]
+    finally:
+        await stop_api(api)
 
 
 @pytest.mark.one_stack

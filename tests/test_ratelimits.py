@@ -13,8 +13,10 @@ import grpc
 import pytest
 from referral.v1 import auth_pb2, referral_pb2
 
-from referral_service.api.ratelimits import ClientAddress, parse_peer
+from referral_service.app import SERVICES
 from referral_service.config import Rate, parse_rate
+from referral_service.pipeline.address import ClientAddress, parse_peer
+from referral_service.pipeline.limits import declared_rules
 from tests.conftest import PASSWORD, REDIS_URL, Api, Stack, start_api, stop_api
 from tests.errors import RichError, expect_error
 from tests.proxy import Proxy
@@ -233,6 +235,51 @@ def test_bad_rates_are_refused(text: str) -> None:
         parse_rate(text)
 
 
+LIMIT_NAMES = ("login-account", "login-address", "register-address", "code-check-address", "lookup-address")
+
+
+def test_the_limits_are_declared_in_the_proto() -> None:
+    """The (referral.v1.rate_limit) options reproduce the table in the README, in order."""
+    rules = declared_rules(SERVICES, {name: Rate(5, 60) for name in LIMIT_NAMES})
+    table = {
+        method: [(rule.name, rule.subject, sorted(rule.counted_failures)) for rule in found]
+        for method, found in rules.items()
+    }
+    assert table == {
+        "/referral.v1.AuthService/Login": [
+            ("login-account", "account", ["INVALID_CREDENTIALS"]),
+            ("login-address", "client_address", ["INVALID_CREDENTIALS"]),
+        ],
+        "/referral.v1.AuthService/Register": [
+            ("register-address", "client_address", []),
+            ("code-check-address", "client_address", ["REFERRAL_CODE_UNKNOWN"]),
+        ],
+        "/referral.v1.ReferralService/GetReferralCodeByEmail": [("lookup-address", "client_address", [])],
+    }
+    register = rules["/referral.v1.AuthService/Register"]
+    request = auth_pb2.RegisterRequest(email="a@example.com")
+    assert register[1].key_of(request, "192.0.2.1") is None  # no code named: not counted
+    request.referral_code = "ABC"
+    assert register[1].key_of(request, "192.0.2.1") == "192.0.2.1"
+    login = rules["/referral.v1.AuthService/Login"][0]
+    key = login.key_of(auth_pb2.LoginRequest(email="Someone@Example.com"), "192.0.2.1")
+    assert key is not None
+    assert "someone" not in key.lower()  # hashed: no emails in limiter keys
+    # a limit switched off is left out
+    off = declared_rules(
+        SERVICES, {**{name: Rate(5, 60) for name in LIMIT_NAMES}, "lookup-address": Rate(0, 60)}
+    )
+    assert "/referral.v1.ReferralService/GetReferralCodeByEmail" not in off
+
+
+def test_a_declared_limit_without_a_rate_stops_start_up() -> None:
+    rates = {name: Rate(5, 60) for name in LIMIT_NAMES if name != "login-account"}
+    with pytest.raises(RuntimeError, match="login-account"):
+        declared_rules(SERVICES, rates)
+    with pytest.raises(RuntimeError, match="typo-address"):
+        declared_rules(SERVICES, {**rates, "login-account": Rate(1, 1), "typo-address": Rate(1, 1)})
+
+
 def test_client_address_rules() -> None:
     plain = ClientAddress([], "x-forwarded-for", 64)
     assert plain.resolve("ipv4:192.0.2.7:5555", ["203.0.113.1"]) == "192.0.2.7"
@@ -249,8 +296,9 @@ def test_client_address_rules() -> None:
 
 
 async def test_limits_through_the_http_gateway_apply_per_http_client(stack: Stack) -> None:
-    """The gateway reaches the server over loopback; per-address limits must still count each
-    HTTP client separately (here: two loopback source addresses), not the gateway as one."""
+    """Per-address limits count each HTTP client separately (here: two loopback source
+    addresses), not the gateway as one; a gRPC client sending the old gateway metadata gains
+    nothing."""
     import httpx
 
     api = await start_api(stack, rate_limit_register_address="2/1h")
@@ -268,8 +316,8 @@ async def test_limits_through_the_http_gateway_apply_per_http_client(stack: Stac
         assert int(first[2].headers["retry-after"]) > 0
         other = await register("127.0.0.3", api.unique_email())
         assert other.status_code == 200
-        # a gRPC client cannot claim to be someone else: without the gateway's key the claimed
-        # address is ignored and its own address is limited
+        # a gRPC client cannot claim to be someone else: the metadata the gateway once sent
+        # (x-referral-gateway-*) means nothing, its own address is limited
         for _ in range(2):
             await api.register()
         forged = (("x-referral-gateway-client", "10.9.9.9"), ("x-referral-gateway-auth", "guess"))

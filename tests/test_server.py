@@ -13,9 +13,11 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from referral.v1 import auth_pb2, errors_pb2, options_pb2, referral_pb2
 
-from referral_service.api.interceptors import ApiInterceptor, access_rules
+from referral_service.api.interceptors import ApiInterceptor
 from referral_service.app import SERVICES
 from referral_service.domain.errors import Reason
+from referral_service.pipeline.auth import Authentication, access_rules
+from referral_service.pipeline.chain import Pipeline
 from tests.conftest import PASSWORD, Api, Stack, bearer, start_api
 from tests.errors import expect_error, rich
 
@@ -167,9 +169,8 @@ async def test_unexpected_exceptions_become_internal_without_leaking(
     async def broken(request: bytes, context: Any) -> bytes:
         raise RuntimeError("secret database password in a stack trace")
 
-    server = grpc.aio.server(
-        interceptors=[ApiInterceptor({"/test.Broken/Call": False}, lambda token: None)]  # type: ignore[arg-type,return-value]
-    )
+    pipeline = Pipeline(Authentication({"/test.Broken/Call": False}, lambda token: None))  # type: ignore[arg-type,return-value]
+    server = grpc.aio.server(interceptors=[ApiInterceptor(pipeline)])
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

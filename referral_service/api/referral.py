@@ -1,4 +1,7 @@
-"""referral.v1.ReferralService: protos in, domain calls, protos out. No business rules here."""
+"""referral.v1.ReferralService: protos in, domain calls, protos out. No business rules here.
+
+Both transports call these methods through the request pipeline; ``context`` is the pipeline's
+``Call`` (unused: the caller is ``current_principal()``)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from datetime import UTC, timedelta
 from referral.v1 import referral_pb2, referral_pb2_grpc
 
 from referral_service.api import convert
-from referral_service.api.interceptors import Context, current_principal
 from referral_service.domain.errors import FieldViolation, InvalidArgument
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
+from referral_service.pipeline.context import current_principal
 
 # Timestamp range allowed by google.protobuf.Timestamp (0001-01-01 .. 9999-12-31).
 _MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
@@ -20,7 +23,7 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
         self._service = service
 
     async def CreateReferralCode(
-        self, request: referral_pb2.CreateReferralCodeRequest, context: Context
+        self, request: referral_pb2.CreateReferralCodeRequest, context: object
     ) -> referral_pb2.CreateReferralCodeResponse:
         expire_time = ttl = None
         which = request.WhichOneof("expiry")
@@ -49,25 +52,25 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
         return referral_pb2.CreateReferralCodeResponse(referral_code=convert.referral_code(code))
 
     async def GetMyReferralCode(
-        self, request: referral_pb2.GetMyReferralCodeRequest, context: Context
+        self, request: referral_pb2.GetMyReferralCodeRequest, context: object
     ) -> referral_pb2.GetMyReferralCodeResponse:
         code = await self._service.my_code(current_principal().user_id)
         return referral_pb2.GetMyReferralCodeResponse(referral_code=convert.referral_code(code))
 
     async def DeleteReferralCode(
-        self, request: referral_pb2.DeleteReferralCodeRequest, context: Context
+        self, request: referral_pb2.DeleteReferralCodeRequest, context: object
     ) -> referral_pb2.DeleteReferralCodeResponse:
         await self._service.delete_code(current_principal().user_id)
         return referral_pb2.DeleteReferralCodeResponse()
 
     async def GetReferralCodeByEmail(
-        self, request: referral_pb2.GetReferralCodeByEmailRequest, context: Context
+        self, request: referral_pb2.GetReferralCodeByEmailRequest, context: object
     ) -> referral_pb2.GetReferralCodeByEmailResponse:
         code = await self._service.code_by_email(request.email)
         return referral_pb2.GetReferralCodeByEmailResponse(referral_code=convert.referral_code(code))
 
     async def ListReferrals(
-        self, request: referral_pb2.ListReferralsRequest, context: Context
+        self, request: referral_pb2.ListReferralsRequest, context: object
     ) -> referral_pb2.ListReferralsResponse:
         page = await self._service.list_referrals(
             current_principal().user_id, request.referrer_id, request.page_size, request.page_token

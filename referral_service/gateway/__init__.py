@@ -1,6 +1,7 @@
-"""HTTP/JSON gateway: transcodes HTTP/JSON to our gRPC API from the ``google.api.http``
-annotations, and serves the OpenAPI document and the Swagger UI page derived from the protos."""
+"""HTTP/JSON gateway: the second transport into the request pipeline, transcoding HTTP/JSON from
+the ``google.api.http`` annotations, and serving the OpenAPI document and the Swagger UI page
+derived from the protos. It imports nothing from the gRPC transport (``api/``)."""
 
-from referral_service.gateway.server import HttpGateway, bind, loopback_target
+from referral_service.gateway.server import HttpGateway, bind
 
-__all__ = ["HttpGateway", "bind", "loopback_target"]
+__all__ = ["HttpGateway", "bind"]

@@ -1,8 +1,8 @@
 """The AIP-193 error envelope: ``{"error": {"code", "message", "status", "details"}}``.
 
 ``code`` is the HTTP status (from the mapping documented in ``google/rpc/code.proto``),
-``status`` the gRPC code name, ``details`` the ``google.rpc.Status`` details from the
-``grpc-status-details-bin`` trailer, each as protobuf JSON with its ``@type``.
+``status`` the gRPC code name, ``details`` the ``google.rpc.Status`` details, each as protobuf
+JSON with its ``@type``: the same status a gRPC client gets in ``grpc-status-details-bin``.
 """
 
 from __future__ import annotations
@@ -11,57 +11,22 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
-from referral_service.api.errors import DOMAIN
 from referral_service.gateway.jsonmap import Violation
-
-#: gRPC code -> HTTP status, as documented in google/rpc/code.proto.
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
-_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+from referral_service.pipeline.errors import CODE_NAMES, DOMAIN, HTTP_STATUS, UNAUTHENTICATED
 
 
-def envelope(
-    http_status: int, code: grpc.StatusCode, message: str, details: Sequence[dict[str, Any]]
-) -> dict[str, Any]:
+def envelope(http_status: int, code: int, message: str, details: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "error": {
             "code": http_status,
             "message": message,
-            "status": code.name,
+            "status": CODE_NAMES.get(code, "UNKNOWN"),
             "details": list(details),
         }
     }
-
-
-def details_from_trailers(trailers: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | None, list[Any]]:
-    """The status message and the unpacked details of ``grpc-status-details-bin``, if sent."""
-    for key, value in trailers or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            return status.message, list(status.details)
-    return None, []
 
 
 def detail_json(detail: Any) -> dict[str, Any]:
@@ -72,14 +37,11 @@ def detail_json(detail: Any) -> dict[str, Any]:
         return {"@type": detail.type_url, "value": json_format.MessageToDict(detail).get("value", "")}
 
 
-def from_rpc_error(
-    code: grpc.StatusCode, message: str, trailers: Sequence[tuple[str, str | bytes]] | None
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """HTTP status, envelope and extra headers (Retry-After, WWW-Authenticate) for a failed RPC."""
-    status_message, details = details_from_trailers(trailers)
+def from_status(status: status_pb2.Status) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """HTTP status, envelope and extra headers (Retry-After, WWW-Authenticate) for a failed call."""
     headers: dict[str, str] = {}
     reason = ""
-    for detail in details:
+    for detail in status.details:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
@@ -89,28 +51,26 @@ def from_rpc_error(
             error_info = error_details_pb2.ErrorInfo()
             detail.Unpack(error_info)
             reason = error_info.reason
-    if code is grpc.StatusCode.UNAUTHENTICATED:
+    if status.code == UNAUTHENTICATED:
         # RFC 6750 section 3: a missing token gets the bare challenge, a bad one an error code.
         headers["www-authenticate"] = (
             'Bearer realm="referral-service"'
             if reason in ("TOKEN_MISSING", "")
             else 'Bearer realm="referral-service", error="invalid_token"'
         )
-    http_status = HTTP_STATUS.get(code, 500)
-    return (
+    http_status = HTTP_STATUS.get(status.code, 500)
+    body = envelope(
         http_status,
-        envelope(http_status, code, status_message or message, [detail_json(d) for d in details]),
-        headers,
+        status.code,
+        status.message or CODE_NAMES.get(status.code, "UNKNOWN"),
+        [detail_json(d) for d in status.details],
     )
-
-
-def code_from_number(number: int) -> grpc.StatusCode:
-    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+    return http_status, body, headers
 
 
 def gateway_error(
     http_status: int,
-    code: grpc.StatusCode,
+    code: int,
     message: str,
     *,
     reason: str,

@@ -1,6 +1,8 @@
 """The HTTP side of the process: uvicorn serving the transcoder, ``/openapi.json``, ``/docs``
 (Swagger UI from the ``swagger-ui-bundle-v2`` package, no CDN) and ``/healthz``, in the same
-event loop as the gRPC server.
+event loop as the gRPC server. RPCs run in-process through the request pipeline (no gRPC
+channel, no loopback hop); ``/healthz`` answers from the process's health state. Both are
+handed in by the composition root (``app.py``).
 
 The listening socket is bound when the gateway is built (so a busy port fails start-up early and
 port 0 gives a port that is known at once); uvicorn gets the socket. Signals stay with the
@@ -16,27 +18,15 @@ import json
 import logging
 import math
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import grpc
 import uvicorn
-from grpc_health.v1 import health_pb2
 
 from referral_service.gateway import descriptors, openapi
-from referral_service.gateway.transcoder import (
-    Receive,
-    Response,
-    Scope,
-    Send,
-    Transcoder,
-    build_routes,
-    json_response,
-)
-
-log = logging.getLogger("referral_service.gateway")
+from referral_service.gateway.transcoder import Response, Transcoder, build_routes, json_response
+from referral_service.pipeline.call import Handler
 
 #: Files of the Swagger UI package served under /docs/ (nothing else is reachable there).
 _SWAGGER_ASSETS = {
@@ -95,47 +85,37 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def loopback_target(grpc_host: str, grpc_port: int) -> str:
-    """Where the gateway reaches its own gRPC server."""
-    if grpc_host in ("", "0.0.0.0", "*"):  # noqa: S104 (a listening address, not a bind)
-        return f"127.0.0.1:{grpc_port}"
-    if grpc_host in ("::", "[::]"):
-        return f"[::1]:{grpc_port}"
-    if ":" in grpc_host and not grpc_host.startswith("["):
-        return f"[{grpc_host}]:{grpc_port}"
-    return f"{grpc_host}:{grpc_port}"
-
-
 class HttpGateway:
-    """Owns the HTTP socket, the loopback channel and the uvicorn server."""
+    """Owns the HTTP socket and the uvicorn server."""
 
     def __init__(
         self,
         sock: socket.socket,
         *,
-        grpc_target: str,
+        invokers: Mapping[str, Handler],
+        health: Callable[[], str],
         max_body_bytes: int,
-        timeout_seconds: float,
         cors_origins: list[str],
         docs_enabled: bool,
-        gateway_auth: str | None = None,
-        client_address_header: str = "x-forwarded-for",
+        client_address_header: str | None = "x-forwarded-for",
     ) -> None:
-        self._gateway_auth = gateway_auth
-        self._address_header = client_address_header
+        """``invokers``: the pipeline's handler of each RPC by gRPC method path; ``health``: the
+        process's overall serving status (``SERVING``, ``NOT_SERVING``, ...)."""
         self._sock = sock
-        self._target = grpc_target
-        self._max_body = max_body_bytes
-        self._timeout = timeout_seconds
-        self._cors = cors_origins
+        self._health = health
         self._docs = docs_enabled
-        self._routes = build_routes(descriptors.bindings())
         self._openapi = json.dumps(openapi.document(), indent=1).encode() if docs_enabled else b""
         self._assets = load_assets() if docs_enabled else {}
-        self._channel: grpc.aio.Channel | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
-        self.app: Transcoder | None = None
+        self.app = Transcoder(
+            build_routes(descriptors.bindings()),
+            invokers,
+            max_body_bytes=max_body_bytes,
+            cors_origins=cors_origins,
+            extra=[self._extras],
+            client_address_header=client_address_header,
+        )
 
     @property
     def port(self) -> int:
@@ -146,25 +126,15 @@ class HttpGateway:
         return str(self._sock.getsockname()[0])
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            self._target,
-            options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        )
-        self.app = Transcoder(
-            self._channel,
-            self._routes,
-            max_body_bytes=self._max_body,
-            timeout_seconds=self._timeout,
-            cors_origins=self._cors,
-            extra=[self._extras],
-            gateway_auth=self._gateway_auth,
-            client_address_header=self._address_header,
-        )
+        # The transcoder logs one line per request, with the request id: uvicorn's access log is
+        # off. Its access_log=False only detaches the logger's handlers (uvicorn logs whenever
+        # the logger has any), so the logger is disabled outright.
+        logging.getLogger("uvicorn.access").disabled = True
         config = uvicorn.Config(
             self.app,
             lifespan="off",
             log_config=None,
-            access_log=True,
+            access_log=False,
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=None,
@@ -189,53 +159,32 @@ class HttpGateway:
                 await self._task
         else:
             self._sock.close()
-        if self._channel is not None:
-            await self._channel.close()
 
     # --- what is not an RPC ---------------------------------------------------------------
 
-    async def _extras(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        path = scope["path"]
-        method = scope["method"].upper()
-        if method not in ("GET", "HEAD"):
-            return False
+    async def _extras(self, verb: str, path: str) -> tuple[str, Response] | None:
+        """The route label (a fixed path) and the response for /healthz and the docs."""
+        if verb not in ("GET", "HEAD"):
+            return None
         if path == "/healthz":
-            assert self._channel is not None
-            status, body = await health_check(self._channel, min(self._timeout, 5.0))
-            await json_response(status, body).send(send)
-            return True
+            status = self._health()
+            return f"{verb} {path}", json_response(200 if status == "SERVING" else 503, {"status": status})
         if not self._docs:
-            return False
+            return None
         if path == "/openapi.json":
-            await Response(200, self._openapi, "application/json", {"cache-control": "no-cache"}).send(send)
-            return True
+            return f"{verb} {path}", Response(
+                200, self._openapi, "application/json", {"cache-control": "no-cache"}
+            )
         if path in ("/", "/docs/"):
-            await Response(307, b"", "text/plain", {"location": "/docs"}).send(send)
-            return True
+            return f"{verb} {path}", Response(307, b"", "text/plain", {"location": "/docs"})
         asset = self._assets.get(path)
         if asset is None:
-            return False
+            return None
         headers = {
             "cache-control": asset.cache,
             "x-content-type-options": "nosniff",
         }
         if path == "/docs":
             headers["content-security-policy"] = _CSP
-        await Response(200, asset.body if method == "GET" else b"", asset.content_type, headers).send(send)
-        return True
-
-
-async def health_check(channel: grpc.aio.Channel, deadline: float) -> tuple[int, dict[str, Any]]:
-    """``/healthz``: the overall status of the gRPC health service, asked over the loopback
-    channel (so it says whether gRPC itself answers)."""
-    check = channel.unary_unary(
-        "/grpc.health.v1.Health/Check",
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-    try:
-        response = await check(health_pb2.HealthCheckRequest(service=""), timeout=deadline)
-    except grpc.aio.AioRpcError as error:
-        return 503, {"status": "NOT_SERVING", "error": error.code().name}
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    return (200 if response.status == health_pb2.HealthCheckResponse.SERVING else 503), {"status": name}
+        body = asset.body if verb == "GET" else b""
+        return f"{verb} {path}", Response(200, body, asset.content_type, headers)

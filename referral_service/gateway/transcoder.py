@@ -1,34 +1,35 @@
-"""The HTTP/JSON -> gRPC transcoder: an ASGI application built from the ``google.api.http``
-annotations in the descriptor pool (no hand-written routes).
+"""The HTTP/JSON transport: an ASGI application built from the ``google.api.http`` annotations
+in the descriptor pool (no hand-written routes), calling the RPCs in-process through the same
+request pipeline as gRPC (authentication, rate limits, error mapping, one access line).
 
 For each request: find the binding (404 when no path matches, 405 with ``Allow`` when the path
 exists with other methods), build the request message from the path variables, the query string
 (for bindings without ``body: "*"``) and the JSON body with protobuf's JSON mapping (400 with one
-field violation per bad or unknown field), call the RPC over a loopback ``grpc.aio`` channel to
-the same server (so the ApiInterceptor runs exactly once, as for any gRPC client), and answer
-with the response as protobuf JSON or the AIP-193 error envelope.
+field violation per bad or unknown field), build the pipeline's ``Call`` (``Authorization``,
+``x-request-id``, the HTTP client's address and the client-address header, the route template)
+and run the method's chain, then answer with the response as protobuf JSON, or a failed call's
+``google.rpc.Status`` as the AIP-193 error envelope. The request id comes back as the
+``x-request-id`` header of every response.
 
-``Authorization`` and ``x-request-id`` are passed on as metadata; the server's ``x-request-id``
-comes back as a response header.
+Every HTTP request gets exactly one access line: from the pipeline when it reached an RPC, from
+here (``log_access``, same logger and fields) when it did not. Lines name the route template,
+never the raw path, so no email from a path or query reaches the logs.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from referral_service.api.interceptors import GATEWAY_AUTH, GATEWAY_CLIENT, GATEWAY_FORWARDED
-from referral_service.api.interceptors import request_id as new_request_id
 from referral_service.domain.errors import Reason
 from referral_service.gateway import descriptors, envelope
 from referral_service.gateway.jsonmap import (
@@ -40,14 +41,34 @@ from referral_service.gateway.jsonmap import (
     to_message,
 )
 from referral_service.gateway.paths import Template, compile_template
-
-log = logging.getLogger("referral_service.gateway")
+from referral_service.pipeline import errors as codes
+from referral_service.pipeline.call import AUTHORIZATION, REQUEST_ID, Call, CallFailed, Handler, ip_peer
+from referral_service.pipeline.call import request_id as new_request_id
+from referral_service.pipeline.context import log_access
 
 Scope = MutableMapping[str, Any]
 Message_ = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message_]]
 Send = Callable[[Message_], Awaitable[None]]
-Extra = Callable[[Scope, Receive, Send], Awaitable[bool]]
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    async def send(self, send: Send) -> None:
+        headers = [(b"content-type", self.content_type.encode("latin-1"))]
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+#: What is served beside the RPCs (docs, /openapi.json, /healthz): (HTTP method, path) -> the
+#: route label for the access line and the response, or None when the path is not one of them.
+Extra = Callable[[str, str], Awaitable[tuple[str, Response] | None]]
 
 _JSON_TYPES = ("application/json", "")
 # Accepted for ``body: "*"`` bindings, like query parameters (HTML forms, OAuth 2.0 clients);
@@ -65,6 +86,11 @@ class Route:
     @property
     def verb(self) -> str:
         return self.binding.verb
+
+    @property
+    def label(self) -> str:
+        """``GET /v1/referral-codes/by-email/{email}``: how the access line names the route."""
+        return f"{self.binding.verb} {self.binding.template}"
 
 
 def build_routes(bindings: Iterable[descriptors.Binding]) -> list[Route]:
@@ -96,29 +122,6 @@ def _require_field(route: Route, dotted: str) -> None:
         descriptor = field.message_type
 
 
-class Response:
-    def __init__(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str = "application/json",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.headers = {"content-type": content_type, **(headers or {})}
-
-    async def send(self, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": self.status,
-                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()],
-            }
-        )
-        await send({"type": "http.response.body", "body": self.body})
-
-
 def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     return Response(status, body, "application/json", {"cache-control": "no-store", **(headers or {})})
@@ -145,37 +148,28 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 
 class Transcoder:
-    """ASGI app. ``extra`` handlers (docs, openapi.json, health) run first and return True when
-    they answered."""
+    """ASGI app. ``invokers`` are the pipeline's composed handlers by gRPC method path;
+    ``extra`` handlers (docs, openapi.json, health) are asked first."""
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
         routes: list[Route],
+        invokers: Mapping[str, Handler],
         *,
         max_body_bytes: int,
-        timeout_seconds: float,
         cors_origins: Iterable[str] = (),
         extra: Iterable[Extra] = (),
-        gateway_auth: str | None = None,
-        client_address_header: str = "x-forwarded-for",
+        client_address_header: str | None = "x-forwarded-for",
     ) -> None:
-        self._gateway_auth = gateway_auth
-        self._address_header = client_address_header.lower()
-        self._channel = channel
+        missing = {route.binding.grpc_path for route in routes} - set(invokers)
+        if missing:
+            raise ValueError(f"no handler for {', '.join(sorted(missing))}")
+        self._invokers = dict(invokers)
+        self._address_header = client_address_header.lower() if client_address_header else ""
         self._routes = routes
         self._max_body = max_body_bytes
-        self._timeout = timeout_seconds
         self._cors = set(cors_origins)
         self._extra = list(extra)
-        self._calls = {
-            route.binding.grpc_path: channel.unary_unary(
-                route.binding.grpc_path,
-                request_serializer=route.request_class.SerializeToString,
-                response_deserializer=route.response_class.FromString,
-            )
-            for route in routes
-        }
 
     @property
     def routes(self) -> list[Route]:
@@ -189,14 +183,43 @@ class Transcoder:
             return
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         headers = _headers(scope, joined=self._address_header)
-        cors = self._cors_headers(headers)
-        for handler in self._extra:
-            if await handler(scope, receive, send):
-                return
-        response = await self._handle(scope, receive, headers, cors)
-        response.headers.update(cors)
+        client = scope.get("client")
+        forwarded = headers.get(self._address_header) if self._address_header else None
+        call = Call(
+            "",
+            "http",
+            new_request_id(headers.get(REQUEST_ID)),
+            ip_peer(*client) if client else "",
+            started,
+            headers.get(AUTHORIZATION),
+            (forwarded,) if forwarded else (),
+        )
+        response, logged = await self._respond(scope, receive, headers, call)
+        response.headers["x-request-id"] = call.request_id
+        response.headers.update(self._cors_headers(headers))
         await response.send(send)
+        if not logged:  # never reached an RPC, whose chain logs the line
+            log_access(call, response.status)
+
+    async def _respond(
+        self, scope: Scope, receive: Receive, headers: dict[str, str], call: Call
+    ) -> tuple[Response, bool]:
+        """The response, and whether the request reached an RPC (whose chain logged it)."""
+        verb = scope["method"].upper()
+        for extra in self._extra:
+            answered = await extra(verb, scope["path"])
+            if answered is not None:
+                call.route, response = answered
+                if response.status >= 400:
+                    call.code = codes.UNAVAILABLE
+                return response, False
+        found = await self._transcode(scope, receive, headers, call, verb)
+        if isinstance(found, Response):
+            return found, False
+        route, request = found
+        return await self._invoke(route, request, call), True
 
     # --- CORS ---------------------------------------------------------------------------
 
@@ -224,70 +247,74 @@ class Transcoder:
                 values[route.verb] = found
         return routes, values
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, headers: dict[str, str], cors: dict[str, str]
-    ) -> Response:
-        request_id = new_request_id(headers.get("x-request-id"))
+    async def _transcode(
+        self, scope: Scope, receive: Receive, headers: dict[str, str], call: Call, verb: str
+    ) -> tuple[Route, Message] | Response:
+        """The route and request message, or the gateway's own response (404, 405, OPTIONS, a
+        request that does not transcode)."""
         raw_path = scope.get("raw_path") or scope["path"].encode()
         path = raw_path.decode("latin-1").split("?", 1)[0]
-        method = scope["method"].upper()
         routes, values = self._match(path)
         if not routes:
+            call.route = f"{verb[:16]} (no route)"
             return self._error(
+                call,
                 404,
-                grpc.StatusCode.NOT_FOUND,
+                codes.NOT_FOUND,
                 f"no API method is bound to {path}; see /openapi.json",
                 Reason.HTTP_ROUTE_NOT_FOUND,
-                request_id,
             )
         allow = ", ".join(sorted({*routes, "OPTIONS"}))
-        if method == "OPTIONS":
-            preflight = {
-                "access-control-allow-methods": allow,
-                "access-control-allow-headers": "authorization, content-type, x-request-id",
-                "access-control-max-age": "600",
-            }
-            return Response(204, b"", "text/plain", {"allow": allow, **(preflight if cors else {})})
-        route = routes.get(method)
+        route = routes.get(verb)
         if route is None:
+            call.route = f"{verb[:16]} {next(iter(routes.values())).binding.template}"
+            if verb == "OPTIONS":
+                preflight = {
+                    "access-control-allow-methods": allow,
+                    "access-control-allow-headers": "authorization, content-type, x-request-id",
+                    "access-control-max-age": "600",
+                }
+                cors = self._cors_headers(headers)
+                return Response(204, b"", "text/plain", {"allow": allow, **(preflight if cors else {})})
             return self._error(
+                call,
                 405,
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{path} does not accept {method}; it accepts {allow}",
+                codes.UNIMPLEMENTED,
+                f"{path} does not accept {verb}; it accepts {allow}",
                 Reason.HTTP_METHOD_NOT_ALLOWED,
-                request_id,
                 headers={"allow": allow},
                 metadata={"allow": allow},
             )
+        call.route = route.label
+        call.method = route.binding.grpc_path
         try:
-            request = await self._request(route, values[method], scope, receive, headers)
+            request = await self._request(route, values[verb], scope, receive, headers)
         except BodyTooLarge:
             return self._error(
+                call,
                 413,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                codes.RESOURCE_EXHAUSTED,
                 f"the request body is larger than {self._max_body} bytes",
                 Reason.HTTP_REQUEST_TOO_LARGE,
-                request_id,
             )
         except UnsupportedMediaType as error:
             return self._error(
+                call,
                 415,
-                grpc.StatusCode.INVALID_ARGUMENT,
+                codes.INVALID_ARGUMENT,
                 f"the request body must be application/json (or a form), not {error.args[0]}",
                 Reason.HTTP_UNSUPPORTED_MEDIA_TYPE,
-                request_id,
             )
         except RequestError as error:
             return self._error(
+                call,
                 400,
-                grpc.StatusCode.INVALID_ARGUMENT,
+                codes.INVALID_ARGUMENT,
                 error.message,
                 Reason.VALIDATION_FAILED,
-                request_id,
                 violations=error.violations,
             )
-        client = scope.get("client")
-        return await self._forward(route, request, headers, request_id, client[0] if client else None)
+        return route, request
 
     async def _request(
         self,
@@ -354,65 +381,43 @@ class Transcoder:
             )
         return to_message(data, route.request_class)
 
-    async def _forward(
-        self,
-        route: Route,
-        request: Message,
-        headers: dict[str, str],
-        request_id: str,
-        client: str | None,
-    ) -> Response:
-        metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
-        if "authorization" in headers:
-            metadata.append(("authorization", headers["authorization"]))
-        if client and self._gateway_auth:
-            # per-address rate limits apply to the HTTP client, not to this loopback channel
-            metadata += [(GATEWAY_CLIENT, client), (GATEWAY_AUTH, self._gateway_auth)]
-            forwarded = headers.get(self._address_header)
-            if forwarded:  # the HTTP client may be a load balancer (trusted or not: the server decides)
-                metadata.append((GATEWAY_FORWARDED, forwarded[:2048]))
-        call = self._calls[route.binding.grpc_path](request, metadata=metadata, timeout=self._timeout)
+    async def _invoke(self, route: Route, request: Message, call: Call) -> Response:
+        """The RPC in-process, through the method's chain (which logs the call's line)."""
         try:
-            response = await call
-        except grpc.aio.AioRpcError as error:
-            trailers = error.trailing_metadata()
-            status, body, extra = envelope.from_rpc_error(
-                error.code(), error.details() or error.code().name, tuple(trailers or ())
-            )
-            if not any(d.get("@type", "").endswith("RequestInfo") for d in body["error"]["details"]):
-                body["error"]["details"].append(
-                    {"@type": "type.googleapis.com/google.rpc.RequestInfo", "requestId": request_id}
-                )
-            return json_response(status, body, {"x-request-id": _trailer(trailers, request_id), **extra})
-        trailers = await call.trailing_metadata()
+            response = await self._invokers[call.method](request, call)
+        except CallFailed as failed:
+            http_status, body, extra = envelope.from_status(failed.status)
+            return json_response(http_status, body, extra)
         payload: Message = response
         if route.binding.response_body:
             payload = getattr(response, route.binding.response_body)
         data = json_format.MessageToDict(payload, always_print_fields_with_no_presence=True)
-        return json_response(200, data, {"x-request-id": _trailer(trailers, request_id)})
+        return json_response(200, data)
 
     def _error(
         self,
+        call: Call,
         http_status: int,
-        code: grpc.StatusCode,
+        code: int,
         message: str,
         reason: Reason,
-        request_id: str,
         *,
         violations: list[Violation] | tuple[Violation, ...] = (),
         headers: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
     ) -> Response:
+        """An error of the gateway itself, before any RPC; recorded on the call for its line."""
+        call.code, call.reason = code, reason.value
         body = envelope.gateway_error(
             http_status,
             code,
             message,
             reason=reason.value,
-            request_id=request_id,
+            request_id=call.request_id,
             violations=violations,
             metadata=metadata,
         )
-        return json_response(http_status, body, {"x-request-id": request_id, **(headers or {})})
+        return json_response(http_status, body, headers)
 
 
 class UnsupportedMediaType(Exception):
@@ -430,13 +435,6 @@ def _headers(scope: Scope, joined: str = "") -> dict[str, str]:
         elif name == joined:
             found[name] += ", " + value.decode("latin-1")
     return found
-
-
-def _trailer(trailers: Any, default: str) -> str:
-    for key, value in trailers or ():
-        if key == "x-request-id" and isinstance(value, str):
-            return value
-    return default
 
 
 def _normal(descriptor: Any, dotted: str) -> str:

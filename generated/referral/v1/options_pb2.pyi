@@ -3,18 +3,22 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf.internal import extension_dict as _extension_dict
+from referral.v1 import errors_pb2 as _errors_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -54,6 +58,109 @@ a valid, unexpired, unrevoked access token issued by AuthService.
 """
 Global___Access: _TypeAlias = Access  # noqa: Y015
 
+@_typing.final
+class RateLimit(_message.Message):
+    """RateLimit declares one rate limit of an RPC, with the
+    `(referral.v1.rate_limit)` method option (repeated: an RPC may have
+    several, each counted on its own). The server reads the declarations from
+    the descriptor pool at start-up; how many events a limit allows per period
+    is the server's configuration, by `name` (for example
+    `REFERRAL_RATE_LIMIT_LOGIN_ACCOUNT` for `login-account`), and the server
+    refuses to start when a declared limit has no configured rate.
+
+    Before the RPC runs, every limit of the call takes one event for its key;
+    when one is over its budget the call fails with RESOURCE_EXHAUSTED
+    (ErrorReason RATE_LIMITED, with QuotaFailure and RetryInfo) and the events
+    already taken are given back. A limit with `counted_failures` gives its
+    event back after the call unless the call failed with one of those
+    reasons, so only those failures count, and a concurrent burst still cannot
+    exceed the limit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _KeyKind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KeyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RateLimit._KeyKind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KEY_KIND_UNSPECIFIED: RateLimit._KeyKind.ValueType  # 0
+        """Not declared; the server refuses to start."""
+        KEY_KIND_CLIENT_ADDRESS: RateLimit._KeyKind.ValueType  # 1
+        """The client's address: its IPv4 address or IPv6 network (a /64 by
+        default). Behind a trusted proxy, the client the proxy names.
+        """
+        KEY_KIND_ACCOUNT_EMAIL: RateLimit._KeyKind.ValueType  # 2
+        """The account named by the request's email `field` (normalised as the
+        service compares emails; stored only as a hash). A request whose email
+        cannot name an account is not counted by this limit.
+        """
+        KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET: RateLimit._KeyKind.ValueType  # 3
+        """The client's address, but only for requests whose `field` is set (not
+        empty); other requests are not counted by this limit.
+        """
+
+    class KeyKind(_KeyKind, metaclass=_KeyKindEnumTypeWrapper):
+        """What a limit counts per."""
+
+    KEY_KIND_UNSPECIFIED: RateLimit.KeyKind.ValueType  # 0
+    """Not declared; the server refuses to start."""
+    KEY_KIND_CLIENT_ADDRESS: RateLimit.KeyKind.ValueType  # 1
+    """The client's address: its IPv4 address or IPv6 network (a /64 by
+    default). Behind a trusted proxy, the client the proxy names.
+    """
+    KEY_KIND_ACCOUNT_EMAIL: RateLimit.KeyKind.ValueType  # 2
+    """The account named by the request's email `field` (normalised as the
+    service compares emails; stored only as a hash). A request whose email
+    cannot name an account is not counted by this limit.
+    """
+    KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET: RateLimit.KeyKind.ValueType  # 3
+    """The client's address, but only for requests whose `field` is set (not
+    empty); other requests are not counted by this limit.
+    """
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_KIND_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    COUNTED_FAILURES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The limit's name, unique in the API (`login-account`). It names the
+    limit in errors (`QuotaFailure.quota_id`, ErrorInfo's `quota_limit`) and
+    selects its configured rate.
+    """
+    key_kind: Global___RateLimit.KeyKind.ValueType
+    """What the limit counts per."""
+    field: _builtins.str
+    """The request field the key reads, for KEY_KIND_ACCOUNT_EMAIL and
+    KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET: a string field of the RPC's
+    request message.
+    """
+    @_builtins.property
+    def counted_failures(self) -> _containers.RepeatedScalarFieldContainer[_errors_pb2.ErrorReason.ValueType]:
+        """Count only calls that fail with one of these reasons; empty: count every
+        call.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key_kind: Global___RateLimit.KeyKind.ValueType = ...,
+        field: _builtins.str = ...,
+        counted_failures: _abc.Iterable[_errors_pb2.ErrorReason.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_failures", b"counted_failures", "field", b"field", "key_kind", b"key_kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
 ACCESS_FIELD_NUMBER: _builtins.int
+RATE_LIMIT_FIELD_NUMBER: _builtins.int
 access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Access.ValueType]
 """Who may call the RPC. See Access."""
+rate_limit: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _containers.RepeatedCompositeFieldContainer[Global___RateLimit]]
+"""The RPC's rate limits. See RateLimit."""

@@ -1,5 +1,8 @@
 """``make docs``: the Markdown API reference (docs/api.md), generated from the proto descriptors
-and their comments. ``python -m referral_service.gateway.markdown > docs/api.md``."""
+and their comments: ``python tools/api_markdown.py > docs/api.md``.
+
+A build tool, not part of the running service: it reads the same descriptors as the gateway's
+OpenAPI document (``referral_service.gateway.descriptors``)."""
 
 from __future__ import annotations
 

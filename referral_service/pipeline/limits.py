@@ -1,0 +1,226 @@
+"""Rate limits, as each RPC declares them with ``(referral.v1.rate_limit)`` method options.
+
+The declarations are read from the descriptor pool at start-up; the rates (events per period)
+come from the composition root by limit name, and a declared limit without a rate stops the
+server from starting. Before a call, every limit of the method takes one event for its key
+(``admit``); over budget, the call fails with RESOURCE_EXHAUSTED and the events taken are given
+back. After the call, a limit that counts only some failures gives its event back unless the
+call failed with one of them (``settle``): so a concurrent burst cannot slip through, and only
+the counted failures use up the budget.
+
+Keys: the client's address (``address.py``), the account named by an email field (hashed: no
+emails in limiter keys), or the client's address only when a field is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, ServiceDescriptor
+from referral.v1 import errors_pb2, options_pb2
+
+from referral_service.domain import validation
+from referral_service.domain.errors import DomainError, Reason, ResourceExhausted
+from referral_service.domain.ports import RateLimiter
+from referral_service.pipeline.address import ClientAddress
+from referral_service.pipeline.call import Call, Handler, Stage
+
+#: From a request message and the client address: the key to count, or None to skip.
+KeyOf = Callable[[Any, str], str | None]
+
+RateLimit = options_pb2.RateLimit
+
+
+class Rate(Protocol):
+    """``limit`` events per ``period_seconds`` (``limit == 0``: the limit is off)."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def period_seconds(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    rate: Rate
+    key_of: KeyOf
+    #: Only failures with one of these reasons count (empty: every call counts).
+    counted_failures: frozenset[Reason] = frozenset()
+    #: What the key is, for the error's metadata.
+    subject: str = "client_address"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    rule: Rule
+    key: str
+
+
+def _by_address(_request: Any, address: str) -> str:
+    return address
+
+
+def _by_account(field: str) -> KeyOf:
+    def key_of(request: Any, _address: str) -> str | None:
+        key = validation.email_key(getattr(request, field))
+        if key is None:
+            return None  # no such account can exist; the address limit still counts
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    return key_of
+
+
+def _by_address_if_set(field: str) -> KeyOf:
+    def key_of(request: Any, address: str) -> str | None:
+        return address if getattr(request, field) else None
+
+    return key_of
+
+
+def _rule(method: MethodDescriptor, declared: Any, rate: Rate) -> Rule:
+    where = f"{method.full_name} (referral.v1.rate_limit) {declared.name!r}"
+    kind = declared.key_kind
+    key_of: KeyOf
+    if kind == RateLimit.KEY_KIND_CLIENT_ADDRESS:
+        if declared.field:
+            raise RuntimeError(f"{where}: a client-address limit reads no field")
+        key_of, subject = _by_address, "client_address"
+    else:
+        field = method.input_type.fields_by_name.get(declared.field)
+        if field is None or field.type != FieldDescriptor.TYPE_STRING or field.is_repeated:
+            raise RuntimeError(f"{where}: {declared.field!r} is not a string field of the request")
+        if kind == RateLimit.KEY_KIND_ACCOUNT_EMAIL:
+            key_of, subject = _by_account(declared.field), "account"
+        elif kind == RateLimit.KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET:
+            key_of, subject = _by_address_if_set(declared.field), "client_address"
+        else:
+            raise RuntimeError(f"{where}: no key_kind")
+    counted = set()
+    for number in declared.counted_failures:
+        name = errors_pb2.ErrorReason.Name(number).removeprefix("ERROR_REASON_")
+        if name == "UNSPECIFIED":
+            raise RuntimeError(f"{where}: ERROR_REASON_UNSPECIFIED cannot be counted")
+        counted.add(Reason(name))
+    return Rule(declared.name, rate, key_of, frozenset(counted), subject)
+
+
+def declared_rules(services: Iterable[ServiceDescriptor], rates: Mapping[str, Rate]) -> dict[str, list[Rule]]:
+    """``/package.Service/Method`` -> its limits in declaration order (limits whose rate is off
+    left out). Refuses a declared limit without a rate, a rate no RPC declares, and a name
+    declared twice."""
+    rules: dict[str, list[Rule]] = {}
+    declared_names: set[str] = set()
+    for service in services:
+        for method in service.methods:
+            found = []
+            for declared in method.GetOptions().Extensions[options_pb2.rate_limit]:
+                if declared.name in declared_names:
+                    raise RuntimeError(f"rate limit {declared.name!r} is declared twice")
+                declared_names.add(declared.name)
+                if declared.name not in rates:
+                    raise RuntimeError(
+                        f"{method.full_name} declares rate limit {declared.name!r}, "
+                        "which has no configured rate"
+                    )
+                rate = rates[declared.name]
+                if rate.limit > 0:
+                    found.append(_rule(method, declared, rate))
+            if found:
+                rules[f"/{service.full_name}/{method.name}"] = found
+    unused = set(rates) - declared_names
+    if unused:
+        raise RuntimeError(f"rates configured for limits no RPC declares: {', '.join(sorted(unused))}")
+    return rules
+
+
+def retry_seconds(value: float) -> int:
+    """Whole seconds for messages and metadata (at least 1)."""
+    return max(1, math.ceil(value))
+
+
+class RateLimits:
+    def __init__(
+        self, limiter: RateLimiter, rules: Mapping[str, Sequence[Rule]], address: ClientAddress
+    ) -> None:
+        self._limiter = limiter
+        self._rules = {method: tuple(found) for method, found in rules.items() if found}
+        self.address = address
+
+    @classmethod
+    def from_services(
+        cls,
+        services: Iterable[ServiceDescriptor],
+        rates: Mapping[str, Rate],
+        limiter: RateLimiter,
+        address: ClientAddress,
+    ) -> RateLimits:
+        return cls(limiter, declared_rules(services, rates), address)
+
+    def stage(self, method: str) -> Stage | None:
+        """The method's rate-limit stage; None when it has no limits."""
+        rules = self._rules.get(method)
+        if not rules:
+            return None
+        resolve = self.address.resolve
+
+        def wrap(inner: Handler) -> Handler:
+            async def limited(request: Any, call: Call) -> Any:
+                grants = await self.admit(rules, request, resolve(call.peer, call.forwarded))
+                failure: Reason | None = None
+                try:
+                    return await inner(request, call)
+                except DomainError as error:
+                    failure = error.reason
+                    raise
+                finally:
+                    if grants:
+                        await self.settle(grants, failure)
+
+            return limited
+
+        return wrap
+
+    async def admit(self, rules: Sequence[Rule], request: Any, client: str) -> list[Grant]:
+        """Take one event of every limit of this call, or raise RESOURCE_EXHAUSTED (giving back
+        what was taken)."""
+        grants: list[Grant] = []
+        for rule in rules:
+            key = rule.key_of(request, client)
+            if key is None:
+                continue
+            full_key = f"{rule.name}:{key}"
+            decision = await self._limiter.acquire(full_key, rule.rate.limit, rule.rate.period_seconds)
+            if not decision.allowed:
+                for grant in grants:
+                    await self._give_back(grant)
+                wait = retry_seconds(decision.retry_after)
+                raise ResourceExhausted(
+                    Reason.RATE_LIMITED,
+                    f"too many requests ({rule.name}); retry in {wait}s",
+                    metadata={
+                        "quota_limit": rule.name,
+                        "quota_limit_value": str(rule.rate.limit),
+                        "quota_period": f"{rule.rate.period_seconds:g}s",
+                        "quota_subject": rule.subject,
+                        "retry_after_seconds": str(wait),
+                    },
+                    retry_after_seconds=decision.retry_after,
+                )
+            grants.append(Grant(rule, full_key))
+        return grants
+
+    async def settle(self, grants: Sequence[Grant], failure: Reason | None) -> None:
+        """After the call: give back events of failure-counting limits the call did not fail."""
+        for grant in grants:
+            counted = grant.rule.counted_failures
+            if counted and failure not in counted:
+                await self._give_back(grant)
+
+    async def _give_back(self, grant: Grant) -> None:
+        await self._limiter.release(grant.key, grant.rule.rate.limit, grant.rule.rate.period_seconds)
