@@ -1,4 +1,4 @@
-"""Domain errors. ``api/errors.py`` maps each one, once, to a ``google.rpc.Status``.
+"""Domain errors. ``pipeline/errors.py`` maps each one, once, to a ``google.rpc.Status``.
 
 ``Reason`` mirrors the proto enum ``referral.v1.ErrorReason`` (without its ``ERROR_REASON_``
 prefix); a test keeps the two in step.

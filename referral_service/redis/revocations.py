@@ -38,19 +38,7 @@ class RedisRevocations:
         self._any_revoked = transport.script(_ANY_REVOKED)
 
     async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
-        ttl_ms = max(int(ttl_seconds * 1000), 1)
-
-        async def run(client: aioredis.Redis) -> Any:
-            async with client.pipeline(transaction=True) as pipe:
-                for key in keys:
-                    pipe.set(f"{self._key_prefix}{key}", b"1", px=ttl_ms)
-                return await pipe.execute()
-
-        try:
-            await self._redis.execute(run)
-        except RedisUnavailable:
-            return False
-        return True
+        return await self._mark([(key, ttl_seconds) for key in keys], seeded=False)
 
     async def any_revoked(self, keys: Sequence[str]) -> bool | None:
         names = [self._sentinel, *(f"{self._key_prefix}{key}" for key in keys)]
@@ -63,11 +51,19 @@ class RedisRevocations:
         return bool(count)
 
     async def seed(self, entries: Sequence[tuple[str, float]]) -> bool:
+        return await self._mark(entries, seeded=True)
+
+    async def _mark(self, entries: Sequence[tuple[str, float]], *, seeded: bool) -> bool:
+        """Mark each key revoked for its seconds; with ``seeded``, also the sentinel that says
+        the store holds every live revocation. False when Redis did not take it."""
+
         async def run(client: aioredis.Redis) -> Any:
-            async with client.pipeline(transaction=False) as pipe:
+            # A revocation is all or nothing (MULTI); a seed is only complete with its sentinel.
+            async with client.pipeline(transaction=not seeded) as pipe:
                 for key, ttl in entries:
                     pipe.set(f"{self._key_prefix}{key}", b"1", px=max(int(ttl * 1000), 1))
-                pipe.set(self._sentinel, b"1")
+                if seeded:
+                    pipe.set(self._sentinel, b"1")
                 return await pipe.execute()
 
         try:
