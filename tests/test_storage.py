@@ -131,6 +131,92 @@ def test_environment_variables_configure_the_service(monkeypatch: pytest.MonkeyP
     assert settings.codes.cache_ttl.total_seconds() == 90
 
 
+#: Every environment variable the service reads: public names, which never change (the settings
+#: are grouped in code, ``settings.database.url``; the names stay flat).
+PUBLIC_NAMES = {
+    "ACCESS_TOKEN_TTL", "ARGON2_MEMORY_KIB", "ARGON2_PARALLELISM", "ARGON2_TIME_COST",
+    "CODE_CACHE_TTL", "CODE_MAX_HORIZON", "CODE_NEGATIVE_CACHE_TTL", "DATABASE_POOL_SIZE",
+    "DATABASE_TIMEOUT_SECONDS", "DATABASE_URL", "DATA_DIR", "DISPOSABLE_DOMAINS_ALLOWED",
+    "DISPOSABLE_DOMAINS_EXTRA", "ENRICHMENT_API_KEY", "ENRICHMENT_BASE_URL",
+    "ENRICHMENT_BREAKER_RESET_SECONDS", "ENRICHMENT_BREAKER_THRESHOLD", "ENRICHMENT_CONCURRENCY",
+    "ENRICHMENT_CONNECT_TIMEOUT_SECONDS", "ENRICHMENT_LEASE", "ENRICHMENT_MAX_ATTEMPTS",
+    "ENRICHMENT_POLL_SECONDS", "ENRICHMENT_PROVIDER", "ENRICHMENT_READ_TIMEOUT_SECONDS",
+    "ENRICHMENT_RETRY_BACKOFF", "ENRICHMENT_RETRY_MAX", "EVENT_LOOP", "GRPC_HOST", "GRPC_PORT",
+    "HASH_QUEUE", "HASH_WORKERS", "HOUSEKEEPING_INTERVAL", "HTTP_CORS_ORIGINS", "HTTP_DOCS_ENABLED",
+    "HTTP_ENABLED", "HTTP_HOST", "HTTP_MAX_BODY_BYTES", "HTTP_PORT", "HTTP_TIMEOUT_SECONDS",
+    "HUNTER_API_KEY", "HUNTER_BASE_URL", "HUNTER_BREAKER_RESET_SECONDS", "HUNTER_BREAKER_THRESHOLD",
+    "HUNTER_CACHE_TTL", "HUNTER_CONNECT_TIMEOUT_SECONDS", "HUNTER_MAX_ATTEMPTS", "HUNTER_POLICY",
+    "HUNTER_READ_TIMEOUT_SECONDS", "HUNTER_RETRY_BACKOFF_SECONDS", "HUNTER_TOTAL_TIMEOUT_SECONDS",
+    "JWT_ALGORITHM", "JWT_AUDIENCE", "JWT_ISSUER", "JWT_LEEWAY_SECONDS", "JWT_PREVIOUS_PUBLIC_KEYS",
+    "JWT_PREVIOUS_SECRETS", "JWT_PRIVATE_KEY", "JWT_PRIVATE_KEY_FILE", "JWT_SECRET",
+    "LIST_DEFAULT_PAGE_SIZE", "LIST_MAX_PAGE_SIZE", "LOG_FORMAT", "LOG_LEVEL", "MAX_MESSAGE_BYTES",
+    "PROFILE", "RATE_LIMITS_ENABLED", "RATE_LIMIT_CLIENT_ADDRESS_HEADER",
+    "RATE_LIMIT_CODE_CHECK_ADDRESS", "RATE_LIMIT_IPV6_PREFIX", "RATE_LIMIT_LOGIN_ACCOUNT",
+    "RATE_LIMIT_LOGIN_ADDRESS", "RATE_LIMIT_LOOKUP_ADDRESS", "RATE_LIMIT_REGISTER_ADDRESS",
+    "RATE_LIMIT_TRUSTED_PROXIES", "REDIS_BREAKER_RESET_SECONDS", "REDIS_BREAKER_THRESHOLD",
+    "REDIS_KEY_PREFIX", "REDIS_TIMEOUT_SECONDS", "REDIS_URL", "REFRESH_TOKEN_TTL",
+    "REJECT_DISPOSABLE_EMAILS", "REQUEST_ID_TTL", "SHUTDOWN_DRAIN_SECONDS", "SHUTDOWN_GRACE_SECONDS",
+    "SO_REUSEPORT", "WORKERS",
+}  # fmt: skip
+
+
+def test_the_environment_variable_names_are_the_public_ones() -> None:
+    from referral_service.config import FLAT_NAMES
+
+    assert {name.upper() for name in FLAT_NAMES} | {"PROFILE", "DATA_DIR"} == PUBLIC_NAMES
+
+
+def test_every_grouped_setting_is_read_from_its_flat_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "REFERRAL_HTTP_PORT": ("8181", lambda s: s.http.port == 8181),
+        "REFERRAL_DATABASE_POOL_SIZE": ("3", lambda s: s.database.pool_size == 3),
+        "REFERRAL_REDIS_KEY_PREFIX": ("x:", lambda s: s.redis.key_prefix == "x:"),
+        "REFERRAL_JWT_LEEWAY_SECONDS": ("5", lambda s: s.jwt.leeway_seconds == 5),
+        "REFERRAL_ARGON2_TIME_COST": ("3", lambda s: s.passwords.argon2_time_cost == 3),
+        "REFERRAL_LIST_MAX_PAGE_SIZE": ("500", lambda s: s.codes.list_max_page_size == 500),
+        "REFERRAL_HUNTER_MAX_ATTEMPTS": ("2", lambda s: s.hunter.max_attempts == 2),
+        "REFERRAL_ENRICHMENT_POLL_SECONDS": ("2.5", lambda s: s.enrichment.poll_seconds == 2.5),
+        "REFERRAL_RATE_LIMITS_ENABLED": ("false", lambda s: not s.rate_limits.enabled),
+        "REFERRAL_RATE_LIMIT_LOGIN_ACCOUNT": ("5/1m", lambda s: str(s.rate_limits.login_account) == "5/60s"),
+        "REFERRAL_RATE_LIMIT_TRUSTED_PROXIES": (
+            '["10.0.0.0/8"]',
+            lambda s: s.rate_limits.trusted_proxies == ["10.0.0.0/8"],
+        ),
+        "REFERRAL_DISPOSABLE_DOMAINS_EXTRA": (
+            '["spam.example"]',
+            lambda s: s.registration.disposable_domains_extra == ["spam.example"],
+        ),
+        "REFERRAL_LOG_FORMAT": ("json", lambda s: s.logging.format.value == "json"),
+        "REFERRAL_SO_REUSEPORT": ("true", lambda s: s.server.so_reuseport),
+    }
+    for name, (value, _check) in values.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    for name, (_value, check) in values.items():
+        assert check(settings), name
+    # A flat keyword (as the CLI passes its flags) wins over the environment.
+    assert Settings(_env_file=None, http_port=9191).http.port == 9191  # type: ignore[call-arg]
+
+
+def test_a_dotenv_file_sets_the_same_names(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("REFERRAL_GRPC_PORT=6001\nREFERRAL_CODE_CACHE_TTL=PT2M\nREFERRAL_REDIS_URL=\n")
+    settings = Settings(_env_file=env)  # type: ignore[call-arg]
+    assert settings.server.grpc_port == 6001
+    assert settings.codes.cache_ttl.total_seconds() == 120
+    assert settings.redis.url is None
+
+
+def test_configuration_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("REFERRAL_HTTP_PORT", "eighty")
+    monkeypatch.setenv("REFERRAL_ENRICHMENT_PROVIDER", "clearbit")
+    assert cli.main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert "REFERRAL_HTTP_PORT: Input should be a valid integer" in err
+    assert "REFERRAL_ENRICHMENT_PROVIDER=clearbit needs REFERRAL_ENRICHMENT_API_KEY" in err
+    assert "http.port" not in err  # the grouping in code is not the user's business
+
+
 def test_development_secret_is_generated_once_and_private(tmp_path: Path) -> None:
     settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
     first = settings.resolve_jwt_secret()

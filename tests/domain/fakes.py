@@ -13,6 +13,7 @@ from referral_service.domain.enrichment import Lookup
 from referral_service.domain.models import EmailStatus
 from referral_service.domain.ports import CacheLookup, VerifyResult
 from referral_service.domain.verification import Verification
+from referral_service.memory.cache import MemoryCache
 
 
 class FakeClock:
@@ -60,47 +61,35 @@ class FastHasher:
         return VerifyResult(ok=True)
 
 
-class FakeCache:
-    """``VersionedCache`` and ``KeyValueCache`` in two dicts. Expiry follows the fake clock.
-    ``down`` makes it behave as an unreachable store does: misses without a stamp, no writes."""
+class FakeCache(MemoryCache):
+    """The in-process twin (``MemoryCache``) on the fake clock, recording what the use cases
+    asked of it. ``down`` makes it behave as an unreachable store does: misses without a stamp,
+    no writes."""
 
     def __init__(self, clock: FakeClock) -> None:
-        self._clock = clock
-        self.values: dict[str, tuple[bytes, float]] = {}
-        self.plain: dict[str, tuple[bytes, float]] = {}
-        self._versions: dict[str, int] = {}
+        super().__init__(clock=clock.seconds)
         self.fills: list[tuple[str, bytes, float]] = []
         self.invalidations: list[str] = []
         self.down = False
 
     async def lookup(self, key: str) -> CacheLookup:
-        if self.down:
-            return CacheLookup(hit=False)
-        entry = self.values.get(key)
-        if entry is not None and entry[1] > self._clock.seconds():
-            return CacheLookup(hit=True, value=entry[0])
-        return CacheLookup(hit=False, stamp=self._versions.get(key, 0))
+        return CacheLookup(hit=False) if self.down else await super().lookup(key)
 
     async def fill(self, key: str, stamp: object, value: bytes, ttl_seconds: float) -> None:
-        if self.down or stamp != self._versions.get(key, 0) or ttl_seconds <= 0:
-            return
-        self.fills.append((key, value, ttl_seconds))
-        self.values[key] = (value, self._clock.seconds() + ttl_seconds)
+        if not self.down:
+            self.fills.append((key, value, ttl_seconds))
+            await super().fill(key, stamp, value, ttl_seconds)
 
     async def invalidate(self, key: str) -> None:
         self.invalidations.append(key)
-        self._versions[key] = self._versions.get(key, 0) + 1
-        self.values.pop(key, None)
+        await super().invalidate(key)
 
     async def get(self, key: str) -> bytes | None:
-        entry = self.plain.get(key)
-        if self.down or entry is None or entry[1] <= self._clock.seconds():
-            return None
-        return entry[0]
+        return None if self.down else await super().get(key)
 
     async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
         if not self.down:
-            self.plain[key] = (value, self._clock.seconds() + ttl_seconds)
+            await super().set(key, value, ttl_seconds)
 
 
 class FakeRevocationCache:
