@@ -33,12 +33,19 @@ from referral_service.crypto.jwt import JwtCodec, TokenConfig, TokenKey, hmac_ke
 from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
-from referral_service.domain.enrichment import EnrichmentWorker, ProfileProvider
-from referral_service.domain.ports import KeyValueCache, RateLimiter, RevocationCache, VersionedCache
+from referral_service.domain.enrichment import EnrichmentWorker
+from referral_service.domain.ports import (
+    EmailVerifier,
+    KeyValueCache,
+    ProfileProvider,
+    RateLimiter,
+    RevocationCache,
+    VersionedCache,
+)
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.validation import DisposableDomains
-from referral_service.domain.verification import EmailVerification, EmailVerifier
+from referral_service.domain.verification import EmailVerification
 from referral_service.gateway import HttpGateway, bind
 from referral_service.memory.cache import MemoryCache, NoCache
 from referral_service.memory.limiter import MemoryRateLimiter

@@ -35,9 +35,10 @@ from referral_service.domain.ports import (
     Store,
     TokenCodec,
     UnitOfWork,
+    Verification,
 )
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.verification import EmailVerification, Verification
+from referral_service.domain.verification import EmailVerification
 
 log = logging.getLogger("referral_service.auth")
 

@@ -19,48 +19,14 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Protocol
 
 from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
 from referral_service.domain.models import ProfileState
-from referral_service.domain.ports import PersonData, Store, UnitOfWork
+from referral_service.domain.ports import ProfileLookup, ProfileOutcome, ProfileProvider, Store, UnitOfWork
 
 log = logging.getLogger("referral_service.enrichment")
-
-
-__all__ = ["Lookup", "Outcome", "PersonData", "ProfileProvider"]  # PersonData: see ports
-
-
-class Outcome(StrEnum):
-    FOUND = "found"
-    NOT_FOUND = "not_found"
-    #: Transient: timeout, outage, rate limit, quota, queued at the provider.
-    RETRY = "retry"
-    #: The provider will never answer this request (e.g. it rejects the address).
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    outcome: Outcome
-    person: PersonData | None = None
-    #: For logs and ``last_error``; never personal data.
-    detail: str = ""
-    retry_after_seconds: float | None = None
-
-
-class ProfileProvider(Protocol):
-    """An enrichment provider. ``lookup`` never raises for provider trouble."""
-
-    name: str
-
-    async def lookup(self, email: str) -> Lookup: ...
-
-    async def close(self) -> None: ...
 
 
 class EnrichmentWorker:
@@ -186,7 +152,7 @@ class EnrichmentWorker:
             raise
         except Exception as error:  # a provider bug must not kill the worker
             log.exception("enrichment provider %s raised", self.provider.name)
-            result = Lookup(Outcome.RETRY, detail=f"provider error ({type(error).__name__})")
+            result = ProfileLookup(ProfileOutcome.RETRY, detail=f"provider error ({type(error).__name__})")
         await self._store.transact(functools.partial(self._record, user_id, claim.attempts, result))
         log.info(
             "enrichment attempt",
@@ -199,15 +165,15 @@ class EnrichmentWorker:
             },
         )
 
-    async def _record(self, user_id: int, attempts: int, result: Lookup, uow: UnitOfWork) -> None:
+    async def _record(self, user_id: int, attempts: int, result: ProfileLookup, uow: UnitOfWork) -> None:
         """Store the outcome of one attempt: found, not found, failed for good, or retry later."""
         done = self._now()
         source = self.provider.name
-        if result.outcome is Outcome.FOUND and result.person is not None and not result.person.empty():
+        if result.outcome is ProfileOutcome.FOUND and result.person is not None and not result.person.empty():
             await uow.profiles.finish(user_id, ProfileState.FOUND, done, source=source, person=result.person)
-        elif result.outcome in (Outcome.FOUND, Outcome.NOT_FOUND):
+        elif result.outcome in (ProfileOutcome.FOUND, ProfileOutcome.NOT_FOUND):
             await uow.profiles.finish(user_id, ProfileState.NOT_FOUND, done, source=source)
-        elif result.outcome is Outcome.FAILED or attempts >= self._max_attempts:
+        elif result.outcome is ProfileOutcome.FAILED or attempts >= self._max_attempts:
             await uow.profiles.finish(user_id, ProfileState.FAILED, done, source=source, error=result.detail)
         else:
             wait = max(

@@ -29,9 +29,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Protocol, TypeVar
 
-from referral_service.domain.models import Profile, ProfileState, Referral, ReferralCode, User
+from referral_service.domain.models import EmailStatus, Profile, ProfileState, Referral, ReferralCode, User
 
 T = TypeVar("T")
 
@@ -462,3 +463,62 @@ class TokenCodec(Protocol):
     def jwks(self) -> list[dict[str, str]]:
         """The public keys (JWK) that verify the tokens; none for shared secrets."""
         ...
+
+
+# --- providers (integrations) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """What an email verification provider said about an address."""
+
+    status: EmailStatus
+    #: When the provider answered (or was given up on).
+    checked_time: datetime
+    #: Why there is no definite answer ("timeout", "http 429", ...): for logs, never shown.
+    detail: str = ""
+    #: A hint from the provider (Retry-After) or the circuit breaker.
+    retry_after_seconds: float | None = None
+
+    @property
+    def is_verified(self) -> bool:
+        return self.status is EmailStatus.VALID
+
+
+class EmailVerifier(Protocol):
+    """A verification provider. ``verify`` never raises for provider trouble: it returns
+    ``EmailStatus.UNAVAILABLE`` with a detail, within its own time bound."""
+
+    name: str
+
+    async def verify(self, email: str) -> Verification: ...
+
+    async def close(self) -> None: ...
+
+
+class ProfileOutcome(StrEnum):
+    FOUND = "found"
+    NOT_FOUND = "not_found"
+    #: Transient: timeout, outage, rate limit, quota, queued at the provider.
+    RETRY = "retry"
+    #: The provider will never answer this request (e.g. it rejects the address).
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileLookup:
+    outcome: ProfileOutcome
+    person: PersonData | None = None
+    #: For logs and ``last_error``; never personal data.
+    detail: str = ""
+    retry_after_seconds: float | None = None
+
+
+class ProfileProvider(Protocol):
+    """An enrichment provider. ``lookup`` never raises for provider trouble."""
+
+    name: str
+
+    async def lookup(self, email: str) -> ProfileLookup: ...
+
+    async def close(self) -> None: ...

@@ -20,13 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
 
 from referral_service.domain.errors import FieldViolation, InvalidArgument, Reason, Unavailable
 from referral_service.domain.models import EmailStatus
-from referral_service.domain.ports import KeyValueCache
+from referral_service.domain.ports import EmailVerifier, KeyValueCache, Verification
 from referral_service.domain.validation import Email
 
 log = logging.getLogger("referral_service.verification")
@@ -34,32 +32,6 @@ log = logging.getLogger("referral_service.verification")
 ACCEPTED = frozenset({EmailStatus.VALID, EmailStatus.ACCEPT_ALL, EmailStatus.WEBMAIL})
 #: Answers worth caching: they do not change from one minute to the next.
 DEFINITE = ACCEPTED | {EmailStatus.INVALID, EmailStatus.DISPOSABLE}
-
-
-@dataclass(frozen=True, slots=True)
-class Verification:
-    status: EmailStatus
-    #: When the provider answered (or was given up on).
-    checked_time: datetime
-    #: Why there is no definite answer ("timeout", "http 429", ...): for logs, never shown.
-    detail: str = ""
-    #: A hint from the provider (Retry-After) or the circuit breaker.
-    retry_after_seconds: float | None = None
-
-    @property
-    def is_verified(self) -> bool:
-        return self.status is EmailStatus.VALID
-
-
-class EmailVerifier(Protocol):
-    """A verification provider. ``verify`` never raises for provider trouble: it returns
-    ``EmailStatus.UNAVAILABLE`` with a detail, within its own time bound."""
-
-    name: str
-
-    async def verify(self, email: str) -> Verification: ...
-
-    async def close(self) -> None: ...
 
 
 class EmailVerification:

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from referral_service.domain.enrichment import Lookup, Outcome, PersonData
+from referral_service.domain.ports import PersonData, ProfileLookup, ProfileOutcome
 from referral_service.integrations.http import retry_after
 from referral_service.resilience import CircuitBreaker
 
@@ -70,20 +70,22 @@ class _HttpProvider(ABC):
     def _person(self, body: Any) -> PersonData | None:
         """The person in a 200 body; None when the body is not what the provider sends."""
 
-    def _retry(self, detail: str, response: httpx.Response | None = None) -> Lookup:
+    def _retry(self, detail: str, response: httpx.Response | None = None) -> ProfileLookup:
         self.breaker.failure(detail)
-        return Lookup(
-            Outcome.RETRY, detail=detail, retry_after_seconds=retry_after(response) if response else None
+        return ProfileLookup(
+            ProfileOutcome.RETRY,
+            detail=detail,
+            retry_after_seconds=retry_after(response) if response else None,
         )
 
-    def _status(self, response: httpx.Response) -> Lookup | None:
+    def _status(self, response: httpx.Response) -> ProfileLookup | None:
         """Provider-specific answers to statuses other than 200/404; None for the defaults."""
         return None
 
-    async def lookup(self, email: str) -> Lookup:
+    async def lookup(self, email: str) -> ProfileLookup:
         if not self.breaker.allow():
-            return Lookup(
-                Outcome.RETRY, detail="circuit open", retry_after_seconds=self.breaker.retry_after()
+            return ProfileLookup(
+                ProfileOutcome.RETRY, detail="circuit open", retry_after_seconds=self.breaker.retry_after()
             )
         url, params, headers = self._request(email)
         try:
@@ -104,10 +106,12 @@ class _HttpProvider(ABC):
             if person is None:
                 return self._retry("malformed response")
             self.breaker.success()
-            return Lookup(Outcome.FOUND if not person.empty() else Outcome.NOT_FOUND, person=person)
+            return ProfileLookup(
+                ProfileOutcome.FOUND if not person.empty() else ProfileOutcome.NOT_FOUND, person=person
+            )
         if status == 404:
             self.breaker.success()
-            return Lookup(Outcome.NOT_FOUND, detail="http 404")
+            return ProfileLookup(ProfileOutcome.NOT_FOUND, detail="http 404")
         if status in (401, 403):
             log.error(
                 "%s refused the API key (http %d): check REFERRAL_ENRICHMENT_API_KEY", self.name, status
@@ -117,7 +121,7 @@ class _HttpProvider(ABC):
             return self._retry(f"http {status}", response)
         if status in (400, 422):
             self.breaker.success()
-            return Lookup(Outcome.FAILED, detail=f"http {status}")
+            return ProfileLookup(ProfileOutcome.FAILED, detail=f"http {status}")
         return self._retry(f"http {status}", response)
 
     async def close(self) -> None:
@@ -137,11 +141,11 @@ class ClearbitProvider(_HttpProvider):
             {"Authorization": f"Bearer {self._api_key}"},
         )
 
-    def _status(self, response: httpx.Response) -> Lookup | None:
+    def _status(self, response: httpx.Response) -> ProfileLookup | None:
         if response.status_code == 202:  # queued: the answer will be ready later
             self.breaker.success()
-            return Lookup(
-                Outcome.RETRY, detail="http 202 (queued)", retry_after_seconds=retry_after(response)
+            return ProfileLookup(
+                ProfileOutcome.RETRY, detail="http 202 (queued)", retry_after_seconds=retry_after(response)
             )
         return None
 

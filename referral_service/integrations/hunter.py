@@ -23,7 +23,7 @@ import httpx
 
 from referral_service.domain.clock import utcnow
 from referral_service.domain.models import EmailStatus
-from referral_service.domain.verification import Verification
+from referral_service.domain.ports import Verification
 from referral_service.integrations.http import retry_after
 from referral_service.resilience import CircuitBreaker, backoff_delay
 

@@ -9,10 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from referral_service.domain.enrichment import Lookup
 from referral_service.domain.models import EmailStatus
-from referral_service.domain.ports import CacheLookup, VerifyResult
-from referral_service.domain.verification import Verification
+from referral_service.domain.ports import CacheLookup, ProfileLookup, Verification, VerifyResult
 from referral_service.memory.cache import MemoryCache
 
 
@@ -150,13 +148,13 @@ class FakeProvider:
 
     name = "fake-provider"
 
-    def __init__(self, *answers: Lookup | Exception) -> None:
+    def __init__(self, *answers: ProfileLookup | Exception) -> None:
         self.answers = list(answers)
         self.calls: list[str] = []
         self.called = asyncio.Event()
         self.hold: asyncio.Event | None = None
 
-    async def lookup(self, email: str) -> Lookup:
+    async def lookup(self, email: str) -> ProfileLookup:
         self.calls.append(email)
         self.called.set()
         if self.hold is not None:

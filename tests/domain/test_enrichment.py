@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from referral_service.domain.enrichment import EnrichmentWorker, Lookup, Outcome
+from referral_service.domain.enrichment import EnrichmentWorker
 from referral_service.domain.models import Profile, ProfileState, User
-from referral_service.domain.ports import PersonData, ProfileClaim
+from referral_service.domain.ports import PersonData, ProfileClaim, ProfileLookup, ProfileOutcome
 from tests.domain.conftest import Domain, MakeDomain
 from tests.domain.fakes import FakeProvider
 
@@ -89,17 +89,17 @@ def rescheduled(domain: Domain, provider: FakeProvider, attempts: int) -> Callab
     ("answer", "expected"),
     [
         (
-            Lookup(Outcome.FOUND, ADA),
+            ProfileLookup(ProfileOutcome.FOUND, ADA),
             Profile(
                 ProfileState.FOUND, full_name="Ada Lovelace", company="Analytical Engines", title="Programmer"
             ),
         ),
-        (Lookup(Outcome.FOUND, PersonData()), Profile(ProfileState.NOT_FOUND)),
-        (Lookup(Outcome.NOT_FOUND), Profile(ProfileState.NOT_FOUND)),
-        (Lookup(Outcome.FAILED, detail="rejected"), Profile(ProfileState.FAILED)),
+        (ProfileLookup(ProfileOutcome.FOUND, PersonData()), Profile(ProfileState.NOT_FOUND)),
+        (ProfileLookup(ProfileOutcome.NOT_FOUND), Profile(ProfileState.NOT_FOUND)),
+        (ProfileLookup(ProfileOutcome.FAILED, detail="rejected"), Profile(ProfileState.FAILED)),
     ],
 )
-async def test_one_lookup_and_its_outcome(domain: Domain, answer: Lookup, expected: Profile) -> None:
+async def test_one_lookup_and_its_outcome(domain: Domain, answer: ProfileLookup, expected: Profile) -> None:
     user = await domain.register()
     provider = FakeProvider(answer)
     async with running(domain, provider):
@@ -117,7 +117,9 @@ async def test_one_lookup_and_its_outcome(domain: Domain, answer: Lookup, expect
 
 async def test_a_transient_failure_is_retried_after_a_back_off(domain: Domain) -> None:
     user = await domain.register()
-    provider = FakeProvider(Lookup(Outcome.RETRY, detail="timeout"), Lookup(Outcome.FOUND, ADA))
+    provider = FakeProvider(
+        ProfileLookup(ProfileOutcome.RETRY, detail="timeout"), ProfileLookup(ProfileOutcome.FOUND, ADA)
+    )
     async with running(domain, provider):
         await until(rescheduled(domain, provider, 1))
         async with domain.store.read() as uow:
@@ -135,7 +137,7 @@ async def test_a_transient_failure_is_retried_after_a_back_off(domain: Domain) -
 
 async def test_a_provider_error_counts_as_a_transient_failure(domain: Domain) -> None:
     user = await domain.register()
-    provider = FakeProvider(RuntimeError("provider bug"), Lookup(Outcome.NOT_FOUND))
+    provider = FakeProvider(RuntimeError("provider bug"), ProfileLookup(ProfileOutcome.NOT_FOUND))
     async with running(domain, provider):
         await until(rescheduled(domain, provider, 1))
         domain.clock.advance(BACKOFF * 1.3)
@@ -150,7 +152,7 @@ async def test_retry_after_from_the_provider_is_honoured_up_to_the_cap(
     domain: Domain, retry_after: float, wait: timedelta
 ) -> None:
     await domain.register()
-    provider = FakeProvider(Lookup(Outcome.RETRY, retry_after_seconds=retry_after))
+    provider = FakeProvider(ProfileLookup(ProfileOutcome.RETRY, retry_after_seconds=retry_after))
     async with running(domain, provider):
         await until(rescheduled(domain, provider, 1))
         async with domain.store.read() as uow:
@@ -159,7 +161,7 @@ async def test_retry_after_from_the_provider_is_honoured_up_to_the_cap(
 
 async def test_the_last_attempt_fails_for_good(domain: Domain) -> None:
     user = await domain.register()
-    provider = FakeProvider(Lookup(Outcome.RETRY, detail="quota"))
+    provider = FakeProvider(ProfileLookup(ProfileOutcome.RETRY, detail="quota"))
     async with running(domain, provider, max_attempts=2):
         await until(rescheduled(domain, provider, 1))
         domain.clock.advance(BACKOFF * 1.3)
@@ -172,7 +174,7 @@ async def test_the_last_attempt_fails_for_good(domain: Domain) -> None:
 
 async def test_two_workers_never_run_one_lookup_twice(domain: Domain) -> None:
     users = [await domain.register() for _ in range(4)]
-    provider = FakeProvider(Lookup(Outcome.NOT_FOUND))
+    provider = FakeProvider(ProfileLookup(ProfileOutcome.NOT_FOUND))
     async with running(domain, provider), running(domain, provider):
         for user in users:
             await until(finished(domain, user))
@@ -181,7 +183,7 @@ async def test_two_workers_never_run_one_lookup_twice(domain: Domain) -> None:
 
 async def test_stopping_hands_unfinished_lookups_back(domain: Domain) -> None:
     user = await domain.register()
-    provider = FakeProvider(Lookup(Outcome.FOUND, ADA))
+    provider = FakeProvider(ProfileLookup(ProfileOutcome.FOUND, ADA))
     provider.hold = asyncio.Event()  # the lookup never returns
     worker = EnrichmentWorker(
         domain.store,
