@@ -1,13 +1,11 @@
-"""Resilience primitives shared by every outbound dependency (Redis, Hunter, enrichment
-providers): a circuit breaker (and, re-exported, the back-off rule of the domain)."""
+"""The circuit breaker shared by every outbound dependency (Redis, Hunter, enrichment
+providers). Retries back off by the one rule, ``domain/backoff.py``."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-
-from referral_service.domain.backoff import backoff_delay as backoff_delay
 
 log = logging.getLogger("referral_service.resilience")
 

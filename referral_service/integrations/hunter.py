@@ -21,11 +21,12 @@ from typing import Any
 
 import httpx
 
+from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
 from referral_service.domain.models import EmailStatus
 from referral_service.domain.ports import Verification
 from referral_service.integrations.http import retry_after
-from referral_service.resilience import CircuitBreaker, backoff_delay
+from referral_service.resilience import CircuitBreaker
 
 log = logging.getLogger("referral_service.hunter")
 
