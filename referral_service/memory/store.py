@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from referral_service.domain import ports
 from referral_service.domain.errors import Reason, Unavailable
 from referral_service.domain.models import (
+    CodeState,
     EmailStatus,
     Profile,
     ProfileState,
@@ -356,13 +357,8 @@ class _Users:
 
 
 def _live(row: _CodeRow, now: datetime) -> bool:
-    """Open, unrevoked, unexpired and not used up (the SQL store's ``_live`` conditions)."""
-    return (
-        row.close_time is None
-        and row.revoke_time is None
-        and row.expire_time > now
-        and (row.max_uses == 0 or row.use_count < row.max_uses)
-    )
+    """Open, and ACTIVE by the domain's own rule (unrevoked, unexpired, not used up)."""
+    return row.close_time is None and _code_model(row).state(now) is CodeState.ACTIVE
 
 
 class _Codes:
@@ -426,8 +422,7 @@ class _Codes:
         if row is None:
             return
         now = _utc(now)
-        used_up = row.max_uses > 0 and row.use_count >= row.max_uses
-        if row.expire_time <= now or used_up:
+        if _code_model(row).state(now) in (CodeState.EXPIRED, CodeState.EXHAUSTED):
             self._close(row, now, revoke=False)
 
     async def revoke_open(self, owner_id: int, now: datetime) -> ReferralCode | None:

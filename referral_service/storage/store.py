@@ -22,6 +22,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import delete
@@ -51,18 +52,36 @@ _PURGE = tuple(
 
 class SqlUnitOfWork:
     """The repositories of one connection: a transaction (``transact``) or autocommit reads
-    (``read``). Each is a small object over the connection, cheap to make per unit of work."""
-
-    __slots__ = ("codes", "connection", "profiles", "referrals", "requests", "sessions", "users")
+    (``read``). Each is a small object over the connection, made when a use case first asks
+    for it (a hot read touches one or two of the six)."""
 
     def __init__(self, connection: AsyncConnection, dialect: str) -> None:
         self.connection = connection
-        self.users = SqlUsers(connection)
-        self.codes = SqlCodes(connection, dialect)
-        self.referrals = SqlReferrals(connection)
-        self.sessions = SqlSessions(connection, dialect)
-        self.requests = SqlRequests(connection)
-        self.profiles = SqlProfiles(connection)
+        self._dialect = dialect
+
+    @cached_property
+    def users(self) -> SqlUsers:
+        return SqlUsers(self.connection)
+
+    @cached_property
+    def codes(self) -> SqlCodes:
+        return SqlCodes(self.connection, self._dialect)
+
+    @cached_property
+    def referrals(self) -> SqlReferrals:
+        return SqlReferrals(self.connection)
+
+    @cached_property
+    def sessions(self) -> SqlSessions:
+        return SqlSessions(self.connection, self._dialect)
+
+    @cached_property
+    def requests(self) -> SqlRequests:
+        return SqlRequests(self.connection)
+
+    @cached_property
+    def profiles(self) -> SqlProfiles:
+        return SqlProfiles(self.connection)
 
     async def purge_expired(self, now: datetime) -> int:
         deleted = 0
