@@ -321,6 +321,7 @@ def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret
             if registration.reject_disposable_emails
             else None
         ),
+        max_sessions_per_user=settings.jwt.max_sessions_per_user,
     )
     return Services(tokens, hasher, revocations, auth, referrals, verifier, enrichment)
 

@@ -42,13 +42,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-async def _create_superuser(settings: Settings, email: str, password: str) -> int:
+async def _create_superuser(settings: Settings, email: str, password: str, *, promote_existing: bool) -> int:
     from referral_service.app import build_app
     from referral_service.domain.errors import DomainError
 
     app = await build_app(settings.replace(grpc_port=0, http_enabled=False))
     try:
-        user, created = await app.auth.create_superuser(email, password)
+        user, created = await app.auth.create_superuser(email, password, promote_existing=promote_existing)
     except DomainError as error:
         print(f"error: {error.message}", file=sys.stderr)
         for violation in error.violations:
@@ -56,9 +56,13 @@ async def _create_superuser(settings: Settings, email: str, password: str) -> in
         return 1
     finally:
         await app.stop(0, drain=0)
-    print(
-        f"{'created' if created else 'promoted existing user to'} superuser id={user.id} email={user.email}"
-    )
+    if created:
+        print(f"created superuser id={user.id} email={user.email}")
+    else:
+        print(
+            f"promoted existing user id={user.id} email={user.email} to superuser: its password is "
+            "now the one given and all of its sessions were revoked"
+        )
     return 0
 
 
@@ -103,9 +107,15 @@ def parser() -> argparse.ArgumentParser:
     superuser = commands.add_parser(
         "create-superuser",
         parents=[common],
-        help="create a superuser (or promote an existing user)",
+        help="create a superuser (an existing account is refused unless --promote-existing)",
     )
     superuser.add_argument("--email", required=True)
+    superuser.add_argument(
+        "--promote-existing",
+        action="store_true",
+        help="if an account with this email exists, make it a superuser, set its password to the "
+        "one given and revoke all of its sessions (else an existing account is an error)",
+    )
     superuser.add_argument(
         "--password-stdin",
         action="store_true",
@@ -144,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info("database is at the latest migration")
             return 0
         if args.command == "create-superuser":
-            return asyncio.run(_create_superuser(settings, args.email, _read_password(args)))
+            return asyncio.run(
+                _create_superuser(
+                    settings, args.email, _read_password(args), promote_existing=args.promote_existing
+                )
+            )
     except KeyboardInterrupt:
         return 130
     except StartupError as error:

@@ -245,6 +245,8 @@ class JwtSettings(Group):
     audience: str = "referral-service"
     access_token_ttl: timedelta = Field(timedelta(minutes=15), alias="access_token_ttl")
     refresh_token_ttl: timedelta = Field(timedelta(days=30), alias="refresh_token_ttl")
+    #: Live login sessions per user; a login beyond it revokes the user's oldest session.
+    max_sessions_per_user: int = Field(20, ge=1, le=10_000, alias="max_sessions_per_user")
     #: Clock skew tolerated when checking exp/nbf/iat, seconds.
     leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
     #: Algorithm of newly issued tokens. ``HS256`` signs with ``jwt_secret``; ``EdDSA``

@@ -161,7 +161,7 @@ async def truncate_postgres(url: str) -> None:
     )
     try:
         await conn.execute(
-            "TRUNCATE users, referral_codes, refresh_tokens, revocations, idempotency_keys, user_profiles "
+            "TRUNCATE users, referral_codes, sessions, revocations, idempotency_keys, user_profiles "
             "RESTART IDENTITY CASCADE"
         )
     finally:

@@ -28,8 +28,8 @@ BROKEN = {
         SELECT email_key FROM users GROUP BY email_key HAVING COUNT(*) > 1""",
     "codes are stored upper-case": "SELECT id FROM referral_codes WHERE code_key <> UPPER(code)",
     "no user is privileged through the API": "SELECT id FROM users WHERE is_superuser",
-    "refresh tokens belong to users": """
-        SELECT t.jti FROM refresh_tokens t LEFT JOIN users u ON u.id = t.user_id WHERE u.id IS NULL""",
+    "sessions belong to users": """
+        SELECT s.id FROM sessions s LEFT JOIN users u ON u.id = s.user_id WHERE u.id IS NULL""",
 }
 
 

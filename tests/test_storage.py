@@ -26,7 +26,7 @@ from tests.conftest import PASSWORD, Stack, start_api, stop_api
 EXPECTED_TABLES = {
     "users",
     "referral_codes",
-    "refresh_tokens",
+    "sessions",
     "revocations",
     "idempotency_keys",
     "user_profiles",
@@ -150,6 +150,7 @@ PUBLIC_NAMES = {
     "JWT_ALGORITHM", "JWT_AUDIENCE", "JWT_ISSUER", "JWT_LEEWAY_SECONDS", "JWT_PREVIOUS_PUBLIC_KEYS",
     "JWT_PREVIOUS_SECRETS", "JWT_PRIVATE_KEY", "JWT_PRIVATE_KEY_FILE", "JWT_SECRET",
     "LIST_DEFAULT_PAGE_SIZE", "LIST_MAX_PAGE_SIZE", "LOG_FORMAT", "LOG_LEVEL", "MAX_MESSAGE_BYTES",
+    "MAX_SESSIONS_PER_USER",
     "PROFILE", "RATE_LIMITS_ENABLED", "RATE_LIMIT_CLIENT_ADDRESS_HEADER",
     "RATE_LIMIT_CODE_CHECK_ADDRESS", "RATE_LIMIT_IPV6_PREFIX", "RATE_LIMIT_LOGIN_ACCOUNT",
     "RATE_LIMIT_LOGIN_ADDRESS", "RATE_LIMIT_LOOKUP_ADDRESS", "RATE_LIMIT_REGISTER_ADDRESS",
@@ -245,6 +246,12 @@ def test_cli_migrate_and_create_superuser(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(sys, "stdin", io.StringIO("password\n"))
     assert cli.main(["create-superuser", "--email", "weak@example.com", "--password-stdin"]) == 1
     assert "common" in capsys.readouterr().err
+    # An existing account is refused, and left as it was.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("another long passphrase\n"))
+    assert cli.main(["create-superuser", "--email", "ops@example.com", "--password-stdin"]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err
+    assert "--promote-existing" in err
 
 
 async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> None:
@@ -262,12 +269,6 @@ async def test_a_created_superuser_can_log_in_and_is_flagged(stack: Stack) -> No
             auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)
         )
         assert me.user.is_superuser
-        # promoting an existing user
-        email = api.unique_email()
-        await api.register(email)
-        promoted, created = await api.app.auth.create_superuser(email, "ignored")
-        assert not created
-        assert promoted.is_superuser
     finally:
         await stop_api(api)
 
@@ -325,6 +326,62 @@ def test_integrations_migration_keeps_users_both_ways(empty_database: str) -> No
     assert _diff(empty_database) == []
 
 
+def test_sessions_migration_carries_every_session_over(empty_database: str) -> None:
+    """0003 turns refresh-token rows into one row per session: the newest token is current,
+    a session with any revoked token (even one a racing refresh inserted after the revocation)
+    stays revoked; going down and up again keeps them."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def run(*statements: str) -> list[tuple[object, ...]]:
+        engine = create_async_engine(empty_database)
+        rows: list[tuple[object, ...]] = []
+        async with engine.begin() as conn:
+            for sql in statements:
+                result = await conn.execute(text(sql))
+                rows = [tuple(row) for row in result] if result.returns_rows else []
+        await engine.dispose()
+        return rows
+
+    migrate.upgrade(empty_database, "0002")
+    t1, t2, t3, late = (
+        "'2026-01-01 00:00:00'",
+        "'2026-01-02 00:00:00'",
+        "'2026-01-03 00:00:00'",
+        "'2036-01-01 00:00:00'",
+    )
+    asyncio.run(
+        run(
+            "INSERT INTO users (email, email_key, password_hash, create_time, update_time) "
+            f"VALUES ('a@example.com', 'a@example.com', 'x', {t1}, {t1})",
+            "INSERT INTO refresh_tokens "
+            "(jti, session_id, user_id, create_time, expire_time, used_time, revoke_time) VALUES "
+            f"('a', 's1', 1, {t1}, {late}, {t2}, NULL), ('b', 's1', 1, {t2}, {late}, NULL, NULL), "
+            f"('c', 's2', 1, {t1}, {late}, NULL, {t2}), "
+            f"('d', 's3', 1, {t1}, {late}, {t2}, {t3}), ('e', 's3', 1, {t2}, {late}, NULL, NULL)",
+        )
+    )
+    migrate.upgrade(empty_database)
+    query = (
+        "SELECT id, refresh_jti, refresh_time IS NOT NULL, revoke_time IS NOT NULL, revoke_reason "
+        "FROM sessions ORDER BY id"
+    )
+    assert asyncio.run(run(query)) == [
+        ("s1", "b", True, False, None),
+        ("s2", "c", False, True, "logout"),
+        ("s3", "e", True, True, "logout"),
+    ]
+    migrate.downgrade(empty_database, "0002")
+    assert asyncio.run(run("SELECT jti, revoke_time IS NOT NULL FROM refresh_tokens ORDER BY jti")) == [
+        ("b", False),
+        ("c", True),
+        ("e", True),
+    ]
+    migrate.upgrade(empty_database)
+    assert [row[:2] for row in asyncio.run(run(query))] == [("s1", "b"), ("s2", "c"), ("s3", "e")]
+    assert _diff(empty_database) == []
+
+
 async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
     from datetime import timedelta
 
@@ -333,7 +390,7 @@ async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
 
     from referral_service.domain.clock import utcnow
     from referral_service.domain.ports import UnitOfWork
-    from referral_service.storage.tables import IdempotencyRow, RefreshTokenRow, RevocationRow
+    from referral_service.storage.tables import IdempotencyRow, RevocationRow, SessionRow
     from tests.conftest import bearer
     from tests.errors import expect_error
 
@@ -347,8 +404,8 @@ async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
 
         async def expired_rows(uow: UnitOfWork) -> None:
             await uow.sessions.add_revocations([("jti:long-gone", past)])
-            await uow.sessions.add_refresh_token(
-                jti="old", session_id="old", user_id=user.id, now=past, expire_time=past
+            await uow.sessions.add(
+                session_id="old", user_id=user.id, refresh_jti="old", now=past, expire_time=past
             )
             await uow.requests.remember(
                 scope="register",
@@ -365,12 +422,12 @@ async def test_housekeeping_purges_only_what_has_expired(stack: Stack) -> None:
             async with api.app.db.read() as session:
                 return int((await session.execute(select(func.count()).select_from(table))).scalar_one())
 
-        before = {t: await count(t) for t in (RevocationRow, RefreshTokenRow, IdempotencyRow)}
+        before = {t: await count(t) for t in (RevocationRow, SessionRow, IdempotencyRow)}
         assert await api.app.housekeeping() == 3
-        after = {t: await count(t) for t in (RevocationRow, RefreshTokenRow, IdempotencyRow)}
+        after = {t: await count(t) for t in (RevocationRow, SessionRow, IdempotencyRow)}
         assert {t: before[t] - after[t] for t in before} == {
             RevocationRow: 1,
-            RefreshTokenRow: 1,
+            SessionRow: 1,
             IdempotencyRow: 1,
         }
         # the live revocation is kept: the logged-out token stays refused

@@ -15,6 +15,7 @@ from referral_service.domain import validation as v
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import (
     AlreadyExists,
+    DomainError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -28,10 +29,14 @@ from referral_service.domain.models import CodeState, Principal, TokenPair, User
 from referral_service.domain.ports import (
     EMAIL_TAKEN,
     MAX_TOKEN_LENGTH,
+    REVOKED_BY_LIMIT,
+    REVOKED_BY_LOGOUT,
+    REVOKED_BY_OPERATOR,
+    REVOKED_BY_REUSE,
     Conflict,
     NewUser,
     PasswordHasher,
-    RefreshTokenRecord,
+    SessionRecord,
     Store,
     TokenCodec,
     UnitOfWork,
@@ -95,6 +100,7 @@ class AuthService:
         verification: EmailVerification | None = None,
         on_profile_queued: Callable[[], None] | None = None,
         disposable_domains: v.DisposableDomains | None = None,
+        max_sessions_per_user: int = 20,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._store = store
@@ -108,6 +114,7 @@ class AuthService:
         #: Wakes the enrichment worker; None when enrichment is off.
         self._on_profile_queued = on_profile_queued
         self._disposable = disposable_domains
+        self._max_sessions = max_sessions_per_user
         self._now = clock
 
     # --- register ----------------------------------------------------------------------------
@@ -266,33 +273,59 @@ class AuthService:
         async with self._store.read() as uow:
             return await idempotency.replay(uow, "register", request_id, fingerprint, self._now(), load)
 
-    async def create_superuser(self, email_raw: str, password_raw: str) -> tuple[User, bool]:
-        """Create a superuser, or promote the existing account with that email. Returns the
-        user and whether it was created."""
+    async def create_superuser(
+        self, email_raw: str, password_raw: str, *, promote_existing: bool = False
+    ) -> tuple[User, bool]:
+        """Create a superuser; returns it and True. An account with that email already
+        existing is refused (ALREADY_EXISTS), unless ``promote_existing``: then it becomes a
+        superuser with the given password, every one of its sessions is revoked (whoever
+        registered the address first is logged out), and this returns it and False."""
         email = v.parse_email(email_raw)
         if isinstance(email, FieldViolation):
             raise InvalidArgument.fields(email)
-        now = self._now()
-
-        async def promote(uow: UnitOfWork) -> User | None:
-            existing = await uow.users.by_email_key(email.key)
-            return None if existing is None else await uow.users.make_superuser(existing.id, now)
-
-        promoted = await self._store.transact(promote)
-        if promoted is not None:
-            return promoted, False
         password = v.normalize_password(password_raw)
         check(v.password_violations(password, email))
+        password_hash = await self._hasher.hash(password)
+        now = self._now()
+        if promote_existing:
+
+            async def promote(uow: UnitOfWork) -> tuple[User, list[tuple[str, datetime]]] | None:
+                existing = await uow.users.by_email_key(email.key)
+                if existing is None:
+                    return None
+                await uow.users.set_password_hash(existing.id, password_hash, now)
+                user = await uow.users.make_superuser(existing.id, now)
+                assert user is not None
+                revoked = await uow.sessions.revoke_user(user.id, now, REVOKED_BY_OPERATOR)
+                entries = self._session_revocations(revoked, now)
+                await self._revocations.record(uow, entries)
+                return user, entries
+
+            promoted = await self._store.transact(promote)
+            if promoted is not None:
+                user, entries = promoted
+                await self._revocations.publish(entries, now)
+                log.warning(
+                    "existing account promoted to superuser; its password was replaced and its "
+                    "sessions revoked",
+                    extra={"user_id": user.id, "sessions_revoked": len(entries)},
+                )
+                return user, False
         new_user = NewUser(
             email=email.display,
             email_key=email.key,
-            password_hash=await self._hasher.hash(password),
+            password_hash=password_hash,
             is_superuser=True,
         )
         try:
             user = await self._store.transact(lambda uow: uow.users.add(new_user, now))
         except Conflict:
-            raise _email_taken() from None
+            raise AlreadyExists(
+                Reason.EMAIL_ALREADY_REGISTERED,
+                "an account with this email already exists; it was not changed (to make it a "
+                "superuser with this password and end its sessions, use --promote-existing)",
+                violations=[FieldViolation("email", "is already registered", "ALREADY_EXISTS")],
+            ) from None
         return user, True
 
     # --- tokens ------------------------------------------------------------------------------
@@ -326,31 +359,50 @@ class AuthService:
         session_id = uuid.uuid4().hex
         user_id = account.user_id
 
-        async def work(uow: UnitOfWork) -> TokenPair:
-            if result.new_hash is not None:
-                await uow.users.set_password_hash(user_id, result.new_hash, now)
-            return await self._issue(uow, user_id, session_id, now)
-
-        pair = await self._store.transact(work)
-        log.info("login", extra={"user_id": user_id})
-        return pair
-
-    async def _issue(self, uow: UnitOfWork, user_id: int, session_id: str, now: datetime) -> TokenPair:
         access = self._tokens.issue_access(user_id, session_id, now)
         refresh = self._tokens.issue_refresh(user_id, session_id, now)
-        await uow.sessions.add_refresh_token(
-            jti=refresh.jti,
-            session_id=session_id,
-            user_id=user_id,
-            now=now,
-            expire_time=refresh.expire_time,
-        )
+
+        async def work(uow: UnitOfWork) -> list[tuple[str, datetime]]:
+            if result.new_hash is not None:
+                await uow.users.set_password_hash(user_id, result.new_hash, now)
+            # At most max_sessions live sessions: this login ends the oldest beyond it.
+            live = await uow.sessions.live(user_id, now)
+            surplus = [record.id for record in live[: max(0, len(live) + 1 - self._max_sessions)]]
+            await uow.sessions.add(
+                session_id=session_id,
+                user_id=user_id,
+                refresh_jti=refresh.jti,
+                now=now,
+                expire_time=refresh.expire_time,
+            )
+            entries: list[tuple[str, datetime]] = []
+            if surplus:
+                await uow.sessions.revoke(surplus, now, REVOKED_BY_LIMIT)
+                entries = self._session_revocations(surplus, now)
+                await self._revocations.record(uow, entries)
+            return entries
+
+        ended = await self._store.transact(work)
+        if ended:
+            await self._revocations.publish(ended, now)
+            log.info("oldest sessions ended", extra={"user_id": user_id, "sessions_revoked": len(ended)})
+        log.info("login", extra={"user_id": user_id})
+        return self._pair(access.token, refresh.token)
+
+    def _pair(self, access_token: str, refresh_token: str) -> TokenPair:
         return TokenPair(
-            access_token=access.token,
+            access_token=access_token,
             expires_in=int(self._tokens.access_ttl.total_seconds()),
-            refresh_token=refresh.token,
+            refresh_token=refresh_token,
             refresh_expires_in=int(self._tokens.refresh_ttl.total_seconds()),
         )
+
+    def _session_revocations(self, session_ids: list[str], now: datetime) -> list[tuple[str, datetime]]:
+        """Revocation entries of sessions: each blocks the session's access tokens until the
+        last one issued before now has expired (plus a minute for clock skew between hosts;
+        no new ones can be issued, the session row says it is revoked)."""
+        until = now + self._tokens.access_ttl + timedelta(minutes=1)
+        return [(f"sid:{sid}", until) for sid in dict.fromkeys(session_ids)]
 
     async def refresh(self, refresh_token: str) -> TokenPair:
         if not refresh_token:
@@ -358,60 +410,88 @@ class AuthService:
         check(_token_length("refresh_token", refresh_token))
         token = self._tokens.verify_refresh(refresh_token)
         now = self._now()
+        access = self._tokens.issue_access(token.user_id, token.session_id, now)
+        refresh = self._tokens.issue_refresh(token.user_id, token.session_id, now)
 
-        async def rotate(uow: UnitOfWork) -> TokenPair | RefreshTokenRecord | None:
-            """New tokens for an unused refresh token; else what is known of it."""
-            if await uow.sessions.use_refresh_token(token.jti, token.user_id, now):
+        async def rotate(uow: UnitOfWork) -> bool | SessionRecord | list[tuple[str, datetime]] | None:
+            """True when rotated; else what is known of the session (None: not known), or for
+            a reuse, the entries of the session revoked in this same transaction."""
+            rotated = await uow.sessions.rotate(
+                session_id=token.session_id,
+                user_id=token.user_id,
+                refresh_jti=token.jti,
+                new_jti=refresh.jti,
+                now=now,
+                expire_time=refresh.expire_time,
+            )
+            if rotated:
                 user = await uow.users.get(token.user_id)
                 if user is None or not user.is_active:
                     raise PermissionDenied(Reason.ACCOUNT_DISABLED, "this account is disabled")
-                return await self._issue(uow, token.user_id, token.session_id, now)
-            return await uow.sessions.refresh_token(token.jti)
+                return True
+            session = await uow.sessions.get(token.session_id)
+            if session is None or session.user_id != token.user_id or not session.live(now):
+                return session
+            # A live session whose current token is another one: this token was already used
+            # (it may have been stolen). Revoke the session (every refresh token and, for their
+            # remaining lifetime, every access token of it) in this same transaction.
+            await uow.sessions.revoke([session.id], now, REVOKED_BY_REUSE)
+            entries = self._session_revocations([session.id], now)
+            await self._revocations.record(uow, entries)
+            return entries
 
         outcome = await self._store.transact(rotate)
-        if isinstance(outcome, TokenPair):
-            return outcome
-        if outcome is None or outcome.user_id != token.user_id:
+        if outcome is True:
+            return self._pair(access.token, refresh.token)
+        if isinstance(outcome, list):
+            await self._revocations.publish(outcome, now)
+            log.warning("refresh token reuse; session revoked", extra={"user_id": token.user_id})
+            raise Unauthenticated(
+                Reason.REFRESH_TOKEN_REUSED,
+                "this refresh token was already used; the session has been revoked, log in again",
+            )
+        if not isinstance(outcome, SessionRecord) or outcome.user_id != token.user_id:
             raise Unauthenticated(Reason.TOKEN_INVALID, "the refresh token is not recognised")
         if outcome.revoke_time is not None:
             raise Unauthenticated(Reason.TOKEN_REVOKED, "the refresh token has been revoked")
-        if outcome.used_time is None:
-            raise Unauthenticated(Reason.TOKEN_EXPIRED, "the refresh token has expired")
-        # Reuse of a rotated-out refresh token: it may have been stolen. Revoke the family
-        # (every refresh token and, for their remaining lifetime, every access token of it).
-        await self._revoke_sessions([token.session_id], [], now)
-        log.warning("refresh token reuse; session revoked", extra={"user_id": token.user_id})
-        raise Unauthenticated(
-            Reason.REFRESH_TOKEN_REUSED,
-            "this refresh token was already used; the session has been revoked, log in again",
-        )
+        raise Unauthenticated(Reason.TOKEN_EXPIRED, "the refresh token has expired")
 
     async def _revoke_sessions(
-        self, session_ids: list[str], extra: list[tuple[str, datetime]], now: datetime
+        self, session_ids: list[str], extra: list[tuple[str, datetime]], now: datetime, reason: str
     ) -> None:
-        until = now + self._tokens.access_ttl + timedelta(minutes=1)
         sessions = list(dict.fromkeys(session_ids))
-        entries = [(f"sid:{sid}", until) for sid in sessions] + extra
+        entries = self._session_revocations(sessions, now) + extra
 
         async def work(uow: UnitOfWork) -> None:
-            for sid in sessions:
-                await uow.sessions.revoke_session(sid, now)
+            await uow.sessions.revoke(sessions, now, reason)
             await self._revocations.record(uow, entries)
 
         await self._store.transact(work)
         await self._revocations.publish(entries, now)
 
     async def logout(self, principal: Principal, refresh_token: str) -> None:
+        """Revoke the caller's session and access token, and the refresh token's session when
+        one is given. The caller's own session ends first, whatever is wrong with the refresh
+        token, which is reported afterwards."""
+        now = self._now()
+        own = [(f"jti:{principal.token_id}", principal.expire_time)]
+        problem: DomainError | None = None
         sessions = [principal.session_id]
-        check(_token_length("refresh_token", refresh_token))
         if refresh_token:
-            token = self._tokens.verify_refresh(refresh_token)
-            if token.user_id != principal.user_id:
-                raise PermissionDenied(Reason.PERMISSION_DENIED, "the refresh token belongs to another user")
-            sessions.append(token.session_id)
-        await self._revoke_sessions(
-            sessions, [(f"jti:{principal.token_id}", principal.expire_time)], self._now()
-        )
+            try:
+                check(_token_length("refresh_token", refresh_token))
+                token = self._tokens.verify_refresh(refresh_token)
+                if token.user_id != principal.user_id:
+                    raise PermissionDenied(
+                        Reason.PERMISSION_DENIED,
+                        "the refresh token belongs to another user; your own session was ended",
+                    )
+                sessions.append(token.session_id)
+            except DomainError as error:
+                problem = error
+        await self._revoke_sessions(sessions, own, now, REVOKED_BY_LOGOUT)
+        if problem is not None:
+            raise problem
 
     async def authenticate(self, access_token: str) -> Principal:
         token = self._tokens.verify_access(access_token)

@@ -69,13 +69,29 @@ class Credentials:
 
 
 @dataclass(frozen=True, slots=True)
-class RefreshTokenRecord:
-    jti: str
-    session_id: str
+class SessionRecord:
+    """A login session and the one refresh token that may be used next."""
+
+    id: str
     user_id: int
+    refresh_jti: str
+    create_time: datetime
+    #: The last refresh (None: never refreshed).
+    refresh_time: datetime | None
+    #: When its current refresh token expires.
     expire_time: datetime
-    used_time: datetime | None
     revoke_time: datetime | None
+    revoke_reason: str | None
+
+    def live(self, now: datetime) -> bool:
+        return self.revoke_time is None and self.expire_time > now
+
+
+#: Why a session was revoked (``SessionRecord.revoke_reason``).
+REVOKED_BY_LOGOUT = "logout"
+REVOKED_BY_REUSE = "reuse"
+REVOKED_BY_LIMIT = "limit"
+REVOKED_BY_OPERATOR = "operator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,22 +217,45 @@ class Referrals(Protocol):
 
 
 class Sessions(Protocol):
-    """Login sessions: their refresh tokens (one family per session) and revocation records
-    (``jti:<id>`` for an access token, ``sid:<id>`` for a session), kept until they expire."""
+    """Login sessions, one row each: the session's current refresh token and its revoked
+    state (kept until that token would have expired), plus the revocation records of access
+    tokens (``jti:<id>``) and sessions (``sid:<id>``), kept until they expire.
 
-    async def add_refresh_token(
-        self, *, jti: str, session_id: str, user_id: int, now: datetime, expire_time: datetime
+    ``rotate`` and ``revoke`` of one session serialise on it: once ``revoke`` has committed,
+    no ``rotate`` of that session succeeds, and a ``rotate`` that committed first is revoked
+    with the session."""
+
+    async def add(
+        self, *, session_id: str, user_id: int, refresh_jti: str, now: datetime, expire_time: datetime
     ) -> None: ...
 
-    async def use_refresh_token(self, jti: str, user_id: int, now: datetime) -> bool:
-        """Atomically mark an unused, unrevoked, unexpired refresh token used; exactly one of
-        any number of concurrent callers gets True."""
+    async def rotate(
+        self,
+        *,
+        session_id: str,
+        user_id: int,
+        refresh_jti: str,
+        new_jti: str,
+        now: datetime,
+        expire_time: datetime,
+    ) -> bool:
+        """Replace the session's refresh token by ``new_jti`` if ``refresh_jti`` is its current
+        one and the session is live (unrevoked, unexpired); exactly one of any number of
+        concurrent callers with the same token gets True."""
         ...
 
-    async def refresh_token(self, jti: str) -> RefreshTokenRecord | None: ...
+    async def get(self, session_id: str) -> SessionRecord | None: ...
 
-    async def revoke_session(self, session_id: str, now: datetime) -> None:
-        """Revoke every refresh token of the session."""
+    async def revoke(self, session_ids: Sequence[str], now: datetime, reason: str) -> None:
+        """Revoke the sessions (a revoked one keeps its first revocation)."""
+        ...
+
+    async def revoke_user(self, user_id: int, now: datetime, reason: str) -> list[str]:
+        """Revoke every live session of the user; their ids."""
+        ...
+
+    async def live(self, user_id: int, now: datetime) -> list[SessionRecord]:
+        """The user's live sessions, oldest first."""
         ...
 
     async def add_revocations(self, entries: Sequence[tuple[str, datetime]]) -> None:

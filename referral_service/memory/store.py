@@ -181,8 +181,9 @@ class _Data:
     code_ids_by_key: dict[str, int] = field(default_factory=dict)
     #: The one open code of each owner (the partial unique index ``uq_referral_codes_open_owner``).
     open_code_ids: dict[int, int] = field(default_factory=dict)
-    refresh_tokens: dict[str, ports.RefreshTokenRecord] = field(default_factory=dict)
-    session_jtis: dict[str, frozenset[str]] = field(default_factory=dict)
+    sessions: dict[str, ports.SessionRecord] = field(default_factory=dict)
+    #: Session ids of each user, in creation order.
+    user_sessions: dict[int, tuple[str, ...]] = field(default_factory=dict)
     revocations: dict[str, datetime] = field(default_factory=dict)
     requests: dict[tuple[str, str], _RequestRow] = field(default_factory=dict)
     profiles: dict[int, _ProfileRow] = field(default_factory=dict)
@@ -201,8 +202,8 @@ class _View:
         self.codes = _Table(data.codes, writable)
         self.code_ids_by_key = _Table(data.code_ids_by_key, writable)
         self.open_code_ids = _Table(data.open_code_ids, writable)
-        self.refresh_tokens = _Table(data.refresh_tokens, writable)
-        self.session_jtis = _Table(data.session_jtis, writable)
+        self.sessions = _Table(data.sessions, writable)
+        self.user_sessions = _Table(data.user_sessions, writable)
         self.revocations = _Table(data.revocations, writable)
         self.requests = _Table(data.requests, writable)
         self.profiles = _Table(data.profiles, writable)
@@ -215,8 +216,8 @@ class _View:
             self.codes,
             self.code_ids_by_key,
             self.open_code_ids,
-            self.refresh_tokens,
-            self.session_jtis,
+            self.sessions,
+            self.user_sessions,
             self.revocations,
             self.requests,
             self.profiles,
@@ -477,48 +478,75 @@ class _Sessions:
     def __init__(self, view: _View) -> None:
         self._v = view
 
-    async def add_refresh_token(
-        self, *, jti: str, session_id: str, user_id: int, now: datetime, expire_time: datetime
+    async def add(
+        self, *, session_id: str, user_id: int, refresh_jti: str, now: datetime, expire_time: datetime
     ) -> None:
         v = self._v
-        if v.refresh_tokens.get(jti) is not None:
-            raise ValueError("primary key: refresh token jti already exists")
+        if v.sessions.get(session_id) is not None:
+            raise ValueError("primary key: session id already exists")
         if v.users.get(user_id) is None:
             raise ValueError("foreign key: no such user")
-        _utc(now)
-        record = ports.RefreshTokenRecord(
-            jti=jti,
-            session_id=session_id,
-            user_id=user_id,
-            expire_time=_utc(expire_time),
-            used_time=None,
-            revoke_time=None,
+        v.sessions.put(
+            session_id,
+            ports.SessionRecord(
+                id=session_id,
+                user_id=user_id,
+                refresh_jti=refresh_jti,
+                create_time=_utc(now),
+                refresh_time=None,
+                expire_time=_utc(expire_time),
+                revoke_time=None,
+                revoke_reason=None,
+            ),
         )
-        v.refresh_tokens.put(jti, record)
-        v.session_jtis.put(session_id, (v.session_jtis.get(session_id) or frozenset()) | {jti})
+        v.user_sessions.put(user_id, (*(v.user_sessions.get(user_id) or ()), session_id))
 
-    async def use_refresh_token(self, jti: str, user_id: int, now: datetime) -> bool:
-        record = self._v.refresh_tokens.get(jti)
+    async def rotate(
+        self,
+        *,
+        session_id: str,
+        user_id: int,
+        refresh_jti: str,
+        new_jti: str,
+        now: datetime,
+        expire_time: datetime,
+    ) -> bool:
+        record = self._v.sessions.get(session_id)
         if (
             record is None
             or record.user_id != user_id
-            or record.used_time is not None
-            or record.revoke_time is not None
-            or record.expire_time <= now
+            or record.refresh_jti != refresh_jti
+            or not record.live(now)
         ):
             return False
-        self._v.refresh_tokens.put(jti, replace(record, used_time=_utc(now)))
+        self._v.sessions.put(
+            session_id,
+            replace(record, refresh_jti=new_jti, refresh_time=_utc(now), expire_time=_utc(expire_time)),
+        )
         return True
 
-    async def refresh_token(self, jti: str) -> ports.RefreshTokenRecord | None:
-        return self._v.refresh_tokens.get(jti)
+    async def get(self, session_id: str) -> ports.SessionRecord | None:
+        return self._v.sessions.get(session_id)
 
-    async def revoke_session(self, session_id: str, now: datetime) -> None:
+    async def revoke(self, session_ids: Sequence[str], now: datetime, reason: str) -> None:
         now = _utc(now)
-        for jti in self._v.session_jtis.get(session_id) or ():
-            record = self._v.refresh_tokens.get(jti)
+        for session_id in session_ids:
+            record = self._v.sessions.get(session_id)
             if record is not None and record.revoke_time is None:
-                self._v.refresh_tokens.put(jti, replace(record, revoke_time=now))
+                self._v.sessions.put(session_id, replace(record, revoke_time=now, revoke_reason=reason))
+
+    async def revoke_user(self, user_id: int, now: datetime, reason: str) -> list[str]:
+        revoked = [record.id for record in await self.live(user_id, now)]
+        await self.revoke(revoked, now, reason)
+        return revoked
+
+    async def live(self, user_id: int, now: datetime) -> list[ports.SessionRecord]:
+        found = []
+        for session_id in self._v.user_sessions.get(user_id) or ():
+            record = self._v.sessions.get(session_id)
+            if record is not None and record.live(now):
+                found.append(record)
+        return sorted(found, key=lambda record: (record.create_time, record.id))
 
     async def add_revocations(self, entries: Sequence[tuple[str, datetime]]) -> None:
         for key, expire_time in entries:
@@ -708,14 +736,14 @@ class MemoryUnitOfWork:
             if request.expire_time <= now:
                 v.requests.delete(request_key)
                 deleted += 1
-        for jti, token in v.refresh_tokens.items():
-            if token.expire_time <= now:
-                v.refresh_tokens.delete(jti)
-                left = (v.session_jtis.get(token.session_id) or frozenset()) - {jti}
+        for session_id, session in v.sessions.items():
+            if session.expire_time <= now:
+                v.sessions.delete(session_id)
+                left = tuple(i for i in v.user_sessions.get(session.user_id) or () if i != session_id)
                 if left:
-                    v.session_jtis.put(token.session_id, left)
+                    v.user_sessions.put(session.user_id, left)
                 else:
-                    v.session_jtis.delete(token.session_id)
+                    v.user_sessions.delete(session.user_id)
                 deleted += 1
         return deleted
 

@@ -21,7 +21,7 @@ from referral_service.storage.tables import Base, UTCDateTime
 
 USERS = Base.metadata.tables["users"]
 CODES = Base.metadata.tables["referral_codes"]
-REFRESH_TOKENS = Base.metadata.tables["refresh_tokens"]
+SESSIONS = Base.metadata.tables["sessions"]
 REVOCATIONS = Base.metadata.tables["revocations"]
 REQUESTS = Base.metadata.tables["idempotency_keys"]
 PROFILES = Base.metadata.tables["user_profiles"]

@@ -1,7 +1,12 @@
-"""Login sessions: their refresh tokens (one family per session) and the durable revocation
-records (``jti:<id>`` for an access token, ``sid:<id>`` for a session), kept until they expire.
-Redis or the in-process copy serve the hot revocation check; this table survives their
-restarts and answers when they cannot."""
+"""Login sessions, one row each (its current refresh token and its revoked state), and the
+durable revocation records (``jti:<id>`` for an access token, ``sid:<id>`` for a session), kept
+until they expire. Redis or the in-process copy serve the hot revocation check; this table
+survives their restarts and answers when they cannot.
+
+A refresh and a revocation of one session are each a single ``UPDATE`` of its row: on
+PostgreSQL the second waits for the first's row lock and re-checks its ``WHERE`` against the
+committed row (READ COMMITTED), so a refresh can never slip past a revocation; on SQLite the
+one writer serialises them."""
 
 from __future__ import annotations
 
@@ -12,34 +17,49 @@ from sqlalchemy import bindparam, exists, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from referral_service.domain.ports import RefreshTokenRecord
-from referral_service.storage.core import REFRESH_TOKENS, REVOCATIONS, at
+from referral_service.domain.ports import SessionRecord
+from referral_service.storage.core import REVOCATIONS, SESSIONS, at
 
+_S = SESSIONS.c
 #: Login: a Core INSERT (the ORM's unit of work cost more than everything else but argon2).
-_INSERT_REFRESH_TOKEN = insert(REFRESH_TOKENS)
-_USE_REFRESH_TOKEN = (
-    update(REFRESH_TOKENS)
+_ADD = insert(SESSIONS)
+_ROTATE = (
+    update(SESSIONS)
     .where(
-        REFRESH_TOKENS.c.jti == bindparam("token"),
-        REFRESH_TOKENS.c.user_id == bindparam("user"),
-        REFRESH_TOKENS.c.used_time.is_(None),
-        REFRESH_TOKENS.c.revoke_time.is_(None),
-        REFRESH_TOKENS.c.expire_time > at("now"),
+        _S.id == bindparam("session"),
+        _S.user_id == bindparam("user"),
+        _S.refresh_jti == bindparam("token"),
+        _S.revoke_time.is_(None),
+        _S.expire_time > at("now"),
     )
-    .values(used_time=at("now"))
+    .values(refresh_jti=bindparam("new_token"), refresh_time=at("now"), expire_time=at("expire"))
 )
-_REFRESH_TOKEN = select(
-    REFRESH_TOKENS.c.jti,
-    REFRESH_TOKENS.c.session_id,
-    REFRESH_TOKENS.c.user_id,
-    REFRESH_TOKENS.c.expire_time,
-    REFRESH_TOKENS.c.used_time,
-    REFRESH_TOKENS.c.revoke_time,
-).where(REFRESH_TOKENS.c.jti == bindparam("token"))
-_REVOKE_SESSION = (
-    update(REFRESH_TOKENS)
-    .where(REFRESH_TOKENS.c.session_id == bindparam("session"), REFRESH_TOKENS.c.revoke_time.is_(None))
-    .values(revoke_time=at("now"))
+_COLUMNS = (
+    _S.id,
+    _S.user_id,
+    _S.refresh_jti,
+    _S.create_time,
+    _S.refresh_time,
+    _S.expire_time,
+    _S.revoke_time,
+    _S.revoke_reason,
+)
+_GET = select(*_COLUMNS).where(_S.id == bindparam("session"))
+_LIVE = (
+    select(*_COLUMNS)
+    .where(_S.user_id == bindparam("user"), _S.revoke_time.is_(None), _S.expire_time > at("now"))
+    .order_by(_S.create_time, _S.id)
+)
+_REVOKE = (
+    update(SESSIONS)
+    .where(_S.id.in_(bindparam("sessions", expanding=True)), _S.revoke_time.is_(None))
+    .values(revoke_time=at("now"), revoke_reason=bindparam("reason"))
+)
+_REVOKE_USER = (
+    update(SESSIONS)
+    .where(_S.user_id == bindparam("user"), _S.revoke_time.is_(None), _S.expire_time > at("now"))
+    .values(revoke_time=at("now"), revoke_reason=bindparam("reason"))
+    .returning(_S.id)
 )
 #: Every authenticated call when the revocation cache cannot answer.
 _ANY_REVOKED = select(
@@ -79,40 +99,58 @@ class SqlSessions:
         self._conn = conn
         self._dialect = dialect
 
-    async def add_refresh_token(
-        self, *, jti: str, session_id: str, user_id: int, now: datetime, expire_time: datetime
+    async def add(
+        self, *, session_id: str, user_id: int, refresh_jti: str, now: datetime, expire_time: datetime
     ) -> None:
         await self._conn.execute(
-            _INSERT_REFRESH_TOKEN,
+            _ADD,
             {
-                "jti": jti,
-                "session_id": session_id,
+                "id": session_id,
                 "user_id": user_id,
+                "refresh_jti": refresh_jti,
                 "create_time": now,
                 "expire_time": expire_time,
             },
         )
 
-    async def use_refresh_token(self, jti: str, user_id: int, now: datetime) -> bool:
-        result = await self._conn.execute(_USE_REFRESH_TOKEN, {"token": jti, "user": user_id, "now": now})
+    async def rotate(
+        self,
+        *,
+        session_id: str,
+        user_id: int,
+        refresh_jti: str,
+        new_jti: str,
+        now: datetime,
+        expire_time: datetime,
+    ) -> bool:
+        result = await self._conn.execute(
+            _ROTATE,
+            {
+                "session": session_id,
+                "user": user_id,
+                "token": refresh_jti,
+                "new_token": new_jti,
+                "now": now,
+                "expire": expire_time,
+            },
+        )
         return result.rowcount > 0
 
-    async def refresh_token(self, jti: str) -> RefreshTokenRecord | None:
-        row = (await self._conn.execute(_REFRESH_TOKEN, {"token": jti})).one_or_none()
-        if row is None:
-            return None
-        jti_, session_id, user_id, expire_time, used_time, revoke_time = row
-        return RefreshTokenRecord(
-            jti=jti_,
-            session_id=session_id,
-            user_id=user_id,
-            expire_time=expire_time,
-            used_time=used_time,
-            revoke_time=revoke_time,
-        )
+    async def get(self, session_id: str) -> SessionRecord | None:
+        row = (await self._conn.execute(_GET, {"session": session_id})).one_or_none()
+        return None if row is None else SessionRecord(*row)
 
-    async def revoke_session(self, session_id: str, now: datetime) -> None:
-        await self._conn.execute(_REVOKE_SESSION, {"session": session_id, "now": now})
+    async def revoke(self, session_ids: Sequence[str], now: datetime, reason: str) -> None:
+        if session_ids:
+            await self._conn.execute(_REVOKE, {"sessions": list(session_ids), "now": now, "reason": reason})
+
+    async def revoke_user(self, user_id: int, now: datetime, reason: str) -> list[str]:
+        result = await self._conn.execute(_REVOKE_USER, {"user": user_id, "now": now, "reason": reason})
+        return [session_id for (session_id,) in result]
+
+    async def live(self, user_id: int, now: datetime) -> list[SessionRecord]:
+        result = await self._conn.execute(_LIVE, {"user": user_id, "now": now})
+        return [SessionRecord(*row) for row in result]
 
     async def add_revocations(self, entries: Sequence[tuple[str, datetime]]) -> None:
         latest: dict[str, datetime] = {}

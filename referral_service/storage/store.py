@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from referral_service.domain.ports import UnitOfWork
 from referral_service.storage.codes import SqlCodes
-from referral_service.storage.core import REFRESH_TOKENS, REQUESTS, REVOCATIONS, at
+from referral_service.storage.core import REQUESTS, REVOCATIONS, SESSIONS, at
 from referral_service.storage.db import Database
 from referral_service.storage.profiles import SqlProfiles
 from referral_service.storage.referrals import SqlReferrals
@@ -44,9 +44,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 #: What can no longer matter: revocations of tokens past their expiry, forgotten request ids,
-#: refresh tokens past their expiry (reuse detection only needs live ones).
+#: sessions past their refresh token's expiry (revoked ones are kept until then).
 _PURGE = tuple(
-    delete(table).where(table.c.expire_time <= at("now")) for table in (REVOCATIONS, REQUESTS, REFRESH_TOKENS)
+    delete(table).where(table.c.expire_time <= at("now")) for table in (REVOCATIONS, REQUESTS, SESSIONS)
 )
 
 

@@ -127,16 +127,27 @@ class ReferralCodeRow(Base):
     )
 
 
-class RefreshTokenRow(Base):
-    __tablename__ = "refresh_tokens"
+class SessionRow(Base):
+    """A login session: the one refresh token that may be used next (``refresh_jti``; used
+    ones are forgotten at once, a presented token that is not the current one is a reuse) and
+    the session's revoked state, kept until its refresh token would have expired. Refreshing
+    and revoking a session both update this row, so they serialise on its row lock."""
 
-    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
-    session_id: Mapped[str] = mapped_column(String(64), index=True)
-    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), index=True)
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"))
+    refresh_jti: Mapped[str] = mapped_column(String(64))
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
-    expire_time: Mapped[datetime] = mapped_column(UTCDateTime)
-    used_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The last refresh (None: never refreshed).
+    refresh_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the current refresh token expires: the row is purged then.
+    expire_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     revoke_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Why it was revoked: ``logout``, ``reuse``, ``limit`` (too many sessions), ``password``.
+    revoke_reason: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (Index("ix_sessions_user_id_create_time", "user_id", "create_time"),)
 
 
 class RevocationRow(Base):

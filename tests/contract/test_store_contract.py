@@ -118,12 +118,42 @@ async def add_code(
     return await store.transact(lambda uow: uow.codes.add(new, now))
 
 
-async def add_token(
-    store: Store, user: User, jti: str, session_id: str, expire_time: datetime | None = None
+async def add_session(
+    store: Store,
+    user: User,
+    session_id: str,
+    jti: str,
+    expire_time: datetime | None = None,
+    now: datetime = T0,
 ) -> None:
     await store.transact(
-        lambda uow: uow.sessions.add_refresh_token(
-            jti=jti, session_id=session_id, user_id=user.id, now=T0, expire_time=expire_time or at(3600)
+        lambda uow: uow.sessions.add(
+            session_id=session_id,
+            user_id=user.id,
+            refresh_jti=jti,
+            now=now,
+            expire_time=expire_time or at(3600),
+        )
+    )
+
+
+async def rotate(
+    store: Store,
+    user: User,
+    session_id: str,
+    jti: str,
+    new_jti: str,
+    now: datetime,
+    expire_time: datetime | None = None,
+) -> bool:
+    return await store.transact(
+        lambda uow: uow.sessions.rotate(
+            session_id=session_id,
+            user_id=user.id,
+            refresh_jti=jti,
+            new_jti=new_jti,
+            now=now,
+            expire_time=expire_time or at(3600),
         )
     )
 
@@ -166,8 +196,8 @@ async def test_an_exception_rolls_back_every_write_and_propagates(store: Store) 
         await uow.codes.revoke_open(referrer.id, T0)
         await uow.codes.add(NewCode("Gone1", "gone1", user.id, at(60), 0), T0)
         await uow.users.set_password_hash(referrer.id, "changed", T0)
-        await uow.sessions.add_refresh_token(
-            jti="j-gone", session_id="s-gone", user_id=user.id, now=T0, expire_time=at(60)
+        await uow.sessions.add(
+            session_id="s-gone", user_id=user.id, refresh_jti="j-gone", now=T0, expire_time=at(60)
         )
         await uow.sessions.add_revocations([("jti:gone", at(60))])
         await uow.requests.remember(
@@ -196,7 +226,7 @@ async def test_an_exception_rolls_back_every_write_and_propagates(store: Store) 
         assert await uow.codes.get(code.id) == code
         assert await uow.codes.open_code(referrer.id) == code
         assert await uow.codes.by_key("gone1") is None
-        assert await uow.sessions.refresh_token("j-gone") is None
+        assert await uow.sessions.get("s-gone") is None
         assert not await uow.sessions.any_revoked(["jti:gone"], T0)
         assert await uow.requests.get("register", "r-gone", T0) is None
         assert await uow.profiles.due(at(60), 10) == []
@@ -597,72 +627,136 @@ async def test_concurrent_referral_counts_are_not_lost(store: Store) -> None:
     assert await read(store, lambda uow: uow.referrals.count(referrer.id)) == N
 
 
-# --- sessions: refresh tokens and revocations -------------------------------------------------
+# --- sessions and revocations ---------------------------------------------------------------------
 
 
-async def test_refresh_token_record(store: Store) -> None:
+async def test_session_record(store: Store) -> None:
     user = await add_user(store, "session@example.com")
-    await add_token(store, user, "j1", "s1", expire_time=at(100))
-    record = await read(store, lambda uow: uow.sessions.refresh_token("j1"))
-    assert record == ports.RefreshTokenRecord(
-        jti="j1", session_id="s1", user_id=user.id, expire_time=at(100), used_time=None, revoke_time=None
+    await add_session(store, user, "s1", "j1", expire_time=at(100))
+    record = await read(store, lambda uow: uow.sessions.get("s1"))
+    assert record == ports.SessionRecord(
+        id="s1",
+        user_id=user.id,
+        refresh_jti="j1",
+        create_time=T0,
+        refresh_time=None,
+        expire_time=at(100),
+        revoke_time=None,
+        revoke_reason=None,
     )
-    assert await read(store, lambda uow: uow.sessions.refresh_token("missing")) is None
+    assert await read(store, lambda uow: uow.sessions.get("missing")) is None
 
 
-async def test_a_refresh_token_is_used_once(store: Store) -> None:
+async def test_a_refresh_token_rotates_once(store: Store) -> None:
     user = await add_user(store, "once@example.com")
     other = await add_user(store, "other@example.com")
-    await add_token(store, user, "j1", "s1", expire_time=at(100))
-    assert await store.transact(lambda uow: uow.sessions.use_refresh_token("j1", other.id, at(1))) is False
-    assert await store.transact(lambda uow: uow.sessions.use_refresh_token("j1", user.id, at(1))) is True
-    assert await store.transact(lambda uow: uow.sessions.use_refresh_token("j1", user.id, at(2))) is False
-    assert await store.transact(lambda uow: uow.sessions.use_refresh_token("nope", user.id, at(2))) is False
-    record = await read(store, lambda uow: uow.sessions.refresh_token("j1"))
+    await add_session(store, user, "s1", "j1", expire_time=at(100))
+    assert await rotate(store, other, "s1", "j1", "j2", at(1)) is False
+    assert await rotate(store, user, "s1", "nope", "j2", at(1)) is False
+    assert await rotate(store, user, "s1", "j1", "j2", at(1), expire_time=at(200)) is True
+    assert await rotate(store, user, "s1", "j1", "j3", at(2)) is False  # used: no longer current
+    assert await rotate(store, user, "missing", "j1", "j3", at(2)) is False
+    record = await read(store, lambda uow: uow.sessions.get("s1"))
     assert record is not None
-    assert record.used_time == at(1)
+    assert (record.refresh_jti, record.refresh_time, record.expire_time) == ("j2", at(1), at(200))
 
 
-async def test_an_expired_refresh_token_cannot_be_used(store: Store) -> None:
+async def test_an_expired_session_cannot_rotate(store: Store) -> None:
     user = await add_user(store, "late@example.com")
-    await add_token(store, user, "j1", "s1", expire_time=at(100))
-    await add_token(store, user, "j2", "s2", expire_time=at(100))
-    assert await store.transact(lambda uow: uow.sessions.use_refresh_token("j1", user.id, at(100))) is False
-    assert (
-        await store.transact(lambda uow: uow.sessions.use_refresh_token("j2", user.id, at(100) - MICROSECOND))
-        is True
-    )
+    await add_session(store, user, "s1", "j1", expire_time=at(100))
+    await add_session(store, user, "s2", "j2", expire_time=at(100))
+    assert await rotate(store, user, "s1", "j1", "x1", at(100)) is False
+    assert await rotate(store, user, "s2", "j2", "x2", at(100) - MICROSECOND) is True
 
 
-async def test_concurrent_uses_of_a_refresh_token_succeed_once(store: Store) -> None:
+async def test_concurrent_rotations_of_a_token_succeed_once(store: Store) -> None:
     user = await add_user(store, "thief@example.com")
-    await add_token(store, user, "j1", "s1")
+    await add_session(store, user, "s1", "j1")
 
-    async def use(uow: UnitOfWork) -> bool:
-        used = await uow.sessions.use_refresh_token("j1", user.id, at(1))
-        await asyncio.sleep(0)
-        return used
+    async def use(new_jti: str) -> bool:
+        async def work(uow: UnitOfWork) -> bool:
+            rotated = await uow.sessions.rotate(
+                session_id="s1",
+                user_id=user.id,
+                refresh_jti="j1",
+                new_jti=new_jti,
+                now=at(1),
+                expire_time=at(3600),
+            )
+            await asyncio.sleep(0)
+            return rotated
 
-    results = await asyncio.gather(*(store.transact(use) for _ in range(N)))
+        return await store.transact(work)
+
+    results = await asyncio.gather(*(use(f"n{i}") for i in range(N)))
     assert results.count(True) == 1
 
 
-async def test_revoke_session_revokes_its_tokens_only(store: Store) -> None:
+async def test_a_revoked_session_never_rotates_again(store: Store) -> None:
+    """Rotations racing a revocation: once the revocation has committed, no rotation succeeds."""
+    user = await add_user(store, "race@example.com")
+    await add_session(store, user, "s1", "j0")
+    current = "j0"
+
+    async def chain() -> None:
+        nonlocal current
+        for i in range(1, N):
+            if not await rotate(store, user, "s1", current, f"j{i}", at(i)):
+                return
+            current = f"j{i}"
+            await asyncio.sleep(0)
+
+    async def revoke() -> None:
+        await asyncio.sleep(0)
+        await store.transact(lambda uow: uow.sessions.revoke(["s1"], at(2), ports.REVOKED_BY_LOGOUT))
+
+    await asyncio.gather(chain(), revoke())
+    assert await rotate(store, user, "s1", current, "after", at(N)) is False
+    record = await read(store, lambda uow: uow.sessions.get("s1"))
+    assert record is not None
+    assert record.revoke_reason == ports.REVOKED_BY_LOGOUT
+    assert record.refresh_jti == current
+
+
+async def test_revoke_keeps_the_first_revocation_and_touches_only_its_sessions(store: Store) -> None:
     user = await add_user(store, "family@example.com")
-    for jti, sid in (("a1", "sa"), ("a2", "sa"), ("b1", "sb")):
-        await add_token(store, user, jti, sid)
-    await store.transact(lambda uow: uow.sessions.revoke_session("sa", at(5)))
-    await store.transact(lambda uow: uow.sessions.revoke_session("sa", at(6)))  # the first time stays
-    await store.transact(lambda uow: uow.sessions.revoke_session("unknown", at(6)))
+    for sid in ("sa", "sb", "sc"):
+        await add_session(store, user, sid, f"{sid}-1")
+    await store.transact(lambda uow: uow.sessions.revoke(["sa", "sb"], at(5), ports.REVOKED_BY_LOGOUT))
+    await store.transact(lambda uow: uow.sessions.revoke(["sa", "unknown"], at(6), ports.REVOKED_BY_REUSE))
+    await store.transact(lambda uow: uow.sessions.revoke([], at(6), ports.REVOKED_BY_REUSE))
     async with store.read() as uow:
-        records = {jti: await uow.sessions.refresh_token(jti) for jti in ("a1", "a2", "b1")}
-    assert {jti: r.revoke_time for jti, r in records.items() if r is not None} == {
-        "a1": at(5),
-        "a2": at(5),
-        "b1": None,
+        records = {sid: await uow.sessions.get(sid) for sid in ("sa", "sb", "sc")}
+    assert {sid: (r.revoke_time, r.revoke_reason) for sid, r in records.items() if r is not None} == {
+        "sa": (at(5), "logout"),
+        "sb": (at(5), "logout"),
+        "sc": (None, None),
     }
-    assert await store.transact(lambda uow: uow.sessions.use_refresh_token("a1", user.id, at(7))) is False
-    assert await store.transact(lambda uow: uow.sessions.use_refresh_token("b1", user.id, at(7))) is True
+    assert await rotate(store, user, "sa", "sa-1", "x", at(7)) is False
+    assert await rotate(store, user, "sc", "sc-1", "x", at(7)) is True
+
+
+async def test_live_sessions_and_revoking_all_of_a_user(store: Store) -> None:
+    user = await add_user(store, "many@example.com")
+    other = await add_user(store, "else@example.com")
+    await add_session(store, user, "late", "j", now=at(3))
+    await add_session(store, user, "early", "j", now=at(1))
+    await add_session(store, user, "expired", "j", now=at(0), expire_time=at(5))
+    await add_session(store, user, "revoked", "j", now=at(2))
+    await add_session(store, other, "others", "j", now=at(1))
+    await store.transact(lambda uow: uow.sessions.revoke(["revoked"], at(4), ports.REVOKED_BY_LOGOUT))
+    live = await read(store, lambda uow: uow.sessions.live(user.id, at(5)))
+    assert [record.id for record in live] == ["early", "late"]
+    revoked = await store.transact(
+        lambda uow: uow.sessions.revoke_user(user.id, at(6), ports.REVOKED_BY_OPERATOR)
+    )
+    assert sorted(revoked) == ["early", "late"]
+    assert await read(store, lambda uow: uow.sessions.live(user.id, at(6))) == []
+    assert [r.id for r in await read(store, lambda uow: uow.sessions.live(other.id, at(6)))] == ["others"]
+    assert (
+        await store.transact(lambda uow: uow.sessions.revoke_user(user.id, at(7), ports.REVOKED_BY_OPERATOR))
+        == []
+    )
 
 
 async def test_revocations_keep_the_latest_expiry(store: Store) -> None:
@@ -899,8 +993,8 @@ async def test_concurrent_claims_of_a_job_lease_it_once(store: Store) -> None:
 async def test_purge_expired(store: Store) -> None:
     user = await add_user(store, "purge@example.com")
     code = await add_code(store, user, "Kept1", expire_time=at(10))
-    await add_token(store, user, "old", "s1", expire_time=at(10))
-    await add_token(store, user, "new", "s1", expire_time=at(11))
+    await add_session(store, user, "old", "j1", expire_time=at(10))
+    await add_session(store, user, "new", "j2", expire_time=at(11))
 
     async def setup(uow: UnitOfWork) -> None:
         await uow.sessions.add_revocations([("jti:old", at(10)), ("jti:new", at(11))])
@@ -912,8 +1006,8 @@ async def test_purge_expired(store: Store) -> None:
     assert await store.transact(lambda uow: uow.purge_expired(at(10))) == 3
     assert await store.transact(lambda uow: uow.purge_expired(at(10))) == 0
     async with store.read() as uow:
-        assert await uow.sessions.refresh_token("old") is None
-        assert await uow.sessions.refresh_token("new") is not None
+        assert await uow.sessions.get("old") is None
+        assert await uow.sessions.get("new") is not None
         assert await uow.sessions.live_revocations(T0) == [("jti:new", at(11))]
         assert await uow.requests.get("register", "old", T0) is None
         assert await uow.requests.get("register", "new", T0) is not None
@@ -921,9 +1015,7 @@ async def test_purge_expired(store: Store) -> None:
         assert await uow.users.get(user.id) is not None
         assert await uow.codes.get(code.id) == code
         assert await uow.profiles.due(at(10), 10) == [user.id]
-    # Revoking the session still works on the tokens that are left.
-    await store.transact(lambda uow: uow.sessions.revoke_session("s1", at(10)))
-    record = await read(store, lambda uow: uow.sessions.refresh_token("new"))
-    assert record is not None
-    assert record.revoke_time == at(10)
+    # A revoked session is kept (its revoked state) until its refresh token would expire.
+    await store.transact(lambda uow: uow.sessions.revoke(["new"], at(10), ports.REVOKED_BY_LOGOUT))
+    assert await store.transact(lambda uow: uow.purge_expired(at(11) - MICROSECOND)) == 0
     assert await store.transact(lambda uow: uow.purge_expired(at(11))) == 3

@@ -12,6 +12,7 @@ from referral_service.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     Reason,
+    Unauthenticated,
     Unavailable,
 )
 from referral_service.domain.models import EmailStatus, Profile, ProfileState
@@ -261,6 +262,25 @@ async def test_registration_queues_an_enrichment_job(make_domain: MakeDomain) ->
 async def test_create_superuser_creates_or_promotes(domain: Domain) -> None:
     root, created = await domain.auth.create_superuser("root@example.com", PASSWORD)
     assert (created, root.is_superuser) == (True, True)
-    plain = await domain.register("plain@example.com")
-    promoted, created = await domain.auth.create_superuser("plain@example.com", "ignored password")
+    plain, pair, _ = await domain.signed_in("plain@example.com")
+    # An existing account is refused and left as it was: whoever registered first gains nothing.
+    refused = await raises(
+        AlreadyExists, domain.auth.create_superuser("Plain@EXAMPLE.com", "operator's new password 1")
+    )
+    assert refused.reason is Reason.EMAIL_ALREADY_REGISTERED
+    assert not (
+        await domain.auth.current_user(await domain.auth.authenticate(pair.access_token))
+    ).is_superuser
+    # Promoting it takes the operator's password and ends every session of the account.
+    promoted, created = await domain.auth.create_superuser(
+        "plain@example.com", "operator's new password 1", promote_existing=True
+    )
     assert (created, promoted.id, promoted.is_superuser) == (False, plain.id, True)
+    for ended in (domain.auth.authenticate(pair.access_token), domain.auth.refresh(pair.refresh_token)):
+        assert (await raises(Unauthenticated, ended)).reason is Reason.TOKEN_REVOKED
+    wrong = await raises(Unauthenticated, domain.auth.login("plain@example.com", PASSWORD))
+    assert wrong.reason is Reason.INVALID_CREDENTIALS
+    await domain.auth.login("plain@example.com", "operator's new password 1")
+    # Promoting an address nobody has creates the superuser.
+    _, created = await domain.auth.create_superuser("new-root@example.com", PASSWORD, promote_existing=True)
+    assert created

@@ -1,0 +1,244 @@
+"""Sessions that really end (issue 12): the attacks of the security review, played through the
+wire. A refresh racing a logout or a reuse detection, a squatted operator address, a logout
+with a bad refresh token, and sessions piling up."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+
+import grpc
+import pytest
+from referral.v1 import auth_pb2
+
+from referral_service import cli
+from tests.conftest import PASSWORD, Api, Stack, bearer, start_api, stop_api
+from tests.errors import expect_error
+
+RACES = 100
+REUSE_RACES = 50
+
+
+async def refresh_chain(
+    api: Api, refresh_token: str, access_tokens: list[str], revoked: asyncio.Event
+) -> str:
+    """An attacker holding a refresh token: refresh in a loop, keeping every access token
+    obtained, until a refresh fails or the session has been revoked (then once more). Returns
+    the last refresh token it got."""
+    while True:
+        after_revocation = revoked.is_set()
+        try:
+            response = await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=refresh_token))
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+            return refresh_token
+        access_tokens.append(response.access_token)
+        refresh_token = response.refresh_token
+        if after_revocation:
+            return refresh_token  # a refresh that began after the revocation worked: the bug
+
+
+async def assert_nothing_survives(api: Api, last_refresh: str, access_tokens: list[str]) -> None:
+    await expect_error(
+        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=last_refresh)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    for token in access_tokens:
+        await expect_error(
+            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+
+
+async def logout_race(api: Api, email: str) -> None:
+    victim = await api.login(email)
+    stolen: list[str] = [victim.access_token]
+    revoked = asyncio.Event()
+
+    async def logout() -> None:
+        await asyncio.sleep(0)  # let the attacker's loop start first
+        await api.auth.Logout(auth_pb2.LogoutRequest(), metadata=bearer(victim.access_token))
+        revoked.set()
+
+    last, _ = await asyncio.gather(refresh_chain(api, victim.refresh_token, stolen, revoked), logout())
+    await assert_nothing_survives(api, last, stolen)
+
+
+async def reuse_race(api: Api, email: str) -> None:
+    victim = await api.login(email)
+    rotated = await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=victim.refresh_token))
+    stolen: list[str] = [victim.access_token, rotated.access_token]
+    revoked = asyncio.Event()
+
+    async def reuse() -> None:
+        await asyncio.sleep(0)
+        # The rotated-out token presented again: the session must end, whoever holds it.
+        await expect_error(
+            api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=victim.refresh_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        revoked.set()
+
+    last, _ = await asyncio.gather(refresh_chain(api, rotated.refresh_token, stolen, revoked), reuse())
+    await assert_nothing_survives(api, last, stolen)
+
+
+@pytest.mark.postgres_stacks
+async def test_no_refresh_chain_outlives_a_logout(api: Api) -> None:
+    """100 logouts, each racing an attacker who refreshes the same session in a loop: after
+    the logout, none of the attacker's refresh or access tokens works."""
+    email = api.unique_email()
+    await api.register(email)
+    for start in range(0, RACES, 10):
+        await asyncio.gather(*(logout_race(api, email) for _ in range(start, min(RACES, start + 10))))
+
+
+@pytest.mark.postgres_stacks
+async def test_no_refresh_chain_outlives_reuse_detection(api: Api) -> None:
+    email = api.unique_email()
+    await api.register(email)
+    for start in range(0, REUSE_RACES, 10):
+        await asyncio.gather(*(reuse_race(api, email) for _ in range(start, min(REUSE_RACES, start + 10))))
+
+
+async def test_logout_and_refresh_race_on_every_stack(api: Api) -> None:
+    email = api.unique_email()
+    await api.register(email)
+    await asyncio.gather(
+        *(logout_race(api, email) for _ in range(5)), *(reuse_race(api, email) for _ in range(5))
+    )
+
+
+async def test_a_logout_with_a_bad_refresh_token_still_ends_the_callers_session(api: Api) -> None:
+    email = api.unique_email()
+    await api.register(email)
+    for bad, reason in (
+        ("not-a-token", "TOKEN_INVALID"),
+        ("x" * 5000, None),  # too long: INVALID_ARGUMENT
+    ):
+        tokens = await api.login(email)
+        error = await expect_error(
+            api.auth.Logout(auth_pb2.LogoutRequest(refresh_token=bad), metadata=bearer(tokens.access_token)),
+            grpc.StatusCode.UNAUTHENTICATED if reason else grpc.StatusCode.INVALID_ARGUMENT,
+            reason,
+        )
+        assert error.message
+        # The caller's own session has ended anyway: its access and refresh tokens are dead.
+        await expect_error(
+            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+        await expect_error(
+            api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=tokens.refresh_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+    # Another user's refresh token: refused, but the caller is logged out all the same, and the
+    # other user's session is untouched.
+    mine = await api.login(email)
+    other_email = api.unique_email()
+    await api.register(other_email)
+    theirs = await api.login(other_email)
+    await expect_error(
+        api.auth.Logout(
+            auth_pb2.LogoutRequest(refresh_token=theirs.refresh_token), metadata=bearer(mine.access_token)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await expect_error(
+        api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(mine.access_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=theirs.refresh_token))
+
+
+async def test_a_user_has_at_most_max_sessions_the_oldest_end_first(stack: Stack) -> None:
+    api = await start_api(stack, max_sessions_per_user=3)
+    try:
+        email = api.unique_email()
+        await api.register(email)
+        sessions = [await api.login(email) for _ in range(5)]
+        for ended in sessions[:2]:
+            await expect_error(
+                api.auth.GetCurrentUser(
+                    auth_pb2.GetCurrentUserRequest(), metadata=bearer(ended.access_token)
+                ),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TOKEN_REVOKED",
+            )
+            await expect_error(
+                api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=ended.refresh_token)),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TOKEN_REVOKED",
+            )
+        for live in sessions[2:]:
+            await api.auth.GetCurrentUser(
+                auth_pb2.GetCurrentUserRequest(), metadata=bearer(live.access_token)
+            )
+            await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=live.refresh_token))
+    finally:
+        await stop_api(api)
+
+
+async def run_cli(monkeypatch: pytest.MonkeyPatch, stack: Stack, password: str, *args: str) -> int:
+    monkeypatch.setenv("REFERRAL_DATABASE_URL", stack.database_url)
+    monkeypatch.setenv("REFERRAL_DATA_DIR", str(stack.data_dir))
+    monkeypatch.setenv("REFERRAL_REDIS_KEY_PREFIX", stack.redis_prefix)
+    if stack.redis_url:
+        monkeypatch.setenv("REFERRAL_REDIS_URL", stack.redis_url)
+    else:
+        monkeypatch.delenv("REFERRAL_REDIS_URL", raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(password + "\n"))
+    return await asyncio.to_thread(cli.main, ["create-superuser", "--password-stdin", *args])
+
+
+@pytest.mark.redis_stacks
+async def test_create_superuser_refuses_a_squatted_address(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone registered the operator's address first. Running the README command must not
+    hand them a superuser; promoting on purpose takes the account away from them."""
+    operator_password = "the operator's own passphrase"
+    await api.register("ops@example.com", password=PASSWORD)
+    squatter = await api.login("ops@example.com")
+
+    assert await run_cli(monkeypatch, api.stack, operator_password, "--email", "OPS@example.com") == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err
+    assert "--promote-existing" in err
+    me = await api.auth.GetCurrentUser(
+        auth_pb2.GetCurrentUserRequest(), metadata=bearer(squatter.access_token)
+    )
+    assert not me.user.is_superuser
+    await expect_error(api.login("ops@example.com", operator_password), grpc.StatusCode.UNAUTHENTICATED)
+
+    assert (
+        await run_cli(
+            monkeypatch, api.stack, operator_password, "--email", "ops@example.com", "--promote-existing"
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "promoted existing user" in out
+    assert "sessions were revoked" in out
+    # The squatter's session is over, and their password no longer opens the account.
+    await expect_error(
+        api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(squatter.access_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    await expect_error(
+        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=squatter.refresh_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    await expect_error(api.login("ops@example.com", PASSWORD), grpc.StatusCode.UNAUTHENTICATED)
+    operator = await api.login("ops@example.com", operator_password)
+    me = await api.auth.GetCurrentUser(
+        auth_pb2.GetCurrentUserRequest(), metadata=bearer(operator.access_token)
+    )
+    assert me.user.is_superuser
