@@ -329,14 +329,20 @@ def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret
 # --- transports ----------------------------------------------------------------------------------
 
 
-def build_pipeline(settings: Settings, auth: AuthService, limiter: RateLimiter) -> Pipeline:
+def build_pipeline(
+    settings: Settings, auth: AuthService, limiter: RateLimiter, trust: KeyValueCache
+) -> Pipeline:
     """Authentication from ``(referral.v1.access)``, the limits the protos declare with
     ``(referral.v1.rate_limit)`` at the configured rates, error mapping, access log."""
     limits = settings.rate_limits
     address = ClientAddress(limits.trusted_proxies, limits.client_address_header, limits.ipv6_prefix)
     try:
         rate_limits = (
-            RateLimits.from_services(SERVICES, limits.rates(), limiter, address) if limits.enabled else None
+            RateLimits.from_services(
+                SERVICES, limits.rates(), limiter, address, trust, limits.trust_ttl.total_seconds()
+            )
+            if limits.enabled
+            else None
         )
         authentication = Authentication.from_services(SERVICES, auth.authenticate)
     except RuntimeError as error:
@@ -541,7 +547,7 @@ async def build_app(settings: Settings) -> App:
     fast = build_fast_stores(settings, health.fast_stores_changed)
     services = build_services(settings, store, fast, settings.resolve_jwt_secret())
 
-    pipeline = build_pipeline(settings, services.auth, fast.limiter)
+    pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values)
     servicers = Servicers(AuthServicer(services.auth), ReferralServicer(services.referrals))
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer)
     http = build_http_gateway(settings, pipeline, servicers, health.servicer)

@@ -387,10 +387,19 @@ class RateLimitSettings(Group):
     env_prefix = "rate_limit_"
     #: Master switch.
     enabled: bool = Field(True, alias="rate_limits_enabled")
-    #: Failed logins per account (email), whatever the client address.
-    login_account: RateSetting = Rate(10, 900)
+    #: Failed logins per account (email) and client address.
+    login_account_address: RateSetting = Rate(10, 900)
+    #: Failed logins per account from every address together (a much higher ceiling). Client
+    #: addresses that logged in to the account before are exempt: throttled, never locked out.
+    login_account: RateSetting = Rate(100, 900)
     #: Failed logins per client address.
     login_address: RateSetting = Rate(100, 900)
+    #: Successful logins per account (each opens a session).
+    login_success_account: RateSetting = Rate(30, 3600)
+    #: Logins (attempts, whatever their outcome) per client address.
+    login_calls_address: RateSetting = Rate(300, 900)
+    #: Refreshes (attempts) per client address.
+    refresh_address: RateSetting = Rate(600, 900)
     #: Registrations (attempts) per client address.
     register_address: RateSetting = Rate(20, 3600)
     #: ``GetReferralCodeByEmail`` calls per client address.
@@ -405,6 +414,9 @@ class RateLimitSettings(Group):
     client_address_header: str = "x-forwarded-for"
     #: IPv6 clients are limited per network of this prefix length (one host often owns a /64).
     ipv6_prefix: Annotated[int, Field(ge=32, le=128)] = 64
+    #: How long a client address that logged in to an account stays exempt from that
+    #: account's ``login_account`` ceiling.
+    trust_ttl: timedelta = timedelta(days=30)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -199,6 +199,10 @@ class Stack:
             # Tests register many users from 127.0.0.1: generous limits, so the limiter runs
             # on every call without getting in the way (tests/test_ratelimits.py uses small ones).
             "rate_limit_login_account": "100000/1h",
+            "rate_limit_login_account_address": "100000/1h",
+            "rate_limit_login_success_account": "100000/1h",
+            "rate_limit_login_calls_address": "100000/1h",
+            "rate_limit_refresh_address": "100000/1h",
             "rate_limit_login_address": "100000/1h",
             "rate_limit_register_address": "100000/1h",
             "rate_limit_lookup_address": "100000/1h",

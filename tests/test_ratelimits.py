@@ -54,26 +54,108 @@ def login(api: Api, email: str, password: str = PASSWORD, **kw: Any) -> Any:
     return api.auth.Login(auth_pb2.LoginRequest(email=email, password=password), **kw)
 
 
-@limits(rate_limit_login_account="3/1h")
-async def test_failed_logins_are_limited_per_account(limited: Api) -> None:
+def from_client(client: str) -> tuple[tuple[str, str], ...]:
+    """Metadata of a call relayed by the trusted proxy (127.0.0.0/8) for ``client``."""
+    return (("x-forwarded-for", client),)
+
+
+@limits(rate_limit_login_account_address="3/1h", rate_limit_trusted_proxies=["127.0.0.0/8"])
+async def test_failed_logins_are_limited_per_account_and_client_address(limited: Api) -> None:
     api = limited
     victim, other = api.unique_email(), api.unique_email()
     await api.register(victim)
     await api.register(other)
+    attacker, owner = from_client("198.51.100.6"), from_client("203.0.113.1")
     for _ in range(10):  # successful logins never count
-        await api.login(victim)
+        await api.auth.Login(auth_pb2.LoginRequest(email=victim, password=PASSWORD), metadata=attacker)
     for _ in range(3):
-        await expect_error(login(api, victim, "wrong password!"), UNAUTH, "INVALID_CREDENTIALS")
-    error = await expect_error(login(api, victim), LIMITED)  # even the right password waits
-    assert_quota(error, "login-account", 3)
-    assert error.metadata["quota_subject"] == "account"
+        await expect_error(
+            login(api, victim, "wrong password!", metadata=attacker), UNAUTH, "INVALID_CREDENTIALS"
+        )
+    error = await expect_error(login(api, victim, metadata=attacker), LIMITED)  # even the right password
+    assert_quota(error, "login-account-address", 3)
+    assert error.metadata["quota_subject"] == "account_and_client_address"
     # the email is compared like at login: another spelling is the same account
-    await expect_error(login(api, victim.upper()), LIMITED, "RATE_LIMITED")
-    await api.login(other)  # other accounts from the same address are not affected
+    await expect_error(login(api, victim.upper(), metadata=attacker), LIMITED, "RATE_LIMITED")
+    # The attacker's failures are theirs: the owner, elsewhere, logs in; other accounts from
+    # the attacker's address are not affected.
+    await api.auth.Login(auth_pb2.LoginRequest(email=victim, password=PASSWORD), metadata=owner)
+    await api.auth.Login(auth_pb2.LoginRequest(email=other, password=PASSWORD), metadata=attacker)
     # an unknown email is limited exactly like a known one (no account probing)
     for _ in range(3):
-        await expect_error(login(api, "nobody@example.com", "wrong password!"), UNAUTH)
-    await expect_error(login(api, "nobody@example.com", "wrong password!"), LIMITED, "RATE_LIMITED")
+        await expect_error(login(api, "nobody@example.com", "wrong password!", metadata=attacker), UNAUTH)
+    await expect_error(login(api, "nobody@example.com", metadata=attacker), LIMITED, "RATE_LIMITED")
+
+
+@limits(rate_limit_login_account="3/1h", rate_limit_trusted_proxies=["127.0.0.0/8"])
+async def test_an_account_under_attack_from_everywhere_stays_open_to_its_owners_devices(limited: Api) -> None:
+    """The security review's targeted lockout: failures from many addresses reach the account's
+    ceiling. Addresses that logged in to the account before still get in with the right
+    password; new ones wait, whatever password they send."""
+    api = limited
+    victim = api.unique_email()
+    await api.register(victim)
+    home = from_client("203.0.113.1")
+    await api.auth.Login(auth_pb2.LoginRequest(email=victim, password=PASSWORD), metadata=home)
+    for n in range(3):  # a botnet: one failure from each address
+        bot = from_client(f"198.51.100.{n + 10}")
+        await expect_error(login(api, victim, "wrong password!", metadata=bot), UNAUTH, "INVALID_CREDENTIALS")
+    for n in range(3):  # ... and now every new address is refused before the password is checked
+        error = await expect_error(login(api, victim, metadata=from_client(f"198.51.100.{n + 50}")), LIMITED)
+        assert_quota(error, "login-account", 3)
+        assert error.metadata["quota_subject"] == "account"
+    # The owner's device keeps working, again and again, and its own mistakes do not lock it.
+    for _ in range(3):
+        await api.auth.Login(auth_pb2.LoginRequest(email=victim, password=PASSWORD), metadata=home)
+    await expect_error(login(api, victim, "wrong password!", metadata=home), UNAUTH, "INVALID_CREDENTIALS")
+    await api.auth.Login(auth_pb2.LoginRequest(email=victim, password=PASSWORD), metadata=home)
+    # Trust is per account: the owner's address gains nothing at another attacked account.
+    target = api.unique_email()
+    await api.register(target)
+    for n in range(3):
+        bot = from_client(f"198.51.100.{n + 10}")
+        await expect_error(login(api, target, "wrong password!", metadata=bot), UNAUTH, "INVALID_CREDENTIALS")
+    await expect_error(login(api, target, metadata=home), LIMITED, "RATE_LIMITED")
+
+
+@limits(rate_limit_login_success_account="3/1h")
+async def test_successful_logins_are_limited_per_account(limited: Api) -> None:
+    api = limited
+    email = api.unique_email()
+    await api.register(email)
+    for _ in range(5):  # failures do not count here
+        await expect_error(login(api, email, "wrong password!"), UNAUTH, "INVALID_CREDENTIALS")
+    for _ in range(3):
+        await api.login(email)
+    error = await expect_error(login(api, email), LIMITED)
+    assert_quota(error, "login-success-account", 3)
+    assert error.metadata["quota_subject"] == "account"
+    await api.login(await _fresh(api))  # other accounts are not affected
+
+
+async def _fresh(api: Api) -> str:
+    email = api.unique_email()
+    await api.register(email)
+    return email
+
+
+@limits(rate_limit_login_calls_address="4/1h", rate_limit_refresh_address="2/1h")
+async def test_every_login_and_refresh_is_limited_per_client_address(limited: Api) -> None:
+    api = limited
+    email = api.unique_email()
+    await api.register(email)
+    first = await api.login(email)
+    await api.login(email)
+    await expect_error(login(api, email, "wrong password!"), UNAUTH, "INVALID_CREDENTIALS")
+    await api.login(email)
+    error = await expect_error(login(api, email), LIMITED)
+    assert_quota(error, "login-calls-address", 4)
+    refreshed = await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=first.refresh_token))
+    await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=refreshed.refresh_token))
+    error = await expect_error(
+        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token="whatever")), LIMITED
+    )
+    assert_quota(error, "refresh-address", 2)
 
 
 @limits(rate_limit_login_address="4/1h")
@@ -86,7 +168,7 @@ async def test_failed_logins_are_limited_per_client_address(limited: Api) -> Non
     assert error.metadata["quota_subject"] == "client_address"
 
 
-@limits(rate_limit_login_account="5/1h")
+@limits(rate_limit_login_account_address="5/1h")
 async def test_concurrent_failed_logins_never_exceed_the_limit(limited: Api) -> None:
     api = limited
     email = api.unique_email()
@@ -235,26 +317,52 @@ def test_bad_rates_are_refused(text: str) -> None:
         parse_rate(text)
 
 
-LIMIT_NAMES = ("login-account", "login-address", "register-address", "code-check-address", "lookup-address")
+LIMIT_NAMES = (
+    "login-account-address",
+    "login-account",
+    "login-address",
+    "login-success-account",
+    "login-calls-address",
+    "refresh-address",
+    "register-address",
+    "code-check-address",
+    "lookup-address",
+)
 
 
 def test_the_limits_are_declared_in_the_proto() -> None:
     """The (referral.v1.rate_limit) options reproduce the table in the README, in order."""
     rules = declared_rules(SERVICES, {name: Rate(5, 60) for name in LIMIT_NAMES})
     table = {
-        method: [(rule.name, rule.subject, sorted(rule.counted_failures)) for rule in found]
+        method: [
+            (
+                rule.name,
+                rule.subject,
+                sorted(rule.counted_failures),
+                rule.successes_only,
+                rule.exempt_trusted_clients,
+            )
+            for rule in found
+        ]
         for method, found in rules.items()
     }
+    failures = ["INVALID_CREDENTIALS"]
     assert table == {
         "/referral.v1.AuthService/Login": [
-            ("login-account", "account", ["INVALID_CREDENTIALS"]),
-            ("login-address", "client_address", ["INVALID_CREDENTIALS"]),
+            ("login-account-address", "account_and_client_address", failures, False, False),
+            ("login-account", "account", failures, False, True),
+            ("login-address", "client_address", failures, False, False),
+            ("login-success-account", "account", [], True, False),
+            ("login-calls-address", "client_address", [], False, False),
         ],
+        "/referral.v1.AuthService/RefreshToken": [("refresh-address", "client_address", [], False, False)],
         "/referral.v1.AuthService/Register": [
-            ("register-address", "client_address", []),
-            ("code-check-address", "client_address", ["REFERRAL_CODE_UNKNOWN"]),
+            ("register-address", "client_address", [], False, False),
+            ("code-check-address", "client_address", ["REFERRAL_CODE_UNKNOWN"], False, False),
         ],
-        "/referral.v1.ReferralService/GetReferralCodeByEmail": [("lookup-address", "client_address", [])],
+        "/referral.v1.ReferralService/GetReferralCodeByEmail": [
+            ("lookup-address", "client_address", [], False, False)
+        ],
     }
     register = rules["/referral.v1.AuthService/Register"]
     request = auth_pb2.RegisterRequest(email="a@example.com")
@@ -265,6 +373,7 @@ def test_the_limits_are_declared_in_the_proto() -> None:
     key = login.key_of(auth_pb2.LoginRequest(email="Someone@Example.com"), "192.0.2.1")
     assert key is not None
     assert "someone" not in key.lower()  # hashed: no emails in limiter keys
+    assert key.endswith(":192.0.2.1")
     # a limit switched off is left out
     off = declared_rules(
         SERVICES, {**{name: Rate(5, 60) for name in LIMIT_NAMES}, "lookup-address": Rate(0, 60)}

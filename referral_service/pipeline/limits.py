@@ -8,8 +8,13 @@ back. After the call, a limit that counts only some failures gives its event bac
 call failed with one of them (``settle``): so a concurrent burst cannot slip through, and only
 the counted failures use up the budget.
 
+A limit may count only successful calls instead (``successes_only``). A limit that exempts
+trusted clients (``exempt_trusted_clients``) remembers, after each successful call, that the
+client address succeeded with that key (in the key-value store, for the trust period); once
+the limit is reached, such an address is still let through (its other limits still apply).
+
 Keys: the client's address (``address.py``), the account named by an email field (hashed: no
-emails in limiter keys), or the client's address only when a field is set.
+emails in limiter keys), both together, or the client's address only when a field is set.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from referral.v1 import errors_pb2, options_pb2
 
 from referral_service.domain import validation
 from referral_service.domain.errors import DomainError, Reason, ResourceExhausted
-from referral_service.domain.ports import RateLimiter
+from referral_service.domain.ports import KeyValueCache, RateLimiter
 from referral_service.pipeline.address import ClientAddress
 from referral_service.pipeline.call import Call, Handler, Stage
 
@@ -54,6 +59,10 @@ class Rule:
     counted_failures: frozenset[Reason] = frozenset()
     #: What the key is, for the error's metadata.
     subject: str = "client_address"
+    #: Count only successful calls.
+    successes_only: bool = False
+    #: Over the limit, a client that succeeded with this key before is let through.
+    exempt_trusted_clients: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +75,24 @@ def _by_address(_request: Any, address: str) -> str:
     return address
 
 
+def _account(request: Any, field: str) -> str | None:
+    key = validation.email_key(getattr(request, field))
+    if key is None:
+        return None  # no such account can exist; the address limit still counts
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def _by_account(field: str) -> KeyOf:
     def key_of(request: Any, _address: str) -> str | None:
-        key = validation.email_key(getattr(request, field))
-        if key is None:
-            return None  # no such account can exist; the address limit still counts
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
+        return _account(request, field)
+
+    return key_of
+
+
+def _by_account_and_address(field: str) -> KeyOf:
+    def key_of(request: Any, address: str) -> str | None:
+        account = _account(request, field)
+        return None if account is None else f"{account}:{address}"
 
     return key_of
 
@@ -97,6 +118,8 @@ def _rule(method: MethodDescriptor, declared: Any, rate: Rate) -> Rule:
             raise RuntimeError(f"{where}: {declared.field!r} is not a string field of the request")
         if kind == RateLimit.KEY_KIND_ACCOUNT_EMAIL:
             key_of, subject = _by_account(declared.field), "account"
+        elif kind == RateLimit.KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS:
+            key_of, subject = _by_account_and_address(declared.field), "account_and_client_address"
         elif kind == RateLimit.KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET:
             key_of, subject = _by_address_if_set(declared.field), "client_address"
         else:
@@ -107,7 +130,17 @@ def _rule(method: MethodDescriptor, declared: Any, rate: Rate) -> Rule:
         if name == "UNSPECIFIED":
             raise RuntimeError(f"{where}: ERROR_REASON_UNSPECIFIED cannot be counted")
         counted.add(Reason(name))
-    return Rule(declared.name, rate, key_of, frozenset(counted), subject)
+    if declared.successes_only and counted:
+        raise RuntimeError(f"{where}: successes_only cannot be combined with counted_failures")
+    return Rule(
+        declared.name,
+        rate,
+        key_of,
+        frozenset(counted),
+        subject,
+        successes_only=declared.successes_only,
+        exempt_trusted_clients=declared.exempt_trusted_clients,
+    )
 
 
 def declared_rules(services: Iterable[ServiceDescriptor], rates: Mapping[str, Rate]) -> dict[str, list[Rule]]:
@@ -144,13 +177,30 @@ def retry_seconds(value: float) -> int:
     return max(1, math.ceil(value))
 
 
+#: How long a client address that succeeded with a key stays trusted by default.
+TRUST_SECONDS = 30 * 24 * 3600.0
+
+
 class RateLimits:
     def __init__(
-        self, limiter: RateLimiter, rules: Mapping[str, Sequence[Rule]], address: ClientAddress
+        self,
+        limiter: RateLimiter,
+        rules: Mapping[str, Sequence[Rule]],
+        address: ClientAddress,
+        trust: KeyValueCache | None = None,
+        trust_seconds: float = TRUST_SECONDS,
     ) -> None:
         self._limiter = limiter
         self._rules = {method: tuple(found) for method, found in rules.items() if found}
         self.address = address
+        self._trust = trust
+        self._trust_seconds = trust_seconds
+        for found in self._rules.values():
+            for rule in found:
+                if rule.exempt_trusted_clients and trust is None:
+                    raise RuntimeError(
+                        f"rate limit {rule.name!r} exempts trusted clients: a trust store is needed"
+                    )
 
     @classmethod
     def from_services(
@@ -159,8 +209,10 @@ class RateLimits:
         rates: Mapping[str, Rate],
         limiter: RateLimiter,
         address: ClientAddress,
+        trust: KeyValueCache | None = None,
+        trust_seconds: float = TRUST_SECONDS,
     ) -> RateLimits:
-        return cls(limiter, declared_rules(services, rates), address)
+        return cls(limiter, declared_rules(services, rates), address, trust, trust_seconds)
 
     def stage(self, method: str) -> Stage | None:
         """The method's rate-limit stage; None when it has no limits."""
@@ -171,24 +223,44 @@ class RateLimits:
 
         def wrap(inner: Handler) -> Handler:
             async def limited(request: Any, call: Call) -> Any:
-                grants = await self.admit(rules, request, resolve(call.peer, call.forwarded))
+                client = resolve(call.peer, call.forwarded)
+                grants = await self.admit(rules, request, client)
                 failure: Reason | None = None
+                succeeded = False
                 try:
-                    return await inner(request, call)
+                    response = await inner(request, call)
+                    succeeded = True
+                    return response
                 except DomainError as error:
                     failure = error.reason
                     raise
                 finally:
-                    if grants:
-                        await self.settle(grants, failure)
+                    await self.settle(grants, failure, succeeded=succeeded)
+                    if succeeded:
+                        await self._remember_trust(rules, request, client)
 
             return limited
 
         return wrap
 
+    def _trust_key(self, rule: Rule, key: str, client: str) -> str:
+        return f"trust:{rule.name}:{key}:{client}"
+
+    async def _trusted(self, rule: Rule, key: str, client: str) -> bool:
+        assert self._trust is not None
+        return await self._trust.get(self._trust_key(rule, key, client)) is not None
+
+    async def _remember_trust(self, rules: Sequence[Rule], request: Any, client: str) -> None:
+        for rule in rules:
+            if rule.exempt_trusted_clients and self._trust is not None:
+                key = rule.key_of(request, client)
+                if key is not None:
+                    await self._trust.set(self._trust_key(rule, key, client), b"1", self._trust_seconds)
+
     async def admit(self, rules: Sequence[Rule], request: Any, client: str) -> list[Grant]:
         """Take one event of every limit of this call, or raise RESOURCE_EXHAUSTED (giving back
-        what was taken)."""
+        what was taken). A limit that exempts trusted clients lets a trusted one through
+        without taking an event."""
         grants: list[Grant] = []
         for rule in rules:
             key = rule.key_of(request, client)
@@ -197,6 +269,8 @@ class RateLimits:
             full_key = f"{rule.name}:{key}"
             decision = await self._limiter.acquire(full_key, rule.rate.limit, rule.rate.period_seconds)
             if not decision.allowed:
+                if rule.exempt_trusted_clients and await self._trusted(rule, key, client):
+                    continue
                 for grant in grants:
                     await self._give_back(grant)
                 wait = retry_seconds(decision.retry_after)
@@ -215,11 +289,18 @@ class RateLimits:
             grants.append(Grant(rule, full_key))
         return grants
 
-    async def settle(self, grants: Sequence[Grant], failure: Reason | None) -> None:
-        """After the call: give back events of failure-counting limits the call did not fail."""
+    async def settle(
+        self, grants: Sequence[Grant], failure: Reason | None, *, succeeded: bool = False
+    ) -> None:
+        """After the call: give back the events of limits that do not count its outcome
+        (failure-counting limits unless it failed with one of their reasons; success-counting
+        limits unless it succeeded)."""
         for grant in grants:
-            counted = grant.rule.counted_failures
-            if counted and failure not in counted:
+            rule = grant.rule
+            if rule.successes_only:
+                if not succeeded:
+                    await self._give_back(grant)
+            elif rule.counted_failures and failure not in rule.counted_failures:
                 await self._give_back(grant)
 
     async def _give_back(self, grant: Grant) -> None:

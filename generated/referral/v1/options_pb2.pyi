@@ -100,6 +100,11 @@ class RateLimit(_message.Message):
         """The client's address, but only for requests whose `field` is set (not
         empty); other requests are not counted by this limit.
         """
+        KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS: RateLimit._KeyKind.ValueType  # 5
+        """The account named by the request's email `field` together with the
+        client's address: each client address has its own budget per account,
+        so a client failing at one account does not use up another client's.
+        """
 
     class KeyKind(_KeyKind, metaclass=_KeyKindEnumTypeWrapper):
         """What a limit counts per."""
@@ -119,11 +124,18 @@ class RateLimit(_message.Message):
     """The client's address, but only for requests whose `field` is set (not
     empty); other requests are not counted by this limit.
     """
+    KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS: RateLimit.KeyKind.ValueType  # 5
+    """The account named by the request's email `field` together with the
+    client's address: each client address has its own budget per account,
+    so a client failing at one account does not use up another client's.
+    """
 
     NAME_FIELD_NUMBER: _builtins.int
     KEY_KIND_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     COUNTED_FAILURES_FIELD_NUMBER: _builtins.int
+    EXEMPT_TRUSTED_CLIENTS_FIELD_NUMBER: _builtins.int
+    SUCCESSES_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The limit's name, unique in the API (`login-account`). It names the
     limit in errors (`QuotaFailure.quota_id`, ErrorInfo's `quota_limit`) and
@@ -136,10 +148,21 @@ class RateLimit(_message.Message):
     KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET: a string field of the RPC's
     request message.
     """
+    exempt_trusted_clients: _builtins.bool
+    """Once this limit is reached for a key, a client address that has made a
+    successful call with the same key before (within the server's trust
+    period, 30 days by default) is still let through: an attacker who uses
+    up an account's budget from elsewhere cannot lock its owner out of the
+    devices they already use. The client's other limits still apply.
+    """
+    successes_only: _builtins.bool
+    """Count only calls that succeed (for example logins that open a session).
+    Cannot be combined with `counted_failures`.
+    """
     @_builtins.property
     def counted_failures(self) -> _containers.RepeatedScalarFieldContainer[_errors_pb2.ErrorReason.ValueType]:
         """Count only calls that fail with one of these reasons; empty: count every
-        call.
+        call (or, with `successes_only`, every successful call).
         """
 
     def __init__(
@@ -149,10 +172,12 @@ class RateLimit(_message.Message):
         key_kind: Global___RateLimit.KeyKind.ValueType = ...,
         field: _builtins.str = ...,
         counted_failures: _abc.Iterable[_errors_pb2.ErrorReason.ValueType] | None = ...,
+        exempt_trusted_clients: _builtins.bool = ...,
+        successes_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_failures", b"counted_failures", "field", b"field", "key_kind", b"key_kind", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_failures", b"counted_failures", "exempt_trusted_clients", b"exempt_trusted_clients", "field", b"field", "key_kind", b"key_kind", "name", b"name", "successes_only", b"successes_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
