@@ -289,8 +289,9 @@ class PasswordSettings(Group):
 
 class CodeSettings(Group):
     env_prefix = "code_"
-    #: Furthest a code's expiry may lie in the future.
-    max_horizon: timedelta = timedelta(days=365)
+    #: Furthest a code's expiry may lie in the future (at most 100 years: expiries stay far
+    #: from the end of the calendar).
+    max_horizon: Annotated[timedelta, Field(gt=timedelta(0), le=timedelta(days=36525))] = timedelta(days=365)
     #: Lifetime of cached ``GetReferralCodeByEmail`` answers (never past the code's expiry).
     cache_ttl: timedelta = timedelta(minutes=5)
     #: Lifetime of cached "no live code" answers.
