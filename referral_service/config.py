@@ -37,6 +37,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from referral_service.files import private_directory, private_file
+
 
 class Profile(StrEnum):
     DEVELOPMENT = "development"
@@ -638,9 +640,11 @@ def describe(error: ValidationError) -> list[str]:
 
 def _create_once(path: Path, make: Callable[[], bytes]) -> None:
     """Write ``make()`` to ``path`` (mode 0600) unless it exists: a private temporary file,
-    then linked into place, so concurrent workers all end up with the same content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    then linked into place, so concurrent workers all end up with the same content. The data
+    directory is created 0700."""
+    private_directory(path.parent)
     if path.exists():
+        private_file(path, create=False)  # one written by hand: 0600 like ours
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
