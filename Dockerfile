@@ -6,7 +6,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY referral_service ./referral_service
 COPY generated ./generated
 COPY migrations ./migrations
-RUN pip install . && useradd --system --uid 10001 referral && mkdir /data && chown referral /data
+RUN pip install . && useradd --system --uid 10001 referral && install -d -m 700 -o referral /data
 USER referral
 ENV REFERRAL_GRPC_HOST=0.0.0.0 REFERRAL_HTTP_HOST=0.0.0.0 REFERRAL_DATA_DIR=/data
 EXPOSE 50051 8080

@@ -55,11 +55,9 @@ def _run_sync(connection: Connection) -> None:
 async def _run_async() -> None:
     url = _url()
     if url.startswith("sqlite"):
-        from referral_service.storage.db import _sqlite_path
+        from referral_service.storage.db import private_sqlite_file
 
-        path = _sqlite_path(url)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(url)  # 0600 in a 0700 directory, before SQLite creates it
     engine = create_async_engine(url, poolclass=pool.NullPool)
     async with engine.connect() as connection:
         if connection.dialect.name == "sqlite":

@@ -37,6 +37,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from referral_service.files import private_directory, private_file
+
 
 class Profile(StrEnum):
     DEVELOPMENT = "development"
@@ -291,8 +293,9 @@ class PasswordSettings(Group):
 
 class CodeSettings(Group):
     env_prefix = "code_"
-    #: Furthest a code's expiry may lie in the future.
-    max_horizon: timedelta = timedelta(days=365)
+    #: Furthest a code's expiry may lie in the future (at most 100 years: expiries stay far
+    #: from the end of the calendar).
+    max_horizon: Annotated[timedelta, Field(gt=timedelta(0), le=timedelta(days=36525))] = timedelta(days=365)
     #: Lifetime of cached ``GetReferralCodeByEmail`` answers (never past the code's expiry).
     cache_ttl: timedelta = timedelta(minutes=5)
     #: Lifetime of cached "no live code" answers.
@@ -651,9 +654,11 @@ def describe(error: ValidationError) -> list[str]:
 
 def _create_once(path: Path, make: Callable[[], bytes]) -> None:
     """Write ``make()`` to ``path`` (mode 0600) unless it exists: a private temporary file,
-    then linked into place, so concurrent workers all end up with the same content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    then linked into place, so concurrent workers all end up with the same content. The data
+    directory is created 0700."""
+    private_directory(path.parent)
     if path.exists():
+        private_file(path, create=False)  # one written by hand: 0600 like ours
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

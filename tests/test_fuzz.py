@@ -11,11 +11,16 @@ default); ``make fuzz`` runs many more.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import httpx
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
@@ -99,6 +104,88 @@ def _integers(low: int, high: int) -> st.SearchStrategy[int]:
     )
 
 
+# --- extreme Durations and Timestamps -----------------------------------------------------------
+# The ranges google/protobuf/duration.proto and timestamp.proto allow; values outside them are
+# not valid messages of those types and must be INVALID_ARGUMENT, whatever the field.
+DURATION_SECONDS_MAX = 315_576_000_000  # 10,000 years
+TIMESTAMP_SECONDS_MIN = -62_135_596_800  # 0001-01-01T00:00:00Z
+TIMESTAMP_SECONDS_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z
+_NOW = int(time.time())
+_YEAR = 366 * 86400
+#: Seconds past the year 9999 from now: a ttl beyond this overflowed ``now + ttl`` (issue 12, #6).
+_TO_YEAR_9999 = TIMESTAMP_SECONDS_MAX - _NOW
+_INT64 = (-(2**63), 2**63 - 1)
+_INT32 = (-(2**31), 2**31 - 1)
+NANOS_EDGES = [0, 1, 999, 1000, 999_999_999, 1_000_000_000, -1, -999_999_999, -1_000_000_000, *_INT32]
+DURATION_SECONDS_EDGES = [
+    0,
+    1,
+    -1,
+    _YEAR,
+    _YEAR + 1,
+    _TO_YEAR_9999 - 1,
+    _TO_YEAR_9999 + 1,
+    300_000_000_000,
+    DURATION_SECONDS_MAX,
+    DURATION_SECONDS_MAX + 1,
+    -DURATION_SECONDS_MAX,
+    -DURATION_SECONDS_MAX - 1,
+    999_999_999 * 86400,  # timedelta.max
+    999_999_999 * 86400 + 86400,
+    *_INT64,
+]
+TIMESTAMP_SECONDS_EDGES = [
+    0,
+    -1,
+    _NOW,
+    _NOW + _YEAR,
+    _NOW - _YEAR,
+    TIMESTAMP_SECONDS_MIN,
+    TIMESTAMP_SECONDS_MIN - 1,
+    TIMESTAMP_SECONDS_MAX,
+    TIMESTAMP_SECONDS_MAX + 1,
+    *_INT64,
+]
+
+
+def valid_duration(value: duration_pb2.Duration) -> bool:
+    seconds, nanos = value.seconds, value.nanos
+    return (
+        abs(seconds) <= DURATION_SECONDS_MAX
+        and abs(nanos) <= 999_999_999
+        and not (seconds > 0 > nanos or seconds < 0 < nanos)
+    )
+
+
+def valid_timestamp(value: timestamp_pb2.Timestamp) -> bool:
+    return TIMESTAMP_SECONDS_MIN <= value.seconds <= TIMESTAMP_SECONDS_MAX and 0 <= value.nanos <= 999_999_999
+
+
+def _edgy(edges: list[int], low: int, high: int) -> st.SearchStrategy[int]:
+    """Mostly the edges, sometimes one step off an edge, sometimes anything of the type."""
+    return st.one_of(
+        st.sampled_from(edges),
+        st.builds(lambda v, d: min(max(v + d, low), high), st.sampled_from(edges), st.integers(-2, 2)),
+        st.integers(low, high),
+    )
+
+
+EXTREME_DURATIONS = st.builds(
+    duration_pb2.Duration,
+    seconds=_edgy(DURATION_SECONDS_EDGES, *_INT64),
+    nanos=_edgy(NANOS_EDGES, *_INT32),
+)
+EXTREME_TIMESTAMPS = st.builds(
+    timestamp_pb2.Timestamp,
+    seconds=_edgy(TIMESTAMP_SECONDS_EDGES, *_INT64),
+    nanos=_edgy(NANOS_EDGES, *_INT32),
+)
+_EXTREME = {
+    duration_pb2.Duration.DESCRIPTOR.full_name: EXTREME_DURATIONS,
+    timestamp_pb2.Timestamp.DESCRIPTOR.full_name: EXTREME_TIMESTAMPS,
+}
+
+
 def field_strategy(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     kind = field.type
     if kind == FieldDescriptor.TYPE_STRING:
@@ -118,6 +205,8 @@ def field_strategy(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]
         single = st.one_of(
             st.sampled_from([v.number for v in field.enum_type.values]), _integers(-(2**31), 2**31 - 1)
         )
+    elif kind == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name in _EXTREME:
+        single = _EXTREME[field.message_type.full_name]
     elif kind == FieldDescriptor.TYPE_MESSAGE:
         single = message_strategy(field.message_type, depth + 1)
     else:  # pragma: no cover - groups are not proto3
@@ -161,7 +250,7 @@ class Caller:
         _, token = await self.api.user_with_token()
         return token
 
-    async def call(self, method: MethodDescriptor, payload: bytes, auth: str) -> None:
+    async def call(self, method: MethodDescriptor, payload: bytes, auth: str) -> grpc.aio.AioRpcError | None:
         if auth == "valid":
             if not self.token or method.name == "Logout":
                 self.token = await self.fresh_token()
@@ -171,12 +260,15 @@ class Caller:
         else:
             metadata = ()
         rpc = self.api.channel.unary_unary(_path(method), request_serializer=None, response_deserializer=None)
+        failure = None
         try:
             await rpc(payload, metadata=metadata, timeout=30)
         except grpc.aio.AioRpcError as error:
             _check(error, f"{method.name}({payload[:200]!r})")
+            failure = error
         if method.name == "Logout" and auth == "valid":
             self.token = ""
+        return failure
 
 
 async def _still_serving(api: Api) -> None:
@@ -242,6 +334,143 @@ async def test_hostile_strings_in_every_text_field(api: Api) -> None:
             cls = GetMessageClass(method.input_type)
             for value in HOSTILE:
                 await caller.call(method, cls(**{field.name: value}).SerializeToString(), "valid")
+    await _still_serving(api)
+
+
+def time_fields(descriptor: Descriptor, depth: int = 0) -> Iterator[list[FieldDescriptor]]:
+    """The path to every Duration and Timestamp field of a request, nested ones included."""
+    for field in descriptor.fields:
+        if field.type != FieldDescriptor.TYPE_MESSAGE or field.is_repeated:
+            continue
+        if field.message_type.full_name in _EXTREME:
+            yield [field]
+        elif depth < 3:
+            yield from ([field, *rest] for rest in time_fields(field.message_type, depth + 1))
+
+
+def _with(descriptor: Descriptor, path: list[FieldDescriptor], value: Message) -> Message:
+    message = GetMessageClass(descriptor)()
+    target = message
+    for field in path[:-1]:
+        target = getattr(target, field.name)
+    getattr(target, path[-1].name).CopyFrom(value)
+    return message
+
+
+TIME_FIELDS = [(method, path) for method in METHODS for path in time_fields(method.input_type)]
+
+
+def _grid() -> dict[str, list[Message]]:
+    return {
+        duration_pb2.Duration.DESCRIPTOR.full_name: [
+            duration_pb2.Duration(seconds=s, nanos=n) for s in DURATION_SECONDS_EDGES for n in NANOS_EDGES
+        ],
+        timestamp_pb2.Timestamp.DESCRIPTOR.full_name: [
+            timestamp_pb2.Timestamp(seconds=s, nanos=n) for s in TIMESTAMP_SECONDS_EDGES for n in NANOS_EDGES
+        ],
+    }
+
+
+def test_every_time_field_of_the_api_is_fuzzed() -> None:
+    """The harness finds the fields from the descriptors; this pins that it finds the ones we
+    know of (a new Duration or Timestamp request field joins automatically)."""
+    names = {f"{method.name}.{'.'.join(f.name for f in path)}" for method, path in TIME_FIELDS}
+    assert {"CreateReferralCode.ttl", "CreateReferralCode.expire_time"} <= names
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    TIME_FIELDS,
+    ids=[f"{m.name}.{'.'.join(f.name for f in p)}" for m, p in TIME_FIELDS],
+)
+async def test_extreme_durations_and_timestamps_in_every_time_field(
+    api: Api, method: MethodDescriptor, path: list[FieldDescriptor]
+) -> None:
+    """Every Duration and Timestamp request field with the edges of its type (the valid range,
+    one past it, int64 extremes, negative, nanos edges: a fixed grid), then random values near
+    them: never UNKNOWN/INTERNAL, and a value outside the type's valid range is
+    INVALID_ARGUMENT with a field violation naming the field."""
+    caller = Caller(api)
+    kind = path[-1].message_type.full_name
+    name = ".".join(field.name for field in path)
+    is_valid = valid_duration if kind == duration_pb2.Duration.DESCRIPTOR.full_name else valid_timestamp
+    for value in _grid()[kind] + draw(_EXTREME[kind]):
+        request = _with(method.input_type, path, value)
+        what = f"{method.name}({name}={value.seconds}s {value.nanos}ns)"
+        error = await caller.call(method, request.SerializeToString(), "valid")
+        if is_valid(value):  # type: ignore[arg-type]
+            continue  # valid for its type: the RPC's own rules decide (never INTERNAL, checked)
+        assert error is not None, f"{what} was accepted"
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {error.code()}"
+        assert name in rich(error).fields, f"{what}: {rich(error).fields}"
+    await _still_serving(api)
+
+
+#: The JSON forms of extreme Durations and Timestamps (proto3 JSON mapping: strings).
+HTTP_EXTREMES: list[dict[str, Any]] = [
+    *(
+        {"ttl": value}
+        for value in (
+            "300000000000s",  # valid Duration, past the year 9999 from now: was INTERNAL
+            f"{_TO_YEAR_9999 + 1}s",
+            "315576000000.999999999s",
+            "315576000001s",
+            "-315576000001s",
+            "-1s",
+            "-0.000000001s",
+            "0.000000001s",
+            "99999999999999999999999999s",
+            "1e30s",
+            "NaNs",
+            "infs",
+            "s",
+            "",
+            "1",
+            3600,
+            {"seconds": 300000000000},
+        )
+    ),
+    *(
+        {"expireTime": value}
+        for value in (
+            "9999-12-31T23:59:59.999999999Z",
+            "0001-01-01T00:00:00Z",
+            "10000-01-01T00:00:00Z",
+            "0000-12-31T23:59:59Z",
+            "-0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59-23:59",
+            "0001-01-01T00:00:00+23:59",
+            "2026-02-30T00:00:00Z",
+            "2026-01-01T00:00:00.0000000001Z",
+            "2026-01-01T24:00:00Z",
+            "",
+            0,
+            {"seconds": 253402300800},
+        )
+    ),
+]
+
+
+async def test_extreme_durations_and_timestamps_over_http(api: Api) -> None:
+    """The same edges as JSON through the HTTP gateway: each is refused as 400 with an AIP-193
+    envelope (none lies in the allowed future window), never a 500."""
+    _, token = await api.user_with_token()
+    assert api.app.http_port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.app.http_port}", timeout=30) as http:
+        for body in HTTP_EXTREMES:
+            response = await http.post(
+                "/v1/users/me/referral-code", json=body, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert response.status_code == 400, f"{body}: {response.status_code} {response.text[:300]}"
+            error = response.json()["error"]
+            assert error["status"] == "INVALID_ARGUMENT", f"{body}: {error}"
+            fields = {
+                violation["field"]
+                for detail in error["details"]
+                if detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+                for violation in detail["fieldViolations"]
+            }
+            assert fields == {"ttl" if "ttl" in body else "expire_time"}, f"{body}: {error}"
     await _still_serving(api)
 
 

@@ -256,3 +256,125 @@ def test_a_key_of_the_wrong_type_refuses_to_start() -> None:
     )
     with pytest.raises(ValueError, match="EdDSA"):
         build_token_keys(settings, TEST_SECRET.encode())
+
+
+def _arabic_indic(number: int) -> str:
+    return "".join(chr(0x0660 + int(digit)) for digit in str(number))
+
+
+def forged_claims(uid: int) -> dict[str, dict[str, Any]]:
+    """Claims a holder of the signing key could put in a token (a leaked key, a bug in another
+    issuer sharing it): each must be refused as TOKEN_INVALID, never accepted as someone and
+    never INTERNAL. ``uid`` is a real user, so a lenient parser would log the forger in."""
+    return {
+        # sub: the canonical decimal form of a positive int64, nothing else
+        "sub with a leading space": {"sub": f" {uid}"},
+        "sub with a trailing space": {"sub": f"{uid} "},
+        "sub with a newline": {"sub": f"{uid}\n"},
+        "sub with a plus sign": {"sub": f"+{uid}"},
+        "sub with a leading zero": {"sub": f"0{uid}"},
+        "sub with an underscore": {"sub": f"0_{uid}"},
+        "sub in Arabic-Indic digits": {"sub": _arabic_indic(uid)},
+        "sub in fullwidth digits": {"sub": "".join(chr(0xFF10 + int(d)) for d in str(uid))},
+        "sub in hex": {"sub": hex(uid)},
+        "sub in exponent form": {"sub": f"{uid}e0"},
+        "sub zero": {"sub": "0"},
+        "sub negative": {"sub": f"-{uid}"},
+        "sub just past int64": {"sub": str(2**63)},
+        "sub past uint64": {"sub": str(2**64 + uid)},
+        "sub of 30 digits": {"sub": "9" * 30},
+        "sub of 2000 digits": {"sub": "9" * 2000},
+        "sub empty": {"sub": ""},
+        "sub a JSON number": {"sub": uid},
+        "sub a float": {"sub": float(uid)},
+        "sub true": {"sub": True},
+        "sub a list": {"sub": [str(uid)]},
+        "sub an object": {"sub": {"id": uid}},
+        "sub null": {"sub": None},
+        # sid and jti: non-empty strings of at most 64 visible ASCII characters
+        "sid a number": {"sid": 5},
+        "sid an object": {"sid": {}},
+        "sid a list": {"sid": ["a"]},
+        "sid true": {"sid": True},
+        "sid empty": {"sid": ""},
+        "sid too long": {"sid": "s" * 65},
+        "sid with a space": {"sid": "a b"},
+        "sid with a control character": {"sid": "a\x00b"},
+        "jti a number": {"jti": 12345},
+        "jti an object": {"jti": {"a": 1}},
+        "jti empty": {"jti": ""},
+        "jti too long": {"jti": "j" * 65},
+        "jti non-ASCII": {"jti": "j\u00e9"},
+        # exp, iat, nbf: JSON numbers (NumericDate) within the calendar
+        "exp a string": {"exp": str(int(time.time()) + 600)},
+        "exp infinite": {"exp": float("inf")},
+        "exp NaN": {"exp": float("nan")},
+        "exp past the year 9999": {"exp": 10**12},
+        "exp huge": {"exp": 10**400},
+        "iat a string": {"iat": "yesterday"},
+        "iat infinite": {"iat": float("-inf")},
+        "iat huge": {"iat": 10**400},
+        "nbf a string": {"nbf": "0"},
+        "nbf a list": {"nbf": [0]},
+        "nbf NaN": {"nbf": float("nan")},
+        "nbf hugely negative": {"nbf": -(10**400)},
+        # and the rest
+        "aud an object": {"aud": {"referral-service": True}},
+        "iss a list": {"iss": ["referral-service"]},
+    }
+
+
+async def test_forged_claims_with_a_valid_signature_are_token_invalid(api: Api) -> None:
+    """Issue 12 #13: tokens signed with the server's real key (HS256 with the test secret)
+    carrying malformed claims, as access tokens (GetCurrentUser) and as refresh tokens
+    (RefreshToken): UNAUTHENTICATED with TOKEN_INVALID, never a login as the user whose id a
+    lenient parser reads, never INTERNAL."""
+    from referral_service.crypto.jwt import hmac_kid
+
+    user, _ = await api.user_with_token()
+    kid = hmac_kid(TEST_SECRET.encode())
+
+    def forge(payload: dict[str, Any], typ: str) -> str:
+        return hs256_raw({"alg": "HS256", "typ": typ, "kid": kid}, payload, TEST_SECRET.encode())
+
+    def payload(changes: dict[str, Any]) -> dict[str, Any]:
+        values = claims(user.id)
+        values.update(changes)  # None stays in as JSON null, unlike token_claims' removal
+        return values
+
+    # the control: the same forging with well-formed claims is accepted, so each refusal below
+    # is the claim's doing
+    assert (await who(api, forge(claims(user.id), "at+jwt"))).id == user.id
+    await expect_error(
+        api.auth.RefreshToken(
+            auth_pb2.RefreshTokenRequest(refresh_token=forge(claims(user.id), "refresh+jwt"))
+        ),
+        UNAUTH,
+        "TOKEN_INVALID",  # well-formed but never issued: not recognised
+    )
+    for name, changes in forged_claims(user.id).items():
+        access = forge(payload(changes), "at+jwt")
+        error = await expect_error(who(api, access), UNAUTH)
+        assert error.reason == "TOKEN_INVALID", f"access token, {name}: {error.reason} {error.message}"
+        refresh = forge(payload(changes), "refresh+jwt")
+        error = await expect_error(
+            api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=refresh)), UNAUTH
+        )
+        assert error.reason == "TOKEN_INVALID", f"refresh token, {name}: {error.reason} {error.message}"
+    # PyJWT reads a boolean exp as 1 (1970): refused as expired before our type check sees it
+    expired = forge(payload({"exp": True}), "at+jwt")
+    await expect_error(who(api, expired), UNAUTH, "TOKEN_EXPIRED")
+    # the header's typ is compared exactly, whatever its JSON type
+    for typ in (["at+jwt"], "AT+JWT", "jwt", None, 1):
+        token = hs256_raw({"alg": "HS256", "typ": typ, "kid": kid}, claims(user.id), TEST_SECRET.encode())
+        await expect_error(who(api, token), UNAUTH, "TOKEN_INVALID")
+    # unknown claims are ignored (RFC 7519 section 4), however big or deep: the token's length
+    # bound (4096 characters) is what limits them; JSON nested past the parser's limit is refused
+    for extra in ({"x": "y" * 2500}, {"x": json.loads("[" * 900 + "]" * 900)}):
+        assert (await who(api, forge(payload(extra), "at+jwt"))).id == user.id
+    deep = b64(b'{"x":' + b"[" * 1400 + b"]" * 1400 + b"}")
+    signing_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'at+jwt', 'kid': kid}).encode())}.{deep}"
+    signature = b64(hmac.new(TEST_SECRET.encode(), signing_input.encode(), hashlib.sha256).digest())
+    await expect_error(who(api, f"{signing_input}.{signature}"), UNAUTH, "TOKEN_INVALID")
+    deep_header = b64(b'{"alg":"HS256","x":' + b"[" * 1400 + b"]" * 1400 + b"}")
+    await expect_error(who(api, f"{deep_header}.{deep}.{signature}"), UNAUTH, "TOKEN_INVALID")

@@ -1,16 +1,62 @@
-"""Domain values -> protos."""
+"""Domain values -> protos, and the well-known types of requests -> domain values."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from referral.v1 import auth_pb2, referral_pb2
 
 from referral_service.domain import models
 from referral_service.domain.clock import utcnow
+from referral_service.domain.errors import FieldViolation, InvalidArgument
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# The valid ranges of google/protobuf/timestamp.proto (0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z) and duration.proto (+-10,000 years; nanos carry the sign of
+# seconds). A message outside them is not a valid value of its type: INVALID_ARGUMENT.
+_TIMESTAMP_MIN_SECONDS, _TIMESTAMP_MAX_SECONDS = -62_135_596_800, 253_402_300_799
+_DURATION_MAX_SECONDS = 315_576_000_000
+_NANOS_MAX = 999_999_999
+
+
+def to_datetime(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """A request's Timestamp as an aware UTC datetime (nanoseconds truncated to microseconds);
+    INVALID_ARGUMENT naming ``field`` when it lies outside the range Timestamp allows."""
+    if not (_TIMESTAMP_MIN_SECONDS <= value.seconds <= _TIMESTAMP_MAX_SECONDS) or not (
+        0 <= value.nanos <= _NANOS_MAX
+    ):
+        raise InvalidArgument.fields(
+            FieldViolation(
+                field, "is not a valid timestamp (years 0001 to 9999, nanos 0 to 999999999)", "INVALID"
+            )
+        )
+    return _EPOCH + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+def to_timedelta(value: duration_pb2.Duration, field: str) -> timedelta:
+    """A request's Duration as a timedelta (nanoseconds truncated towards zero to microseconds);
+    INVALID_ARGUMENT naming ``field`` when it lies outside the range Duration allows. Any valid
+    Duration fits a timedelta (whose range is about 2.7 million years); what it may be added to
+    is the use case's business (compare before adding)."""
+    seconds, nanos = value.seconds, value.nanos
+    if (
+        abs(seconds) > _DURATION_MAX_SECONDS
+        or abs(nanos) > _NANOS_MAX
+        or (seconds > 0 > nanos)
+        or (seconds < 0 < nanos)
+    ):
+        raise InvalidArgument.fields(
+            FieldViolation(
+                field,
+                "is not a valid duration (at most 315576000000 seconds either way; nanos carry the sign"
+                " of seconds)",
+                "INVALID",
+            )
+        )
+    micros = abs(nanos) // 1000
+    return timedelta(seconds=seconds, microseconds=-micros if nanos < 0 else micros)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:

@@ -5,17 +5,11 @@ Both transports call these methods through the request pipeline; ``context`` is 
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta
-
 from referral.v1 import referral_pb2, referral_pb2_grpc
 
 from referral_service.api import convert
-from referral_service.domain.errors import FieldViolation, InvalidArgument
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
 from referral_service.pipeline.context import current_principal
-
-# Timestamp range allowed by google.protobuf.Timestamp (0001-01-01 .. 9999-12-31).
-_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
 
 
 class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
@@ -28,17 +22,9 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
         expire_time = ttl = None
         which = request.WhichOneof("expiry")
         if which == "expire_time":
-            ts = request.expire_time
-            if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS) or not (0 <= ts.nanos < 1_000_000_000):
-                raise InvalidArgument.fields(
-                    FieldViolation("expire_time", "is not a valid timestamp", "INVALID")
-                )
-            expire_time = ts.ToDatetime(tzinfo=UTC)
+            expire_time = convert.to_datetime(request.expire_time, "expire_time")
         elif which == "ttl":
-            duration = request.ttl
-            if abs(duration.seconds) > 315_576_000_000 or abs(duration.nanos) >= 1_000_000_000:
-                raise InvalidArgument.fields(FieldViolation("ttl", "is not a valid duration", "INVALID"))
-            ttl = timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
+            ttl = convert.to_timedelta(request.ttl, "ttl")
         code = await self._service.create_code(
             CreateCodeCommand(
                 owner_id=current_principal().user_id,

@@ -6,7 +6,9 @@ its key with ``kid``. Verification looks the key up by ``kid`` (unknown kid: ref
 algorithm to *that key's* algorithm (so a token cannot choose how it is checked: no ``none``, no
 HS256 signed with a published public key), checks the signature before any claim, then requires
 and checks ``exp``, ``iat``, ``nbf``, ``iss``, ``aud``, ``sub``, ``jti`` and ``sid`` (the login
-session, which is also the refresh-token family). Revocation is checked by the caller.
+session, which is also the refresh-token family), types and forms included: a correctly signed
+token with ``sub: " 1"`` or a 30-digit ``sub`` is as invalid as a badly signed one. Unknown
+claims are ignored (RFC 7519 section 4). Revocation is checked by the caller.
 
 Keys: one signing key (HS256 with the shared secret, or EdDSA/ES256 with a private key) and any
 number of verification-only keys, so keys rotate without logging anyone out: sign with the new
@@ -19,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -178,9 +181,11 @@ class JwtCodec:
         what = "access token" if typ == ACCESS_TYP else "refresh token"
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is malformed")
+        # RecursionError: JSON nested past the parser's limit (PyJWT 2.15 maps it to DecodeError
+        # itself; caught here too so that no PyJWT version turns a hostile token into INTERNAL).
         try:
             unverified = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, RecursionError):
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is malformed") from None
         kid = unverified.get("kid")
         key = self._keys.get(kid) if isinstance(kid, str) else None
@@ -209,7 +214,7 @@ class JwtCodec:
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} has an unknown issuer") from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} signature is invalid") from None
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, RecursionError):
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is invalid") from None
         header = decoded["header"]
         if header.get("typ") != typ:
@@ -217,14 +222,46 @@ class JwtCodec:
                 Reason.TOKEN_INVALID,
                 f"the token is not an {what}" if typ == ACCESS_TYP else f"the token is not a {what}",
             )
-        claims = decoded["payload"]
-        try:
-            user_id = int(claims["sub"])
-            jti = str(claims["jti"])
-            sid = str(claims["sid"])
-            exp = datetime.fromtimestamp(int(claims["exp"]), tz=UTC)
-        except (TypeError, ValueError, OverflowError, OSError):
-            raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is invalid") from None
-        if user_id <= 0 or not jti or not sid or len(jti) > 64 or len(sid) > 64:
+        verified = _claims(decoded["payload"])
+        if verified is None:
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is invalid")
-        return VerifiedToken(user_id=user_id, jti=jti, session_id=sid, expire_time=exp)
+        return verified
+
+
+#: ``sub``: a user id in its one canonical form, the decimal digits ``str(id)`` writes (no sign,
+#: white space, leading zeros, underscores or non-ASCII digits, all of which ``int()`` accepts).
+_USER_ID = re.compile(r"[1-9][0-9]{0,18}")
+_MAX_USER_ID = 2**63 - 1  # BIGINT
+#: ``jti`` and ``sid``: what we issue is hex; accepted is visible ASCII, at most 64 characters.
+_TOKEN_ID = re.compile(r"[!-~]{1,64}")
+#: NumericDate claims (RFC 7519 section 2) within the calendar: 1970 to 9999-12-31T23:59:59Z.
+_MAX_NUMERIC_DATE = 253_402_300_799
+
+
+def _numeric_date(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not (0 <= value <= _MAX_NUMERIC_DATE):  # also refuses NaN (every comparison is false)
+        return None
+    return float(value)
+
+
+def _claims(claims: Any) -> VerifiedToken | None:
+    """The claims of a token whose signature, issuer, audience and times PyJWT has checked,
+    checked for their types and forms: a signed token still says nothing we did not mean to
+    issue. None when any is malformed."""
+    if not isinstance(claims, dict):
+        return None
+    sub, jti, sid = claims.get("sub"), claims.get("jti"), claims.get("sid")
+    if not (isinstance(sub, str) and _USER_ID.fullmatch(sub) and int(sub) <= _MAX_USER_ID):
+        return None
+    if not (isinstance(jti, str) and _TOKEN_ID.fullmatch(jti)):
+        return None
+    if not (isinstance(sid, str) and _TOKEN_ID.fullmatch(sid)):
+        return None
+    exp = _numeric_date(claims.get("exp"))
+    if exp is None or _numeric_date(claims.get("iat")) is None or _numeric_date(claims.get("nbf")) is None:
+        return None
+    return VerifiedToken(
+        user_id=int(sub), jti=jti, session_id=sid, expire_time=datetime.fromtimestamp(int(exp), tz=UTC)
+    )

@@ -136,24 +136,26 @@ class ReferralService:
                 FieldViolation("expire_time", "give either expire_time or ttl, not both", "CONFLICT")
             )
         elif cmd.expire_time is not None:
-            expire = cmd.expire_time
-            field = "expire_time"
+            # Compare durations, never add to a datetime: any request value stays in range.
+            ahead = cmd.expire_time - now
+            if ahead <= timedelta(0):
+                violations.append(FieldViolation("expire_time", "must lie in the future", "IN_PAST"))
+            elif ahead > self._max_horizon:
+                violations.append(self._too_far("expire_time"))
+            else:
+                expire = cmd.expire_time
         elif cmd.ttl is not None:
+            # Checked against the horizon before the addition: a huge ttl would overflow it.
             if cmd.ttl <= timedelta(0):
                 violations.append(FieldViolation("ttl", "must be positive", "NOT_POSITIVE"))
+            elif cmd.ttl > self._max_horizon:
+                violations.append(self._too_far("ttl"))
             else:
                 expire = now + cmd.ttl
-            field = "ttl"
         else:
             violations.append(
                 FieldViolation("expire_time", "an expiry is required: set expire_time or ttl", "REQUIRED")
             )
-        if expire is not None:
-            if expire <= now:
-                violations.append(FieldViolation(field, "must lie in the future", "IN_PAST"))
-            elif expire > now + self._max_horizon:
-                days = self._max_horizon.total_seconds() / 86400
-                violations.append(FieldViolation(field, f"must lie within {days:g} days from now", "TOO_FAR"))
         if cmd.max_uses < 0:
             violations.append(
                 FieldViolation("max_uses", "must not be negative (0 means unlimited)", "NEGATIVE")
@@ -166,6 +168,10 @@ class ReferralService:
         check(violations)
         assert expire is not None
         return expire
+
+    def _too_far(self, field: str) -> FieldViolation:
+        days = self._max_horizon.total_seconds() / 86400
+        return FieldViolation(field, f"must lie within {days:g} days from now", "TOO_FAR")
 
     async def create_code(self, cmd: CreateCodeCommand) -> ReferralCode:
         now = self._now()

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from referral_service.domain.errors import Reason, Unavailable
+from referral_service.files import private_directory, private_file
 
 log = logging.getLogger("referral_service.db")
 
@@ -39,6 +40,20 @@ def _sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
     return Path(parsed.database)
+
+
+def private_sqlite_file(url: str) -> None:
+    """Before SQLite opens the database of ``url``: its directory created 0700, the file itself
+    created empty with mode 0600 (an empty file is an empty database), earlier files tightened.
+    SQLite creates its -wal, -shm and -journal files with the database file's mode, so they are
+    0600 too, whatever the process umask."""
+    path = _sqlite_path(url)
+    if path is None:
+        return
+    private_directory(path.parent)
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        private_file(path.with_name(path.name + suffix), create=False)
 
 
 def _configure_sqlite(engine: AsyncEngine, begin: str | None, timeout: float) -> None:
@@ -90,9 +105,7 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
 def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = False) -> AsyncEngine:
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
-        path = _sqlite_path(url)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(url)
         engine = create_async_engine(
             url,
             pool_size=1 if writer else pool_size,

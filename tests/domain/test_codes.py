@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -29,7 +29,13 @@ from tests.domain.conftest import CACHE_TTL, MAX_HORIZON, NEGATIVE_CACHE_TTL, Do
         ({}, {("expire_time", "REQUIRED")}),
         ({"ttl": timedelta(0)}, {("ttl", "NOT_POSITIVE")}),
         ({"ttl": MAX_HORIZON + timedelta(seconds=1)}, {("ttl", "TOO_FAR")}),
+        # compared with the horizon before any addition: no overflow past the year 9999
+        ({"ttl": timedelta(seconds=300_000_000_000)}, {("ttl", "TOO_FAR")}),
+        ({"ttl": timedelta.max}, {("ttl", "TOO_FAR")}),
+        ({"ttl": timedelta.min}, {("ttl", "NOT_POSITIVE")}),
         ({"expire_time": "now"}, {("expire_time", "IN_PAST")}),
+        ({"expire_time": "max"}, {("expire_time", "TOO_FAR")}),
+        ({"expire_time": "min"}, {("expire_time", "IN_PAST")}),
         ({"expire_time": "now", "ttl": timedelta(days=1)}, {("expire_time", "CONFLICT")}),
         ({"ttl": timedelta(days=1), "max_uses": -1}, {("max_uses", "NEGATIVE")}),
         ({"ttl": timedelta(days=1), "max_uses": 1_000_001}, {("max_uses", "TOO_LARGE")}),
@@ -53,6 +59,10 @@ async def test_create_validation(
     owner = await domain.register()
     if fields.get("expire_time") == "now":
         fields["expire_time"] = domain.clock()
+    elif fields.get("expire_time") in ("max", "min"):
+        fields["expire_time"] = (datetime.max if fields["expire_time"] == "max" else datetime.min).replace(
+            tzinfo=UTC
+        )
     error = await raises(InvalidArgument, domain.referrals.create_code(CreateCodeCommand(owner.id, **fields)))  # type: ignore[arg-type]
     assert error.reason is Reason.VALIDATION_FAILED
     assert {(v.field, v.reason) for v in error.violations} == violations
