@@ -19,6 +19,7 @@ never the raw path, so no email from a path or query reaches the logs.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -70,10 +71,28 @@ class Response:
 #: route label for the access line and the response, or None when the path is not one of them.
 Extra = Callable[[str, str], Awaitable[tuple[str, Response] | None]]
 
-_JSON_TYPES = ("application/json", "")
-# Accepted for ``body: "*"`` bindings, like query parameters (HTML forms, OAuth 2.0 clients);
-# a form-typed body that is a JSON object is read as JSON, so `curl -d '{...}'` works.
-_FORM = "application/x-www-form-urlencoded"
+#: Request bodies are JSON, labelled so: ``application/json`` or ``application/<x>+json``,
+#: optionally with ``charset=utf-8``. Nothing else is read, not even a form: a web page can make
+#: a browser send a form or ``text/plain`` to any site without asking (no CORS preflight), but
+#: not ``application/json``, so this is what keeps other sites from calling the API with their
+#: visitors' browsers (registering accounts, logging in).
+_JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9!#$&^_.+-]+\+)?json")
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/*+json``, with no parameter but ``charset=utf-8``."""
+    if not content_type:
+        return False
+    media_type, *parameters = content_type.split(";")
+    if not _JSON_MEDIA_TYPE.fullmatch(media_type.strip().lower()):
+        return False
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if not parameter.strip():
+            continue
+        if name.strip().lower() != "charset" or value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -302,7 +321,8 @@ class Transcoder:
                 call,
                 415,
                 codes.INVALID_ARGUMENT,
-                f"the request body must be application/json (or a form), not {error.args[0]}",
+                "the request body must be JSON, sent as 'Content-Type: application/json'; got "
+                + (repr(error.args[0][:100]) if error.args[0] else "no Content-Type"),
                 Reason.HTTP_UNSUPPORTED_MEDIA_TYPE,
             )
         except RequestError as error:
@@ -329,28 +349,19 @@ class Transcoder:
         data: dict[str, Any] = {}
         raw = await read_body(receive, self._max_body)
         if binding.body:
-            content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-            is_form = content_type == _FORM and not raw.lstrip().startswith(b"{")
-            if raw.strip() and content_type not in (*_JSON_TYPES, _FORM):
-                raise UnsupportedMediaType(content_type or "(none)")
-            if is_form and binding.body == "*":
-                form: dict[str, list[str]] = {}
-                for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
-                    form.setdefault(key, []).append(value)
-                for key, form_values in form.items():
-                    set_path(data, descriptor, key, form_values, origin="form field")
-            elif is_form and raw.strip():
-                raise UnsupportedMediaType(content_type)
+            # No body at all is an empty request ({}), whatever the content type says: there is
+            # nothing to misread. Any byte of body must be labelled JSON.
+            if raw and not is_json_media_type(headers.get("content-type")):
+                raise UnsupportedMediaType(headers.get("content-type", ""))
+            body = parse_json(raw) if raw.strip() else {}
+            if binding.body == "*":
+                if not isinstance(body, dict):
+                    to_message(body, route.request_class)  # raises: must be an object
+                data = body
             else:
-                body = parse_json(raw) if raw.strip() else {}
-                if binding.body == "*":
-                    if not isinstance(body, dict):
-                        to_message(body, route.request_class)  # raises: must be an object
-                    data = body
-                else:
-                    field = find_field(descriptor, binding.body)
-                    assert field is not None
-                    data = {field.json_name: body}
+                field = find_field(descriptor, binding.body)
+                assert field is not None
+                data = {field.json_name: body}
         elif raw.strip():
             raise RequestError(
                 f"{binding.verb} {binding.template} takes no request body",
