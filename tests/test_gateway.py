@@ -4,7 +4,6 @@ which do not depend on storage, on SQLite only."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -377,21 +376,6 @@ async def test_request_mapping_errors(api: Api, http: httpx.AsyncClient) -> None
     huge = await http.post("/v1/auth/login", json={"email": "a" * 300_000, "password": "x"})
     assert_envelope(huge, 413, "RESOURCE_EXHAUSTED")
     assert reason(huge) == "HTTP_REQUEST_TOO_LARGE"
-
-
-@pytest.mark.one_stack
-async def test_forms_and_curl_style_bodies_are_accepted(api: Api, http: httpx.AsyncClient) -> None:
-    email = api.unique_email()
-    await api.register(email)
-    form = await http.post("/v1/auth/login", data={"email": email, "password": PASSWORD})
-    assert form.status_code == 200, form.text
-    # `curl -d '{...}'` labels JSON as a form; a JSON object body is read as JSON.
-    curl_style = await http.post(
-        "/v1/auth/login",
-        content=json.dumps({"email": email, "password": PASSWORD}),
-        headers={"content-type": "application/x-www-form-urlencoded"},
-    )
-    assert curl_style.status_code == 200, curl_style.text
 
 
 @pytest.mark.one_stack

@@ -36,19 +36,81 @@ class RequestError(Exception):
         self.violations = list(violations)
 
 
+#: Deepest nesting of objects and arrays accepted in a request body. Our requests nest two or
+#: three levels; the bound keeps a hostile body (``[[[[...``) from reaching the parser's recursion.
+MAX_DEPTH = 32
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _BadJson(ValueError):
+    """Valid JSON syntax that a request must not use (the message says why)."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _BadJson(f"the number {text[:40]} is out of range")
+    return number
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _BadJson(f"the key {key[:100]!r} appears more than once in one object")
+            seen.add(key)
+    for key in data:
+        if _SURROGATE.search(key):
+            raise _BadJson("a key contains an unpaired UTF-16 surrogate")
+    return data
+
+
+def nesting_depth(raw: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep objects and arrays nest in ``raw`` (outside strings), counted up to ``limit + 1``.
+    Works on the bytes: no UTF-8 sequence contains an ASCII byte."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0  # cannot nest deeper than it has brackets
+    depth = deepest = 0
+    for byte in _STRING.sub(b"", raw).translate(None, _NOT_BRACKET):
+        depth += 1 if byte in b"[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
+
+
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON (no NaN/Infinity), with a violation pointing at the syntax error."""
+    """Strict JSON: UTF-8, no NaN/Infinity or numbers beyond a double, no duplicate keys, nesting at
+    most ``MAX_DEPTH`` deep; a violation says what is wrong."""
+    if nesting_depth(raw) > MAX_DEPTH:
+        raise RequestError(
+            f"the request body nests objects or arrays deeper than {MAX_DEPTH} levels",
+            [Violation("", f"JSON nesting is limited to {MAX_DEPTH} levels", "TOO_DEEP")],
+        )
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError(
             "the request body is not valid UTF-8", [Violation("", "the body must be UTF-8 JSON", "MALFORMED")]
         ) from None
-    except ValueError as error:
+    try:
+        return json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_object
+        )
+    except _BadJson as error:
+        raise RequestError(
+            f"the request body is not acceptable JSON: {error}", [Violation("", str(error), "MALFORMED")]
+        ) from None
+    except (ValueError, RecursionError) as error:
         raise RequestError(
             "the request body is not valid JSON", [Violation("", f"malformed JSON: {error}", "MALFORMED")]
         ) from None

@@ -18,15 +18,22 @@ import json
 import logging
 import math
 import socket
+import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from referral_service.gateway import descriptors, openapi
+from referral_service.domain.errors import Reason
+from referral_service.gateway import descriptors, envelope, openapi
+from referral_service.gateway.jsonmap import Violation
 from referral_service.gateway.transcoder import Response, Transcoder, build_routes, json_response
-from referral_service.pipeline.call import Handler
+from referral_service.pipeline.call import Call, Handler, ip_peer, request_id
+from referral_service.pipeline.context import log_access
+from referral_service.pipeline.errors import INVALID_ARGUMENT
 
 #: Files of the Swagger UI package served under /docs/ (nothing else is reachable there).
 _SWAGGER_ASSETS = {
@@ -69,6 +76,51 @@ def load_assets() -> dict[str, Asset]:
     for name, content_type in _SWAGGER_ASSETS.items():
         assets[f"/docs/{name}"] = Asset((swagger / name).read_bytes(), content_type, "public, max-age=86400")
     return assets
+
+
+class _H11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, answering a request that is not HTTP/1.1 at all (a garbled
+    request line, a header block over 16 KiB, a bad Content-Length: h11 refuses it before the
+    application sees it) with the AIP-193 envelope and an access line, not plain text."""
+
+    def send_400_response(self, msg: str) -> None:
+        call = Call(
+            "",
+            "http",
+            request_id(None),
+            ip_peer(*self.client) if self.client else "",
+            time.perf_counter(),
+            route="(malformed HTTP)",
+            code=INVALID_ARGUMENT,
+            reason=Reason.VALIDATION_FAILED.value,
+        )
+        body = json_response(
+            400,
+            envelope.gateway_error(
+                400,
+                INVALID_ARGUMENT,
+                "the request is not valid HTTP/1.1",
+                reason=Reason.VALIDATION_FAILED.value,
+                request_id=call.request_id,
+                violations=[Violation("", "malformed request line, headers or framing", "MALFORMED")],
+            ),
+        ).body
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"cache-control", b"no-store"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", call.request_id.encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            start = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+            self.transport.write(self.conn.send(start) or b"")
+            self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
+            self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
+            pass  # a response was already under way: nothing sensible can follow it
+        self.transport.close()
+        log_access(call, 400)
 
 
 class _Server(uvicorn.Server):
@@ -132,6 +184,7 @@ class HttpGateway:
         logging.getLogger("uvicorn.access").disabled = True
         config = uvicorn.Config(
             self.app,
+            http=_H11Protocol,
             lifespan="off",
             log_config=None,
             access_log=False,

@@ -11,6 +11,12 @@ and run the method's chain, then answer with the response as protobuf JSON, or a
 ``google.rpc.Status`` as the AIP-193 error envelope. The request id comes back as the
 ``x-request-id`` header of every response.
 
+Hostile input is refused where it enters, with the envelope: bodies not labelled JSON (415),
+JSON the parser should not see (``jsonmap.parse_json``), bad percent-encoding, header values
+that are not visible ASCII (Authorization 401, the others ignored), a Content-Length over the
+limit (413 before reading). Whatever else goes wrong is a 500 INTERNAL envelope, its traceback
+logged once (``_internal``); requests h11 cannot parse get their envelope from ``server.py``.
+
 Every HTTP request gets exactly one access line: from the pipeline when it reached an RPC, from
 here (``log_access``, same logger and fields) when it did not. Lines name the route template,
 never the raw path, so no email from a path or query reaches the logs.
@@ -19,18 +25,21 @@ never the raw path, so no email from a path or query reaches the logs.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from google.rpc import status_pb2
 
-from referral_service.domain.errors import Reason
+from referral_service.domain.errors import Reason, Unauthenticated
 from referral_service.gateway import descriptors, envelope
 from referral_service.gateway.jsonmap import (
     RequestError,
@@ -70,10 +79,54 @@ class Response:
 #: route label for the access line and the response, or None when the path is not one of them.
 Extra = Callable[[str, str], Awaitable[tuple[str, Response] | None]]
 
-_JSON_TYPES = ("application/json", "")
-# Accepted for ``body: "*"`` bindings, like query parameters (HTML forms, OAuth 2.0 clients);
-# a form-typed body that is a JSON object is read as JSON, so `curl -d '{...}'` works.
-_FORM = "application/x-www-form-urlencoded"
+log = logging.getLogger("referral_service.gateway")
+
+#: Request bodies are JSON, labelled so: ``application/json`` or ``application/<x>+json``,
+#: optionally with ``charset=utf-8``. Nothing else is read, not even a form: a web page can make
+#: a browser send a form or ``text/plain`` to any site without asking (no CORS preflight), but
+#: not ``application/json``, so this is what keeps other sites from calling the API with their
+#: visitors' browsers (registering accounts, logging in).
+_JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9!#$&^_.+-]+\+)?json")
+#: Header values the gateway reads must be visible ASCII (RFC 9110 field-vchar, SP; HTAB as
+#: optional white space in the list header X-Forwarded-For). obs-text (bytes 0x80-0xFF) and
+#: control characters are refused (Authorization) or ignored (the others).
+_VISIBLE = re.compile(r"[\x20-\x7e]*")
+_VISIBLE_OR_TAB = re.compile(r"[\t\x20-\x7e]*")
+#: A ``%`` that does not start a percent-encoded byte (RFC 3986 section 2.1).
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/*+json``, with no parameter but ``charset=utf-8``."""
+    if not content_type:
+        return False
+    media_type, *parameters = content_type.split(";")
+    if not _JSON_MEDIA_TYPE.fullmatch(media_type.strip().lower()):
+        return False
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if not parameter.strip():
+            continue
+        if name.strip().lower() != "charset" or value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+def _check_percent_encoding(raw: bytes, what: str, plus_is_space: bool = False) -> None:
+    """RequestError when a ``%`` in a path or query is not followed by two hex digits or the
+    decoded bytes are not UTF-8 (which decoding would otherwise replace silently)."""
+    if _BAD_PERCENT.search(raw):
+        raise RequestError(
+            f"the {what} has a '%' that is not followed by two hex digits",
+            [Violation("", f"percent-encode the {what} (RFC 3986)", "MALFORMED")],
+        )
+    try:
+        unquote_to_bytes(raw.replace(b"+", b" ") if plus_is_space else raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(
+            f"the {what} is not percent-encoded UTF-8",
+            [Violation("", f"percent-encode the {what} as UTF-8", "MALFORMED")],
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -123,12 +176,19 @@ def _require_field(route: Route, dotted: str) -> None:
 
 
 def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate from the request, echoed: \u escapes instead
+        body = json.dumps(data, separators=(",", ":")).encode()
     return Response(status, body, "application/json", {"cache-control": "no-store", **(headers or {})})
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the request was read: nobody to answer."""
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -137,7 +197,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ConnectionError("client went away")
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -187,6 +247,8 @@ class Transcoder:
         headers = _headers(scope, joined=self._address_header)
         client = scope.get("client")
         forwarded = headers.get(self._address_header) if self._address_header else None
+        if forwarded and not _VISIBLE_OR_TAB.fullmatch(forwarded):
+            forwarded = None  # not believed: the connection's peer is the client
         call = Call(
             "",
             "http",
@@ -196,7 +258,14 @@ class Transcoder:
             headers.get(AUTHORIZATION),
             (forwarded,) if forwarded else (),
         )
-        response, logged = await self._respond(scope, receive, headers, call)
+        try:
+            response, logged = await self._respond(scope, receive, headers, call)
+        except ClientGone:
+            call.code, call.reason = codes.CANCELLED, Reason.CANCELLED.value
+            log_access(call, 499)
+            return
+        except Exception:  # the last resort: an envelope, never uvicorn's plain-text 500
+            response, logged = self._internal(call), False
         response.headers["x-request-id"] = call.request_id
         response.headers.update(self._cors_headers(headers))
         await response.send(send)
@@ -227,6 +296,8 @@ class Transcoder:
         origin = headers.get("origin")
         if not origin or not self._cors or not ("*" in self._cors or origin in self._cors):
             return {}
+        if not _VISIBLE.fullmatch(origin):
+            return {}  # never echoed
         return {
             "access-control-allow-origin": origin,
             "vary": "Origin",
@@ -252,8 +323,13 @@ class Transcoder:
     ) -> tuple[Route, Message] | Response:
         """The route and request message, or the gateway's own response (404, 405, OPTIONS, a
         request that does not transcode)."""
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        path = raw_path.decode("latin-1").split("?", 1)[0]
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).split(b"?", 1)[0]
+        path = raw_path.decode("latin-1")
+        try:
+            _check_percent_encoding(raw_path, "path")
+        except RequestError as error:
+            call.route = f"{verb[:16]} (malformed path)"
+            return self._request_error(call, error)
         routes, values = self._match(path)
         if not routes:
             call.route = f"{verb[:16]} (no route)"
@@ -261,7 +337,7 @@ class Transcoder:
                 call,
                 404,
                 codes.NOT_FOUND,
-                f"no API method is bound to {path}; see /openapi.json",
+                f"no API method is bound to {path[:200]}; see /openapi.json",
                 Reason.HTTP_ROUTE_NOT_FOUND,
             )
         allow = ", ".join(sorted({*routes, "OPTIONS"}))
@@ -287,9 +363,21 @@ class Transcoder:
             )
         call.route = route.label
         call.method = route.binding.grpc_path
+        authorization = headers.get(AUTHORIZATION)
+        if authorization is not None and not _VISIBLE.fullmatch(authorization):
+            refused = Unauthenticated(
+                Reason.TOKEN_INVALID,
+                "the Authorization header must be 'Bearer <access_token>' in visible ASCII",
+            )
+            return self._status_response(call, codes.from_domain(refused, call.request_id), refused.reason)
+        declared = headers.get("content-length", "")
         try:
+            if declared.isdigit() and (len(declared) > 18 or int(declared) > self._max_body):
+                raise BodyTooLarge  # refused before reading a byte of it
             request = await self._request(route, values[verb], scope, receive, headers)
         except BodyTooLarge:
+            # uvicorn discards the rest of the body; closing the connection instead would reset
+            # it under a client still sending, which would never see this answer.
             return self._error(
                 call,
                 413,
@@ -302,18 +390,12 @@ class Transcoder:
                 call,
                 415,
                 codes.INVALID_ARGUMENT,
-                f"the request body must be application/json (or a form), not {error.args[0]}",
+                "the request body must be JSON, sent as 'Content-Type: application/json'; got "
+                + (repr(error.args[0][:100]) if error.args[0] else "no Content-Type"),
                 Reason.HTTP_UNSUPPORTED_MEDIA_TYPE,
             )
         except RequestError as error:
-            return self._error(
-                call,
-                400,
-                codes.INVALID_ARGUMENT,
-                error.message,
-                Reason.VALIDATION_FAILED,
-                violations=error.violations,
-            )
+            return self._request_error(call, error)
         return route, request
 
     async def _request(
@@ -329,28 +411,19 @@ class Transcoder:
         data: dict[str, Any] = {}
         raw = await read_body(receive, self._max_body)
         if binding.body:
-            content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-            is_form = content_type == _FORM and not raw.lstrip().startswith(b"{")
-            if raw.strip() and content_type not in (*_JSON_TYPES, _FORM):
-                raise UnsupportedMediaType(content_type or "(none)")
-            if is_form and binding.body == "*":
-                form: dict[str, list[str]] = {}
-                for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
-                    form.setdefault(key, []).append(value)
-                for key, form_values in form.items():
-                    set_path(data, descriptor, key, form_values, origin="form field")
-            elif is_form and raw.strip():
-                raise UnsupportedMediaType(content_type)
+            # No body at all is an empty request ({}), whatever the content type says: there is
+            # nothing to misread. Any byte of body must be labelled JSON.
+            if raw and not is_json_media_type(headers.get("content-type")):
+                raise UnsupportedMediaType(headers.get("content-type", ""))
+            body = parse_json(raw) if raw.strip() else {}
+            if binding.body == "*":
+                if not isinstance(body, dict):
+                    to_message(body, route.request_class)  # raises: must be an object
+                data = body
             else:
-                body = parse_json(raw) if raw.strip() else {}
-                if binding.body == "*":
-                    if not isinstance(body, dict):
-                        to_message(body, route.request_class)  # raises: must be an object
-                    data = body
-                else:
-                    field = find_field(descriptor, binding.body)
-                    assert field is not None
-                    data = {field.json_name: body}
+                field = find_field(descriptor, binding.body)
+                assert field is not None
+                data = {field.json_name: body}
         elif raw.strip():
             raise RequestError(
                 f"{binding.verb} {binding.template} takes no request body",
@@ -361,8 +434,10 @@ class Transcoder:
             set_path(data, descriptor, field_path, [value], origin="path variable")
         if binding.body != "*":
             query: dict[str, list[str]] = {}
-            query_string = scope.get("query_string", b"").decode("latin-1")
-            for key, value in parse_qsl(query_string, keep_blank_values=True):
+            raw_query = scope.get("query_string", b"")
+            _check_percent_encoding(raw_query, "query string", plus_is_space=True)
+            query_string = raw_query.decode("latin-1")
+            for key, value in parse_qsl(query_string, keep_blank_values=True, errors="strict"):
                 query.setdefault(key, []).append(value)
             bound = {_normal(descriptor, name) for name in path_values}
             if binding.body:
@@ -382,17 +457,46 @@ class Transcoder:
         return to_message(data, route.request_class)
 
     async def _invoke(self, route: Route, request: Message, call: Call) -> Response:
-        """The RPC in-process, through the method's chain (which logs the call's line)."""
+        """The RPC in-process, through the method's chain (which logs the call's line). Never
+        raises an Exception: whatever goes wrong becomes an envelope."""
         try:
             response = await self._invokers[call.method](request, call)
+            payload: Message = response
+            if route.binding.response_body:
+                payload = getattr(response, route.binding.response_body)
+            data = json_format.MessageToDict(payload, always_print_fields_with_no_presence=True)
+            return json_response(200, data)
         except CallFailed as failed:
             http_status, body, extra = envelope.from_status(failed.status)
             return json_response(http_status, body, extra)
-        payload: Message = response
-        if route.binding.response_body:
-            payload = getattr(response, route.binding.response_body)
-        data = json_format.MessageToDict(payload, always_print_fields_with_no_presence=True)
-        return json_response(200, data)
+        except Exception:  # past the chain's error mapping (rendering the response, say)
+            return self._internal(call)
+
+    def _internal(self, call: Call) -> Response:
+        """An unexpected exception (being handled) -> logged once with its traceback; the client
+        gets INTERNAL with the request id, nothing about the error."""
+        log.exception(
+            "unhandled error in the HTTP gateway (%s)",
+            call.route or "no route",
+            extra={"request_id": call.request_id},
+        )
+        return self._status_response(call, codes.internal(call.request_id), Reason.INTERNAL_ERROR)
+
+    def _status_response(self, call: Call, status: status_pb2.Status, reason: Reason) -> Response:
+        """A ``google.rpc.Status`` made by the gateway -> its envelope; recorded on the call."""
+        call.code, call.reason = status.code, reason.value
+        http_status, body, extra = envelope.from_status(status)
+        return json_response(http_status, body, extra)
+
+    def _request_error(self, call: Call, error: RequestError) -> Response:
+        return self._error(
+            call,
+            400,
+            codes.INVALID_ARGUMENT,
+            error.message,
+            Reason.VALIDATION_FAILED,
+            violations=error.violations,
+        )
 
     def _error(
         self,
