@@ -44,6 +44,7 @@ from referral_service.domain.ports import (
 )
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
+from referral_service.domain.service_accounts import SCOPES, ServiceAccountService
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification
 from referral_service.gateway import HttpGateway, bind
@@ -262,6 +263,7 @@ class Services:
     verifier: EmailVerifier | None
     #: Background profile enrichment; None when off.
     enrichment: EnrichmentWorker | None
+    service_accounts: ServiceAccountService
 
 
 def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret: bytes) -> Services:
@@ -323,7 +325,8 @@ def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret
         ),
         max_sessions_per_user=settings.jwt.max_sessions_per_user,
     )
-    return Services(tokens, hasher, revocations, auth, referrals, verifier, enrichment)
+    service_accounts = ServiceAccountService(store, tokens, revocations, settings.resolve_client_secret_key())
+    return Services(tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts)
 
 
 # --- transports ----------------------------------------------------------------------------------
@@ -339,12 +342,18 @@ def build_pipeline(
     try:
         rate_limits = (
             RateLimits.from_services(
-                SERVICES, limits.rates(), limiter, address, trust, limits.trust_ttl.total_seconds()
+                SERVICES,
+                limits.rates(),
+                limiter,
+                address,
+                trust,
+                limits.trust_ttl.total_seconds(),
+                limits.service_rates,
             )
             if limits.enabled
             else None
         )
-        authentication = Authentication.from_services(SERVICES, auth.authenticate)
+        authentication = Authentication.from_services(SERVICES, auth.authenticate, SCOPES)
     except RuntimeError as error:
         raise StartupError(str(error)) from None
     return Pipeline(authentication, rate_limits)
@@ -548,7 +557,9 @@ async def build_app(settings: Settings) -> App:
     services = build_services(settings, store, fast, settings.resolve_jwt_secret())
 
     pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values)
-    servicers = Servicers(AuthServicer(services.auth), ReferralServicer(services.referrals))
+    servicers = Servicers(
+        AuthServicer(services.auth, services.service_accounts), ReferralServicer(services.referrals)
+    )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer)
     http = build_http_gateway(settings, pipeline, servicers, health.servicer)
     return App(settings, db, store, fast, services, health, server, port, http)

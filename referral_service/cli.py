@@ -1,4 +1,5 @@
-"""``referral-service`` console command: ``serve``, ``migrate``, ``create-superuser``.
+"""``referral-service`` console command: ``serve``, ``migrate``, ``create-superuser``, and the
+service accounts (``create-service-account``, ``list-service-accounts``, ``revoke-service-account``).
 
 Flags override the matching ``REFERRAL_*`` environment variables.
 """
@@ -66,6 +67,55 @@ async def _create_superuser(settings: Settings, email: str, password: str, *, pr
     return 0
 
 
+async def _service_accounts(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from referral_service.app import build_app
+    from referral_service.domain.errors import DomainError
+
+    app = await build_app(settings.replace(grpc_port=0, http_enabled=False))
+    accounts = app.services.service_accounts
+    try:
+        if args.command == "create-service-account":
+            account, secret = await accounts.create(args.name, args.scopes)
+            if args.json:
+                print(json.dumps({"client_id": account.client_id, "client_secret": secret}))
+            else:
+                print(f"created service account {account.name} with scopes: {' '.join(account.scopes)}")
+                print(f"client_id:     {account.client_id}")
+                print(f"client_secret: {secret}")
+                print("The secret is shown only now: store it in the service's secret store.")
+        elif args.command == "list-service-accounts":
+            found = await accounts.list()
+            rows = [
+                {
+                    "name": account.name,
+                    "client_id": account.client_id,
+                    "scopes": list(account.scopes),
+                    "create_time": account.create_time.isoformat(),
+                    "revoke_time": account.revoke_time.isoformat() if account.revoke_time else None,
+                }
+                for account in found
+            ]
+            if args.json:
+                print(json.dumps(rows))
+            else:
+                for account in found:
+                    state = f"revoked {account.revoke_time.isoformat()}" if account.revoke_time else "active"
+                    print(f"{account.name}\t{account.client_id}\t{' '.join(account.scopes)}\t{state}")
+        else:
+            account = await accounts.revoke(args.name)
+            print(f"revoked service account {account.name}: its tokens no longer work")
+    except DomainError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        for violation in error.violations:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        return 1
+    finally:
+        await app.stop(0, drain=0)
+    return 0
+
+
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\n")
@@ -121,6 +171,30 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the password from standard input (else REFERRAL_SUPERUSER_PASSWORD, else a prompt)",
     )
+
+    create = commands.add_parser(
+        "create-service-account",
+        parents=[common],
+        help="create a service account and print its client_id and client_secret (shown once)",
+    )
+    create.add_argument("name", help="a unique name: lower-case letters, digits, '.', '_', '-'")
+    create.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        required=True,
+        help="a scope to grant (repeat for several): users:register, users:read, referrals:read, "
+        "tokens:introspect",
+    )
+    create.add_argument("--json", action="store_true", help='print {"client_id": ..., "client_secret": ...}')
+    listing = commands.add_parser("list-service-accounts", parents=[common], help="list the service accounts")
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+    revoke = commands.add_parser(
+        "revoke-service-account",
+        parents=[common],
+        help="revoke a service account: its tokens stop working at once, everywhere",
+    )
+    revoke.add_argument("name")
     return root
 
 
@@ -153,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             migrate.upgrade(settings.effective_database_url)
             log.info("database is at the latest migration")
             return 0
+        if args.command in ("create-service-account", "list-service-accounts", "revoke-service-account"):
+            return asyncio.run(_service_accounts(settings, args))
         if args.command == "create-superuser":
             return asyncio.run(
                 _create_superuser(

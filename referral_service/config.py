@@ -247,6 +247,10 @@ class JwtSettings(Group):
     audience: str = "referral-service"
     access_token_ttl: timedelta = Field(timedelta(minutes=15), alias="access_token_ttl")
     refresh_token_ttl: timedelta = Field(timedelta(days=30), alias="refresh_token_ttl")
+    #: Key of the keyed hash (HMAC-SHA256) service-account secrets are stored as, at least 32
+    #: bytes. Required in production; in development one is generated once into
+    #: ``<data_dir>/client-secret-key``. Changing it invalidates every client secret.
+    client_secret_key: SecretStr | None = Field(None, alias="client_secret_key")
     #: Live login sessions per user; a login beyond it revokes the user's oldest session.
     max_sessions_per_user: int = Field(20, ge=1, le=10_000, alias="max_sessions_per_user")
     #: Clock skew tolerated when checking exp/nbf/iat, seconds.
@@ -271,6 +275,9 @@ class JwtSettings(Group):
     def _check_secrets(self) -> JwtSettings:
         if self.secret is not None and len(self.secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"REFERRAL_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
+        key = self.client_secret_key
+        if key is not None and len(key.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"REFERRAL_CLIENT_SECRET_KEY must be at least {MIN_SECRET_BYTES} bytes")
         for old in self.previous_secrets:
             if len(old.get_secret_value().encode()) < MIN_SECRET_BYTES:
                 raise ValueError(
@@ -403,6 +410,13 @@ class RateLimitSettings(Group):
     login_calls_address: RateSetting = Rate(300, 900)
     #: Refreshes (attempts) per client address.
     refresh_address: RateSetting = Rate(600, 900)
+    #: Registrations per service account registering users on their behalf (``users:register``).
+    register_service: RateSetting = Rate(1000, 60)
+    #: Failed ``IssueServiceToken`` calls (wrong client id or secret) per client address.
+    service_token_address: RateSetting = Rate(20, 900)
+    #: Per service account (by name), a rate replacing the defaults of every per-service limit,
+    #: e.g. ``{"billing": "5000/1m"}`` (JSON).
+    service_rates: dict[str, RateSetting] = Field(default_factory=dict)
     #: Registrations (attempts) per client address.
     register_address: RateSetting = Rate(20, 3600)
     #: ``GetReferralCodeByEmail`` calls per client address.
@@ -572,6 +586,8 @@ class Settings(BaseSettings):
         problems = []
         if self.jwt.secret is None:
             problems.append("REFERRAL_JWT_SECRET is not set")
+        if self.jwt.client_secret_key is None:
+            problems.append("REFERRAL_CLIENT_SECRET_KEY is not set")
         if self.database.url is None or self.database.url.startswith("sqlite"):
             problems.append("REFERRAL_DATABASE_URL must point at PostgreSQL")
         if self.redis.url is None:
@@ -621,6 +637,18 @@ class Settings(BaseSettings):
         if len(secret) < MIN_SECRET_BYTES:
             raise RuntimeError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
         return secret.encode()
+
+    def resolve_client_secret_key(self) -> bytes:
+        """The configured key of the client-secret hash, or (development only) one generated
+        once into the data directory with mode 0600."""
+        if self.jwt.client_secret_key is not None:
+            return self.jwt.client_secret_key.get_secret_value().encode()
+        path = self.data_dir / "client-secret-key"
+        _create_once(path, lambda: (secrets.token_urlsafe(48) + "\n").encode())
+        key = path.read_text().strip()
+        if len(key) < MIN_SECRET_BYTES:
+            raise RuntimeError(f"{path} holds a key shorter than {MIN_SECRET_BYTES} bytes")
+        return key.encode()
 
     def resolve_jwt_private_key(self) -> bytes | None:
         """The PEM private key for EdDSA/ES256 (None with HS256): configured, read from its file,

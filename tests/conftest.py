@@ -161,7 +161,8 @@ async def truncate_postgres(url: str) -> None:
     )
     try:
         await conn.execute(
-            "TRUNCATE users, referral_codes, sessions, revocations, idempotency_keys, user_profiles "
+            "TRUNCATE users, referral_codes, sessions, revocations, idempotency_keys, user_profiles, "
+            "service_accounts "
             "RESTART IDENTITY CASCADE"
         )
     finally:
@@ -203,6 +204,7 @@ class Stack:
             "rate_limit_login_success_account": "100000/1h",
             "rate_limit_login_calls_address": "100000/1h",
             "rate_limit_refresh_address": "100000/1h",
+            "rate_limit_service_token_address": "100000/1h",
             "rate_limit_login_address": "100000/1h",
             "rate_limit_register_address": "100000/1h",
             "rate_limit_lookup_address": "100000/1h",

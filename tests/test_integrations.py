@@ -424,6 +424,7 @@ def test_integration_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> No
             _env_file=None,
             profile=Profile.PRODUCTION,
             jwt_secret="s" * 40,
+            client_secret_key="k" * 40,
             database_url="postgresql+asyncpg://db/referral",
             redis_url="redis://cache:6379/0",
             hunter_api_key="k",

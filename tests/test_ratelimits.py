@@ -325,6 +325,8 @@ LIMIT_NAMES = (
     "login-calls-address",
     "refresh-address",
     "register-address",
+    "register-service",
+    "service-token-address",
     "code-check-address",
     "lookup-address",
 )
@@ -356,7 +358,11 @@ def test_the_limits_are_declared_in_the_proto() -> None:
             ("login-calls-address", "client_address", [], False, False),
         ],
         "/referral.v1.AuthService/RefreshToken": [("refresh-address", "client_address", [], False, False)],
+        "/referral.v1.AuthService/IssueServiceToken": [
+            ("service-token-address", "client_address", ["INVALID_CLIENT"], False, False)
+        ],
         "/referral.v1.AuthService/Register": [
+            ("register-service", "service_account", [], False, False),
             ("register-address", "client_address", [], False, False),
             ("code-check-address", "client_address", ["REFERRAL_CODE_UNKNOWN"], False, False),
         ],
@@ -366,9 +372,9 @@ def test_the_limits_are_declared_in_the_proto() -> None:
     }
     register = rules["/referral.v1.AuthService/Register"]
     request = auth_pb2.RegisterRequest(email="a@example.com")
-    assert register[1].key_of(request, "192.0.2.1") is None  # no code named: not counted
+    assert register[2].key_of(request, "192.0.2.1") is None  # no code named: not counted
     request.referral_code = "ABC"
-    assert register[1].key_of(request, "192.0.2.1") == "192.0.2.1"
+    assert register[2].key_of(request, "192.0.2.1") == "192.0.2.1"
     login = rules["/referral.v1.AuthService/Login"][0]
     key = login.key_of(auth_pb2.LoginRequest(email="Someone@Example.com"), "192.0.2.1")
     assert key is not None

@@ -100,20 +100,29 @@ def test_domain_reasons_match_the_proto_enum() -> None:
 
 
 def test_every_rpc_declares_its_access_level() -> None:
-    rules = access_rules(SERVICES)
+    from referral_service.domain.service_accounts import SCOPES
+    from referral_service.pipeline.auth import AUTHENTICATED, PUBLIC, SERVICE, AccessRule
+
+    rules = access_rules(SERVICES, SCOPES)
     assert rules == {
-        "/referral.v1.AuthService/Register": False,
-        "/referral.v1.AuthService/Login": False,
-        "/referral.v1.AuthService/RefreshToken": False,
-        "/referral.v1.AuthService/Logout": True,
-        "/referral.v1.AuthService/GetCurrentUser": True,
-        "/referral.v1.AuthService/GetJwks": False,
-        "/referral.v1.ReferralService/CreateReferralCode": True,
-        "/referral.v1.ReferralService/GetMyReferralCode": True,
-        "/referral.v1.ReferralService/DeleteReferralCode": True,
-        "/referral.v1.ReferralService/GetReferralCodeByEmail": False,
-        "/referral.v1.ReferralService/ListReferrals": True,
+        "/referral.v1.AuthService/Register": AccessRule(PUBLIC, "users:register"),
+        "/referral.v1.AuthService/Login": AccessRule(PUBLIC),
+        "/referral.v1.AuthService/RefreshToken": AccessRule(PUBLIC),
+        "/referral.v1.AuthService/Logout": AccessRule(AUTHENTICATED),
+        "/referral.v1.AuthService/GetCurrentUser": AccessRule(AUTHENTICATED),
+        "/referral.v1.AuthService/GetJwks": AccessRule(PUBLIC),
+        "/referral.v1.AuthService/IssueServiceToken": AccessRule(PUBLIC),
+        "/referral.v1.AuthService/GetUser": AccessRule(SERVICE, "users:read"),
+        "/referral.v1.AuthService/IntrospectToken": AccessRule(SERVICE, "tokens:introspect"),
+        "/referral.v1.ReferralService/CreateReferralCode": AccessRule(AUTHENTICATED),
+        "/referral.v1.ReferralService/GetMyReferralCode": AccessRule(AUTHENTICATED),
+        "/referral.v1.ReferralService/DeleteReferralCode": AccessRule(AUTHENTICATED),
+        "/referral.v1.ReferralService/GetReferralCodeByEmail": AccessRule(PUBLIC),
+        "/referral.v1.ReferralService/ListReferrals": AccessRule(AUTHENTICATED, "referrals:read"),
     }
+    # Every scope the server knows is declared by some RPC, and none is declared twice.
+    declared = [rule.scope for rule in rules.values() if rule.scope]
+    assert sorted(declared) == sorted(SCOPES)
 
 
 def test_every_rpc_has_an_http_annotation_and_every_field_a_behavior() -> None:
@@ -169,7 +178,10 @@ async def test_unexpected_exceptions_become_internal_without_leaking(
     async def broken(request: bytes, context: Any) -> bytes:
         raise RuntimeError("secret database password in a stack trace")
 
-    pipeline = Pipeline(Authentication({"/test.Broken/Call": False}, lambda token: None))  # type: ignore[arg-type,return-value]
+    from referral_service.pipeline.auth import PUBLIC, AccessRule
+
+    rules = {"/test.Broken/Call": AccessRule(PUBLIC)}
+    pipeline = Pipeline(Authentication(rules, lambda token: None))  # type: ignore[arg-type,return-value]
     server = grpc.aio.server(interceptors=[ApiInterceptor(pipeline)])
     server.add_generic_rpc_handlers(
         (
@@ -199,10 +211,10 @@ async def test_a_token_for_a_deleted_database_user_is_not_found(api: Api) -> Non
     user, token = await api.user_with_token()
     from sqlalchemy import delete
 
-    from referral_service.storage.tables import RefreshTokenRow, UserRow
+    from referral_service.storage.tables import SessionRow, UserRow
 
     async with api.app.db.write() as session:
-        await session.execute(delete(RefreshTokenRow).where(RefreshTokenRow.user_id == user.id))
+        await session.execute(delete(SessionRow).where(SessionRow.user_id == user.id))
         await session.execute(delete(UserRow).where(UserRow.id == user.id))
     await expect_error(
         api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(token)),

@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "revocations",
     "idempotency_keys",
     "user_profiles",
+    "service_accounts",
 }
 
 
@@ -105,10 +106,12 @@ def test_production_refuses_insecure_defaults() -> None:
     assert "REFERRAL_JWT_SECRET" in text
     assert "PostgreSQL" in text
     assert "REFERRAL_REDIS_URL" in text
+    assert "REFERRAL_CLIENT_SECRET_KEY" in text
     Settings(  # type: ignore[call-arg]
         _env_file=None,
         profile=Profile.PRODUCTION,
         jwt_secret="s" * 40,
+        client_secret_key="k" * 40,
         database_url="postgresql+asyncpg://db/referral",
         redis_url="redis://cache:6379/0",
     )
@@ -135,7 +138,8 @@ def test_environment_variables_configure_the_service(monkeypatch: pytest.MonkeyP
 #: are grouped in code, ``settings.database.url``; the names stay flat).
 PUBLIC_NAMES = {
     "ACCESS_TOKEN_TTL", "ARGON2_MEMORY_KIB", "ARGON2_PARALLELISM", "ARGON2_TIME_COST",
-    "CODE_CACHE_TTL", "CODE_MAX_HORIZON", "CODE_NEGATIVE_CACHE_TTL", "DATABASE_POOL_SIZE",
+    "CLIENT_SECRET_KEY", "CODE_CACHE_TTL", "CODE_MAX_HORIZON", "CODE_NEGATIVE_CACHE_TTL",
+    "DATABASE_POOL_SIZE",
     "DATABASE_TIMEOUT_SECONDS", "DATABASE_URL", "DATA_DIR", "DISPOSABLE_DOMAINS_ALLOWED",
     "DISPOSABLE_DOMAINS_EXTRA", "ENRICHMENT_API_KEY", "ENRICHMENT_BASE_URL",
     "ENRICHMENT_BREAKER_RESET_SECONDS", "ENRICHMENT_BREAKER_THRESHOLD", "ENRICHMENT_CONCURRENCY",
@@ -155,7 +159,8 @@ PUBLIC_NAMES = {
     "RATE_LIMIT_CODE_CHECK_ADDRESS", "RATE_LIMIT_IPV6_PREFIX", "RATE_LIMIT_LOGIN_ACCOUNT",
     "RATE_LIMIT_LOGIN_ACCOUNT_ADDRESS", "RATE_LIMIT_LOGIN_ADDRESS", "RATE_LIMIT_LOGIN_CALLS_ADDRESS",
     "RATE_LIMIT_LOGIN_SUCCESS_ACCOUNT", "RATE_LIMIT_LOOKUP_ADDRESS", "RATE_LIMIT_REFRESH_ADDRESS",
-    "RATE_LIMIT_REGISTER_ADDRESS", "RATE_LIMIT_TRUST_TTL",
+    "RATE_LIMIT_REGISTER_ADDRESS", "RATE_LIMIT_REGISTER_SERVICE", "RATE_LIMIT_SERVICE_RATES",
+    "RATE_LIMIT_SERVICE_TOKEN_ADDRESS", "RATE_LIMIT_TRUST_TTL",
     "RATE_LIMIT_TRUSTED_PROXIES", "REDIS_BREAKER_RESET_SECONDS", "REDIS_BREAKER_THRESHOLD",
     "REDIS_KEY_PREFIX", "REDIS_TIMEOUT_SECONDS", "REDIS_URL", "REFRESH_TOKEN_TTL",
     "REJECT_DISPOSABLE_EMAILS", "REQUEST_ID_TTL", "SHUTDOWN_DRAIN_SECONDS", "SHUTDOWN_GRACE_SECONDS",

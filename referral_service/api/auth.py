@@ -10,6 +10,7 @@ from referral.v1 import auth_pb2, auth_pb2_grpc
 from referral_service.api import convert
 from referral_service.domain.auth import AuthService, RegisterCommand
 from referral_service.domain.models import TokenPair
+from referral_service.domain.service_accounts import ServiceAccountService
 from referral_service.pipeline.context import current_principal
 
 
@@ -23,9 +24,17 @@ def _tokens(pair: TokenPair) -> dict[str, object]:
     }
 
 
+_TOKEN_TYPES = {
+    "access_token": auth_pb2.IntrospectTokenResponse.TOKEN_TYPE_ACCESS_TOKEN,
+    "refresh_token": auth_pb2.IntrospectTokenResponse.TOKEN_TYPE_REFRESH_TOKEN,
+    "service_token": auth_pb2.IntrospectTokenResponse.TOKEN_TYPE_SERVICE_TOKEN,
+}
+
+
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, service: AuthService) -> None:
+    def __init__(self, service: AuthService, service_accounts: ServiceAccountService) -> None:
         self._service = service
+        self._service_accounts = service_accounts
 
     async def Register(self, request: auth_pb2.RegisterRequest, context: object) -> auth_pb2.RegisterResponse:
         user = await self._service.register(
@@ -60,3 +69,40 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def GetJwks(self, request: auth_pb2.GetJwksRequest, context: object) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(keys=[auth_pb2.JsonWebKey(**key) for key in self._service.jwks()])
+
+    async def IssueServiceToken(
+        self, request: auth_pb2.IssueServiceTokenRequest, context: object
+    ) -> auth_pb2.IssueServiceTokenResponse:
+        token = await self._service_accounts.issue_token(
+            request.client_id, request.client_secret, request.scopes
+        )
+        return auth_pb2.IssueServiceTokenResponse(
+            access_token=token.access_token,
+            token_type=token.token_type,
+            expires_in=token.expires_in,
+            scope=" ".join(token.scopes),
+        )
+
+    async def GetUser(self, request: auth_pb2.GetUserRequest, context: object) -> auth_pb2.GetUserResponse:
+        user = await self._service.get_user(request.user_id, request.email)
+        return auth_pb2.GetUserResponse(user=convert.user(user))
+
+    async def IntrospectToken(
+        self, request: auth_pb2.IntrospectTokenRequest, context: object
+    ) -> auth_pb2.IntrospectTokenResponse:
+        found = await self._service.introspect(request.token)
+        if not found.active:
+            return auth_pb2.IntrospectTokenResponse(active=False)
+        response = auth_pb2.IntrospectTokenResponse(
+            active=True,
+            token_type=_TOKEN_TYPES[found.token_type],
+            sub=found.client_id or str(found.user_id),
+            scope=" ".join(found.scopes),
+            client_id=found.client_id,
+            user_id=found.user_id,
+        )
+        if found.expire_time is not None:
+            response.expire_time.CopyFrom(convert.timestamp(found.expire_time))
+        if found.issue_time is not None:
+            response.issue_time.CopyFrom(convert.timestamp(found.issue_time))
+        return response

@@ -18,7 +18,14 @@ import grpc
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from referral_service.pipeline.call import AUTHORIZATION, REQUEST_ID, Call, CallFailed, request_id
+from referral_service.pipeline.call import (
+    AUTHORIZATION,
+    END_USER_ADDRESS,
+    REQUEST_ID,
+    Call,
+    CallFailed,
+    request_id,
+)
 from referral_service.pipeline.chain import Pipeline
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -72,7 +79,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
 
         async def behavior(raw: bytes, context: Context) -> Any:
             started = time.perf_counter()
-            authorization = given_id = None
+            authorization = given_id = end_user = None
             forwarded: list[str] = []
             for key, value in context.invocation_metadata() or ():
                 if key == AUTHORIZATION:
@@ -83,8 +90,17 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                         given_id = value
                 elif key == address_header and isinstance(value, str):
                     forwarded.append(value)
+                elif key == END_USER_ADDRESS and end_user is None and isinstance(value, str):
+                    end_user = value
             call = Call(
-                method, "grpc", request_id(given_id), context.peer(), started, authorization, forwarded
+                method,
+                "grpc",
+                request_id(given_id),
+                context.peer(),
+                started,
+                authorization,
+                forwarded,
+                end_user,
             )
             try:
                 response = await chain(raw, call)

@@ -58,8 +58,13 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
     async def ListReferrals(
         self, request: referral_pb2.ListReferralsRequest, context: object
     ) -> referral_pb2.ListReferralsResponse:
+        caller = current_principal()
         page = await self._service.list_referrals(
-            current_principal().user_id, request.referrer_id, request.page_size, request.page_token
+            caller.user_id,
+            request.referrer_id,
+            request.page_size,
+            request.page_token,
+            caller_scopes=caller.scopes,
         )
         return referral_pb2.ListReferralsResponse(
             referrals=[convert.referral(item) for item in page.referrals],

@@ -33,12 +33,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from referral_service.domain.errors import Reason, Unauthenticated
-from referral_service.domain.ports import MAX_TOKEN_LENGTH, IssuedToken, VerifiedToken
+from referral_service.domain.models import ServiceAccount
+from referral_service.domain.ports import (
+    ACCESS_TOKEN,
+    MAX_TOKEN_LENGTH,
+    REFRESH_TOKEN,
+    SERVICE_TOKEN,
+    IssuedToken,
+    VerifiedServiceToken,
+    VerifiedToken,
+)
 
 ALGORITHM = "HS256"
 ACCESS_TYP = "at+jwt"
 REFRESH_TYP = "refresh+jwt"
+#: Service tokens: a type of their own, so that no verifier takes one for a user's token.
+SERVICE_TYP = "svc+jwt"
 _REQUIRED = ["exp", "iat", "nbf", "iss", "aud", "sub", "jti", "sid"]
+_SERVICE_REQUIRED = ["exp", "iat", "nbf", "iss", "aud", "sub", "jti", "client_id", "scope", "sa"]
+_KINDS = {ACCESS_TYP: ACCESS_TOKEN, REFRESH_TYP: REFRESH_TOKEN, SERVICE_TYP: SERVICE_TOKEN}
+_WHAT = {ACCESS_TYP: "access token", REFRESH_TYP: "refresh token", SERVICE_TYP: "service token"}
 
 
 def _b64(data: bytes) -> str:
@@ -177,8 +191,54 @@ class JwtCodec:
     def verify_refresh(self, token: str) -> VerifiedToken:
         return self.verify(token, REFRESH_TYP)
 
+    def issue_service(self, account: ServiceAccount, scopes: Sequence[str], now: datetime) -> IssuedToken:
+        jti = uuid.uuid4().hex
+        expire = now + self._config.access_ttl
+        claims: dict[str, Any] = {
+            "iss": self._config.issuer,
+            "aud": self._config.audience,
+            "sub": account.client_id,
+            "client_id": account.client_id,
+            "sa": account.id,
+            "svc": account.name,
+            "scope": " ".join(scopes),
+            "iat": int(now.timestamp()),
+            "nbf": int(now.timestamp()),
+            "exp": int(expire.timestamp()),
+            "jti": jti,
+        }
+        token = jwt.encode(
+            claims,
+            self._key.signer,
+            algorithm=self._key.algorithm,
+            headers={"typ": SERVICE_TYP, "kid": self.kid},
+        )
+        return IssuedToken(token=token, jti=jti, session_id="", expire_time=expire)
+
+    def verify_service(self, token: str) -> VerifiedServiceToken:
+        payload = self._decode(token, SERVICE_TYP, _SERVICE_REQUIRED)
+        verified = _service_claims(payload)
+        if verified is None:
+            raise Unauthenticated(Reason.TOKEN_INVALID, "the service token is invalid")
+        return verified
+
+    def kind_of(self, token: str) -> str:
+        try:
+            typ = jwt.get_unverified_header(token).get("typ")
+        except (jwt.InvalidTokenError, RecursionError):
+            return ""
+        return _KINDS.get(typ, "") if isinstance(typ, str) else ""
+
     def verify(self, token: str, typ: str) -> VerifiedToken:
-        what = "access token" if typ == ACCESS_TYP else "refresh token"
+        verified = _claims(self._decode(token, typ, _REQUIRED))
+        if verified is None:
+            raise Unauthenticated(Reason.TOKEN_INVALID, f"the {_WHAT[typ]} is invalid")
+        return verified
+
+    def _decode(self, token: str, typ: str, required: list[str]) -> Any:
+        """The payload of a token of type ``typ`` whose signature, issuer, audience and times
+        check out; else Unauthenticated."""
+        what = _WHAT[typ]
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is malformed")
         # RecursionError: JSON nested past the parser's limit (PyJWT 2.15 maps it to DecodeError
@@ -202,7 +262,7 @@ class JwtCodec:
                 audience=self._config.audience,
                 issuer=self._config.issuer,
                 leeway=self._config.leeway_seconds,
-                options={"require": _REQUIRED, "verify_signature": True},
+                options={"require": required, "verify_signature": True},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated(Reason.TOKEN_EXPIRED, f"the {what} has expired") from None
@@ -222,10 +282,7 @@ class JwtCodec:
                 Reason.TOKEN_INVALID,
                 f"the token is not an {what}" if typ == ACCESS_TYP else f"the token is not a {what}",
             )
-        verified = _claims(decoded["payload"])
-        if verified is None:
-            raise Unauthenticated(Reason.TOKEN_INVALID, f"the {what} is invalid")
-        return verified
+        return decoded["payload"]
 
 
 #: ``sub``: a user id in its one canonical form, the decimal digits ``str(id)`` writes (no sign,
@@ -263,5 +320,53 @@ def _claims(claims: Any) -> VerifiedToken | None:
     if exp is None or _numeric_date(claims.get("iat")) is None or _numeric_date(claims.get("nbf")) is None:
         return None
     return VerifiedToken(
-        user_id=int(sub), jti=jti, session_id=sid, expire_time=datetime.fromtimestamp(int(exp), tz=UTC)
+        user_id=int(sub),
+        jti=jti,
+        session_id=sid,
+        expire_time=datetime.fromtimestamp(int(exp), tz=UTC),
+        issue_time=datetime.fromtimestamp(int(claims["iat"]), tz=UTC),
+    )
+
+
+#: Client ids we issue are ``svc_`` and hex; scope names are lower-case words with a colon.
+_CLIENT_ID = re.compile(r"[!-~]{1,64}")
+_SCOPE = re.compile(r"[a-z]+:[a-z]+")
+_SERVICE_NAME = re.compile(r"[!-~]{1,64}")
+
+
+def _service_claims(claims: Any) -> VerifiedServiceToken | None:
+    """The claims of a service token (signature and times checked), checked for their forms."""
+    if not isinstance(claims, dict):
+        return None
+    sub, client_id, account, name = (
+        claims.get("sub"),
+        claims.get("client_id"),
+        claims.get("sa"),
+        claims.get("svc"),
+    )
+    scope, jti = claims.get("scope"), claims.get("jti")
+    if not (isinstance(client_id, str) and _CLIENT_ID.fullmatch(client_id) and sub == client_id):
+        return None
+    if isinstance(account, bool) or not isinstance(account, int) or not 0 < account <= _MAX_USER_ID:
+        return None
+    if not (isinstance(name, str) and _SERVICE_NAME.fullmatch(name)):
+        return None
+    if not isinstance(scope, str) or len(scope) > 512:
+        return None
+    scopes = tuple(scope.split(" ")) if scope else ()
+    if not all(_SCOPE.fullmatch(item) for item in scopes):
+        return None
+    if not (isinstance(jti, str) and _TOKEN_ID.fullmatch(jti)):
+        return None
+    exp, iat = _numeric_date(claims.get("exp")), _numeric_date(claims.get("iat"))
+    if exp is None or iat is None or _numeric_date(claims.get("nbf")) is None:
+        return None
+    return VerifiedServiceToken(
+        account_id=account,
+        client_id=client_id,
+        name=name,
+        scopes=scopes,
+        jti=jti,
+        expire_time=datetime.fromtimestamp(int(exp), tz=UTC),
+        issue_time=datetime.fromtimestamp(int(iat), tz=UTC),
     )

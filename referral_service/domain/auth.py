@@ -25,14 +25,17 @@ from referral_service.domain.errors import (
     Unauthenticated,
     check,
 )
-from referral_service.domain.models import CodeState, Principal, TokenPair, User
+from referral_service.domain.models import CodeState, Introspection, Principal, TokenPair, User
 from referral_service.domain.ports import (
+    ACCESS_TOKEN,
     EMAIL_TAKEN,
     MAX_TOKEN_LENGTH,
+    REFRESH_TOKEN,
     REVOKED_BY_LIMIT,
     REVOKED_BY_LOGOUT,
     REVOKED_BY_OPERATOR,
     REVOKED_BY_REUSE,
+    SERVICE_TOKEN,
     Conflict,
     NewUser,
     PasswordHasher,
@@ -43,6 +46,7 @@ from referral_service.domain.ports import (
     Verification,
 )
 from referral_service.domain.revocations import Revocations
+from referral_service.domain.service_accounts import account_revocation
 from referral_service.domain.verification import EmailVerification
 
 log = logging.getLogger("referral_service.auth")
@@ -494,6 +498,22 @@ class AuthService:
             raise problem
 
     async def authenticate(self, access_token: str) -> Principal:
+        """The caller an access token or a service token names, unless it was revoked."""
+        if self._tokens.kind_of(access_token) == SERVICE_TOKEN:
+            service = self._tokens.verify_service(access_token)
+            keys = [f"jti:{service.jti}", account_revocation(service.account_id)]
+            if await self._revocations.is_revoked(keys, self._now()):
+                raise Unauthenticated(Reason.TOKEN_REVOKED, "the service token has been revoked")
+            return Principal(
+                user_id=0,
+                token_id=service.jti,
+                session_id="",
+                expire_time=service.expire_time,
+                service_account_id=service.account_id,
+                client_id=service.client_id,
+                service_name=service.name,
+                scopes=frozenset(service.scopes),
+            )
         token = self._tokens.verify_access(access_token)
         keys = [f"jti:{token.jti}", f"sid:{token.session_id}"]
         if await self._revocations.is_revoked(keys, self._now()):
@@ -504,6 +524,72 @@ class AuthService:
             session_id=token.session_id,
             expire_time=token.expire_time,
         )
+
+    async def introspect(self, token: str) -> Introspection:
+        """RFC 7662: whether the token is active and what it is; any dead token (malformed,
+        forged, expired, revoked, a used refresh token) is just inactive."""
+        if not token:
+            raise InvalidArgument.fields(FieldViolation("token", "is required", "REQUIRED"))
+        check(_token_length("token", token))
+        inactive = Introspection(active=False)
+        kind = self._tokens.kind_of(token)
+        now = self._now()
+        try:
+            if kind == SERVICE_TOKEN:
+                principal = await self.authenticate(token)
+                service = self._tokens.verify_service(token)
+                return Introspection(
+                    active=True,
+                    token_type=SERVICE_TOKEN,
+                    client_id=principal.client_id,
+                    scopes=tuple(sorted(principal.scopes)),
+                    expire_time=service.expire_time,
+                    issue_time=service.issue_time,
+                )
+            if kind == ACCESS_TOKEN:
+                await self.authenticate(token)
+                verified = self._tokens.verify_access(token)
+            elif kind == REFRESH_TOKEN:
+                verified = self._tokens.verify_refresh(token)
+                async with self._store.read() as uow:
+                    session = await uow.sessions.get(verified.session_id)
+                if (
+                    session is None
+                    or session.user_id != verified.user_id
+                    or session.refresh_jti != verified.jti
+                    or not session.live(now)
+                ):
+                    return inactive
+            else:
+                return inactive
+        except Unauthenticated:
+            return inactive
+        return Introspection(
+            active=True,
+            token_type=kind,
+            user_id=verified.user_id,
+            expire_time=verified.expire_time,
+            issue_time=verified.issue_time,
+        )
+
+    async def get_user(self, user_id: int, email: str) -> User:
+        """A user by id or by email (exactly one), for services."""
+        if bool(user_id) == bool(email):
+            raise InvalidArgument.fields(
+                FieldViolation("user_id", "set exactly one of user_id and email", "ONE_OF"),
+                FieldViolation("email", "set exactly one of user_id and email", "ONE_OF"),
+            )
+        if user_id < 0:
+            raise InvalidArgument.fields(FieldViolation("user_id", "must be positive", "OUT_OF_RANGE"))
+        async with self._store.read() as uow:
+            if user_id:
+                user = await uow.users.get(user_id)
+            else:
+                key = v.email_key(email) if len(email) <= v.EMAIL_MAX * 2 else None
+                user = await uow.users.by_email_key(key) if key is not None else None
+        if user is None:
+            raise NotFound(Reason.USER_NOT_FOUND, "no such user")
+        return user
 
     def jwks(self) -> list[dict[str, str]]:
         """The public keys that verify our tokens (empty with a shared HMAC secret)."""

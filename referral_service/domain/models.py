@@ -119,9 +119,57 @@ class TokenPair:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller, as proven by a verified access token."""
+    """The authenticated caller, as proven by a verified access token: a user (``user_id``,
+    ``session_id``) or a service account (``service_account_id``, ``client_id``, ``scopes``;
+    ``user_id`` 0)."""
 
     user_id: int
     token_id: str
     session_id: str
     expire_time: datetime
+    service_account_id: int = 0
+    client_id: str = ""
+    service_name: str = ""
+    scopes: frozenset[str] = frozenset()
+
+    @property
+    def is_service(self) -> bool:
+        return self.service_account_id != 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccount:
+    """An internal service allowed to call with scopes (OAuth 2.0 client credentials)."""
+
+    id: int
+    name: str
+    client_id: str
+    secret_hash: str
+    scopes: tuple[str, ...]
+    create_time: datetime
+    revoke_time: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoke_time is None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceToken:
+    access_token: str
+    expires_in: int
+    scopes: tuple[str, ...]
+    token_type: str = "Bearer"
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """What a token is (RFC 7662); ``active`` False and nothing else for any dead token."""
+
+    active: bool
+    token_type: str = ""  # "access_token", "refresh_token" or "service_token"
+    user_id: int = 0
+    client_id: str = ""
+    scopes: tuple[str, ...] = ()
+    expire_time: datetime | None = None
+    issue_time: datetime | None = None

@@ -32,7 +32,15 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
-from referral_service.domain.models import EmailStatus, Profile, ProfileState, Referral, ReferralCode, User
+from referral_service.domain.models import (
+    EmailStatus,
+    Profile,
+    ProfileState,
+    Referral,
+    ReferralCode,
+    ServiceAccount,
+    User,
+)
 
 T = TypeVar("T")
 
@@ -46,6 +54,8 @@ CODE_TAKEN = "uq_referral_codes_code_key"
 OPEN_CODE_EXISTS = "uq_referral_codes_open_owner"
 #: The (scope, request_id) pair is already remembered.
 REQUEST_ID_TAKEN = "pk_idempotency_keys"
+#: Another service account has this name.
+SERVICE_ACCOUNT_TAKEN = "uq_service_accounts_name"
 
 
 class Conflict(Exception):
@@ -324,6 +334,26 @@ class Profiles(Protocol):
         ...
 
 
+class ServiceAccounts(Protocol):
+    async def add(
+        self, *, name: str, client_id: str, secret_hash: str, scopes: Sequence[str], now: datetime
+    ) -> ServiceAccount:
+        """Conflict(SERVICE_ACCOUNT_TAKEN) when the name is taken (revoked accounts keep it)."""
+        ...
+
+    async def by_client_id(self, client_id: str) -> ServiceAccount | None: ...
+
+    async def by_name(self, name: str) -> ServiceAccount | None: ...
+
+    async def all(self) -> list[ServiceAccount]:
+        """Every account, revoked ones too, by name."""
+        ...
+
+    async def revoke(self, account_id: int, now: datetime) -> None:
+        """Revoke the account (a revoked one keeps its first revocation)."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """The repositories of one transaction (or, from ``Store.read()``, of autocommit reads)."""
 
@@ -339,6 +369,8 @@ class UnitOfWork(Protocol):
     def requests(self) -> Requests: ...
     @property
     def profiles(self) -> Profiles: ...
+    @property
+    def service_accounts(self) -> ServiceAccounts: ...
 
     async def purge_expired(self, now: datetime) -> int:
         """Delete expired revocations, request ids and refresh tokens; the rows deleted."""
@@ -478,6 +510,24 @@ class VerifiedToken:
     jti: str
     session_id: str
     expire_time: datetime
+    issue_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedServiceToken:
+    account_id: int
+    client_id: str
+    name: str
+    scopes: tuple[str, ...]
+    jti: str
+    expire_time: datetime
+    issue_time: datetime
+
+
+#: What ``TokenCodec.kind_of`` says a token claims to be (verification still decides).
+ACCESS_TOKEN = "access_token"
+REFRESH_TOKEN = "refresh_token"
+SERVICE_TOKEN = "service_token"
 
 
 class TokenCodec(Protocol):
@@ -498,6 +548,17 @@ class TokenCodec(Protocol):
     def verify_access(self, token: str) -> VerifiedToken: ...
 
     def verify_refresh(self, token: str) -> VerifiedToken: ...
+
+    def issue_service(self, account: ServiceAccount, scopes: Sequence[str], now: datetime) -> IssuedToken:
+        """A service token: like an access token, for a service account with scopes."""
+        ...
+
+    def verify_service(self, token: str) -> VerifiedServiceToken: ...
+
+    def kind_of(self, token: str) -> str:
+        """ACCESS_TOKEN, REFRESH_TOKEN or SERVICE_TOKEN as the token's (unverified) header
+        claims, or "" when it claims none: which ``verify_*`` to call."""
+        ...
 
     def jwks(self) -> list[dict[str, str]]:
         """The public keys (JWK) that verify the tokens; none for shared secrets."""

@@ -37,6 +37,7 @@ from referral_service.domain.ports import (
     UnitOfWork,
     VersionedCache,
 )
+from referral_service.domain.service_accounts import REFERRALS_READ
 
 log = logging.getLogger("referral_service.referrals")
 
@@ -357,8 +358,16 @@ class ReferralService:
         return after_id
 
     async def list_referrals(
-        self, caller_id: int, referrer_id: int, page_size: int, page_token: str
+        self,
+        caller_id: int,
+        referrer_id: int,
+        page_size: int,
+        page_token: str,
+        *,
+        caller_scopes: frozenset[str] = frozenset(),
     ) -> ReferralPage:
+        """A page of the referrer's referrals: for the referrer, a superuser, or a service with
+        ``referrals:read`` (``caller_scopes``; ``caller_id`` 0)."""
         violations: list[FieldViolation] = []
         if referrer_id <= 0:
             violations.append(FieldViolation("referrer_id", "must be a positive user id", "INVALID"))
@@ -368,7 +377,7 @@ class ReferralService:
             violations.append(FieldViolation("page_token", "is too long", "TOO_LONG"))
         check(violations)
         # Permission before existence: others' ids are not probed.
-        if caller_id != referrer_id:
+        if caller_id != referrer_id and REFERRALS_READ not in caller_scopes:
             async with self._store.read() as uow:
                 caller = await uow.users.get(caller_id)
             if caller is None or not caller.is_superuser:

@@ -51,7 +51,15 @@ from referral_service.gateway.jsonmap import (
 )
 from referral_service.gateway.paths import Template, compile_template
 from referral_service.pipeline import errors as codes
-from referral_service.pipeline.call import AUTHORIZATION, REQUEST_ID, Call, CallFailed, Handler, ip_peer
+from referral_service.pipeline.call import (
+    AUTHORIZATION,
+    END_USER_ADDRESS,
+    REQUEST_ID,
+    Call,
+    CallFailed,
+    Handler,
+    ip_peer,
+)
 from referral_service.pipeline.call import request_id as new_request_id
 from referral_service.pipeline.context import log_access
 
@@ -257,6 +265,7 @@ class Transcoder:
             started,
             headers.get(AUTHORIZATION),
             (forwarded,) if forwarded else (),
+            headers.get(END_USER_ADDRESS),
         )
         try:
             response, logged = await self._respond(scope, receive, headers, call)

@@ -41,6 +41,7 @@ from referral_service.domain.models import (
     ProfileState,
     Referral,
     ReferralCode,
+    ServiceAccount,
     User,
 )
 from referral_service.domain.ports import Conflict
@@ -187,6 +188,8 @@ class _Data:
     revocations: dict[str, datetime] = field(default_factory=dict)
     requests: dict[tuple[str, str], _RequestRow] = field(default_factory=dict)
     profiles: dict[int, _ProfileRow] = field(default_factory=dict)
+    service_accounts: dict[int, ServiceAccount] = field(default_factory=dict)
+    service_account_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     user_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     code_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -207,6 +210,7 @@ class _View:
         self.revocations = _Table(data.revocations, writable)
         self.requests = _Table(data.requests, writable)
         self.profiles = _Table(data.profiles, writable)
+        self.service_accounts = _Table(data.service_accounts, writable)
 
     def _tables(self) -> tuple[_Table[Any, Any], ...]:
         return (
@@ -221,6 +225,7 @@ class _View:
             self.revocations,
             self.requests,
             self.profiles,
+            self.service_accounts,
         )
 
     def commit(self) -> None:
@@ -713,6 +718,48 @@ class _Profiles:
                 )
 
 
+class _ServiceAccounts:
+    def __init__(self, view: _View) -> None:
+        self._v = view
+
+    async def add(
+        self, *, name: str, client_id: str, secret_hash: str, scopes: Sequence[str], now: datetime
+    ) -> ServiceAccount:
+        v = self._v
+        for _, account in v.service_accounts.items():
+            if account.name == name:
+                raise ports.Conflict(ports.SERVICE_ACCOUNT_TAKEN)
+            if account.client_id == client_id:
+                raise ValueError("unique: client id already exists")
+        account = ServiceAccount(
+            id=next(v.data.service_account_ids),
+            name=name,
+            client_id=client_id,
+            secret_hash=secret_hash,
+            scopes=tuple(scopes),
+            create_time=_utc(now),
+        )
+        v.service_accounts.put(account.id, account)
+        return account
+
+    async def by_client_id(self, client_id: str) -> ServiceAccount | None:
+        return next(
+            (a for a in [row for _, row in self._v.service_accounts.items()] if a.client_id == client_id),
+            None,
+        )
+
+    async def by_name(self, name: str) -> ServiceAccount | None:
+        return next((a for _, a in self._v.service_accounts.items() if a.name == name), None)
+
+    async def all(self) -> list[ServiceAccount]:
+        return sorted((a for _, a in self._v.service_accounts.items()), key=lambda account: account.name)
+
+    async def revoke(self, account_id: int, now: datetime) -> None:
+        account = self._v.service_accounts.get(account_id)
+        if account is not None and account.revoke_time is None:
+            self._v.service_accounts.put(account_id, replace(account, revoke_time=_utc(now)))
+
+
 class MemoryUnitOfWork:
     """The six repositories over one view (a transaction's, or the committed rows for reads)."""
 
@@ -724,6 +771,7 @@ class MemoryUnitOfWork:
         self.sessions = _Sessions(view)
         self.requests = _Requests(view)
         self.profiles = _Profiles(view)
+        self.service_accounts = _ServiceAccounts(view)
 
     async def purge_expired(self, now: datetime) -> int:
         v = self._view

@@ -38,6 +38,14 @@ class ClientAddress:
             return peer or "unknown"
         return self._through_proxies(address, forwarded)
 
+    def end_user(self, value: str) -> str | None:
+        """The limit key of an end user's address forwarded by a service (None: not an IP)."""
+        try:
+            address = ipaddress.ip_address(value.strip().strip("[]"))
+        except ValueError:
+            return None
+        return self._key(address)
+
     def _through_proxies(self, address: IpAddress, forwarded: Sequence[str]) -> str:
         """From a trusted peer, the right-most hop of the header that is not a trusted proxy."""
         if self._is_trusted(address):

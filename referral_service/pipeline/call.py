@@ -21,6 +21,8 @@ from referral_service.domain.models import Principal
 #: The metadata (gRPC) or header (HTTP) names the pipeline reads, lower-case.
 AUTHORIZATION = "authorization"
 REQUEST_ID = "x-request-id"
+#: Metadata (gRPC) or header (HTTP) with the end user's address, from a service acting for them.
+END_USER_ADDRESS = "end-user-address"
 
 Transport = Literal["grpc", "http"]
 
@@ -42,6 +44,9 @@ class Call:
     #: Every value of the client-address header (``x-forwarded-for``), believed only when the
     #: peer is a trusted proxy.
     forwarded: Sequence[str] = ()
+    #: The ``end-user-address`` metadata or header, as sent: the end user's IP address that a
+    #: service calling on their behalf forwards (believed only from such services).
+    end_user: str | None = None
     #: HTTP only: the route template (``GET /v1/referral-codes/by-email/{email}``), never the raw
     #: path, so that no email from a path or query reaches the logs.
     route: str = ""

@@ -14,7 +14,14 @@ client address succeeded with that key (in the key-value store, for the trust pe
 the limit is reached, such an address is still let through (its other limits still apply).
 
 Keys: the client's address (``address.py``), the account named by an email field (hashed: no
-emails in limiter keys), both together, or the client's address only when a field is set.
+emails in limiter keys), both together, the client's address only when a field is set, or the
+calling service account.
+
+A service account served as a service (a service token with the method's scope) is not an
+anonymous client: its own address counts for nothing. Address limits count the end user's
+address it forwards in ``end-user-address`` (none forwarded: they do not apply), and limits per
+service account (``KEY_KIND_SERVICE_ACCOUNT``) count the service, at the configured rate or the
+account's own (``service_rates``).
 """
 
 from __future__ import annotations
@@ -29,13 +36,24 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, Servic
 from referral.v1 import errors_pb2, options_pb2
 
 from referral_service.domain import validation
-from referral_service.domain.errors import DomainError, Reason, ResourceExhausted
+from referral_service.domain.errors import (
+    DomainError,
+    FieldViolation,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+)
+from referral_service.domain.models import Principal
 from referral_service.domain.ports import KeyValueCache, RateLimiter
 from referral_service.pipeline.address import ClientAddress
-from referral_service.pipeline.call import Call, Handler, Stage
+from referral_service.pipeline.call import END_USER_ADDRESS, Call, Handler, Stage
 
 #: From a request message and the client address: the key to count, or None to skip.
 KeyOf = Callable[[Any, str], str | None]
+
+#: The client when a service calls without forwarding an end user's address: address limits
+#: do not apply (their key functions are not called with it).
+NO_ADDRESS = ""
 
 RateLimit = options_pb2.RateLimit
 
@@ -63,12 +81,15 @@ class Rule:
     successes_only: bool = False
     #: Over the limit, a client that succeeded with this key before is let through.
     exempt_trusted_clients: bool = False
+    #: Counts service accounts (by client id) instead of a key of the request.
+    per_service: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
     rule: Rule
     key: str
+    rate: Rate
 
 
 def _by_address(_request: Any, address: str) -> str:
@@ -112,6 +133,10 @@ def _rule(method: MethodDescriptor, declared: Any, rate: Rate) -> Rule:
         if declared.field:
             raise RuntimeError(f"{where}: a client-address limit reads no field")
         key_of, subject = _by_address, "client_address"
+    elif kind == RateLimit.KEY_KIND_SERVICE_ACCOUNT:
+        if declared.field:
+            raise RuntimeError(f"{where}: a service-account limit reads no field")
+        key_of, subject = _by_address, "service_account"  # the key is the client id (see admit)
     else:
         field = method.input_type.fields_by_name.get(declared.field)
         if field is None or field.type != FieldDescriptor.TYPE_STRING or field.is_repeated:
@@ -140,6 +165,7 @@ def _rule(method: MethodDescriptor, declared: Any, rate: Rate) -> Rule:
         subject,
         successes_only=declared.successes_only,
         exempt_trusted_clients=declared.exempt_trusted_clients,
+        per_service=kind == RateLimit.KEY_KIND_SERVICE_ACCOUNT,
     )
 
 
@@ -189,8 +215,10 @@ class RateLimits:
         address: ClientAddress,
         trust: KeyValueCache | None = None,
         trust_seconds: float = TRUST_SECONDS,
+        service_rates: Mapping[str, Rate] | None = None,
     ) -> None:
         self._limiter = limiter
+        self._service_rates = dict(service_rates or {})
         self._rules = {method: tuple(found) for method, found in rules.items() if found}
         self.address = address
         self._trust = trust
@@ -211,8 +239,9 @@ class RateLimits:
         address: ClientAddress,
         trust: KeyValueCache | None = None,
         trust_seconds: float = TRUST_SECONDS,
+        service_rates: Mapping[str, Rate] | None = None,
     ) -> RateLimits:
-        return cls(limiter, declared_rules(services, rates), address, trust, trust_seconds)
+        return cls(limiter, declared_rules(services, rates), address, trust, trust_seconds, service_rates)
 
     def stage(self, method: str) -> Stage | None:
         """The method's rate-limit stage; None when it has no limits."""
@@ -223,8 +252,12 @@ class RateLimits:
 
         def wrap(inner: Handler) -> Handler:
             async def limited(request: Any, call: Call) -> Any:
-                client = resolve(call.peer, call.forwarded)
-                grants = await self.admit(rules, request, client)
+                service = call.principal if call.principal is not None and call.principal.is_service else None
+                if service is None:
+                    client = resolve(call.peer, call.forwarded)
+                else:
+                    client = self._end_user(call.end_user)
+                grants = await self.admit(rules, request, client, service)
                 failure: Reason | None = None
                 succeeded = False
                 try:
@@ -243,6 +276,16 @@ class RateLimits:
 
         return wrap
 
+    def _end_user(self, value: str | None) -> str:
+        if value is None:
+            return NO_ADDRESS
+        found = self.address.end_user(value)
+        if found is None:
+            raise InvalidArgument.fields(
+                FieldViolation(END_USER_ADDRESS, "must be an IPv4 or IPv6 address", "INVALID_FORMAT")
+            )
+        return found
+
     def _trust_key(self, rule: Rule, key: str, client: str) -> str:
         return f"trust:{rule.name}:{key}:{client}"
 
@@ -251,23 +294,36 @@ class RateLimits:
         return await self._trust.get(self._trust_key(rule, key, client)) is not None
 
     async def _remember_trust(self, rules: Sequence[Rule], request: Any, client: str) -> None:
+        if client == NO_ADDRESS:
+            return
         for rule in rules:
             if rule.exempt_trusted_clients and self._trust is not None:
                 key = rule.key_of(request, client)
                 if key is not None:
                     await self._trust.set(self._trust_key(rule, key, client), b"1", self._trust_seconds)
 
-    async def admit(self, rules: Sequence[Rule], request: Any, client: str) -> list[Grant]:
+    async def admit(
+        self, rules: Sequence[Rule], request: Any, client: str, service: Principal | None = None
+    ) -> list[Grant]:
         """Take one event of every limit of this call, or raise RESOURCE_EXHAUSTED (giving back
         what was taken). A limit that exempts trusted clients lets a trusted one through
         without taking an event."""
         grants: list[Grant] = []
         for rule in rules:
-            key = rule.key_of(request, client)
-            if key is None:
+            rate = rule.rate
+            if rule.per_service:
+                if service is None:
+                    continue
+                key: str | None = service.client_id
+                rate = self._service_rates.get(service.service_name, rate)
+            elif client == NO_ADDRESS:
+                continue
+            else:
+                key = rule.key_of(request, client)
+            if key is None or rate.limit <= 0:
                 continue
             full_key = f"{rule.name}:{key}"
-            decision = await self._limiter.acquire(full_key, rule.rate.limit, rule.rate.period_seconds)
+            decision = await self._limiter.acquire(full_key, rate.limit, rate.period_seconds)
             if not decision.allowed:
                 if rule.exempt_trusted_clients and await self._trusted(rule, key, client):
                     continue
@@ -279,14 +335,14 @@ class RateLimits:
                     f"too many requests ({rule.name}); retry in {wait}s",
                     metadata={
                         "quota_limit": rule.name,
-                        "quota_limit_value": str(rule.rate.limit),
-                        "quota_period": f"{rule.rate.period_seconds:g}s",
+                        "quota_limit_value": str(rate.limit),
+                        "quota_period": f"{rate.period_seconds:g}s",
                         "quota_subject": rule.subject,
                         "retry_after_seconds": str(wait),
                     },
                     retry_after_seconds=decision.retry_after,
                 )
-            grants.append(Grant(rule, full_key))
+            grants.append(Grant(rule, full_key, rate))
         return grants
 
     async def settle(
@@ -304,4 +360,4 @@ class RateLimits:
                 await self._give_back(grant)
 
     async def _give_back(self, grant: Grant) -> None:
-        await self._limiter.release(grant.key, grant.rule.rate.limit, grant.rule.rate.period_seconds)
+        await self._limiter.release(grant.key, grant.rate.limit, grant.rate.period_seconds)

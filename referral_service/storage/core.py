@@ -22,6 +22,7 @@ from referral_service.storage.tables import Base, UTCDateTime
 USERS = Base.metadata.tables["users"]
 CODES = Base.metadata.tables["referral_codes"]
 SESSIONS = Base.metadata.tables["sessions"]
+SERVICE_ACCOUNTS = Base.metadata.tables["service_accounts"]
 REVOCATIONS = Base.metadata.tables["revocations"]
 REQUESTS = Base.metadata.tables["idempotency_keys"]
 PROFILES = Base.metadata.tables["user_profiles"]
@@ -39,6 +40,7 @@ _CONSTRAINTS = {
     ports.CODE_TAKEN: ("uq_referral_codes_code_key", "referral_codes.code_key"),
     ports.OPEN_CODE_EXISTS: ("uq_referral_codes_open_owner", "referral_codes.owner_id"),
     ports.REQUEST_ID_TAKEN: ("pk_idempotency_keys", "idempotency_keys.scope"),
+    ports.SERVICE_ACCOUNT_TAKEN: ("uq_service_accounts_name", "service_accounts.name"),
 }
 _UNIQUE_VIOLATION = ("UNIQUE constraint failed", "duplicate key value violates unique constraint")
 

@@ -150,6 +150,22 @@ class SessionRow(Base):
     __table_args__ = (Index("ix_sessions_user_id_create_time", "user_id", "create_time"),)
 
 
+class ServiceAccountRow(Base):
+    """An internal service's credentials: a public client id and, of its secret, only a keyed
+    hash (HMAC-SHA256; the secret has 256 bits of entropy, so a slow hash would add nothing)."""
+
+    __tablename__ = "service_accounts"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    client_id: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    #: Space-separated.
+    scopes: Mapped[str] = mapped_column(String(512))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoke_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class RevocationRow(Base):
     """Durable record of revoked access tokens (``jti:<id>``) and sessions (``sid:<id>``),
     kept until the last token they cover has expired. Redis or the in-process store serve the

@@ -1019,3 +1019,38 @@ async def test_purge_expired(store: Store) -> None:
     await store.transact(lambda uow: uow.sessions.revoke(["new"], at(10), ports.REVOKED_BY_LOGOUT))
     assert await store.transact(lambda uow: uow.purge_expired(at(11) - MICROSECOND)) == 0
     assert await store.transact(lambda uow: uow.purge_expired(at(11))) == 3
+
+
+# --- service accounts -----------------------------------------------------------------------------
+
+
+async def test_service_accounts(store: Store) -> None:
+    async def add(name: str, client_id: str) -> ports.ServiceAccount:
+        return await store.transact(
+            lambda uow: uow.service_accounts.add(
+                name=name, client_id=client_id, secret_hash=f"h-{name}", scopes=["a:b", "c:d"], now=T0
+            )
+        )
+
+    billing = await add("billing", "svc_1")
+    assert (billing.name, billing.client_id, billing.secret_hash, billing.scopes) == (
+        "billing",
+        "svc_1",
+        "h-billing",
+        ("a:b", "c:d"),
+    )
+    assert (billing.create_time, billing.revoke_time) == (T0, None)
+    await add("alpha", "svc_2")
+    assert await conflict_of(add("billing", "svc_3")) == ports.SERVICE_ACCOUNT_TAKEN
+    async with store.read() as uow:
+        assert await uow.service_accounts.by_client_id("svc_1") == billing
+        assert await uow.service_accounts.by_name("billing") == billing
+        assert await uow.service_accounts.by_client_id("svc_9") is None
+        assert [account.name for account in await uow.service_accounts.all()] == ["alpha", "billing"]
+    await store.transact(lambda uow: uow.service_accounts.revoke(billing.id, at(5)))
+    await store.transact(lambda uow: uow.service_accounts.revoke(billing.id, at(6)))  # the first stays
+    revoked = await read(store, lambda uow: uow.service_accounts.by_name("billing"))
+    assert revoked is not None
+    assert revoked.revoke_time == at(5)
+    # A revoked account keeps its name.
+    assert await conflict_of(add("billing", "svc_4")) == ports.SERVICE_ACCOUNT_TAKEN

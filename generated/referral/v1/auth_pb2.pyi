@@ -601,3 +601,230 @@ class JsonWebKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JsonWebKey: _TypeAlias = JsonWebKey  # noqa: Y015
+
+@_typing.final
+class IssueServiceTokenRequest(_message.Message):
+    """Request of AuthService.IssueServiceToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_SECRET_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """The service account's client id."""
+    client_secret: _builtins.str
+    """The service account's client secret, shown once when it was created."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scopes wanted, a subset of the account's; empty: all of them."""
+
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        client_secret: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "client_secret", b"client_secret", "scopes", b"scopes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueServiceTokenRequest: _TypeAlias = IssueServiceTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssueServiceTokenResponse(_message.Message):
+    """Response of AuthService.IssueServiceToken: an OAuth 2.0 token response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    access_token: _builtins.str
+    """JWT service token; send it as `authorization: Bearer <access_token>`."""
+    token_type: _builtins.str
+    """Always "Bearer"."""
+    expires_in: _builtins.int
+    """Lifetime of the token, in seconds."""
+    scope: _builtins.str
+    """The granted scopes, space-separated (RFC 6749 section 3.3)."""
+    def __init__(
+        self,
+        *,
+        access_token: _builtins.str = ...,
+        token_type: _builtins.str = ...,
+        expires_in: _builtins.int = ...,
+        scope: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_in", b"expires_in", "scope", b"scope", "token_type", b"token_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueServiceTokenResponse: _TypeAlias = IssueServiceTokenResponse  # noqa: Y015
+
+@_typing.final
+class GetUserRequest(_message.Message):
+    """Request of AuthService.GetUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user's id; or set `email`."""
+    email: _builtins.str
+    """The user's email (compared case-insensitively); or set `user_id`."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserRequest: _TypeAlias = GetUserRequest  # noqa: Y015
+
+@_typing.final
+class GetUserResponse(_message.Message):
+    """Response of AuthService.GetUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserResponse: _TypeAlias = GetUserResponse  # noqa: Y015
+
+@_typing.final
+class IntrospectTokenRequest(_message.Message):
+    """Request of AuthService.IntrospectToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Any token this service issued: a user's access or refresh token, or a
+    service token.
+    """
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntrospectTokenRequest: _TypeAlias = IntrospectTokenRequest  # noqa: Y015
+
+@_typing.final
+class IntrospectTokenResponse(_message.Message):
+    """Response of AuthService.IntrospectToken (RFC 7662 section 2.2). When
+    `active` is false nothing else is set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _TokenType:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TokenTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[IntrospectTokenResponse._TokenType.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TOKEN_TYPE_UNSPECIFIED: IntrospectTokenResponse._TokenType.ValueType  # 0
+        """Not active."""
+        TOKEN_TYPE_ACCESS_TOKEN: IntrospectTokenResponse._TokenType.ValueType  # 1
+        """A user's access token."""
+        TOKEN_TYPE_REFRESH_TOKEN: IntrospectTokenResponse._TokenType.ValueType  # 2
+        """A user's refresh token."""
+        TOKEN_TYPE_SERVICE_TOKEN: IntrospectTokenResponse._TokenType.ValueType  # 3
+        """A service account's token."""
+
+    class TokenType(_TokenType, metaclass=_TokenTypeEnumTypeWrapper):
+        """What kind of token it is."""
+
+    TOKEN_TYPE_UNSPECIFIED: IntrospectTokenResponse.TokenType.ValueType  # 0
+    """Not active."""
+    TOKEN_TYPE_ACCESS_TOKEN: IntrospectTokenResponse.TokenType.ValueType  # 1
+    """A user's access token."""
+    TOKEN_TYPE_REFRESH_TOKEN: IntrospectTokenResponse.TokenType.ValueType  # 2
+    """A user's refresh token."""
+    TOKEN_TYPE_SERVICE_TOKEN: IntrospectTokenResponse.TokenType.ValueType  # 3
+    """A service account's token."""
+
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    SUB_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    ISSUE_TIME_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    """Whether the token is currently valid: signed by this service, not
+    expired, not revoked (for a refresh token: its session's current one).
+    """
+    token_type: Global___IntrospectTokenResponse.TokenType.ValueType
+    """The token's kind."""
+    sub: _builtins.str
+    """The subject: the user's id for user tokens, the client id for service
+    tokens.
+    """
+    scope: _builtins.str
+    """Space-separated scopes of a service token; empty for user tokens."""
+    client_id: _builtins.str
+    """The service account's client id, for service tokens."""
+    user_id: _builtins.int
+    """The user's id, for user tokens."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token expires."""
+
+    @_builtins.property
+    def issue_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token was issued."""
+
+    def __init__(
+        self,
+        *,
+        active: _builtins.bool = ...,
+        token_type: Global___IntrospectTokenResponse.TokenType.ValueType = ...,
+        sub: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        user_id: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        issue_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "issue_time", b"issue_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "client_id", b"client_id", "expire_time", b"expire_time", "issue_time", b"issue_time", "scope", b"scope", "sub", b"sub", "token_type", b"token_type", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntrospectTokenResponse: _TypeAlias = IntrospectTokenResponse  # noqa: Y015

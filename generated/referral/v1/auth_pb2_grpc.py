@@ -71,6 +71,21 @@ class AuthServiceStub:
                 request_serializer=referral_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
                 _registered_method=True)
+        self.IssueServiceToken = channel.unary_unary(
+                '/referral.v1.AuthService/IssueServiceToken',
+                request_serializer=referral_dot_v1_dot_auth__pb2.IssueServiceTokenRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.IssueServiceTokenResponse.FromString,
+                _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/referral.v1.AuthService/GetUser',
+                request_serializer=referral_dot_v1_dot_auth__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.GetUserResponse.FromString,
+                _registered_method=True)
+        self.IntrospectToken = channel.unary_unary(
+                '/referral.v1.AuthService/IntrospectToken',
+                request_serializer=referral_dot_v1_dot_auth__pb2.IntrospectTokenRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.IntrospectTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -89,6 +104,12 @@ class AuthServiceServicer:
         8 to 128 characters and not one of the most common passwords. With a
         `referral_code`, the new user becomes a referral of the code's owner.
         With a `request_id`, a retry returns the user created by the first call.
+
+        A service registering users on their behalf (a service token with
+        `users:register`) passes each end user's IP address in `end-user-address`
+        metadata (believed only from such callers): the per-address limits count
+        that address, and the service has its own quota (`register-service`)
+        instead of its own address's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +158,36 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueServiceToken(self, request, context):
+        """Exchanges a service account's credentials for a service token (OAuth
+        2.0 client credentials grant, RFC 6749 section 4.4). The token carries
+        the requested scopes (all of the account's when none are requested), is
+        sent like a user's access token, expires like one, and cannot be
+        refreshed: ask for a new one. Revoking the account ends its tokens at
+        once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """Returns a user by id or by email (exactly one of them), for services.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IntrospectToken(self, request, context):
+        """Tells whether a token is active, and what it is (OAuth 2.0 token
+        introspection, RFC 7662): a user's access or refresh token, or a service
+        token. Revocation-aware: a logged-out user's token is `active: false`. A
+        malformed, forged, expired or revoked token is not an error: it is
+        `active: false` with nothing else set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +220,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetJwks,
                     request_deserializer=referral_dot_v1_dot_auth__pb2.GetJwksRequest.FromString,
                     response_serializer=referral_dot_v1_dot_auth__pb2.GetJwksResponse.SerializeToString,
+            ),
+            'IssueServiceToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueServiceToken,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.IssueServiceTokenRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.IssueServiceTokenResponse.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.GetUserRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.GetUserResponse.SerializeToString,
+            ),
+            'IntrospectToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IntrospectToken,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.IntrospectTokenRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.IntrospectTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -340,6 +406,87 @@ class AuthService:
             '/referral.v1.AuthService/GetJwks',
             referral_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
             referral_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueServiceToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/IssueServiceToken',
+            referral_dot_v1_dot_auth__pb2.IssueServiceTokenRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.IssueServiceTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/GetUser',
+            referral_dot_v1_dot_auth__pb2.GetUserRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.GetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IntrospectToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/IntrospectToken',
+            referral_dot_v1_dot_auth__pb2.IntrospectTokenRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.IntrospectTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

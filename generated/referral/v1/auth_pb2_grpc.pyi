@@ -46,6 +46,12 @@ class AuthServiceStub:
     8 to 128 characters and not one of the most common passwords. With a
     `referral_code`, the new user becomes a referral of the code's owner.
     With a `request_id`, a retry returns the user created by the first call.
+
+    A service registering users on their behalf (a service token with
+    `users:register`) passes each end user's IP address in `end-user-address`
+    metadata (believed only from such callers): the per-address limits count
+    that address, and the service has its own quota (`register-service`)
+    instead of its own address's.
     """
     Login: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]
     """Exchanges an email and password for tokens. A wrong email and a wrong
@@ -69,6 +75,23 @@ class AuthServiceStub:
     rotation the set holds the new and the previous keys. Cache it for a few
     minutes, and fetch it again when a token names an unknown `kid`.
     """
+    IssueServiceToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]
+    """Exchanges a service account's credentials for a service token (OAuth
+    2.0 client credentials grant, RFC 6749 section 4.4). The token carries
+    the requested scopes (all of the account's when none are requested), is
+    sent like a user's access token, expires like one, and cannot be
+    refreshed: ask for a new one. Revoking the account ends its tokens at
+    once.
+    """
+    GetUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetUserRequest, _auth_pb2.GetUserResponse]
+    """Returns a user by id or by email (exactly one of them), for services."""
+    IntrospectToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IntrospectTokenRequest, _auth_pb2.IntrospectTokenResponse]
+    """Tells whether a token is active, and what it is (OAuth 2.0 token
+    introspection, RFC 7662): a user's access or refresh token, or a service
+    token. Revocation-aware: a logged-out user's token is `active: false`. A
+    malformed, forged, expired or revoked token is not an error: it is
+    `active: false` with nothing else set.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -88,6 +111,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     8 to 128 characters and not one of the most common passwords. With a
     `referral_code`, the new user becomes a referral of the code's owner.
     With a `request_id`, a retry returns the user created by the first call.
+
+    A service registering users on their behalf (a service token with
+    `users:register`) passes each end user's IP address in `end-user-address`
+    metadata (believed only from such callers): the per-address limits count
+    that address, and the service has its own quota (`register-service`)
+    instead of its own address's.
     """
     Login: _aio.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]  # type: ignore[assignment]
     """Exchanges an email and password for tokens. A wrong email and a wrong
@@ -111,6 +140,23 @@ class AuthServiceAsyncStub(AuthServiceStub):
     rotation the set holds the new and the previous keys. Cache it for a few
     minutes, and fetch it again when a token names an unknown `kid`.
     """
+    IssueServiceToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]  # type: ignore[assignment]
+    """Exchanges a service account's credentials for a service token (OAuth
+    2.0 client credentials grant, RFC 6749 section 4.4). The token carries
+    the requested scopes (all of the account's when none are requested), is
+    sent like a user's access token, expires like one, and cannot be
+    refreshed: ask for a new one. Revoking the account ends its tokens at
+    once.
+    """
+    GetUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetUserRequest, _auth_pb2.GetUserResponse]  # type: ignore[assignment]
+    """Returns a user by id or by email (exactly one of them), for services."""
+    IntrospectToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IntrospectTokenRequest, _auth_pb2.IntrospectTokenResponse]  # type: ignore[assignment]
+    """Tells whether a token is active, and what it is (OAuth 2.0 token
+    introspection, RFC 7662): a user's access or refresh token, or a service
+    token. Revocation-aware: a logged-out user's token is `active: false`. A
+    malformed, forged, expired or revoked token is not an error: it is
+    `active: false` with nothing else set.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService registers users and issues, refreshes and revokes their tokens.
@@ -133,6 +179,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         8 to 128 characters and not one of the most common passwords. With a
         `referral_code`, the new user becomes a referral of the code's owner.
         With a `request_id`, a retry returns the user created by the first call.
+
+        A service registering users on their behalf (a service token with
+        `users:register`) passes each end user's IP address in `end-user-address`
+        metadata (believed only from such callers): the per-address limits count
+        that address, and the service has its own quota (`register-service`)
+        instead of its own address's.
         """
 
     @_abc_1.abstractmethod
@@ -185,6 +237,41 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         (REFERRAL_JWT_ALGORITHM=HS256), which is never published. During a key
         rotation the set holds the new and the previous keys. Cache it for a few
         minutes, and fetch it again when a token names an unknown `kid`.
+        """
+
+    @_abc_1.abstractmethod
+    def IssueServiceToken(
+        self,
+        request: _auth_pb2.IssueServiceTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.IssueServiceTokenResponse, _abc.Awaitable[_auth_pb2.IssueServiceTokenResponse]]:
+        """Exchanges a service account's credentials for a service token (OAuth
+        2.0 client credentials grant, RFC 6749 section 4.4). The token carries
+        the requested scopes (all of the account's when none are requested), is
+        sent like a user's access token, expires like one, and cannot be
+        refreshed: ask for a new one. Revoking the account ends its tokens at
+        once.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUser(
+        self,
+        request: _auth_pb2.GetUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetUserResponse, _abc.Awaitable[_auth_pb2.GetUserResponse]]:
+        """Returns a user by id or by email (exactly one of them), for services."""
+
+    @_abc_1.abstractmethod
+    def IntrospectToken(
+        self,
+        request: _auth_pb2.IntrospectTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.IntrospectTokenResponse, _abc.Awaitable[_auth_pb2.IntrospectTokenResponse]]:
+        """Tells whether a token is active, and what it is (OAuth 2.0 token
+        introspection, RFC 7662): a user's access or refresh token, or a service
+        token. Revocation-aware: a logged-out user's token is `active: false`. A
+        malformed, forged, expired or revoked token is not an error: it is
+        `active: false` with nothing else set.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

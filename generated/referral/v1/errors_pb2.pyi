@@ -34,6 +34,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: the page_token is malformed, or was issued for a
     request with different parameters.
     """
+    ERROR_REASON_INVALID_SCOPE: _ErrorReason.ValueType  # 4
+    """INVALID_ARGUMENT: a requested scope is unknown or not granted to the
+    service account; see BadRequest.
+    """
     ERROR_REASON_EMAIL_ALREADY_REGISTERED: _ErrorReason.ValueType  # 10
     """ALREADY_EXISTS: an account with this email (compared case-insensitively)
     already exists.
@@ -60,10 +64,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAUTHENTICATED: an already-used refresh token was presented again. The
     whole token family is revoked; the user must log in again.
     """
+    ERROR_REASON_INVALID_CLIENT: _ErrorReason.ValueType  # 25
+    """UNAUTHENTICATED: the service account's client_id or client_secret is
+    wrong, or the account was revoked. The cases are not told apart.
+    """
     ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 30
     """PERMISSION_DENIED: the caller may not act on this resource."""
     ERROR_REASON_USER_NOT_FOUND: _ErrorReason.ValueType  # 31
     """NOT_FOUND: no user with this id."""
+    ERROR_REASON_SCOPE_MISSING: _ErrorReason.ValueType  # 32
+    """PERMISSION_DENIED: the RPC needs a service token carrying a scope this
+    caller's token does not carry (user tokens never carry scopes).
+    ErrorInfo metadata `required_scope` names it.
+    """
     ERROR_REASON_REFERRAL_CODE_ALREADY_ACTIVE: _ErrorReason.ValueType  # 40
     """FAILED_PRECONDITION: the caller already has a live referral code; delete
     it first.
@@ -149,6 +162,10 @@ ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 3
 """INVALID_ARGUMENT: the page_token is malformed, or was issued for a
 request with different parameters.
 """
+ERROR_REASON_INVALID_SCOPE: ErrorReason.ValueType  # 4
+"""INVALID_ARGUMENT: a requested scope is unknown or not granted to the
+service account; see BadRequest.
+"""
 ERROR_REASON_EMAIL_ALREADY_REGISTERED: ErrorReason.ValueType  # 10
 """ALREADY_EXISTS: an account with this email (compared case-insensitively)
 already exists.
@@ -175,10 +192,19 @@ ERROR_REASON_REFRESH_TOKEN_REUSED: ErrorReason.ValueType  # 24
 """UNAUTHENTICATED: an already-used refresh token was presented again. The
 whole token family is revoked; the user must log in again.
 """
+ERROR_REASON_INVALID_CLIENT: ErrorReason.ValueType  # 25
+"""UNAUTHENTICATED: the service account's client_id or client_secret is
+wrong, or the account was revoked. The cases are not told apart.
+"""
 ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 30
 """PERMISSION_DENIED: the caller may not act on this resource."""
 ERROR_REASON_USER_NOT_FOUND: ErrorReason.ValueType  # 31
 """NOT_FOUND: no user with this id."""
+ERROR_REASON_SCOPE_MISSING: ErrorReason.ValueType  # 32
+"""PERMISSION_DENIED: the RPC needs a service token carrying a scope this
+caller's token does not carry (user tokens never carry scopes).
+ErrorInfo metadata `required_scope` names it.
+"""
 ERROR_REASON_REFERRAL_CODE_ALREADY_ACTIVE: ErrorReason.ValueType  # 40
 """FAILED_PRECONDITION: the caller already has a live referral code; delete
 it first.

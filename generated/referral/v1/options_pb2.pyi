@@ -38,6 +38,11 @@ class _AccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Access.ValueTy
     """The call must carry `authorization: Bearer <access token>` metadata with
     a valid, unexpired, unrevoked access token issued by AuthService.
     """
+    ACCESS_SERVICE: _Access.ValueType  # 3
+    """Only service accounts may call the RPC: the call must carry a service
+    token (AuthService.IssueServiceToken) with the RPC's `(referral.v1.scope)`,
+    or a client certificate mapped to a service account with that scope.
+    """
 
 class Access(_Access, metaclass=_AccessEnumTypeWrapper):
     """Access says who may call an RPC. It is declared on every RPC of this API
@@ -55,6 +60,11 @@ ACCESS_PUBLIC: Access.ValueType  # 1
 ACCESS_AUTHENTICATED: Access.ValueType  # 2
 """The call must carry `authorization: Bearer <access token>` metadata with
 a valid, unexpired, unrevoked access token issued by AuthService.
+"""
+ACCESS_SERVICE: Access.ValueType  # 3
+"""Only service accounts may call the RPC: the call must carry a service
+token (AuthService.IssueServiceToken) with the RPC's `(referral.v1.scope)`,
+or a client certificate mapped to a service account with that scope.
 """
 Global___Access: _TypeAlias = Access  # noqa: Y015
 
@@ -105,6 +115,12 @@ class RateLimit(_message.Message):
         client's address: each client address has its own budget per account,
         so a client failing at one account does not use up another client's.
         """
+        KEY_KIND_SERVICE_ACCOUNT: RateLimit._KeyKind.ValueType  # 6
+        """The calling service account, for calls made as a service (a service
+        token with the RPC's scope); other calls are not counted by this limit.
+        A service's calls are not counted by client-address limits unless it
+        forwards the end user's address (see AuthService.Register).
+        """
 
     class KeyKind(_KeyKind, metaclass=_KeyKindEnumTypeWrapper):
         """What a limit counts per."""
@@ -128,6 +144,12 @@ class RateLimit(_message.Message):
     """The account named by the request's email `field` together with the
     client's address: each client address has its own budget per account,
     so a client failing at one account does not use up another client's.
+    """
+    KEY_KIND_SERVICE_ACCOUNT: RateLimit.KeyKind.ValueType  # 6
+    """The calling service account, for calls made as a service (a service
+    token with the RPC's scope); other calls are not counted by this limit.
+    A service's calls are not counted by client-address limits unless it
+    forwards the end user's address (see AuthService.Register).
     """
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -185,7 +207,25 @@ Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 ACCESS_FIELD_NUMBER: _builtins.int
 RATE_LIMIT_FIELD_NUMBER: _builtins.int
+SCOPE_FIELD_NUMBER: _builtins.int
 access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Access.ValueType]
 """Who may call the RPC. See Access."""
 rate_limit: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _containers.RepeatedCompositeFieldContainer[Global___RateLimit]]
 """The RPC's rate limits. See RateLimit."""
+scope: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.str]
+"""The scope a service account needs to call the RPC as a service. With
+ACCESS_SERVICE only such callers are served; on an ACCESS_PUBLIC or
+ACCESS_AUTHENTICATED RPC, service accounts with the scope may call it
+too, with what the RPC documents for services. A service token without
+the scope, and any user token on an ACCESS_SERVICE RPC, is
+PERMISSION_DENIED (reason SCOPE_MISSING, metadata `required_scope`).
+Service tokens never serve an RPC that declares no scope.
+
+The scopes, fixed strings granted to service accounts by the operator
+(`referral-service create-service-account NAME --scope SCOPE ...`):
+
+- `users:register`: AuthService.Register on behalf of end users.
+- `users:read`: AuthService.GetUser.
+- `referrals:read`: ReferralService.ListReferrals of any referrer.
+- `tokens:introspect`: AuthService.IntrospectToken.
+"""

@@ -110,7 +110,8 @@ class ReferralServiceServicer:
 
     def ListReferrals(self, request, context):
         """Lists the users referred by `referrer_id`, oldest first. Callers may
-        list their own referrals; superusers may list anyone's.
+        list their own referrals; superusers and services with `referrals:read`
+        may list anyone's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

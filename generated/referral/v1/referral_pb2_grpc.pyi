@@ -57,7 +57,8 @@ class ReferralServiceStub:
     """
     ListReferrals: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]
     """Lists the users referred by `referrer_id`, oldest first. Callers may
-    list their own referrals; superusers may list anyone's.
+    list their own referrals; superusers and services with `referrals:read`
+    may list anyone's.
     """
 
 @_typing.type_check_only
@@ -89,7 +90,8 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     """
     ListReferrals: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]  # type: ignore[assignment]
     """Lists the users referred by `referrer_id`, oldest first. Callers may
-    list their own referrals; superusers may list anyone's.
+    list their own referrals; superusers and services with `referrals:read`
+    may list anyone's.
     """
 
 class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -148,7 +150,8 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_referral_pb2.ListReferralsResponse, _abc.Awaitable[_referral_pb2.ListReferralsResponse]]:
         """Lists the users referred by `referrer_id`, oldest first. Callers may
-        list their own referrals; superusers may list anyone's.
+        list their own referrals; superusers and services with `referrals:read`
+        may list anyone's.
         """
 
 def add_ReferralServiceServicer_to_server(servicer: ReferralServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
