@@ -2,16 +2,19 @@
 
 - self-referral through an alias of the owner's own mailbox (``+tag``, Gmail dots,
   googlemail.com) (#8);
-- what an anonymous caller learns: Register's answers about a dead code never depend on who
-  registers (#12).
+- what an anonymous caller learns: the public look-up returns only what a referee needs, and
+  Register's answers about a dead code never depend on who registers (#12).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 import grpc
+import httpx
+import pytest
 from google.protobuf import duration_pb2
 from referral.v1 import referral_pb2
 
@@ -104,7 +107,68 @@ async def test_self_referral_through_an_alias_of_the_owners_mailbox_is_refused(a
     await api.login(f"{mailbox}@gmail.com")
 
 
-# --- #12: what Register tells an anonymous caller ------------------------------------------------
+# --- #12: what the public look-up reveals -----------------------------------------------------------
+
+
+@pytest.mark.all_stacks
+async def test_the_public_lookup_returns_only_code_expiry_and_state(api: Api) -> None:
+    email = api.unique_email("owner")
+    owner, token = await api.user_with_token(email)
+    code = await create(api, token, max_uses=5)
+    await api.register(referral_code=code.code)  # use_count 1
+    expected = RC(code=code.code, expire_time=code.expire_time, state=RC.STATE_ACTIVE)
+    for _ in range(3):  # a miss (from the database), then hits (from the cache)
+        found = await lookup(api, email)
+        assert found == expected
+        assert {field.name for field, _ in found.ListFields()} == {"code", "expire_time", "state"}
+        assert not found.HasField("create_time")
+        assert (found.owner_id, found.max_uses, found.use_count) == (0, 0, 0)
+    # The owner still sees everything of their own code.
+    own = await mine(api, token)
+    assert (own.owner_id, own.max_uses, own.use_count) == (owner.id, 5, 1)
+    assert own.HasField("create_time")
+
+    if api.stack.redis_url:  # what the shared cache holds is no more than the look-up shows
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(api.stack.redis_url)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{api.stack.redis_prefix}v:*")]
+            values = [await client.get(key) for key in keys]
+        finally:
+            await client.aclose()
+        cached = [json.loads(value.split(b"|", 1)[1]) for value in values if value and b"|{" in value]
+        assert [(set(value), value["c"]) for value in cached] == [({"c", "et"}, code.code)]
+
+
+async def test_the_public_lookup_over_http_shows_only_code_expiry_and_state(api: Api) -> None:
+    email = api.unique_email("owner")
+    _, token = await api.user_with_token(email)
+    code = await create(api, token, max_uses=5)
+    await api.register(referral_code=code.code)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.app.http_port}", timeout=30) as http:
+        for _ in range(2):
+            response = await http.get(f"/v1/referral-codes/by-email/{email}")
+            assert response.status_code == 200, response.text
+            assert response.json() == {
+                "referralCode": {
+                    "code": code.code,
+                    "expireTime": code.expire_time.ToJsonString(),
+                    "state": "STATE_ACTIVE",
+                }
+            }
+        # The owner's own read still prints every field, zeros included.
+        own = await http.get("/v1/users/me/referral-code", headers={"Authorization": f"Bearer {token}"})
+        assert own.status_code == 200, own.text
+        assert set(own.json()["referralCode"]) == {
+            "code",
+            "ownerId",
+            "createTime",
+            "expireTime",
+            "maxUses",
+            "useCount",
+            "state",
+        }
 
 
 async def test_a_dead_code_gives_its_state_whoever_registers_never_self_referral(api: Api) -> None:

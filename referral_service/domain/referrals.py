@@ -28,7 +28,7 @@ from referral_service.domain.errors import (
     Unavailable,
     check,
 )
-from referral_service.domain.models import CodeState, ReferralCode, ReferralPage
+from referral_service.domain.models import CodeState, PublicCode, ReferralCode, ReferralPage
 from referral_service.domain.ports import (
     CODE_TAKEN,
     Conflict,
@@ -62,38 +62,22 @@ def generate_code() -> str:
 
 
 def _cache_key(email_key: str) -> str:
-    return f"code-by-email:{email_key}"
+    """The cached public look-up of an email (``public-``: its value is a ``PublicCode``, the
+    format that replaced whole codes; a new name, so that no value of the old format is read)."""
+    return f"public-code-by-email:{email_key}"
 
 
-def _encode(code: ReferralCode) -> bytes:
-    return json.dumps(
-        {
-            "i": code.id,
-            "c": code.code,
-            "o": code.owner_id,
-            "ct": code.create_time.timestamp(),
-            "et": code.expire_time.timestamp(),
-            "m": code.max_uses,
-            "u": code.use_count,
-        },
-        separators=(",", ":"),
-    ).encode()
+def _encode(code: PublicCode) -> bytes:
+    """Only the public projection is cached: nothing in the cache is more than the look-up
+    returns to anyone."""
+    return json.dumps({"c": code.code, "et": code.expire_time.timestamp()}, separators=(",", ":")).encode()
 
 
 @functools.lru_cache(maxsize=4096)
-def _decode(raw: bytes) -> ReferralCode:
+def _decode(raw: bytes) -> PublicCode:
     """Memoised: a hot code's cached bytes are the same on every hit (the value is immutable)."""
     data = json.loads(raw)
-    return ReferralCode(
-        id=data["i"],
-        code=data["c"],
-        owner_id=data["o"],
-        create_time=datetime.fromtimestamp(data["ct"], UTC),
-        expire_time=datetime.fromtimestamp(data["et"], UTC),
-        revoke_time=None,
-        max_uses=data["m"],
-        use_count=data["u"],
-    )
+    return PublicCode(code=data["c"], expire_time=datetime.fromtimestamp(data["et"], UTC))
 
 
 class ReferralService:
@@ -291,12 +275,14 @@ class ReferralService:
         log.info("referral code deleted", extra={"user_id": owner_id})
 
     async def code_used(self, owner_email_key: str) -> None:
-        """A registration changed the owner's code (its use_count): drop the cached copy."""
+        """A registration used the owner's code (it may be used up now): drop the cached copy."""
         await self._cache.invalidate(_cache_key(owner_email_key))
 
     # --- lookup by email ---------------------------------------------------------------------
 
-    async def code_by_email(self, email_raw: str) -> ReferralCode:
+    async def code_by_email(self, email_raw: str) -> PublicCode:
+        """The live code of the account with this email, as anyone may see it (``PublicCode``:
+        the look-up is public). NOT_FOUND alike for an unknown email and for no live code."""
         parsed = v.parse_email(email_raw)
         if isinstance(parsed, FieldViolation):
             raise InvalidArgument.fields(parsed)
@@ -305,21 +291,22 @@ class ReferralService:
         now = self._now()
         if found.hit:
             if found.value:
-                code = _decode(found.value)
-                if code.state(now) is CodeState.ACTIVE:
-                    return code
+                cached = _decode(found.value)
+                if cached.state(now) is CodeState.ACTIVE:
+                    return cached
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
         async with self._store.read() as uow:
             live = await uow.codes.live_by_email_key(parsed.key, now)
+        public = PublicCode.of(live) if live is not None else None
         if found.stamp is not None:
-            if live is None:
+            if public is None:
                 await self._cache.fill(key, found.stamp, b"", self._negative_ttl.total_seconds())
             else:
-                ttl = min(self._cache_ttl, live.expire_time - now).total_seconds()
-                await self._cache.fill(key, found.stamp, _encode(live), ttl)
-        if live is None:
+                ttl = min(self._cache_ttl, public.expire_time - now).total_seconds()
+                await self._cache.fill(key, found.stamp, _encode(public), ttl)
+        if public is None:
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
-        return live
+        return public
 
     # --- referrals ---------------------------------------------------------------------------
 

@@ -100,9 +100,11 @@ class ReferralServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetReferralCodeByEmail(self, request, context):
-        """Returns the live referral code of the user with this email. NOT_FOUND,
-        with the same message, whether the email is unknown or its owner has no
-        live code.
+        """Returns the live referral code of the user with this email, as anyone may
+        see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+        `create_time`, `max_uses` and `use_count` are left unset (not public).
+        NOT_FOUND, with the same message, whether the email is unknown or its
+        owner has no live code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,9 +51,11 @@ class ReferralServiceStub:
     when there is none.
     """
     GetReferralCodeByEmail: _grpc.UnaryUnaryMultiCallable[_referral_pb2.GetReferralCodeByEmailRequest, _referral_pb2.GetReferralCodeByEmailResponse]
-    """Returns the live referral code of the user with this email. NOT_FOUND,
-    with the same message, whether the email is unknown or its owner has no
-    live code.
+    """Returns the live referral code of the user with this email, as anyone may
+    see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+    `create_time`, `max_uses` and `use_count` are left unset (not public).
+    NOT_FOUND, with the same message, whether the email is unknown or its
+    owner has no live code.
     """
     ListReferrals: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]
     """Lists the users referred by `referrer_id`, oldest first. Callers may
@@ -83,9 +85,11 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     when there is none.
     """
     GetReferralCodeByEmail: _aio.UnaryUnaryMultiCallable[_referral_pb2.GetReferralCodeByEmailRequest, _referral_pb2.GetReferralCodeByEmailResponse]  # type: ignore[assignment]
-    """Returns the live referral code of the user with this email. NOT_FOUND,
-    with the same message, whether the email is unknown or its owner has no
-    live code.
+    """Returns the live referral code of the user with this email, as anyone may
+    see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+    `create_time`, `max_uses` and `use_count` are left unset (not public).
+    NOT_FOUND, with the same message, whether the email is unknown or its
+    owner has no live code.
     """
     ListReferrals: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]  # type: ignore[assignment]
     """Lists the users referred by `referrer_id`, oldest first. Callers may
@@ -136,9 +140,11 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _referral_pb2.GetReferralCodeByEmailRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_referral_pb2.GetReferralCodeByEmailResponse, _abc.Awaitable[_referral_pb2.GetReferralCodeByEmailResponse]]:
-        """Returns the live referral code of the user with this email. NOT_FOUND,
-        with the same message, whether the email is unknown or its owner has no
-        live code.
+        """Returns the live referral code of the user with this email, as anyone may
+        see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+        `create_time`, `max_uses` and `use_count` are left unset (not public).
+        NOT_FOUND, with the same message, whether the email is unknown or its
+        owner has no live code.
         """
 
     @_abc_1.abstractmethod
