@@ -3,11 +3,14 @@
 - self-referral through an alias of the owner's own mailbox (``+tag``, Gmail dots,
   googlemail.com) (#8);
 - what an anonymous caller learns: the public look-up returns only what a referee needs, and
-  Register's answers about a dead code never depend on who registers (#12).
+  Register's answers about a dead code never depend on who registers (#12);
+- vanity codes burned forever: create/delete are limited per user, and an owner (only the
+  owner) may issue their own dead code again (#10).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -18,8 +21,10 @@ import pytest
 from google.protobuf import duration_pb2
 from referral.v1 import referral_pb2
 
-from tests.conftest import Api, bearer
-from tests.errors import RichError, expect_error
+from referral_service.config import RateLimitSettings
+from tests.conftest import Api, Stack, bearer, start_api, stop_api
+from tests.errors import RichError, expect_error, rich
+from tests.invariants import check_invariants
 
 RC = referral_pb2.ReferralCode
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -200,3 +205,123 @@ async def test_a_dead_code_gives_its_state_whoever_registers_never_self_referral
     await expect_error(api.register(owner_email, referral_code=live.code), INVALID, "SELF_REFERRAL")
     assert (await mine(api, token)).use_count == 0
     assert await referral_codes(api, owner.id, token) == [used_up.code]
+
+
+# --- #10: vanity codes burned forever ---------------------------------------------------------------
+
+
+def assert_quota(error: RichError, name: str, value: int) -> None:
+    assert error.reason == "RATE_LIMITED"
+    assert error.metadata["quota_limit"] == name
+    assert error.metadata["quota_subject"] == "user"
+    assert error.retry_seconds is not None
+    assert error.retry_seconds > 0
+    assert error.quota == [("user", name, value)]
+
+
+async def test_code_creates_and_deletes_are_limited_per_user(stack: Stack) -> None:
+    api = await start_api(
+        stack,
+        rate_limit_code_create_user="4/1h",
+        rate_limit_code_delete_user="4/1h",
+        rate_limit_vanity_code_user="2/1d",
+    )
+    try:
+        _, token = await api.user_with_token()
+        for _ in range(4):
+            await create(api, token)
+            await delete(api, token)
+        error = await expect_error(create(api, token), LIMITED)
+        assert_quota(error, "code-create-user", 4)
+        error = await expect_error(delete(api, token), LIMITED)
+        assert_quota(error, "code-delete-user", 4)
+
+        # Vanity codes issued have their own, tighter budget (a refused request does not count).
+        _, vanity = await api.user_with_token()
+        _, other = await api.user_with_token()
+        await create(api, other, code="TAKEN-BRAND")
+        await expect_error(create(api, vanity, code="taken-brand"), TAKEN, "REFERRAL_CODE_TAKEN")
+        await create(api, vanity, code="BRAND-ONE")
+        await delete(api, vanity)
+        await create(api, vanity, code="BRAND-TWO")
+        await delete(api, vanity)
+        error = await expect_error(create(api, vanity, code="BRAND-THREE"), LIMITED)
+        assert_quota(error, "vanity-code-user", 2)
+
+        # A generated code is not a vanity code (the refused call gave its create back: 4 of 4)...
+        await create(api, vanity)
+        # ...and limits are per user: a fresh account from the same address is not affected.
+        _, fresh = await api.user_with_token()
+        await create(api, fresh, code="BRAND-THREE")
+    finally:
+        await stop_api(api)
+
+
+async def test_the_default_limits_stop_a_script_reserving_brand_codes(stack: Stack) -> None:
+    """The review's script reserved 9 brand-like codes in 0.19 s by creating and deleting."""
+    defaults = {
+        f"rate_limit_{name}": str(RateLimitSettings.model_fields[name].default)
+        for name in ("code_create_user", "code_delete_user", "vanity_code_user")
+    }
+    api = await start_api(stack, **defaults)
+    try:
+        _, token = await api.user_with_token()
+        reserved: list[str] = []
+        refused: list[RichError] = []
+        for brand in ("ACME", "GLOBEX", "INITECH", "UMBRELLA", "HOOLI", "STARK", "WAYNE", "WONKA", "TYRELL"):
+            try:
+                reserved.append((await create(api, token, code=brand)).code)
+            except grpc.aio.AioRpcError as error:
+                refused.append(rich(error))
+                continue
+            await delete(api, token)
+        assert len(reserved) == 5
+        assert [(e.code, e.metadata["quota_limit"]) for e in refused] == [(LIMITED, "vanity-code-user")] * 4
+    finally:
+        await stop_api(api)
+
+
+async def test_an_owner_reissues_their_deleted_vanity_code_and_nobody_else_can(api: Api) -> None:
+    owner, token = await api.user_with_token()
+    _, squatter = await api.user_with_token()
+    first = await create(api, token, code="Launch-X", max_uses=10)
+    await api.register(referral_code="launch-x")
+    await delete(api, token)
+
+    await expect_error(create(api, squatter, code="LAUNCH-X"), TAKEN, "REFERRAL_CODE_TAKEN")
+    again = await create(api, token, code="launch-x", max_uses=3)
+    assert (again.code, again.state, again.use_count, again.max_uses) == ("LAUNCH-X", RC.STATE_ACTIVE, 0, 3)
+    assert again.create_time.ToDatetime() > first.create_time.ToDatetime()
+    assert (await lookup(api, owner.email)).code == "LAUNCH-X"
+    referred = await api.register(referral_code="LAUNCH-X")
+    assert referred.referrer_id == owner.id
+    # The earlier referral keeps its code; the reissued code counts only its own uses.
+    assert await referral_codes(api, owner.id, token) == ["LAUNCH-X", "LAUNCH-X"]
+    assert (await mine(api, token)).use_count == 1
+
+    # Deleted again, still the owner's alone, and again theirs to reissue.
+    await delete(api, token)
+    await expect_error(create(api, squatter, code="launch-x"), TAKEN, "REFERRAL_CODE_TAKEN")
+    await expect_error(
+        api.register(api.unique_email(), referral_code="LAUNCH-X"), PRECONDITION, "REFERRAL_CODE_REVOKED"
+    )
+    await create(api, token, code="LAUNCH-X")
+    await check_invariants(api.app.db)
+
+
+@pytest.mark.all_stacks
+async def test_a_reissue_racing_squatters_stays_with_the_owner(api: Api) -> None:
+    _, token = await api.user_with_token()
+    squatters = [(await api.user_with_token())[1] for _ in range(5)]
+    await create(api, token, code="HOTBRAND")
+    await delete(api, token)
+    results = await asyncio.gather(
+        create(api, token, code="HOTBRAND"),
+        *(create(api, squatter, code="hotbrand") for squatter in squatters),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], RC), results[0]
+    assert {r.code() for r in results[1:] if isinstance(r, grpc.aio.AioRpcError)} == {TAKEN}
+    assert all(isinstance(r, grpc.aio.AioRpcError) for r in results[1:])
+    assert (await mine(api, token)).code == "HOTBRAND"
+    await check_invariants(api.app.db)

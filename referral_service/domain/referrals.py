@@ -31,6 +31,7 @@ from referral_service.domain.errors import (
 from referral_service.domain.models import CodeState, PublicCode, ReferralCode, ReferralPage
 from referral_service.domain.ports import (
     CODE_TAKEN,
+    OPEN_CODE_EXISTS,
     Conflict,
     NewCode,
     Store,
@@ -181,6 +182,8 @@ class ReferralService:
                         return earlier
                 if conflict.constraint == CODE_TAKEN and not cmd.code:
                     continue
+                if conflict.constraint == CODE_TAKEN and await self._holds(cmd.owner_id, code):
+                    raise self._conflict_error(Conflict(OPEN_CODE_EXISTS)) from None
                 raise self._conflict_error(conflict) from None
             await self._cache.invalidate(_cache_key(owner_key))
             log.info("referral code created", extra={"user_id": cmd.owner_id})
@@ -190,6 +193,13 @@ class ReferralService:
             "could not generate a unique code; retry",
             retry_after_seconds=0.1,
         )
+
+    async def _holds(self, owner_id: int, code: str) -> bool:
+        """Whether the code is the owner's own (then it is their live code, or one a concurrent
+        request of theirs just issued: either way, they have a live code)."""
+        async with self._store.read() as uow:
+            holder = await uow.codes.by_key(v.code_key(code))
+        return holder is not None and holder.owner_id == owner_id
 
     @staticmethod
     def _conflict_error(conflict: Conflict) -> Exception:
@@ -215,6 +225,12 @@ class ReferralService:
         if owner is None:
             raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
         await uow.codes.close_dead(cmd.owner_id, now)
+        if cmd.code:
+            # The owner may issue their own vanity code again once it is no longer live; nobody
+            # else ever gets it (the key stays on one of the owner's rows throughout). The new
+            # code starts afresh (use_count 0, the new expiry and max_uses); the old row keeps
+            # its referrals and counts as history.
+            await uow.codes.reclaim(cmd.owner_id, v.code_key(code))
         created = await uow.codes.add(
             NewCode(
                 code=code.upper(),

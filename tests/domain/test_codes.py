@@ -136,11 +136,36 @@ async def test_a_vanity_code_is_taken_forever(domain: Domain) -> None:
     taken = await raises(AlreadyExists, domain.code(second, code="SUMMER"))
     assert taken.reason is Reason.REFERRAL_CODE_TAKEN
     assert [v.field for v in taken.violations] == ["code"]
+    # The owner's own live code: they have a live code (not "taken").
+    live = await raises(FailedPrecondition, domain.code(first, code="summer"))
+    assert live.reason is Reason.REFERRAL_CODE_ALREADY_ACTIVE
     await domain.referrals.delete_code(first.id)
     again = await raises(AlreadyExists, domain.code(second, code="summer"))
     assert again.reason is Reason.REFERRAL_CODE_TAKEN
-    mine_again = await raises(AlreadyExists, domain.code(first, code="summer"))
-    assert mine_again.reason is Reason.REFERRAL_CODE_TAKEN
+
+
+async def test_an_owner_reissues_their_own_dead_vanity_code_afresh(domain: Domain) -> None:
+    owner = await domain.register()
+    old = await domain.code(owner, code="Autumn", max_uses=2)
+    await domain.register(referral_code="AUTUMN")
+    await domain.referrals.delete_code(owner.id)
+    fresh = await domain.code(owner, code="autumn", max_uses=5, ttl=timedelta(seconds=10))
+    assert (fresh.code, fresh.use_count, fresh.max_uses) == ("AUTUMN", 0, 5)
+    assert fresh.id != old.id
+    async with domain.store.read() as uow:
+        assert await uow.codes.by_key("AUTUMN") == fresh
+        history = await uow.codes.get(old.id)
+    assert history is not None
+    assert (history.code, history.use_count, history.revoke_time) == ("AUTUMN", 1, domain.clock())
+    # Expired, it can be issued again too; the referral keeps pointing at the old code.
+    domain.clock.advance(seconds=10)
+    third = await domain.code(owner, code="AUTUMN")
+    assert (third.use_count, third.max_uses) == (0, 0)
+    page = await domain.referrals.list_referrals(owner.id, owner.id, 0, "")
+    assert [r.code for r in page.referrals] == ["AUTUMN"]
+    other = await domain.register()
+    taken = await raises(AlreadyExists, domain.code(other, code="AUTUMN"))
+    assert taken.reason is Reason.REFERRAL_CODE_TAKEN
 
 
 async def test_a_retried_request_id_returns_the_first_code(domain: Domain) -> None:
