@@ -213,6 +213,7 @@ def start_service(workdir: Path, database_url: str, redis_url: str | None, loop:
             "REFERRAL_RATE_LIMIT_REGISTER_ADDRESS": "1000000000/1h",
             "REFERRAL_RATE_LIMIT_LOOKUP_ADDRESS": "1000000000/1h",
             "REFERRAL_RATE_LIMIT_CODE_CHECK_ADDRESS": "1000000000/1h",
+            "REFERRAL_RATE_LIMIT_CODE_CREATE_USER": "1000000000/1h",
         }
     )
     if redis_url:

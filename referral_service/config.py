@@ -423,6 +423,13 @@ class RateLimitSettings(Group):
     lookup_address: RateSetting = Rate(300, 60)
     #: Registrations naming a referral code that does not exist, per client address (guessing).
     code_check_address: RateSetting = Rate(30, 3600)
+    #: ``CreateReferralCode`` calls per user.
+    code_create_user: RateSetting = Rate(10, 3600)
+    #: ``DeleteReferralCode`` calls per user.
+    code_delete_user: RateSetting = Rate(10, 3600)
+    #: Vanity codes issued (successful ``CreateReferralCode`` calls naming a code) per user:
+    #: issued vanity codes stay their owner's forever, so a squatter should not reserve many.
+    vanity_code_user: RateSetting = Rate(5, 86400)
     #: Peers (CIDRs) whose ``rate_limit_client_address_header`` is believed, e.g. your load
     #: balancers. Anyone else's header is ignored and the TCP peer is the client. JSON list.
     trusted_proxies: list[str] = Field(default_factory=list)

@@ -209,6 +209,9 @@ class Stack:
             "rate_limit_register_address": "100000/1h",
             "rate_limit_lookup_address": "100000/1h",
             "rate_limit_code_check_address": "100000/1h",
+            "rate_limit_code_create_user": "100000/1h",
+            "rate_limit_code_delete_user": "100000/1h",
+            "rate_limit_vanity_code_user": "100000/1h",
         }
         values.update(overrides)
         return Settings(**values)

@@ -27,6 +27,8 @@ BROKEN = {
     "email keys are unique": """
         SELECT email_key FROM users GROUP BY email_key HAVING COUNT(*) > 1""",
     "codes are stored upper-case": "SELECT id FROM referral_codes WHERE code_key <> UPPER(code)",
+    "a code is only ever its first owner's": """
+        SELECT UPPER(code) FROM referral_codes GROUP BY UPPER(code) HAVING COUNT(DISTINCT owner_id) > 1""",
     "no user is privileged through the API": "SELECT id FROM users WHERE is_superuser",
     "sessions belong to users": """
         SELECT s.id FROM sessions s LEFT JOIN users u ON u.id = s.user_id WHERE u.id IS NULL""",

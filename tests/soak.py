@@ -201,6 +201,7 @@ async def soak(seconds: float, workers: int) -> int:
         REFERRAL_REDIS_BREAKER_RESET_SECONDS="1",
         REFERRAL_RATE_LIMIT_REGISTER_ADDRESS="1000000/1h",
         REFERRAL_RATE_LIMIT_LOOKUP_ADDRESS="1000000/1h",
+        REFERRAL_RATE_LIMIT_CODE_CREATE_USER="1000000/1h",
         REFERRAL_LOG_LEVEL="INFO",
     )
     log_path = workdir / "server.log"

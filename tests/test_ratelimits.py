@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,7 +16,9 @@ from referral.v1 import auth_pb2, referral_pb2
 
 from referral_service.app import SERVICES
 from referral_service.config import Rate, parse_rate
+from referral_service.domain.models import Principal
 from referral_service.pipeline.address import ClientAddress, parse_peer
+from referral_service.pipeline.context import principal_var
 from referral_service.pipeline.limits import declared_rules
 from tests.conftest import PASSWORD, REDIS_URL, Api, Stack, start_api, stop_api
 from tests.errors import RichError, expect_error
@@ -329,6 +332,9 @@ LIMIT_NAMES = (
     "service-token-address",
     "code-check-address",
     "lookup-address",
+    "code-create-user",
+    "vanity-code-user",
+    "code-delete-user",
 )
 
 
@@ -369,6 +375,11 @@ def test_the_limits_are_declared_in_the_proto() -> None:
         "/referral.v1.ReferralService/GetReferralCodeByEmail": [
             ("lookup-address", "client_address", [], False, False)
         ],
+        "/referral.v1.ReferralService/CreateReferralCode": [
+            ("code-create-user", "user", [], False, False),
+            ("vanity-code-user", "user", [], True, False),
+        ],
+        "/referral.v1.ReferralService/DeleteReferralCode": [("code-delete-user", "user", [], False, False)],
     }
     register = rules["/referral.v1.AuthService/Register"]
     request = auth_pb2.RegisterRequest(email="a@example.com")
@@ -380,6 +391,17 @@ def test_the_limits_are_declared_in_the_proto() -> None:
     assert key is not None
     assert "someone" not in key.lower()  # hashed: no emails in limiter keys
     assert key.endswith(":192.0.2.1")
+    # caller limits count the authenticated user (the auth stage ran first); the vanity limit
+    # only requests that name a code
+    create = rules["/referral.v1.ReferralService/CreateReferralCode"]
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    token = principal_var.set(Principal(user_id=42, token_id="t", session_id="s", expire_time=when))
+    try:
+        assert create[0].key_of(referral_pb2.CreateReferralCodeRequest(), "192.0.2.1") == "42"
+        assert create[1].key_of(referral_pb2.CreateReferralCodeRequest(), "192.0.2.1") is None
+        assert create[1].key_of(referral_pb2.CreateReferralCodeRequest(code="BRAND"), "192.0.2.1") == "42"
+    finally:
+        principal_var.reset(token)
     # a limit switched off is left out
     off = declared_rules(
         SERVICES, {**{name: Rate(5, 60) for name in LIMIT_NAMES}, "lookup-address": Rate(0, 60)}
@@ -393,6 +415,29 @@ def test_a_declared_limit_without_a_rate_stops_start_up() -> None:
         declared_rules(SERVICES, rates)
     with pytest.raises(RuntimeError, match="typo-address"):
         declared_rules(SERVICES, {**rates, "login-account": Rate(1, 1), "typo-address": Rate(1, 1)})
+
+
+def test_a_caller_limit_needs_an_authenticated_rpc_and_a_string_field() -> None:
+    """KEY_KIND_CALLER counts the caller: declared on a public RPC, or naming a field that is not
+    a string field, the server does not start."""
+    from referral.v1 import options_pb2
+
+    from referral_service.pipeline.limits import _rule
+
+    service = referral_pb2.DESCRIPTOR.services_by_name["ReferralService"]
+    caller = options_pb2.RateLimit.KEY_KIND_CALLER
+    with pytest.raises(RuntimeError, match="ACCESS_AUTHENTICATED"):
+        _rule(
+            service.methods_by_name["GetReferralCodeByEmail"],
+            options_pb2.RateLimit(name="probe-user", key_kind=caller),
+            Rate(1, 1),
+        )
+    with pytest.raises(RuntimeError, match="max_uses"):
+        _rule(
+            service.methods_by_name["CreateReferralCode"],
+            options_pb2.RateLimit(name="probe-user", key_kind=caller, field="max_uses"),
+            Rate(1, 1),
+        )
 
 
 def test_client_address_rules() -> None:

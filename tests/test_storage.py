@@ -16,6 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydantic import ValidationError
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
 
 from referral_service import cli
 from referral_service.config import Profile, Settings
@@ -90,6 +91,62 @@ def test_migrations_upgrade_downgrade_and_match_the_models(empty_database: str) 
     assert _tables(empty_database) == EXPECTED_TABLES
 
 
+def _sql(url: str, *statements: str) -> list[list[tuple[object, ...]]]:
+    """Run statements in one transaction; the rows of each."""
+
+    async def run() -> list[list[tuple[object, ...]]]:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                results = []
+                for statement in statements:
+                    result = await conn.execute(text(statement))
+                    results.append([tuple(row) for row in result] if result.returns_rows else [])
+                return results
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def test_the_reclaim_migration_keeps_codes_and_their_constraints(empty_database: str) -> None:
+    """0004 (a closed code may give its key to a newer code of its owner) on a database with
+    codes: rows, the partial open-slot index and the key's uniqueness survive (SQLite rebuilds the
+    table), a keyless open code is refused, and a downgrade gives keyless codes untypable keys."""
+    migrate.upgrade(empty_database, "0003")
+    when = "'2030-01-01 00:00:00'"
+    _sql(
+        empty_database,
+        "INSERT INTO users (id, email, email_key, password_hash, create_time, update_time) "
+        f"VALUES (1, 'a@example.com', 'a@example.com', 'x', {when}, {when})",
+        "INSERT INTO referral_codes (id, code, code_key, owner_id, create_time, expire_time, close_time) "
+        f"VALUES (1, 'OLD1', 'OLD1', 1, {when}, {when}, {when}), "
+        f"(2, 'NEW1', 'NEW1', 1, {when}, {when}, NULL)",
+    )
+    migrate.upgrade(empty_database)
+    assert _diff(empty_database) == []
+    _sql(empty_database, "UPDATE referral_codes SET code_key = NULL WHERE id = 1")
+    [[rows]] = _sql(empty_database, "SELECT COUNT(*) FROM referral_codes WHERE code_key IS NULL")
+    assert rows == (1,)
+    refused = [
+        "UPDATE referral_codes SET code_key = NULL WHERE id = 2",  # open: must keep its key
+        "UPDATE referral_codes SET code_key = 'NEW1' WHERE id = 1",  # one code per key
+        "UPDATE referral_codes SET close_time = NULL WHERE id = 1",  # keyless: stays closed
+        "INSERT INTO referral_codes (id, code, code_key, owner_id, create_time, expire_time) "
+        f"VALUES (3, 'THIRD1', 'THIRD1', 1, {when}, {when})",  # one open code per owner
+    ]
+    for statement in refused:
+        with pytest.raises(IntegrityError):
+            _sql(empty_database, statement)
+    migrate.downgrade(empty_database, "0003")
+    [keys] = _sql(empty_database, "SELECT id, code, code_key FROM referral_codes ORDER BY id")
+    assert keys == [(1, "OLD1", "#1"), (2, "NEW1", "NEW1")]
+    migrate.downgrade(empty_database)
+
+
 def test_upgrade_is_idempotent(empty_database: str) -> None:
     migrate.upgrade(empty_database)
     migrate.upgrade(empty_database)
@@ -156,12 +213,14 @@ PUBLIC_NAMES = {
     "LIST_DEFAULT_PAGE_SIZE", "LIST_MAX_PAGE_SIZE", "LOG_FORMAT", "LOG_LEVEL", "MAX_MESSAGE_BYTES",
     "MAX_SESSIONS_PER_USER",
     "PROFILE", "RATE_LIMITS_ENABLED", "RATE_LIMIT_CLIENT_ADDRESS_HEADER",
-    "RATE_LIMIT_CODE_CHECK_ADDRESS", "RATE_LIMIT_IPV6_PREFIX", "RATE_LIMIT_LOGIN_ACCOUNT",
+    "RATE_LIMIT_CODE_CHECK_ADDRESS", "RATE_LIMIT_CODE_CREATE_USER", "RATE_LIMIT_CODE_DELETE_USER",
+    "RATE_LIMIT_IPV6_PREFIX", "RATE_LIMIT_LOGIN_ACCOUNT",
     "RATE_LIMIT_LOGIN_ACCOUNT_ADDRESS", "RATE_LIMIT_LOGIN_ADDRESS", "RATE_LIMIT_LOGIN_CALLS_ADDRESS",
     "RATE_LIMIT_LOGIN_SUCCESS_ACCOUNT", "RATE_LIMIT_LOOKUP_ADDRESS", "RATE_LIMIT_REFRESH_ADDRESS",
     "RATE_LIMIT_REGISTER_ADDRESS", "RATE_LIMIT_REGISTER_SERVICE", "RATE_LIMIT_SERVICE_RATES",
     "RATE_LIMIT_SERVICE_TOKEN_ADDRESS", "RATE_LIMIT_TRUST_TTL",
-    "RATE_LIMIT_TRUSTED_PROXIES", "REDIS_BREAKER_RESET_SECONDS", "REDIS_BREAKER_THRESHOLD",
+    "RATE_LIMIT_TRUSTED_PROXIES", "RATE_LIMIT_VANITY_CODE_USER",
+    "REDIS_BREAKER_RESET_SECONDS", "REDIS_BREAKER_THRESHOLD",
     "REDIS_KEY_PREFIX", "REDIS_TIMEOUT_SECONDS", "REDIS_URL", "REFRESH_TOKEN_TTL",
     "REJECT_DISPOSABLE_EMAILS", "REQUEST_ID_TTL", "SHUTDOWN_DRAIN_SECONDS", "SHUTDOWN_GRACE_SECONDS",
     "SO_REUSEPORT", "WORKERS",

@@ -141,6 +141,15 @@ def referral_code(value: models.ReferralCode) -> referral_pb2.ReferralCode:
     )
 
 
+def public_referral_code(value: models.PublicCode) -> referral_pb2.ReferralCode:
+    """The public look-up's code: only ``code``, ``expire_time`` and ``state`` are set."""
+    return referral_pb2.ReferralCode(
+        code=value.code,
+        expire_time=timestamp(value.expire_time),
+        state=_STATES[value.state(utcnow())],
+    )
+
+
 def referral(value: models.Referral) -> referral_pb2.Referral:
     return referral_pb2.Referral(
         user_id=value.user_id,

@@ -9,6 +9,7 @@ from referral.v1 import referral_pb2, referral_pb2_grpc
 
 from referral_service.api import convert
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
+from referral_service.pipeline.call import Call
 from referral_service.pipeline.context import current_principal
 
 
@@ -53,7 +54,9 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
         self, request: referral_pb2.GetReferralCodeByEmailRequest, context: object
     ) -> referral_pb2.GetReferralCodeByEmailResponse:
         code = await self._service.code_by_email(request.email)
-        return referral_pb2.GetReferralCodeByEmailResponse(referral_code=convert.referral_code(code))
+        if isinstance(context, Call):  # only code, expire_time and state: no zeros over JSON
+            context.sparse_response = True
+        return referral_pb2.GetReferralCodeByEmailResponse(referral_code=convert.public_referral_code(code))
 
     async def ListReferrals(
         self, request: referral_pb2.ListReferralsRequest, context: object

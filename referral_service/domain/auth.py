@@ -25,7 +25,7 @@ from referral_service.domain.errors import (
     Unauthenticated,
     check,
 )
-from referral_service.domain.models import CodeState, Introspection, Principal, TokenPair, User
+from referral_service.domain.models import CodeState, Introspection, Principal, ReferralCode, TokenPair, User
 from referral_service.domain.ports import (
     ACCESS_TOKEN,
     EMAIL_TAKEN,
@@ -245,6 +245,23 @@ class AuthService:
     async def _claim_code(
         self, uow: UnitOfWork, code_key: str, new_email_key: str, now: datetime
     ) -> _Claimed:
+        """Count one use of a live code, or refuse. The caller is anonymous, so each answer may
+        depend only on what anyone can learn anyway:
+
+        1. UNKNOWN: no code has this string. Any user learns as much by asking for the code
+           (CreateReferralCode says it is taken), and guessing is rate-limited per address.
+        2. REVOKED / EXPIRED / EXHAUSTED: the code's liveness, the same answer whoever
+           registers; it is what a referee holding the code needs, and reveals nothing about
+           the owner. A dead code never reaches the owner check, so no answer says whether an
+           address owned a deleted or expired code.
+        3. SELF_REFERRAL: only for a live code. It says that the new address reaches the
+           mailbox of the code's owner: for the owner's own address GetReferralCodeByEmail
+           tells anyone the same (it returns that live code), and an alias (``+tag``, Gmail
+           dots) names that same mailbox. Nothing about dead codes or other accounts.
+
+        The owner check compares mailboxes (``canonical_mailbox``: ``+tag``, Gmail dots), so an
+        alias of the owner's own mailbox does not count as a referral.
+        """
         code = await uow.codes.by_key(code_key)
         if code is None:
             raise InvalidArgument(
@@ -252,21 +269,26 @@ class AuthService:
                 "the referral code does not exist",
                 violations=[FieldViolation("referral_code", "does not exist", "UNKNOWN")],
             )
+        if code.state(now) is not CodeState.ACTIVE:
+            raise self._refusal(code, now)
         owner = await uow.users.get(code.owner_id)
         assert owner is not None
-        if owner.email_key == new_email_key:
+        if v.canonical_mailbox(owner.email_key) == v.canonical_mailbox(new_email_key):
             raise InvalidArgument(
                 Reason.SELF_REFERRAL,
                 "you cannot register with your own referral code",
                 violations=[FieldViolation("referral_code", "is your own code", "SELF_REFERRAL")],
             )
-        if not await uow.codes.claim_use(code.id, now):
-            current = await uow.codes.get(code.id) or code
-            reason, message = _CODE_REFUSALS.get(
-                current.state(now), (Reason.REFERRAL_CODE_REVOKED, "the referral code is no longer valid")
-            )
-            raise FailedPrecondition(reason, message, metadata={"code": code.code})
+        if not await uow.codes.claim_use(code.id, now):  # it stopped being live meanwhile
+            raise self._refusal(await uow.codes.get(code.id) or code, now)
         return _Claimed(code.id, owner.id, owner.email_key)
+
+    @staticmethod
+    def _refusal(code: ReferralCode, now: datetime) -> FailedPrecondition:
+        reason, message = _CODE_REFUSALS.get(
+            code.state(now), (Reason.REFERRAL_CODE_REVOKED, "the referral code is no longer valid")
+        )
+        return FailedPrecondition(reason, message, metadata={"code": code.code})
 
     async def _replay(self, request_id: str, fingerprint: str) -> User | None:
         async def load(uow: UnitOfWork, user_id: int) -> User:

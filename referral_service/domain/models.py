@@ -94,6 +94,23 @@ class ReferralCode:
 
 
 @dataclass(frozen=True, slots=True)
+class PublicCode:
+    """What anyone may learn of a live code from its owner's email: what a referee needs to
+    use it (the code and until when), nothing about its owner or its use."""
+
+    code: str
+    expire_time: datetime
+
+    @classmethod
+    def of(cls, code: ReferralCode) -> PublicCode:
+        return cls(code=code.code, expire_time=code.expire_time)
+
+    def state(self, now: datetime) -> CodeState:
+        """ACTIVE until it expires (only live codes are made public)."""
+        return CodeState.ACTIVE if self.expire_time > now else CodeState.EXPIRED
+
+
+@dataclass(frozen=True, slots=True)
 class Referral:
     user_id: int
     email: str

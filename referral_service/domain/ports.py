@@ -186,7 +186,8 @@ class Codes(Protocol):
     """Referral codes. A code is *open* until it is closed (revoked, or found dead when its
     owner creates the next one); at most one open code per owner. A code is *live* when it is
     open, unrevoked, unexpired and not used up: the one definition of "live" is the adapter's
-    query for it (``live_by_email_key`` and ``claim_use``)."""
+    query for it (``live_by_email_key`` and ``claim_use``). A code key (the code upper-cased)
+    names one code at a time, and only ever codes of one owner (``reclaim``)."""
 
     async def add(self, code: NewCode, now: datetime) -> ReferralCode:
         """Insert an open code. Conflict(CODE_TAKEN) or Conflict(OPEN_CODE_EXISTS)."""
@@ -204,6 +205,13 @@ class Codes(Protocol):
 
     async def revoke_open(self, owner_id: int, now: datetime) -> ReferralCode | None:
         """Revoke and close the owner's open code; None when there is none."""
+        ...
+
+    async def reclaim(self, owner_id: int, code_key: str) -> bool:
+        """Let the owner issue ``code_key`` again: their *closed* code with this key gives the key
+        up (it keeps its ``code`` and its referrals, as history). False, changing nothing, when
+        the key is free, someone else's, or on the owner's open code. Call it in the transaction
+        that adds the new code, so that the key is never free in between."""
         ...
 
     async def live_by_email_key(self, email_key: str, now: datetime) -> ReferralCode | None:

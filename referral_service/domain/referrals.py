@@ -28,9 +28,10 @@ from referral_service.domain.errors import (
     Unavailable,
     check,
 )
-from referral_service.domain.models import CodeState, ReferralCode, ReferralPage
+from referral_service.domain.models import CodeState, PublicCode, ReferralCode, ReferralPage
 from referral_service.domain.ports import (
     CODE_TAKEN,
+    OPEN_CODE_EXISTS,
     Conflict,
     NewCode,
     Store,
@@ -63,38 +64,22 @@ def generate_code() -> str:
 
 
 def _cache_key(email_key: str) -> str:
-    return f"code-by-email:{email_key}"
+    """The cached public look-up of an email (``public-``: its value is a ``PublicCode``, the
+    format that replaced whole codes; a new name, so that no value of the old format is read)."""
+    return f"public-code-by-email:{email_key}"
 
 
-def _encode(code: ReferralCode) -> bytes:
-    return json.dumps(
-        {
-            "i": code.id,
-            "c": code.code,
-            "o": code.owner_id,
-            "ct": code.create_time.timestamp(),
-            "et": code.expire_time.timestamp(),
-            "m": code.max_uses,
-            "u": code.use_count,
-        },
-        separators=(",", ":"),
-    ).encode()
+def _encode(code: PublicCode) -> bytes:
+    """Only the public projection is cached: nothing in the cache is more than the look-up
+    returns to anyone."""
+    return json.dumps({"c": code.code, "et": code.expire_time.timestamp()}, separators=(",", ":")).encode()
 
 
 @functools.lru_cache(maxsize=4096)
-def _decode(raw: bytes) -> ReferralCode:
+def _decode(raw: bytes) -> PublicCode:
     """Memoised: a hot code's cached bytes are the same on every hit (the value is immutable)."""
     data = json.loads(raw)
-    return ReferralCode(
-        id=data["i"],
-        code=data["c"],
-        owner_id=data["o"],
-        create_time=datetime.fromtimestamp(data["ct"], UTC),
-        expire_time=datetime.fromtimestamp(data["et"], UTC),
-        revoke_time=None,
-        max_uses=data["m"],
-        use_count=data["u"],
-    )
+    return PublicCode(code=data["c"], expire_time=datetime.fromtimestamp(data["et"], UTC))
 
 
 class ReferralService:
@@ -198,6 +183,8 @@ class ReferralService:
                         return earlier
                 if conflict.constraint == CODE_TAKEN and not cmd.code:
                     continue
+                if conflict.constraint == CODE_TAKEN and await self._holds(cmd.owner_id, code):
+                    raise self._conflict_error(Conflict(OPEN_CODE_EXISTS)) from None
                 raise self._conflict_error(conflict) from None
             await self._cache.invalidate(_cache_key(owner_key))
             log.info("referral code created", extra={"user_id": cmd.owner_id})
@@ -207,6 +194,13 @@ class ReferralService:
             "could not generate a unique code; retry",
             retry_after_seconds=0.1,
         )
+
+    async def _holds(self, owner_id: int, code: str) -> bool:
+        """Whether the code is the owner's own (then it is their live code, or one a concurrent
+        request of theirs just issued: either way, they have a live code)."""
+        async with self._store.read() as uow:
+            holder = await uow.codes.by_key(v.code_key(code))
+        return holder is not None and holder.owner_id == owner_id
 
     @staticmethod
     def _conflict_error(conflict: Conflict) -> Exception:
@@ -232,6 +226,12 @@ class ReferralService:
         if owner is None:
             raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
         await uow.codes.close_dead(cmd.owner_id, now)
+        if cmd.code:
+            # The owner may issue their own vanity code again once it is no longer live; nobody
+            # else ever gets it (the key stays on one of the owner's rows throughout). The new
+            # code starts afresh (use_count 0, the new expiry and max_uses); the old row keeps
+            # its referrals and counts as history.
+            await uow.codes.reclaim(cmd.owner_id, v.code_key(code))
         created = await uow.codes.add(
             NewCode(
                 code=code.upper(),
@@ -292,12 +292,14 @@ class ReferralService:
         log.info("referral code deleted", extra={"user_id": owner_id})
 
     async def code_used(self, owner_email_key: str) -> None:
-        """A registration changed the owner's code (its use_count): drop the cached copy."""
+        """A registration used the owner's code (it may be used up now): drop the cached copy."""
         await self._cache.invalidate(_cache_key(owner_email_key))
 
     # --- lookup by email ---------------------------------------------------------------------
 
-    async def code_by_email(self, email_raw: str) -> ReferralCode:
+    async def code_by_email(self, email_raw: str) -> PublicCode:
+        """The live code of the account with this email, as anyone may see it (``PublicCode``:
+        the look-up is public). NOT_FOUND alike for an unknown email and for no live code."""
         parsed = v.parse_email(email_raw)
         if isinstance(parsed, FieldViolation):
             raise InvalidArgument.fields(parsed)
@@ -306,21 +308,22 @@ class ReferralService:
         now = self._now()
         if found.hit:
             if found.value:
-                code = _decode(found.value)
-                if code.state(now) is CodeState.ACTIVE:
-                    return code
+                cached = _decode(found.value)
+                if cached.state(now) is CodeState.ACTIVE:
+                    return cached
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
         async with self._store.read() as uow:
             live = await uow.codes.live_by_email_key(parsed.key, now)
+        public = PublicCode.of(live) if live is not None else None
         if found.stamp is not None:
-            if live is None:
+            if public is None:
                 await self._cache.fill(key, found.stamp, b"", self._negative_ttl.total_seconds())
             else:
-                ttl = min(self._cache_ttl, live.expire_time - now).total_seconds()
-                await self._cache.fill(key, found.stamp, _encode(live), ttl)
-        if live is None:
+                ttl = min(self._cache_ttl, public.expire_time - now).total_seconds()
+                await self._cache.fill(key, found.stamp, _encode(public), ttl)
+        if public is None:
             raise NotFound(Reason.REFERRAL_CODE_NOT_FOUND, _NOT_FOUND_BY_EMAIL)
-        return live
+        return public
 
     # --- referrals ---------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ Email policy (documented in the README): surrounding white space is removed, the
 lower-cased (and IDNA-normalised) by ``email-validator``, and the local part keeps its case for
 display. Uniqueness and look-ups use the whole address lower-cased (``email_key``), because
 every mainstream mail provider treats the local part case-insensitively and the predecessor's
-case-sensitive uniqueness let ``Alice@x.com`` lock out ``alice@x.com``.
+case-sensitive uniqueness let ``Alice@x.com`` lock out ``alice@x.com``. Accounts are the
+address as typed (``a.b+x@gmail.com`` and ``ab@gmail.com`` are two accounts, each logging in
+with its own address); only the self-referral rule compares mailboxes (``canonical_mailbox``).
 
 Password policy after OWASP ASVS 5 / NIST SP 800-63B: NFKC-normalised, 8 to 128 characters,
 any Unicode, no composition rules, never truncated, the 30,000 most common passwords (the
@@ -95,6 +97,38 @@ def disposable_violation(
             field, "uses a disposable email domain; use a permanent address", "DISPOSABLE_DOMAIN"
         )
     return None
+
+
+#: Domains whose mail service ignores dots in the local part, and the domain they are an alias
+#: of. Only Google documents both for its consumer mail (not for Workspace domains): the other big
+#: providers keep dots significant (Outlook, Yahoo, iCloud, Fastmail) or say nothing firm, and
+#: Yahoo's ``-keyword`` "disposable addresses" hang off a base name that is not the account's
+#: own, so dropping ``-keyword`` would not lead back to the owner. Neither is applied.
+_DOTLESS_DOMAINS = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
+
+
+@lru_cache(maxsize=4096)
+def canonical_mailbox(address: str) -> str:
+    """The mailbox an address delivers to, for rules that must see through aliases (the
+    self-referral rule), never for accounts or log-in. ``address`` is a valid, normalised
+    address (``Email.display`` or ``Email.key``).
+
+    - lower-cased (as ``email_key``);
+    - a ``+tag`` sub-address is dropped at every domain: ``bob+news@x.com`` -> ``bob@x.com``
+      (RFC 5233 sub-addressing, which the big providers and most mail servers deliver to the
+      base mailbox; at a domain that does not, the two may be different mailboxes, and the
+      rule errs on the side of calling them one);
+    - at gmail.com and googlemail.com, dots in the local part are dropped and the domain is
+      gmail.com: ``A.B+x@googlemail.com`` -> ``ab@gmail.com``.
+    """
+    local, _, domain = address.lower().rpartition("@")
+    base, plus, _tag = local.partition("+")
+    if plus and base:  # "+tag@x" alone is a mailbox name, not a sub-address
+        local = base
+    mapped = _DOTLESS_DOMAINS.get(domain)
+    if mapped is not None:
+        local, domain = local.replace(".", ""), mapped
+    return f"{local}@{domain}"
 
 
 def email_key(raw: str) -> str | None:

@@ -473,7 +473,9 @@ class Transcoder:
             payload: Message = response
             if route.binding.response_body:
                 payload = getattr(response, route.binding.response_body)
-            data = json_format.MessageToDict(payload, always_print_fields_with_no_presence=True)
+            data = json_format.MessageToDict(
+                payload, always_print_fields_with_no_presence=not call.sparse_response
+            )
             return json_response(200, data)
         except CallFailed as failed:
             http_status, body, extra = envelope.from_status(failed.status)

@@ -85,7 +85,8 @@ class _UserRow:
 class _CodeRow:
     id: int
     code: str
-    code_key: str
+    #: None once the owner issued the code again (the newer code holds the key).
+    code_key: str | None
     owner_id: int
     create_time: datetime
     expire_time: datetime
@@ -395,7 +396,7 @@ class _Codes:
             use_count=0,
         )
         v.codes.put(row.id, row)
-        v.code_ids_by_key.put(row.code_key, row.id)
+        v.code_ids_by_key.put(code.code_key, row.id)
         v.open_code_ids.put(row.owner_id, row.id)
         return _code_model(row)
 
@@ -436,6 +437,15 @@ class _Codes:
         if row is None:
             return None
         return _code_model(self._close(row, _utc(now), revoke=True))
+
+    async def reclaim(self, owner_id: int, code_key: str) -> bool:
+        code_id = self._v.code_ids_by_key.get(code_key)
+        row = self._v.codes.get(code_id) if code_id is not None else None
+        if row is None or row.owner_id != owner_id or row.close_time is None:
+            return False
+        self._v.codes.put(row.id, replace(row, code_key=None))
+        self._v.code_ids_by_key.delete(code_key)
+        return True
 
     async def live_by_email_key(self, email_key: str, now: datetime) -> ReferralCode | None:
         owner_id = self._v.user_ids_by_email_key.get(email_key)

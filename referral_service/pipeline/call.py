@@ -52,6 +52,10 @@ class Call:
     route: str = ""
     #: Set by authentication for methods that need a token.
     principal: Principal | None = None
+    #: Set by a servicer whose response leaves fields unset on purpose (a public projection):
+    #: JSON then shows only the fields that are set, not every field at its default (where a
+    #: 0 ``maxUses`` would read as "unlimited").
+    sparse_response: bool = False
     #: The outcome, as a ``google.rpc.Code`` number and our ``ErrorReason`` name ("" on success).
     code: int = 0
     reason: str = ""

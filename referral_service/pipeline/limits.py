@@ -15,7 +15,8 @@ the limit is reached, such an address is still let through (its other limits sti
 
 Keys: the client's address (``address.py``), the account named by an email field (hashed: no
 emails in limiter keys), both together, the client's address only when a field is set, or the
-calling service account.
+authenticated caller (their user id; the auth stage runs first), optionally only when a field is
+set, or the calling service account.
 
 A service account served as a service (a service token with the method's scope) is not an
 anonymous client: its own address counts for nothing. Address limits count the end user's
@@ -47,6 +48,7 @@ from referral_service.domain.models import Principal
 from referral_service.domain.ports import KeyValueCache, RateLimiter
 from referral_service.pipeline.address import ClientAddress
 from referral_service.pipeline.call import END_USER_ADDRESS, Call, Handler, Stage
+from referral_service.pipeline.context import current_principal
 
 #: From a request message and the client address: the key to count, or None to skip.
 KeyOf = Callable[[Any, str], str | None]
@@ -125,11 +127,29 @@ def _by_address_if_set(field: str) -> KeyOf:
     return key_of
 
 
+def _by_caller(field: str) -> KeyOf:
+    def key_of(request: Any, _address: str) -> str | None:
+        if field and not getattr(request, field):
+            return None
+        return str(current_principal().user_id)
+
+    return key_of
+
+
 def _rule(method: MethodDescriptor, declared: Any, rate: Rate) -> Rule:
     where = f"{method.full_name} (referral.v1.rate_limit) {declared.name!r}"
     kind = declared.key_kind
     key_of: KeyOf
-    if kind == RateLimit.KEY_KIND_CLIENT_ADDRESS:
+    if kind == RateLimit.KEY_KIND_CALLER:
+        if method.GetOptions().Extensions[options_pb2.access] != options_pb2.ACCESS_AUTHENTICATED:
+            raise RuntimeError(f"{where}: a caller limit needs an RPC with ACCESS_AUTHENTICATED")
+        field = method.input_type.fields_by_name.get(declared.field)
+        if declared.field and (
+            field is None or field.type != FieldDescriptor.TYPE_STRING or field.is_repeated
+        ):
+            raise RuntimeError(f"{where}: {declared.field!r} is not a string field of the request")
+        key_of, subject = _by_caller(declared.field), "user"
+    elif kind == RateLimit.KEY_KIND_CLIENT_ADDRESS:
         if declared.field:
             raise RuntimeError(f"{where}: a client-address limit reads no field")
         key_of, subject = _by_address, "client_address"

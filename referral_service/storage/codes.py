@@ -1,6 +1,8 @@
-"""Referral codes. The schema keeps the invariants: codes unique case-insensitively across every
-code ever issued (``code_key``), and at most one *open* code per owner (a partial unique index
-on ``owner_id`` where ``close_time IS NULL``)."""
+"""Referral codes. The schema keeps the invariants: a code key (the code upper-cased) is held by
+one code at a time (``code_key`` unique), and at most one *open* code per owner (a partial
+unique index on ``owner_id`` where ``close_time IS NULL``). A closed code gives its key up only
+to a new code of the same owner, in the transaction that inserts it (``reclaim``): its
+``code_key`` becomes NULL (only closed codes may have none) and it keeps ``code`` as history."""
 
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ _REVOKE_OPEN = (
     .where(CODES.c.owner_id == bindparam("owner"), CODES.c.close_time.is_(None))
     .values(revoke_time=func.coalesce(CODES.c.revoke_time, at("now")), close_time=at("now"))
     .returning(*_COLUMNS)
+)
+_RECLAIM = (
+    update(CODES)
+    .where(
+        CODES.c.code_key == bindparam("key"),
+        CODES.c.owner_id == bindparam("owner"),
+        CODES.c.close_time.is_not(None),
+    )
+    .values(code_key=None)
 )
 #: The condition and the increment are one statement (a row lock on PostgreSQL, the write
 #: lock on SQLite): concurrent claims never push ``use_count`` past ``max_uses``.
@@ -144,6 +155,10 @@ class SqlCodes:
 
     async def revoke_open(self, owner_id: int, now: datetime) -> ReferralCode | None:
         return await self._one(_REVOKE_OPEN, {"owner": owner_id, "now": now})
+
+    async def reclaim(self, owner_id: int, code_key: str) -> bool:
+        result = await self._conn.execute(_RECLAIM, {"owner": owner_id, "key": code_key})
+        return result.rowcount > 0
 
     async def live_by_email_key(self, email_key: str, now: datetime) -> ReferralCode | None:
         return await self._one(_LIVE_BY_EMAIL_KEY, {"email_key": email_key, "now": now})

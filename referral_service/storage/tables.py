@@ -3,7 +3,9 @@
 
 Invariants live here, not in application code:
 - one account per normalised email (``uq_users_email_key``);
-- referral codes unique case-insensitively across every code ever issued (``code_key``);
+- a code key (the code upper-cased) held by one referral code at a time (``code_key``), handed
+  on only to a new code of the same owner (a closed code then has no key:
+  ``ck_referral_codes_keyless_closed``);
 - at most one open referral code per user: a partial unique index on ``owner_id`` where
   ``close_time IS NULL``;
 - foreign keys everywhere (SQLite enforces them with ``PRAGMA foreign_keys=ON``).
@@ -102,7 +104,8 @@ class ReferralCodeRow(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     code: Mapped[str] = mapped_column(String(32))
-    code_key: Mapped[str] = mapped_column(String(32), unique=True)
+    #: NULL on a closed code whose owner has issued it again (the newer code holds the key).
+    code_key: Mapped[str | None] = mapped_column(String(32), unique=True)
     owner_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"))
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
     expire_time: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -124,6 +127,7 @@ class ReferralCodeRow(Base):
         Index("ix_referral_codes_owner_id_id", "owner_id", "id"),
         CheckConstraint("max_uses >= 0", name="max_uses_non_negative"),
         CheckConstraint("max_uses = 0 OR use_count <= max_uses", name="use_count_within_max"),
+        CheckConstraint("code_key IS NOT NULL OR close_time IS NOT NULL", name="keyless_closed"),
     )
 
 

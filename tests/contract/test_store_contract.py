@@ -571,6 +571,87 @@ async def test_revoke_open(store: Store) -> None:
     await add_code(store, owner, "Revoke2", now=at(7))
 
 
+async def reissue(store: Store, owner: User, code: str, now: datetime = T0, **fields: Any) -> ReferralCode:
+    """What CreateReferralCode does for a vanity code: reclaim the owner's closed code with this
+    key, then add the new code, in one transaction."""
+    new = NewCode(
+        code=code,
+        code_key=code.lower(),
+        owner_id=owner.id,
+        expire_time=fields.pop("expire_time", at(3600)),
+        max_uses=fields.pop("max_uses", 0),
+    )
+
+    async def work(uow: UnitOfWork) -> ReferralCode:
+        await uow.codes.reclaim(owner.id, new.code_key)
+        return await uow.codes.add(new, now)
+
+    return await store.transact(work)
+
+
+async def test_an_owner_reclaims_their_closed_code_and_the_old_one_stays_as_history(store: Store) -> None:
+    owner = await add_user(store, "reclaimer@example.com")
+    old = await add_code(store, owner, "Mine1", max_uses=3)
+    assert await store.transact(lambda uow: uow.codes.claim_use(old.id, T0)) is True
+    # Open: not reclaimable (the open code keeps its key).
+    assert await store.transact(lambda uow: uow.codes.reclaim(owner.id, "mine1")) is False
+    await store.transact(lambda uow: uow.codes.revoke_open(owner.id, at(1)))
+    fresh = await reissue(store, owner, "Mine1", now=at(2), max_uses=5)
+    assert (fresh.code, fresh.use_count, fresh.max_uses, fresh.create_time) == ("Mine1", 0, 5, at(2))
+    async with store.read() as uow:
+        assert await uow.codes.by_key("mine1") == fresh
+        assert await uow.codes.open_code(owner.id) == fresh
+        history = await uow.codes.get(old.id)
+    assert history is not None
+    assert (history.code, history.use_count, history.revoke_time) == ("Mine1", 1, at(1))
+    # Expired and closed, it can be reissued again.
+    await store.transact(lambda uow: uow.codes.close_dead(owner.id, at(3601)))
+    third = await reissue(store, owner, "MINE1", now=at(3601), expire_time=at(7200))
+    assert await read(store, lambda uow: uow.codes.by_key("mine1")) == third
+
+
+async def test_nobody_else_can_reclaim_a_closed_code(store: Store) -> None:
+    owner = await add_user(store, "keeper@example.com")
+    other = await add_user(store, "squatter@example.com")
+    code = await add_code(store, owner, "Keep1")
+    await store.transact(lambda uow: uow.codes.revoke_open(owner.id, at(1)))
+    assert await store.transact(lambda uow: uow.codes.reclaim(other.id, "keep1")) is False
+    assert await conflict_of(reissue(store, other, "KEEP1", now=at(2))) == CODE_TAKEN
+    assert await store.transact(lambda uow: uow.codes.reclaim(other.id, "nothing")) is False
+    revoked = await read(store, lambda uow: uow.codes.by_key("keep1"))
+    assert revoked is not None
+    assert (revoked.id, revoked.owner_id, revoked.revoke_time) == (code.id, owner.id, at(1))
+
+
+async def test_a_reclaim_rolled_back_keeps_the_key_on_the_old_code(store: Store) -> None:
+    owner = await add_user(store, "busy@example.com")
+    old = await add_code(store, owner, "Busy1")
+    await store.transact(lambda uow: uow.codes.revoke_open(owner.id, at(1)))
+    await add_code(store, owner, "Other1", now=at(2))  # a live code holds the open slot
+    assert await conflict_of(reissue(store, owner, "Busy1", now=at(3))) == OPEN_CODE_EXISTS
+    held = await read(store, lambda uow: uow.codes.by_key("busy1"))
+    assert held is not None
+    assert held.id == old.id
+
+
+async def test_concurrent_reclaims_and_squatters_leave_the_code_with_its_owner(store: Store) -> None:
+    owner = await add_user(store, "brand@example.com")
+    squatters = [await add_user(store, f"squatter{i}@example.com") for i in range(N // 2)]
+    await add_code(store, owner, "Brand1")
+    await store.transact(lambda uow: uow.codes.revoke_open(owner.id, at(1)))
+    results = await asyncio.gather(
+        *(reissue(store, owner, "Brand1", now=at(2)) for _ in range(N // 2)),
+        *(reissue(store, squatter, "BRAND1", now=at(2)) for squatter in squatters),
+        return_exceptions=True,
+    )
+    made = outcomes(list(results))
+    codes = [result for result in made if isinstance(result, ReferralCode)]
+    assert len(codes) == 1
+    assert codes[0].owner_id == owner.id
+    assert set(made[N // 2 :]) == {CODE_TAKEN}  # every squatter
+    assert await read(store, lambda uow: uow.codes.by_key("brand1")) == codes[0]
+
+
 # --- referrals ------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ ids), read, delete, and the cached look-up by email."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -16,7 +17,7 @@ from referral_service.domain.errors import (
     NotFound,
     Reason,
 )
-from referral_service.domain.models import CodeState, ReferralCode
+from referral_service.domain.models import CodeState, PublicCode, ReferralCode
 from referral_service.domain.referrals import CODE_ALPHABET, GENERATED_CODE_LENGTH, CreateCodeCommand
 from tests.domain.conftest import CACHE_TTL, MAX_HORIZON, NEGATIVE_CACHE_TTL, Domain, raises
 
@@ -135,11 +136,36 @@ async def test_a_vanity_code_is_taken_forever(domain: Domain) -> None:
     taken = await raises(AlreadyExists, domain.code(second, code="SUMMER"))
     assert taken.reason is Reason.REFERRAL_CODE_TAKEN
     assert [v.field for v in taken.violations] == ["code"]
+    # The owner's own live code: they have a live code (not "taken").
+    live = await raises(FailedPrecondition, domain.code(first, code="summer"))
+    assert live.reason is Reason.REFERRAL_CODE_ALREADY_ACTIVE
     await domain.referrals.delete_code(first.id)
     again = await raises(AlreadyExists, domain.code(second, code="summer"))
     assert again.reason is Reason.REFERRAL_CODE_TAKEN
-    mine_again = await raises(AlreadyExists, domain.code(first, code="summer"))
-    assert mine_again.reason is Reason.REFERRAL_CODE_TAKEN
+
+
+async def test_an_owner_reissues_their_own_dead_vanity_code_afresh(domain: Domain) -> None:
+    owner = await domain.register()
+    old = await domain.code(owner, code="Autumn", max_uses=2)
+    await domain.register(referral_code="AUTUMN")
+    await domain.referrals.delete_code(owner.id)
+    fresh = await domain.code(owner, code="autumn", max_uses=5, ttl=timedelta(seconds=10))
+    assert (fresh.code, fresh.use_count, fresh.max_uses) == ("AUTUMN", 0, 5)
+    assert fresh.id != old.id
+    async with domain.store.read() as uow:
+        assert await uow.codes.by_key("AUTUMN") == fresh
+        history = await uow.codes.get(old.id)
+    assert history is not None
+    assert (history.code, history.use_count, history.revoke_time) == ("AUTUMN", 1, domain.clock())
+    # Expired, it can be issued again too; the referral keeps pointing at the old code.
+    domain.clock.advance(seconds=10)
+    third = await domain.code(owner, code="AUTUMN")
+    assert (third.use_count, third.max_uses) == (0, 0)
+    page = await domain.referrals.list_referrals(owner.id, owner.id, 0, "")
+    assert [r.code for r in page.referrals] == ["AUTUMN"]
+    other = await domain.register()
+    taken = await raises(AlreadyExists, domain.code(other, code="AUTUMN"))
+    assert taken.reason is Reason.REFERRAL_CODE_TAKEN
 
 
 async def test_a_retried_request_id_returns_the_first_code(domain: Domain) -> None:
@@ -199,18 +225,22 @@ async def test_delete_revokes_the_code(domain: Domain) -> None:
 
 
 def _key(email: str) -> str:
-    return f"code-by-email:{email.lower()}"
+    return f"public-code-by-email:{email.lower()}"
 
 
 async def test_a_miss_fills_the_cache_and_a_hit_needs_no_store(domain: Domain) -> None:
     owner = await domain.register()
     code = await domain.code(owner, ttl=timedelta(days=1))
-    assert await domain.referrals.code_by_email(owner.email.upper()) == code
+    public = PublicCode(code=code.code, expire_time=code.expire_time)
+    assert await domain.referrals.code_by_email(owner.email.upper()) == public
     assert [(key, ttl) for key, _value, ttl in domain.cache.fills] == [
         (_key(owner.email), CACHE_TTL.total_seconds())
     ]
+    # Only what the look-up shows anyone is cached: no owner, no counts, no creation time.
+    [(_, value, _)] = domain.cache.fills
+    assert json.loads(value) == {"c": code.code, "et": code.expire_time.timestamp()}
     domain.store.down = True  # a hit is served without the store
-    assert await domain.referrals.code_by_email(owner.email) == code
+    assert await domain.referrals.code_by_email(owner.email) == public
     assert len(domain.cache.fills) == 1
 
 
@@ -234,7 +264,7 @@ async def test_no_code_is_cached_briefly_and_creating_one_invalidates_it(domain:
     assert domain.cache.fills == [(_key(owner.email), b"", NEGATIVE_CACHE_TTL.total_seconds())]
     code = await domain.code(owner)
     assert _key(owner.email) in domain.cache.invalidations
-    assert await domain.referrals.code_by_email(owner.email) == code
+    assert await domain.referrals.code_by_email(owner.email) == PublicCode.of(code)
 
 
 async def test_deleting_a_code_invalidates_the_cached_copy(domain: Domain) -> None:
@@ -249,9 +279,10 @@ async def test_deleting_a_code_invalidates_the_cached_copy(domain: Domain) -> No
 async def test_using_a_code_invalidates_the_cached_copy(domain: Domain) -> None:
     owner = await domain.register()
     await domain.code(owner, code="USED1", max_uses=2)
-    assert (await domain.referrals.code_by_email(owner.email)).use_count == 0
+    await domain.referrals.code_by_email(owner.email)  # cached
     await domain.register(referral_code="USED1")
-    assert (await domain.referrals.code_by_email(owner.email)).use_count == 1
+    assert domain.cache.invalidations.count(_key(owner.email)) == 2  # created, used
+    assert (await domain.referrals.code_by_email(owner.email)).code == "USED1"
     await domain.register(referral_code="USED1")
     # Used up: not served, neither from the store nor from a stale cached copy.
     await raises(NotFound, domain.referrals.code_by_email(owner.email))
@@ -261,7 +292,7 @@ async def test_a_cache_outage_is_served_from_the_store(domain: Domain) -> None:
     owner = await domain.register()
     code = await domain.code(owner)
     domain.cache.down = True
-    assert await domain.referrals.code_by_email(owner.email) == code
+    assert await domain.referrals.code_by_email(owner.email) == PublicCode.of(code)
     assert domain.cache.fills == []
 
 

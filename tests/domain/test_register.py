@@ -104,7 +104,7 @@ async def test_a_referral_code_links_the_new_account_and_counts_a_use(domain: Do
     assert stored.use_count == 1
     # The owner's cached code is dropped after the commit.
     assert domain.codes_used == ["referrer@example.com"]
-    assert "code-by-email:referrer@example.com" in domain.cache.invalidations
+    assert "public-code-by-email:referrer@example.com" in domain.cache.invalidations
 
 
 async def test_an_unknown_code_is_refused(domain: Domain) -> None:

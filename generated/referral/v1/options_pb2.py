@@ -26,17 +26,17 @@ from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor
 from referral.v1 import errors_pb2 as referral_dot_v1_dot_errors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19referral/v1/options.proto\x12\x0breferral.v1\x1a google/protobuf/descriptor.proto\x1a\x18referral/v1/errors.proto\"\x9c\x03\n\tRateLimit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x08key_kind\x18\x02 \x01(\x0e\x32\x1e.referral.v1.RateLimit.KeyKind\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x32\n\x10\x63ounted_failures\x18\x04 \x03(\x0e\x32\x18.referral.v1.ErrorReason\x12\x1e\n\x16\x65xempt_trusted_clients\x18\x05 \x01(\x08\x12\x16\n\x0esuccesses_only\x18\x06 \x01(\x08\"\xd3\x01\n\x07KeyKind\x12\x18\n\x14KEY_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17KEY_KIND_CLIENT_ADDRESS\x10\x01\x12\x1a\n\x16KEY_KIND_ACCOUNT_EMAIL\x10\x02\x12(\n$KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET\x10\x03\x12-\n)KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS\x10\x05\x12\x1c\n\x18KEY_KIND_SERVICE_ACCOUNT\x10\x06*a\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x18\n\x14\x41\x43\x43\x45SS_AUTHENTICATED\x10\x02\x12\x12\n\x0e\x41\x43\x43\x45SS_SERVICE\x10\x03:E\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x13.referral.v1.Access:L\n\nrate_limit\x12\x1e.google.protobuf.MethodOptions\x18\xba\x8e\x03 \x03(\x0b\x32\x16.referral.v1.RateLimit:/\n\x05scope\x12\x1e.google.protobuf.MethodOptions\x18\xbb\x8e\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19referral/v1/options.proto\x12\x0breferral.v1\x1a google/protobuf/descriptor.proto\x1a\x18referral/v1/errors.proto\"\xb1\x03\n\tRateLimit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x08key_kind\x18\x02 \x01(\x0e\x32\x1e.referral.v1.RateLimit.KeyKind\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x32\n\x10\x63ounted_failures\x18\x04 \x03(\x0e\x32\x18.referral.v1.ErrorReason\x12\x1e\n\x16\x65xempt_trusted_clients\x18\x05 \x01(\x08\x12\x16\n\x0esuccesses_only\x18\x06 \x01(\x08\"\xe8\x01\n\x07KeyKind\x12\x18\n\x14KEY_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17KEY_KIND_CLIENT_ADDRESS\x10\x01\x12\x1a\n\x16KEY_KIND_ACCOUNT_EMAIL\x10\x02\x12(\n$KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET\x10\x03\x12\x13\n\x0fKEY_KIND_CALLER\x10\x04\x12-\n)KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS\x10\x05\x12\x1c\n\x18KEY_KIND_SERVICE_ACCOUNT\x10\x06*a\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x18\n\x14\x41\x43\x43\x45SS_AUTHENTICATED\x10\x02\x12\x12\n\x0e\x41\x43\x43\x45SS_SERVICE\x10\x03:E\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x13.referral.v1.Access:L\n\nrate_limit\x12\x1e.google.protobuf.MethodOptions\x18\xba\x8e\x03 \x03(\x0b\x32\x16.referral.v1.RateLimit:/\n\x05scope\x12\x1e.google.protobuf.MethodOptions\x18\xbb\x8e\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'referral.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCESS']._serialized_start=517
-  _globals['_ACCESS']._serialized_end=614
+  _globals['_ACCESS']._serialized_start=538
+  _globals['_ACCESS']._serialized_end=635
   _globals['_RATELIMIT']._serialized_start=103
-  _globals['_RATELIMIT']._serialized_end=515
+  _globals['_RATELIMIT']._serialized_end=536
   _globals['_RATELIMIT_KEYKIND']._serialized_start=304
-  _globals['_RATELIMIT_KEYKIND']._serialized_end=515
+  _globals['_RATELIMIT_KEYKIND']._serialized_end=536
 # @@protoc_insertion_point(module_scope)

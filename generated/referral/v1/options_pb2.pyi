@@ -110,6 +110,11 @@ class RateLimit(_message.Message):
         """The client's address, but only for requests whose `field` is set (not
         empty); other requests are not counted by this limit.
         """
+        KEY_KIND_CALLER: RateLimit._KeyKind.ValueType  # 4
+        """The authenticated caller (their user id), on RPCs with
+        ACCESS_AUTHENTICATED. With `field` set, only requests whose `field` is
+        set (not empty) are counted.
+        """
         KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS: RateLimit._KeyKind.ValueType  # 5
         """The account named by the request's email `field` together with the
         client's address: each client address has its own budget per account,
@@ -140,6 +145,11 @@ class RateLimit(_message.Message):
     """The client's address, but only for requests whose `field` is set (not
     empty); other requests are not counted by this limit.
     """
+    KEY_KIND_CALLER: RateLimit.KeyKind.ValueType  # 4
+    """The authenticated caller (their user id), on RPCs with
+    ACCESS_AUTHENTICATED. With `field` set, only requests whose `field` is
+    set (not empty) are counted.
+    """
     KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS: RateLimit.KeyKind.ValueType  # 5
     """The account named by the request's email `field` together with the
     client's address: each client address has its own budget per account,
@@ -166,9 +176,10 @@ class RateLimit(_message.Message):
     key_kind: Global___RateLimit.KeyKind.ValueType
     """What the limit counts per."""
     field: _builtins.str
-    """The request field the key reads, for KEY_KIND_ACCOUNT_EMAIL and
-    KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET: a string field of the RPC's
-    request message.
+    """The request field the key reads, for KEY_KIND_ACCOUNT_EMAIL,
+    KEY_KIND_ACCOUNT_EMAIL_AND_CLIENT_ADDRESS and
+    KEY_KIND_CLIENT_ADDRESS_IF_FIELD_SET (optional for KEY_KIND_CALLER): a
+    string field of the RPC's request message.
     """
     exempt_trusted_clients: _builtins.bool
     """Once this limit is reached for a key, a client address that has made a

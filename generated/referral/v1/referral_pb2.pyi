@@ -23,7 +23,10 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ReferralCode(_message.Message):
-    """A referral code."""
+    """A referral code. Its owner's calls (CreateReferralCode, GetMyReferralCode)
+    set every field; the public GetReferralCodeByEmail sets only `code`,
+    `expire_time` and `state`, what someone needs to register with it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -66,22 +69,28 @@ class ReferralCode(_message.Message):
     USE_COUNT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The code, as users type it (case-insensitive)."""
+    """The code, as users type it (case-insensitive). Always set."""
     owner_id: _builtins.int
-    """The id of the user who owns the code."""
+    """The id of the user who owns the code. Not set by
+    GetReferralCodeByEmail.
+    """
     max_uses: _builtins.int
-    """How many registrations the code allows; 0 means unlimited."""
+    """How many registrations the code allows; 0 means unlimited. Not set by
+    GetReferralCodeByEmail (0 there says nothing about the limit).
+    """
     use_count: _builtins.int
-    """How many users have registered with the code."""
+    """How many users have registered with the code. Not set by
+    GetReferralCodeByEmail.
+    """
     state: Global___ReferralCode.State.ValueType
-    """The state at the time of the read."""
+    """The state at the time of the read. Always set."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the code was created."""
+        """When the code was created. Not set by GetReferralCodeByEmail."""
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the code stops working."""
+        """When the code stops working. Always set."""
 
     def __init__(
         self,
@@ -317,7 +326,7 @@ class GetReferralCodeByEmailResponse(_message.Message):
     REFERRAL_CODE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def referral_code(self) -> Global___ReferralCode:
-        """The referrer's live code."""
+        """The referrer's live code: only `code`, `expire_time` and `state` are set."""
 
     def __init__(
         self,

@@ -29,8 +29,9 @@ class ReferralServiceStub:
     """ReferralService manages referral codes and lists the users they brought.
 
     A user has at most one live referral code at a time. A code is live until
-    it expires, is deleted by its owner, or reaches its max_uses. Codes are
-    never re-issued: a code once issued belongs to its owner forever.
+    it expires, is deleted by its owner, or reaches its max_uses. A code once
+    issued belongs to its owner forever: nobody else can ever get it, but its
+    owner may issue it again once it is no longer live.
     """
 
     def __init__(self, channel):
@@ -70,15 +71,20 @@ class ReferralServiceServicer:
     """ReferralService manages referral codes and lists the users they brought.
 
     A user has at most one live referral code at a time. A code is live until
-    it expires, is deleted by its owner, or reaches its max_uses. Codes are
-    never re-issued: a code once issued belongs to its owner forever.
+    it expires, is deleted by its owner, or reaches its max_uses. A code once
+    issued belongs to its owner forever: nobody else can ever get it, but its
+    owner may issue it again once it is no longer live.
     """
 
     def CreateReferralCode(self, request, context):
         """Creates the caller's referral code. Fails with FAILED_PRECONDITION
         (REFERRAL_CODE_ALREADY_ACTIVE) while the caller has a live code; an
-        expired, deleted or used-up code does not block a new one. With a
-        `request_id`, a retry returns the code created by the first call.
+        expired, deleted or used-up code does not block a new one. A vanity code
+        issued before is ALREADY_EXISTS (REFERRAL_CODE_TAKEN), unless the caller
+        issued it themselves: then it is issued to them again, as a new code
+        (use_count starts at 0; earlier referrals keep showing the code they
+        used). With a `request_id`, a retry returns the code created by the first
+        call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,9 +106,11 @@ class ReferralServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetReferralCodeByEmail(self, request, context):
-        """Returns the live referral code of the user with this email. NOT_FOUND,
-        with the same message, whether the email is unknown or its owner has no
-        live code.
+        """Returns the live referral code of the user with this email, as anyone may
+        see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+        `create_time`, `max_uses` and `use_count` are left unset (not public).
+        NOT_FOUND, with the same message, whether the email is unknown or its
+        owner has no live code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,8 +165,9 @@ class ReferralService:
     """ReferralService manages referral codes and lists the users they brought.
 
     A user has at most one live referral code at a time. A code is live until
-    it expires, is deleted by its owner, or reaches its max_uses. Codes are
-    never re-issued: a code once issued belongs to its owner forever.
+    it expires, is deleted by its owner, or reaches its max_uses. A code once
+    issued belongs to its owner forever: nobody else can ever get it, but its
+    owner may issue it again once it is no longer live.
     """
 
     @staticmethod

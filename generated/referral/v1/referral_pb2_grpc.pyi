@@ -30,8 +30,9 @@ class ReferralServiceStub:
     """ReferralService manages referral codes and lists the users they brought.
 
     A user has at most one live referral code at a time. A code is live until
-    it expires, is deleted by its owner, or reaches its max_uses. Codes are
-    never re-issued: a code once issued belongs to its owner forever.
+    it expires, is deleted by its owner, or reaches its max_uses. A code once
+    issued belongs to its owner forever: nobody else can ever get it, but its
+    owner may issue it again once it is no longer live.
     """
 
     @_typing.overload
@@ -41,8 +42,12 @@ class ReferralServiceStub:
     CreateReferralCode: _grpc.UnaryUnaryMultiCallable[_referral_pb2.CreateReferralCodeRequest, _referral_pb2.CreateReferralCodeResponse]
     """Creates the caller's referral code. Fails with FAILED_PRECONDITION
     (REFERRAL_CODE_ALREADY_ACTIVE) while the caller has a live code; an
-    expired, deleted or used-up code does not block a new one. With a
-    `request_id`, a retry returns the code created by the first call.
+    expired, deleted or used-up code does not block a new one. A vanity code
+    issued before is ALREADY_EXISTS (REFERRAL_CODE_TAKEN), unless the caller
+    issued it themselves: then it is issued to them again, as a new code
+    (use_count starts at 0; earlier referrals keep showing the code they
+    used). With a `request_id`, a retry returns the code created by the first
+    call.
     """
     GetMyReferralCode: _grpc.UnaryUnaryMultiCallable[_referral_pb2.GetMyReferralCodeRequest, _referral_pb2.GetMyReferralCodeResponse]
     """Returns the caller's live referral code; NOT_FOUND when there is none."""
@@ -51,9 +56,11 @@ class ReferralServiceStub:
     when there is none.
     """
     GetReferralCodeByEmail: _grpc.UnaryUnaryMultiCallable[_referral_pb2.GetReferralCodeByEmailRequest, _referral_pb2.GetReferralCodeByEmailResponse]
-    """Returns the live referral code of the user with this email. NOT_FOUND,
-    with the same message, whether the email is unknown or its owner has no
-    live code.
+    """Returns the live referral code of the user with this email, as anyone may
+    see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+    `create_time`, `max_uses` and `use_count` are left unset (not public).
+    NOT_FOUND, with the same message, whether the email is unknown or its
+    owner has no live code.
     """
     ListReferrals: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]
     """Lists the users referred by `referrer_id`, oldest first. Callers may
@@ -66,16 +73,21 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     """ReferralService manages referral codes and lists the users they brought.
 
     A user has at most one live referral code at a time. A code is live until
-    it expires, is deleted by its owner, or reaches its max_uses. Codes are
-    never re-issued: a code once issued belongs to its owner forever.
+    it expires, is deleted by its owner, or reaches its max_uses. A code once
+    issued belongs to its owner forever: nobody else can ever get it, but its
+    owner may issue it again once it is no longer live.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateReferralCode: _aio.UnaryUnaryMultiCallable[_referral_pb2.CreateReferralCodeRequest, _referral_pb2.CreateReferralCodeResponse]  # type: ignore[assignment]
     """Creates the caller's referral code. Fails with FAILED_PRECONDITION
     (REFERRAL_CODE_ALREADY_ACTIVE) while the caller has a live code; an
-    expired, deleted or used-up code does not block a new one. With a
-    `request_id`, a retry returns the code created by the first call.
+    expired, deleted or used-up code does not block a new one. A vanity code
+    issued before is ALREADY_EXISTS (REFERRAL_CODE_TAKEN), unless the caller
+    issued it themselves: then it is issued to them again, as a new code
+    (use_count starts at 0; earlier referrals keep showing the code they
+    used). With a `request_id`, a retry returns the code created by the first
+    call.
     """
     GetMyReferralCode: _aio.UnaryUnaryMultiCallable[_referral_pb2.GetMyReferralCodeRequest, _referral_pb2.GetMyReferralCodeResponse]  # type: ignore[assignment]
     """Returns the caller's live referral code; NOT_FOUND when there is none."""
@@ -84,9 +96,11 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     when there is none.
     """
     GetReferralCodeByEmail: _aio.UnaryUnaryMultiCallable[_referral_pb2.GetReferralCodeByEmailRequest, _referral_pb2.GetReferralCodeByEmailResponse]  # type: ignore[assignment]
-    """Returns the live referral code of the user with this email. NOT_FOUND,
-    with the same message, whether the email is unknown or its owner has no
-    live code.
+    """Returns the live referral code of the user with this email, as anyone may
+    see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+    `create_time`, `max_uses` and `use_count` are left unset (not public).
+    NOT_FOUND, with the same message, whether the email is unknown or its
+    owner has no live code.
     """
     ListReferrals: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]  # type: ignore[assignment]
     """Lists the users referred by `referrer_id`, oldest first. Callers may
@@ -98,8 +112,9 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
     """ReferralService manages referral codes and lists the users they brought.
 
     A user has at most one live referral code at a time. A code is live until
-    it expires, is deleted by its owner, or reaches its max_uses. Codes are
-    never re-issued: a code once issued belongs to its owner forever.
+    it expires, is deleted by its owner, or reaches its max_uses. A code once
+    issued belongs to its owner forever: nobody else can ever get it, but its
+    owner may issue it again once it is no longer live.
     """
 
     @_abc_1.abstractmethod
@@ -110,8 +125,12 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_referral_pb2.CreateReferralCodeResponse, _abc.Awaitable[_referral_pb2.CreateReferralCodeResponse]]:
         """Creates the caller's referral code. Fails with FAILED_PRECONDITION
         (REFERRAL_CODE_ALREADY_ACTIVE) while the caller has a live code; an
-        expired, deleted or used-up code does not block a new one. With a
-        `request_id`, a retry returns the code created by the first call.
+        expired, deleted or used-up code does not block a new one. A vanity code
+        issued before is ALREADY_EXISTS (REFERRAL_CODE_TAKEN), unless the caller
+        issued it themselves: then it is issued to them again, as a new code
+        (use_count starts at 0; earlier referrals keep showing the code they
+        used). With a `request_id`, a retry returns the code created by the first
+        call.
         """
 
     @_abc_1.abstractmethod
@@ -138,9 +157,11 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _referral_pb2.GetReferralCodeByEmailRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_referral_pb2.GetReferralCodeByEmailResponse, _abc.Awaitable[_referral_pb2.GetReferralCodeByEmailResponse]]:
-        """Returns the live referral code of the user with this email. NOT_FOUND,
-        with the same message, whether the email is unknown or its owner has no
-        live code.
+        """Returns the live referral code of the user with this email, as anyone may
+        see it: only `code`, `expire_time` and `state` are set; `owner_id`,
+        `create_time`, `max_uses` and `use_count` are left unset (not public).
+        NOT_FOUND, with the same message, whether the email is unknown or its
+        owner has no live code.
         """
 
     @_abc_1.abstractmethod

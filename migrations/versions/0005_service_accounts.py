@@ -1,8 +1,8 @@
 """Service accounts: internal services' client credentials (a keyed hash of the secret) and
 their scopes.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-11-29
 """
 
@@ -15,8 +15,8 @@ from alembic import op
 
 from referral_service.storage.tables import Id, UTCDateTime
 
-revision: str = "0004"
-down_revision: str | None = "0003"
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
