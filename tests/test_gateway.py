@@ -428,8 +428,22 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
         assert operation["responses"]["default"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/Error"
         }
-        expected = [{"bearerAuth": []}] if descriptors.needs_token(binding.method) else []
+        scope = descriptors.scope(binding.method)
+        service = [{"serviceAuth": [scope]}] if scope else []
+        if descriptors.access_name(binding.method) == "ACCESS_SERVICE":
+            expected = service
+        elif descriptors.needs_token(binding.method):
+            expected = [{"bearerAuth": []}, *service]
+        else:
+            expected = [{}, *service] if service else []
         assert operation["security"] == expected, binding.method.full_name
+    # The client-credentials flow names every scope with the RPCs it opens.
+    flow = document["components"]["securitySchemes"]["serviceAuth"]["flows"]["clientCredentials"]
+    assert flow["tokenUrl"] == "/v1/auth/service-token"
+    assert flow["scopes"]["users:read"] == "Call AuthService.GetUser"
+    assert sorted(flow["scopes"]) == ["referrals:read", "tokens:introspect", "users:read", "users:register"]
+    lookup = operations[("GET", "/v1/users:lookup")]
+    assert lookup["security"] == [{"serviceAuth": ["users:read"]}]
     schemas = document["components"]["schemas"]
     register = schemas["referral.v1.RegisterRequest"]
     assert register["required"] == ["email", "password"]

@@ -39,6 +39,8 @@ def readme_script(marker: str = "readme-test") -> str:
 class Live:
     grpc_port: int
     http_port: int
+    #: The server's working directory (its database is ``data/referral.db`` under it).
+    root: Path
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def live_server(tmp_path: Path) -> Iterator[Live]:
         process.kill()
         pytest.fail("server did not start")
     try:
-        yield Live(port, http_port)
+        yield Live(port, http_port, tmp_path)
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=20)
@@ -83,7 +85,7 @@ def live_server(tmp_path: Path) -> Iterator[Live]:
         assert "stopped" in output
 
 
-def _run_script(script: str, missing: list[str]) -> str:
+def _run_script(script: str, missing: list[str], env: dict[str, str] | None = None) -> str:
     """Run a README block with bash (strict mode) from the repository root; its output."""
     if missing:
         if REQUIRE:
@@ -96,6 +98,7 @@ def _run_script(script: str, missing: list[str]) -> str:
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -130,3 +133,29 @@ def test_readme_http_examples_work_as_printed(live_server: Live) -> None:
     assert re.search(r"\b401\n", output)  # the revoked token
     assert '{"status":"SERVING"}' in output
     assert "/v1/users/{referrer_id}/referrals" in output
+
+
+def test_readme_service_account_examples_work_as_printed(live_server: Live) -> None:
+    """The operator's commands run from the repository as printed, on the live server's database
+    (``make run`` serves ./data; here the server's own directory)."""
+    missing = [tool for tool in ("jq",) if shutil.which(tool) is None]
+    if not (ROOT / "node_modules/.bin/buf").exists():
+        missing.append("buf (npm install)")
+    if not (ROOT / ".venv/bin/referral-service").exists():
+        missing.append("referral-service (make install)")
+    script = readme_script("readme-test-service").replace(
+        "127.0.0.1:50051", f"127.0.0.1:{live_server.grpc_port}"
+    )
+    data = live_server.root / "data"
+    env = {
+        "REFERRAL_DATA_DIR": str(data),
+        "REFERRAL_DATABASE_URL": f"sqlite+aiosqlite:///{data / 'referral.db'}",
+    }
+    output = _run_script(script, missing, env)
+    assert '"email": "carol@example.com"' in output  # GetUser
+    assert '"active": true' in output  # IntrospectToken
+    assert '"tokenType": "TOKEN_TYPE_ACCESS_TOKEN"' in output
+    assert "billing\tsvc_" in output  # list-service-accounts
+    assert "revoked service account billing" in output
+    assert "refused, as expected" in output
+    assert not (ROOT / "billing.json").exists()

@@ -116,8 +116,10 @@ def render() -> str:
         "Package `referral.v1`. Every RPC is served over gRPC and, through the HTTP/JSON gateway,",
         "as the HTTP method and path shown (JSON field names are lowerCamelCase; 64-bit integers",
         "are strings; timestamps are RFC 3339). RPCs marked `ACCESS_AUTHENTICATED` need",
-        "`authorization: Bearer <access token>` (gRPC metadata or HTTP header). The interactive",
-        "version is `/docs` on a running server, the OpenAPI document `/openapi.json`.",
+        "`authorization: Bearer <access token>` (gRPC metadata or HTTP header); `ACCESS_SERVICE`",
+        "RPCs need a service token (AuthService.IssueServiceToken) with the scope shown, and a",
+        "scope on any other RPC names what a service may do there with such a token. The",
+        "interactive version is `/docs` on a running server, the OpenAPI document `/openapi.json`.",
         "",
         "## Services",
         "",
@@ -139,7 +141,7 @@ def render() -> str:
             )
             lines.append(
                 f"| [{method.name}](#{_anchor(method.full_name)}) | {http} | "
-                f"`{descriptors.access_name(method)}` | {_cell(descriptors.summary(method.full_name))} |"
+                f"`{descriptors.access_text(method)}` | {_cell(descriptors.summary(method.full_name))} |"
             )
         lines.append("")
         for method in service.methods:
@@ -154,7 +156,7 @@ def render() -> str:
                     lines.append(f"- HTTP: `{binding.verb} {binding.template}` ({body})")
             lines += [
                 f"- gRPC: `/{service.full_name}/{method.name}`",
-                f"- access: `{descriptors.access_name(method)}`",
+                f"- access: `{descriptors.access_text(method)}`",
                 f"- request: {_link(method.input_type.full_name)}",
                 f"- response: {_link(method.output_type.full_name)}",
                 "",

@@ -134,6 +134,17 @@ def access_name(method: MethodDescriptor) -> str:
     return str(options_pb2.Access.Name(method.GetOptions().Extensions[options_pb2.access]))
 
 
+def scope(method: MethodDescriptor) -> str:
+    """The ``(referral.v1.scope)`` a service token needs for the RPC ("" when none)."""
+    return str(method.GetOptions().Extensions[options_pb2.scope])
+
+
+def access_text(method: MethodDescriptor) -> str:
+    """``ACCESS_AUTHENTICATED``, or with a scope ``ACCESS_SERVICE (scope users:read)``."""
+    needed = scope(method)
+    return f"{access_name(method)} (scope {needed})" if needed else access_name(method)
+
+
 def behaviors(field: FieldDescriptor) -> set[str]:
     """``google.api.field_behavior`` values of a field, by name (``REQUIRED``, ``OUTPUT_ONLY``)."""
     return {

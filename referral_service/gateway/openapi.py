@@ -17,7 +17,8 @@ import importlib.metadata
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, MethodDescriptor
+from referral.v1 import options_pb2
 
 from referral_service.gateway import descriptors
 from referral_service.gateway.paths import compile_template
@@ -56,6 +57,7 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
 }
 ERROR_SCHEMA = "Error"
 BEARER = "bearerAuth"
+SERVICE = "serviceAuth"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -263,7 +265,7 @@ def document(title: str = "referral-service API") -> dict[str, Any]:
             "tags": [method.containing_service.name],
             "summary": descriptors.summary(method.full_name),
             "description": descriptors.comment(method.full_name)
-            + f"\n\ngRPC: `{method.full_name}`; access: `{descriptors.access_name(method)}`.",
+            + f"\n\ngRPC: `{method.full_name}`; access: `{descriptors.access_text(method)}`.",
         }
         if binding.body == "*":
             if path_fields:
@@ -300,7 +302,7 @@ def document(title: str = "referral-service API") -> dict[str, Any]:
                 "content": {"application/json": {"schema": error_ref}},
             },
         }
-        operation["security"] = [{BEARER: []}] if descriptors.needs_token(method) else []
+        operation["security"] = _security(method)
         paths.setdefault(template.openapi_path, {})[binding.verb.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -326,10 +328,47 @@ def document(title: str = "referral-service API") -> dict[str, Any]:
                     "scheme": "bearer",
                     "bearerFormat": "JWT",
                     "description": "The accessToken from POST /v1/auth/login or /v1/auth/refresh.",
-                }
+                },
+                SERVICE: {
+                    "type": "oauth2",
+                    "description": (
+                        "Service accounts (OAuth 2.0 client credentials). The token endpoint takes "
+                        "JSON: {clientId, clientSecret, scopes}; send the accessToken it returns as "
+                        "`Authorization: Bearer <accessToken>`."
+                    ),
+                    "flows": {
+                        "clientCredentials": {
+                            "tokenUrl": "/v1/auth/service-token",
+                            "scopes": _scopes(),
+                        }
+                    },
+                },
             },
         },
     }
+
+
+def _security(method: MethodDescriptor) -> list[dict[str, list[str]]]:
+    """Who may call: nobody in particular (``[]``), a user's bearer token, a service token with
+    the RPC's scope, or (an empty requirement first) anyone, services served as such."""
+    level = method.GetOptions().Extensions[options_pb2.access]
+    scope = descriptors.scope(method)
+    service = [{SERVICE: [scope]}] if scope else []
+    if level == options_pb2.ACCESS_PUBLIC:
+        return [{}, *service] if service else []
+    if level == options_pb2.ACCESS_SERVICE:
+        return service
+    return [{BEARER: []}, *service]
+
+
+def _scopes() -> dict[str, str]:
+    """Each scope the RPCs declare, described by the RPCs it opens."""
+    opened: dict[str, list[str]] = {}
+    for service in descriptors.SERVICES:
+        for method in service.methods:
+            if scope := descriptors.scope(method):
+                opened.setdefault(scope, []).append(f"{service.name}.{method.name}")
+    return {scope: "Call " + ", ".join(methods) for scope, methods in sorted(opened.items())}
 
 
 def _version() -> str:
