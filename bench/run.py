@@ -50,6 +50,14 @@ HTTP_VS_GRPC_TARGET = 2.0
 # --- helpers -------------------------------------------------------------------------------------
 
 
+def generous_rate_limits(value: str) -> dict[str, str]:
+    """Every rate limit at ``value``: they stay on (their cost is part of a call) but far above
+    the load, since one load generator on 127.0.0.1 would otherwise be throttled like an attacker."""
+    from referral_service.config import RateLimitSettings
+
+    return {f"REFERRAL_{name.upper()}": rate for name, rate in RateLimitSettings.every_rate(value).items()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -206,14 +214,7 @@ def start_service(workdir: Path, database_url: str, redis_url: str | None, loop:
             "REFERRAL_EVENT_LOOP": loop,
             "REFERRAL_WORKERS": "1",
             "REFERRAL_REDIS_KEY_PREFIX": f"bench:{os.getpid()}:{port}:",
-            # Rate limits stay on (their cost is part of a call) but far above the load: one
-            # load generator on 127.0.0.1 would otherwise be throttled like an attacker.
-            "REFERRAL_RATE_LIMIT_LOGIN_ACCOUNT": "1000000000/1h",
-            "REFERRAL_RATE_LIMIT_LOGIN_ADDRESS": "1000000000/1h",
-            "REFERRAL_RATE_LIMIT_REGISTER_ADDRESS": "1000000000/1h",
-            "REFERRAL_RATE_LIMIT_LOOKUP_ADDRESS": "1000000000/1h",
-            "REFERRAL_RATE_LIMIT_CODE_CHECK_ADDRESS": "1000000000/1h",
-            "REFERRAL_RATE_LIMIT_CODE_CREATE_USER": "1000000000/1h",
+            **generous_rate_limits("1000000000/1h"),
         }
     )
     if redis_url:

@@ -12,13 +12,16 @@ import getpass
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from referral_service import logs
 from referral_service.app import StartupError
 from referral_service.config import Settings, describe
+
+if TYPE_CHECKING:
+    from referral_service.domain.errors import DomainError
 
 log = logging.getLogger("referral_service")
 
@@ -43,6 +46,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _report(error: DomainError) -> None:
+    """A refused command: its message and the field violations, on standard error."""
+    print(f"error: {error.message}", file=sys.stderr)
+    for violation in error.violations:
+        print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+
+
 async def _create_superuser(settings: Settings, email: str, password: str, *, promote_existing: bool) -> int:
     from referral_service.app import build_app
     from referral_service.domain.errors import DomainError
@@ -51,9 +61,7 @@ async def _create_superuser(settings: Settings, email: str, password: str, *, pr
     try:
         user, created = await app.auth.create_superuser(email, password, promote_existing=promote_existing)
     except DomainError as error:
-        print(f"error: {error.message}", file=sys.stderr)
-        for violation in error.violations:
-            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        _report(error)
         return 1
     finally:
         await app.stop(0, drain=0)
@@ -107,9 +115,7 @@ async def _service_accounts(settings: Settings, args: argparse.Namespace) -> int
             account = await accounts.revoke(args.name)
             print(f"revoked service account {account.name}: its tokens no longer work")
     except DomainError as error:
-        print(f"error: {error.message}", file=sys.stderr)
-        for violation in error.violations:
-            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        _report(error)
         return 1
     finally:
         await app.stop(0, drain=0)

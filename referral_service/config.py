@@ -449,6 +449,16 @@ class RateLimitSettings(Group):
             ipaddress.ip_network(cidr, strict=False)
         return value
 
+    @classmethod
+    def every_rate(cls, value: str) -> dict[str, str]:
+        """``value`` for every limit, by flat setting name (``rate_limit_login_account``): for load
+        generators and test suites, whose one client address would be throttled like an attacker."""
+        return {
+            f"rate_limit_{name}": value
+            for name, field in cls.model_fields.items()
+            if isinstance(field.default, Rate)
+        }
+
     def rates(self) -> dict[str, Rate]:
         """Every limit by the name the protos use (``login-account``), off ones included; none
         when rate limits are off."""

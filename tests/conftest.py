@@ -31,7 +31,7 @@ from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2_grpc
 from sqlalchemy import make_url
 
 from referral_service.app import App, build_app
-from referral_service.config import Settings
+from referral_service.config import RateLimitSettings, Settings
 from referral_service.storage import migrate
 
 PG_URL = os.environ.get("REFERRAL_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -199,19 +199,7 @@ class Stack:
             "workers": 1,
             # Tests register many users from 127.0.0.1: generous limits, so the limiter runs
             # on every call without getting in the way (tests/test_ratelimits.py uses small ones).
-            "rate_limit_login_account": "100000/1h",
-            "rate_limit_login_account_address": "100000/1h",
-            "rate_limit_login_success_account": "100000/1h",
-            "rate_limit_login_calls_address": "100000/1h",
-            "rate_limit_refresh_address": "100000/1h",
-            "rate_limit_service_token_address": "100000/1h",
-            "rate_limit_login_address": "100000/1h",
-            "rate_limit_register_address": "100000/1h",
-            "rate_limit_lookup_address": "100000/1h",
-            "rate_limit_code_check_address": "100000/1h",
-            "rate_limit_code_create_user": "100000/1h",
-            "rate_limit_code_delete_user": "100000/1h",
-            "rate_limit_vanity_code_user": "100000/1h",
+            **RateLimitSettings.every_rate("100000/1h"),
         }
         values.update(overrides)
         return Settings(**values)

@@ -32,6 +32,7 @@ from google.protobuf import duration_pb2
 from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 from sqlalchemy import make_url
 
+from referral_service.config import RateLimitSettings
 from referral_service.storage import migrate
 from referral_service.storage.db import Database
 from tests.invariants import check_invariants, count_rows
@@ -199,9 +200,10 @@ async def soak(seconds: float, workers: int) -> int:
         REFERRAL_DATA_DIR=str(workdir),
         REFERRAL_DATABASE_TIMEOUT_SECONDS="2",
         REFERRAL_REDIS_BREAKER_RESET_SECONDS="1",
-        REFERRAL_RATE_LIMIT_REGISTER_ADDRESS="1000000/1h",
-        REFERRAL_RATE_LIMIT_LOOKUP_ADDRESS="1000000/1h",
-        REFERRAL_RATE_LIMIT_CODE_CREATE_USER="1000000/1h",
+        **{
+            f"REFERRAL_{name.upper()}": rate
+            for name, rate in RateLimitSettings.every_rate("1000000/1h").items()
+        },
         REFERRAL_LOG_LEVEL="INFO",
     )
     log_path = workdir / "server.log"

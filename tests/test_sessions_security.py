@@ -52,6 +52,20 @@ async def assert_nothing_survives(api: Api, last_refresh: str, access_tokens: li
         )
 
 
+async def assert_session_ended(api: Api, tokens: auth_pb2.LoginResponse) -> None:
+    """The session's access token and refresh token are both refused as revoked."""
+    await expect_error(
+        api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    await expect_error(
+        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=tokens.refresh_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+
+
 async def logout_race(api: Api, email: str) -> None:
     victim = await api.login(email)
     stolen: list[str] = [victim.access_token]
@@ -126,16 +140,7 @@ async def test_a_logout_with_a_bad_refresh_token_still_ends_the_callers_session(
         )
         assert error.message
         # The caller's own session has ended anyway: its access and refresh tokens are dead.
-        await expect_error(
-            api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(tokens.access_token)),
-            grpc.StatusCode.UNAUTHENTICATED,
-            "TOKEN_REVOKED",
-        )
-        await expect_error(
-            api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=tokens.refresh_token)),
-            grpc.StatusCode.UNAUTHENTICATED,
-            "TOKEN_REVOKED",
-        )
+        await assert_session_ended(api, tokens)
     # Another user's refresh token: refused, but the caller is logged out all the same, and the
     # other user's session is untouched.
     mine = await api.login(email)
@@ -163,18 +168,7 @@ async def test_a_user_has_at_most_max_sessions_the_oldest_end_first(stack: Stack
         await api.register(email)
         sessions = [await api.login(email) for _ in range(5)]
         for ended in sessions[:2]:
-            await expect_error(
-                api.auth.GetCurrentUser(
-                    auth_pb2.GetCurrentUserRequest(), metadata=bearer(ended.access_token)
-                ),
-                grpc.StatusCode.UNAUTHENTICATED,
-                "TOKEN_REVOKED",
-            )
-            await expect_error(
-                api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=ended.refresh_token)),
-                grpc.StatusCode.UNAUTHENTICATED,
-                "TOKEN_REVOKED",
-            )
+            await assert_session_ended(api, ended)
         for live in sessions[2:]:
             await api.auth.GetCurrentUser(
                 auth_pb2.GetCurrentUserRequest(), metadata=bearer(live.access_token)
@@ -226,16 +220,7 @@ async def test_create_superuser_refuses_a_squatted_address(
     assert "promoted existing user" in out
     assert "sessions were revoked" in out
     # The squatter's session is over, and their password no longer opens the account.
-    await expect_error(
-        api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(squatter.access_token)),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "TOKEN_REVOKED",
-    )
-    await expect_error(
-        api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=squatter.refresh_token)),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "TOKEN_REVOKED",
-    )
+    await assert_session_ended(api, squatter)
     await expect_error(api.login("ops@example.com", PASSWORD), grpc.StatusCode.UNAUTHENTICATED)
     operator = await api.login("ops@example.com", operator_password)
     me = await api.auth.GetCurrentUser(
