@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from referral_service.api.auth import AuthServicer
 from referral_service.api.health import GracefulHealthServicer, HealthReporter
 from referral_service.api.interceptors import ApiInterceptor
 from referral_service.api.referral import ReferralServicer
-from referral_service.config import EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
+from referral_service.config import ClientAuth, EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
 from referral_service.crypto.jwt import JwtCodec, TokenConfig, TokenKey, hmac_key, pem_key
 from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
 from referral_service.domain.auth import AuthService
@@ -58,6 +59,7 @@ from referral_service.pipeline.limits import RateLimits
 from referral_service.resilience import CircuitBreaker
 from referral_service.storage.db import Database
 from referral_service.storage.store import SqlStore
+from referral_service.tls import TlsError, TlsFiles, grpc_credentials, http_context
 
 log = logging.getLogger("referral_service")
 
@@ -370,12 +372,46 @@ class Servicers:
         return {SERVICES[0]: self.auth, SERVICES[1]: self.referral}
 
 
+def build_tls_files(settings: Settings) -> TlsFiles | None:
+    tls = settings.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    return TlsFiles(tls.cert_file, tls.key_file, tls.client_ca_file)
+
+
+def check_tls_files(settings: Settings) -> None:
+    """Read and check the TLS files once: the supervisor does, before starting workers that
+    would each fail on them."""
+    files = build_tls_files(settings)
+    if files is None:
+        return
+    try:
+        files.read()
+    except TlsError as error:
+        raise StartupError(f"TLS: {error}") from None
+
+
+_VERIFY_MODES = {
+    ClientAuth.NONE: ssl.CERT_NONE,
+    ClientAuth.OPTIONAL: ssl.CERT_OPTIONAL,
+    ClientAuth.REQUIRE: ssl.CERT_REQUIRED,
+}
+
+
 def build_grpc_server(
     settings: Settings, pipeline: Pipeline, servicers: Servicers, health: GracefulHealthServicer
 ) -> tuple[grpc.aio.Server, int]:
-    """The gRPC transport, bound to its port (not started)."""
+    """The gRPC transport, bound to its port (not started): TLS when the certificate files
+    are set (reloaded when they change), with client certificates required when
+    ``tls_client_auth`` is ``require``."""
+    files = build_tls_files(settings)
+    mtls = files is not None and settings.tls.client_auth is ClientAuth.REQUIRE
+    try:
+        credentials = grpc_credentials(files, require_client_certificate=mtls) if files is not None else None
+    except TlsError as error:
+        raise StartupError(f"gRPC TLS: {error}") from None
     server = grpc.aio.server(
-        interceptors=[ApiInterceptor(pipeline)],
+        interceptors=[ApiInterceptor(pipeline, client_certificates=mtls)],
         options=[
             ("grpc.max_receive_message_length", settings.server.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -397,7 +433,11 @@ def build_grpc_server(
     )
     address = f"{settings.server.grpc_host}:{settings.server.grpc_port}"
     try:
-        port = server.add_insecure_port(address)
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:
         port = 0
     if port == 0:
@@ -412,6 +452,15 @@ def build_http_gateway(
     http = settings.http
     if not http.enabled:
         return None
+    files = build_tls_files(settings)
+    try:
+        context = (
+            http_context(files, _VERIFY_MODES[settings.tls.effective_http_client_auth])
+            if files is not None
+            else None
+        )
+    except TlsError as error:
+        raise StartupError(f"HTTP TLS: {error}") from None
     try:
         sock = bind(http.host, http.port, reuse_port=settings.server.so_reuseport)
     except OSError as error:
@@ -424,6 +473,7 @@ def build_http_gateway(
         cors_origins=http.cors_origin_list,
         docs_enabled=http.docs_enabled,
         client_address_header=pipeline.client_address_header,
+        ssl_context=context,
     )
 
 
@@ -494,16 +544,30 @@ class App:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
             self.enrichment.start()
         await self.health.serving(self.store.ping, await self.stores.ping())
+        tls = self.settings.tls
         if self.http is not None:
             await self.http.start()
             log.info(
-                "serving HTTP/JSON on http://%s:%d (docs: /docs, OpenAPI: /openapi.json)",
+                "serving HTTP/JSON on %s://%s:%d (docs: /docs, OpenAPI: /openapi.json%s)",
+                self.http.scheme,
                 self.settings.http.host,
                 self.http.port,
+                f"; client certificates: {tls.effective_http_client_auth.value}" if tls.enabled else "",
             )
         log.info(
-            "serving gRPC on %s (database: %s, cache: %s)", self.address, self.db.dialect, self.stores.backend
+            "serving gRPC on %s%s (database: %s, cache: %s)",
+            self.address,
+            f" with TLS (client certificates: {tls.client_auth.value})" if tls.enabled else " in plaintext",
+            self.db.dialect,
+            self.stores.backend,
         )
+        exposed = self.settings.plaintext_exposed()
+        if exposed:
+            log.warning(
+                "plaintext on a non-loopback address (%s): set REFERRAL_TLS_CERT_FILE and "
+                "REFERRAL_TLS_KEY_FILE unless a proxy or mesh sidecar terminates TLS in front",
+                ", ".join(exposed),
+            )
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         """Report NOT_SERVING, keep serving for the drain period so that watchers notice, stop

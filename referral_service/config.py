@@ -28,6 +28,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -57,6 +58,19 @@ class HunterPolicy(StrEnum):
     FAIL_OPEN = "fail_open"
     #: Refuse it with UNAVAILABLE (EMAIL_VERIFICATION_UNAVAILABLE) and a RetryInfo.
     FAIL_CLOSED = "fail_closed"
+
+
+class ClientAuth(StrEnum):
+    """Whether a port asks TLS clients for a certificate (verified against
+    ``REFERRAL_TLS_CLIENT_CA_FILE``)."""
+
+    #: Not asked for: clients authenticate with tokens only.
+    NONE = "none"
+    #: Asked for and verified when given; clients without one still connect (HTTP port only:
+    #: grpcio can only require a client certificate or not ask for one).
+    OPTIONAL = "optional"
+    #: Required: the handshake fails without a certificate the CA signed.
+    REQUIRE = "require"
 
 
 class EnrichmentProviderName(StrEnum):
@@ -213,6 +227,58 @@ class HttpSettings(Group):
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+
+class TlsSettings(Group):
+    """TLS on the gRPC and HTTP ports, and client certificates (mTLS). The files are read at
+    start-up and again on the first handshake after they change (a stat per handshake, no
+    polling), so certificates rotate without a restart; a pair that does not load (a half-written
+    rotation) is ignored until the files change again, and the previous one keeps serving."""
+
+    env_prefix = "tls_"
+    #: PEM certificate chain (leaf first) both ports serve; set with ``tls_key_file`` to turn TLS
+    #: on. Unset: plaintext (h2c and HTTP/1.1).
+    cert_file: Annotated[FilePath | None, EmptyIsUnset] = None
+    #: PEM private key of that certificate (unencrypted; keep the file 0600).
+    key_file: Annotated[FilePath | None, EmptyIsUnset] = None
+    #: PEM bundle of the CA(s) client certificates must chain to.
+    client_ca_file: Annotated[FilePath | None, EmptyIsUnset] = None
+    #: Client certificates on the gRPC port (and on the HTTP port unless
+    #: ``http_tls_client_auth`` says otherwise): ``none`` or ``require``.
+    client_auth: ClientAuth = ClientAuth.NONE
+    #: Client certificates on the HTTP port: ``none``, ``optional`` or ``require``. Unset: as
+    #: ``tls_client_auth``.
+    http_client_auth: Annotated[ClientAuth | None, EmptyIsUnset] = Field(None, alias="http_tls_client_auth")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def effective_http_client_auth(self) -> ClientAuth:
+        return self.http_client_auth if self.http_client_auth is not None else self.client_auth
+
+    @model_validator(mode="after")
+    def _check(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("REFERRAL_TLS_CERT_FILE and REFERRAL_TLS_KEY_FILE go together: set both or none")
+        if self.client_auth is ClientAuth.OPTIONAL:
+            raise ValueError(
+                "REFERRAL_TLS_CLIENT_AUTH=optional is not possible on the gRPC port (grpcio either "
+                "requires a client certificate or does not ask for one): use none or require, and "
+                "REFERRAL_HTTP_TLS_CLIENT_AUTH=optional for the HTTP port"
+            )
+        for name, mode in (
+            ("REFERRAL_TLS_CLIENT_AUTH", self.client_auth),
+            ("REFERRAL_HTTP_TLS_CLIENT_AUTH", self.effective_http_client_auth),
+        ):
+            if mode is ClientAuth.NONE:
+                continue
+            if not self.enabled:
+                raise ValueError(f"{name}={mode.value} needs TLS: set REFERRAL_TLS_CERT_FILE and _KEY_FILE")
+            if self.client_ca_file is None:
+                raise ValueError(f"{name}={mode.value} needs REFERRAL_TLS_CLIENT_CA_FILE")
+        return self
 
 
 class DatabaseSettings(Group):
@@ -489,6 +555,7 @@ class LogSettings(Group):
 GROUPS: dict[str, type[Group]] = {
     "server": ServerSettings,
     "http": HttpSettings,
+    "tls": TlsSettings,
     "database": DatabaseSettings,
     "redis": RedisSettings,
     "jwt": JwtSettings,
@@ -563,6 +630,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     server: ServerSettings = ServerSettings()
     http: HttpSettings = HttpSettings()
+    tls: TlsSettings = TlsSettings()
     database: DatabaseSettings = DatabaseSettings()
     redis: RedisSettings = RedisSettings()
     jwt: JwtSettings = JwtSettings()
@@ -627,6 +695,17 @@ class Settings(BaseSettings):
     def replace(self, **flat: Any) -> Settings:
         """A copy with some settings changed, by flat name (``replace(grpc_port=0)``)."""
         return type(self).model_validate({**self.model_dump(exclude_defaults=True), **flat})
+
+    def plaintext_exposed(self) -> list[str]:
+        """The ports that serve plaintext on an address other than loopback (``gRPC
+        0.0.0.0:50051``): warned about at start-up, not refused, since a mesh sidecar or a load
+        balancer often terminates TLS in front of the service."""
+        if self.tls.enabled:
+            return []
+        listeners = [("gRPC", self.server.grpc_host, self.server.grpc_port)]
+        if self.http.enabled:
+            listeners.append(("HTTP", self.http.host, self.http.port))
+        return [f"{name} {host}:{port}" for name, host, port in listeners if not _is_loopback(host)]
 
     @property
     def effective_workers(self) -> int:
@@ -695,6 +774,15 @@ def describe(error: ValidationError) -> list[str]:
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"REFERRAL_{flat.upper()}: {message}" if flat else message)
     return lines
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _create_once(path: Path, make: Callable[[], bytes]) -> None:

@@ -75,8 +75,11 @@ def _worker(settings: Settings, index: int) -> None:
 
 
 def serve_workers(settings: Settings, workers: int) -> int:
+    from referral_service.app import check_tls_files
+
     if settings.server.grpc_port == 0:
         raise SystemExit("--workers > 1 needs a fixed port (REFERRAL_GRPC_PORT)")
+    check_tls_files(settings)  # once, here, rather than in each worker's crash loop
     if settings.redis.url is None:
         log.warning(
             "%d workers without Redis: the look-up cache is off (each worker would hold its own "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,12 +28,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def readme_script(marker: str = "readme-test") -> str:
+def readme_blocks(marker: str) -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text.split(f"<!-- {marker}:begin -->", 1)[1].split(f"<!-- {marker}:end -->", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
     assert blocks, "no sh block between the readme-test markers"
-    return "\n".join(blocks)
+    return blocks
+
+
+def readme_script(marker: str = "readme-test") -> str:
+    return "\n".join(readme_blocks(marker))
 
 
 @dataclass
@@ -85,20 +90,21 @@ def live_server(tmp_path: Path) -> Iterator[Live]:
         assert "stopped" in output
 
 
-def _run_script(script: str, missing: list[str], env: dict[str, str] | None = None) -> str:
-    """Run a README block with bash (strict mode) from the repository root; its output."""
+def _run_script(script: str, missing: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
+    """Run a README block with bash (strict mode), from the repository root unless told, in
+    ``env`` (default: this process's environment); its output."""
     if missing:
         if REQUIRE:
             pytest.fail(f"missing tools for the README test: {missing}")
         pytest.skip(f"missing tools for the README test: {missing}")
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
-        cwd=ROOT,
+        cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        env={**os.environ, **(env or {})},
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -151,7 +157,7 @@ def test_readme_service_account_examples_work_as_printed(live_server: Live) -> N
         "REFERRAL_DATA_DIR": str(data),
         "REFERRAL_DATABASE_URL": f"sqlite+aiosqlite:///{data / 'referral.db'}",
     }
-    output = _run_script(script, missing, env)
+    output = _run_script(script, missing, env={**os.environ, **env})
     assert '"email": "carol@example.com"' in output  # GetUser
     assert '"active": true' in output  # IntrospectToken
     assert '"tokenType": "TOKEN_TYPE_ACCESS_TOKEN"' in output
@@ -159,3 +165,57 @@ def test_readme_service_account_examples_work_as_printed(live_server: Live) -> N
     assert "revoked service account billing" in output
     assert "refused, as expected" in output
     assert not (ROOT / "billing.json").exists()
+
+
+def test_readme_tls_examples_work_as_printed(tmp_path: Path) -> None:
+    """The TLS walkthrough: the certificates made with openssl, the server started by the
+    printed command (in a scratch directory, on free ports), then the buf curl and curl calls."""
+    missing = [tool for tool in ("openssl", "curl") if shutil.which(tool) is None]
+    if not (ROOT / "node_modules/.bin/buf").exists():
+        missing.append("buf (npm install)")
+    make_certificates, serve, calls = readme_blocks("readme-test-tls")
+    grpc_port, http_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFERRAL_")}
+    env["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), str(ROOT / "node_modules/.bin"), env.get("PATH", "")]
+    )
+    _run_script(make_certificates, missing, cwd=tmp_path, env=env)
+    server_env = {
+        **env,
+        "REFERRAL_DATA_DIR": str(tmp_path / "data"),
+        "REFERRAL_GRPC_PORT": str(grpc_port),
+        "REFERRAL_HTTP_PORT": str(http_port),
+    }
+    server = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", serve],
+        cwd=tmp_path,
+        env=server_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the shell, the supervisor and its workers: one group to stop
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                for wanted in (grpc_port, http_port):
+                    socket.create_connection(("127.0.0.1", wanted), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not start")
+        script = calls.replace("127.0.0.1:50051", f"127.0.0.1:{grpc_port}").replace(
+            "127.0.0.1:8080", f"127.0.0.1:{http_port}"
+        )
+        output = _run_script(script, missing, cwd=tmp_path, env=env)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        log, _ = server.communicate(timeout=30)  # until every process holding the pipe has exited
+    assert output.count('"status": "SERVING"') == 1  # only the call with the client certificate
+    assert "refused, as expected" in output
+    assert output.count('{"status":"SERVING"}') == 2
+    assert "with TLS (client certificates: require)" in log
+    assert "peer_identity=spiffe://example.org/ns/billing/sa/billing" in log  # the HTTPS call with it
+    assert "stopped" in log

@@ -6,6 +6,10 @@ method (wrapped handlers are cached): per call it builds the ``Call`` from the s
 inside the chain, so a corrupt payload is INVALID_ARGUMENT with our error envelope instead of
 grpc's UNKNOWN), sets the ``x-request-id`` trailer, and sends a failed call's
 ``google.rpc.Status`` with grpcio-status. Health and reflection pass through untouched.
+
+On a port that requires client certificates, the call carries the identity of the one the
+handshake verified, read from grpc's auth context (its URI SANs, ``peer_uri``, and subject
+common name): ``pipeline/identity.py`` decides which name counts.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from referral_service.pipeline.call import (
     request_id,
 )
 from referral_service.pipeline.chain import Pipeline
+from referral_service.pipeline.identity import certificate_identity
 
 Context = grpc.aio.ServicerContext[Any, Any]
 RpcHandler = Any  # grpc.RpcMethodHandler, whose stubs describe the sync server only
@@ -48,9 +53,24 @@ def grpc_status(status: status_pb2.Status, call_id: str) -> grpc.Status:
     return _Status(converted.code, converted.details, (*converted.trailing_metadata, (REQUEST_ID, call_id)))
 
 
+def peer_identity(context: Context) -> str | None:
+    """The verified client certificate's identity (None without one)."""
+    properties = context.auth_context()
+    uris = properties.get("peer_uri", ())
+    names = properties.get("x509_common_name", ())
+    if not uris and not names:
+        return None
+    return certificate_identity(
+        [uri.decode("utf-8", "replace") for uri in uris], [name.decode("utf-8", "replace") for name in names]
+    )
+
+
 class ApiInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, client_certificates: bool = False) -> None:
+        """``client_certificates``: the port verifies client certificates (mTLS), so calls
+        carry the certificate's identity."""
         self._pipeline = pipeline
+        self._client_certificates = client_certificates
         self._handlers: dict[str, RpcHandler] = {}
 
     async def intercept_service(
@@ -76,6 +96,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
 
     def _transport(self, method: str, chain: Callable[[Any, Call], Awaitable[Any]]) -> Any:
         address_header = self._pipeline.client_address_header
+        client_certificates = self._client_certificates
 
         async def behavior(raw: bytes, context: Context) -> Any:
             started = time.perf_counter()
@@ -101,6 +122,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 authorization,
                 forwarded,
                 end_user,
+                peer_identity=peer_identity(context) if client_certificates else None,
             )
             try:
                 response = await chain(raw, call)

@@ -7,6 +7,12 @@ handed in by the composition root (``app.py``).
 The listening socket is bound when the gateway is built (so a busy port fails start-up early and
 port 0 gives a port that is known at once); uvicorn gets the socket. Signals stay with the
 owner of the loop (the CLI): uvicorn's own signal capture is switched off.
+
+With TLS the composition root hands in the ``ssl.SSLContext`` to listen with (``tls.py``: it
+follows the certificate files). When that context asks clients for a certificate, each
+connection whose certificate it verified gets that certificate's identity once, at connection
+time, and every request on it carries it to the transcoder in the ``TLS_PEER`` scope extension
+(uvicorn itself does not expose the peer certificate to the application).
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import json
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h11
 import uvicorn
@@ -30,10 +38,20 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from referral_service.domain.errors import Reason
 from referral_service.gateway import descriptors, envelope, openapi
 from referral_service.gateway.jsonmap import Violation
-from referral_service.gateway.transcoder import Response, Transcoder, build_routes, json_response
+from referral_service.gateway.transcoder import (
+    TLS_PEER,
+    Receive,
+    Response,
+    Scope,
+    Send,
+    Transcoder,
+    build_routes,
+    json_response,
+)
 from referral_service.pipeline.call import Call, Handler, ip_peer, request_id
 from referral_service.pipeline.context import log_access
 from referral_service.pipeline.errors import INVALID_ARGUMENT
+from referral_service.pipeline.identity import certificate_identity
 
 #: Files of the Swagger UI package served under /docs/ (nothing else is reachable there).
 _SWAGGER_ASSETS = {
@@ -130,6 +148,39 @@ class _Server(uvicorn.Server):
         yield
 
 
+def verified_peer_identity(transport: asyncio.BaseTransport) -> str | None:
+    """The identity of the client certificate the handshake verified (``getpeercert()`` is
+    empty when there was none, or when the context does not verify)."""
+    connection = transport.get_extra_info("ssl_object")
+    if not isinstance(connection, ssl.SSLObject) or connection.context.verify_mode is ssl.CERT_NONE:
+        return None
+    certificate: Any = connection.getpeercert()
+    if not certificate:
+        return None
+    uris = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "URI"]
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return certificate_identity(uris, names)
+
+
+class _PeerIdentityProtocol(_H11Protocol):
+    """Our HTTP/1.1 protocol, plus the verified client certificate's identity in the
+    scope of every request on the connection."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        identity = verified_peer_identity(transport)
+        if identity is None:
+            return
+        app = self.app
+        extension = {"identity": identity}
+
+        async def with_identity(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["extensions"] = {**scope.get("extensions", {}), TLS_PEER: extension}
+            await app(scope, receive, send)
+
+        self.app = with_identity
+
+
 def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, reuse_port=reuse_port, backlog=2048)
@@ -150,10 +201,13 @@ class HttpGateway:
         cors_origins: list[str],
         docs_enabled: bool,
         client_address_header: str | None = "x-forwarded-for",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """``invokers``: the pipeline's handler of each RPC by gRPC method path; ``health``: the
-        process's overall serving status (``SERVING``, ``NOT_SERVING``, ...)."""
+        process's overall serving status (``SERVING``, ``NOT_SERVING``, ...); ``ssl_context``:
+        serve HTTPS with it (None: plain HTTP)."""
         self._sock = sock
+        self._ssl = ssl_context
         self._health = health
         self._docs = docs_enabled
         self._openapi = json.dumps(openapi.document(), indent=1).encode() if docs_enabled else b""
@@ -177,20 +231,32 @@ class HttpGateway:
     def host(self) -> str:
         return str(self._sock.getsockname()[0])
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self._ssl is not None else "http"
+
     async def start(self) -> None:
         # The transcoder logs one line per request, with the request id: uvicorn's access log is
         # off. Its access_log=False only detaches the logger's handlers (uvicorn logs whenever
         # the logger has any), so the logger is disabled outright.
         logging.getLogger("uvicorn.access").disabled = True
+        tls: dict[str, Any] = {}
+        protocol: type[_H11Protocol] = _H11Protocol
+        if self._ssl is not None:
+            context = self._ssl
+            tls["ssl_context_factory"] = lambda _config, _default: context
+            if context.verify_mode is not ssl.CERT_NONE:
+                protocol = _PeerIdentityProtocol
         config = uvicorn.Config(
             self.app,
-            http=_H11Protocol,
+            http=protocol,
             lifespan="off",
             log_config=None,
             access_log=False,
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=None,
+            **tls,
         )
         self._server = _Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._sock]))

@@ -6,7 +6,8 @@ For each request: find the binding (404 when no path matches, 405 with ``Allow``
 exists with other methods), build the request message from the path variables, the query string
 (for bindings without ``body: "*"``) and the JSON body with protobuf's JSON mapping (400 with one
 field violation per bad or unknown field), build the pipeline's ``Call`` (``Authorization``,
-``x-request-id``, the HTTP client's address and the client-address header, the route template)
+``x-request-id``, the HTTP client's address and the client-address header, the verified client
+certificate's identity, the route template)
 and run the method's chain, then answer with the response as protobuf JSON, or a failed call's
 ``google.rpc.Status`` as the AIP-193 error envelope. The request id comes back as the
 ``x-request-id`` header of every response.
@@ -67,6 +68,9 @@ Scope = MutableMapping[str, Any]
 Message_ = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message_]]
 Send = Callable[[Message_], Awaitable[None]]
+#: ASGI scope extension the HTTP server adds on connections whose client certificate it
+#: verified: ``{"identity": "spiffe://..."}`` (see ``server.py``).
+TLS_PEER = "referral_service.tls_peer"
 
 
 @dataclass
@@ -257,6 +261,7 @@ class Transcoder:
         forwarded = headers.get(self._address_header) if self._address_header else None
         if forwarded and not _VISIBLE_OR_TAB.fullmatch(forwarded):
             forwarded = None  # not believed: the connection's peer is the client
+        tls_peer = scope.get("extensions", {}).get(TLS_PEER)
         call = Call(
             "",
             "http",
@@ -266,6 +271,7 @@ class Transcoder:
             headers.get(AUTHORIZATION),
             (forwarded,) if forwarded else (),
             headers.get(END_USER_ADDRESS),
+            peer_identity=tls_peer["identity"] if tls_peer else None,
         )
         try:
             response, logged = await self._respond(scope, receive, headers, call)

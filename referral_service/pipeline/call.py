@@ -47,6 +47,10 @@ class Call:
     #: The ``end-user-address`` metadata or header, as sent: the end user's IP address that a
     #: service calling on their behalf forwards (believed only from such services).
     end_user: str | None = None
+    #: Who the client certificate names (``pipeline/identity.py``: its SPIFFE ID, else its
+    #: subject CN), set only when the TLS handshake verified that certificate against the
+    #: configured client CA; None without one.
+    peer_identity: str | None = None
     #: HTTP only: the route template (``GET /v1/referral-codes/by-email/{email}``), never the raw
     #: path, so that no email from a path or query reaches the logs.
     route: str = ""

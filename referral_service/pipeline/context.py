@@ -1,10 +1,11 @@
 """The call's context (request id and principal in contextvars, for servicers and log records)
 and the ONE access line per call, on logger ``referral_service.access``.
 
-Fields of every line (``extra``): method, code, reason, duration_ms, request_id, peer, user_id,
-transport; HTTP lines add route (the template, never the raw path) and http_status. The HTTP
-gateway logs requests that never reach an RPC (404, docs, ...) with ``log_access`` too, so that
-every HTTP request has exactly one line.
+Fields of every line (``extra``): method, code, reason, duration_ms, request_id, peer,
+peer_identity (the verified client certificate's identity, or None), user_id, transport; HTTP
+lines add route (the template, never the raw path) and http_status. The HTTP gateway logs
+requests that never reach an RPC (404, docs, ...) with ``log_access`` too, so that every HTTP
+request has exactly one line.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def log_access(call: Call, http_status: int | None = None) -> None:
         "duration_ms": round(elapsed_ms, 3),
         "request_id": call.request_id,
         "peer": call.peer,
+        "peer_identity": call.peer_identity,
         "user_id": principal.user_id if principal is not None else None,
         "transport": call.transport,
     }
