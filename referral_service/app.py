@@ -35,6 +35,7 @@ from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker
+from referral_service.domain.models import Principal
 from referral_service.domain.ports import (
     EmailVerifier,
     KeyValueCache,
@@ -334,8 +335,28 @@ def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret
 # --- transports ----------------------------------------------------------------------------------
 
 
+def _certificate_accounts(
+    settings: Settings, service_accounts: ServiceAccountService
+) -> Callable[[str], Awaitable[Principal | None]] | None:
+    """Client certificate identity -> its service account's principal, as the TLS settings map
+    them (None when they map none)."""
+    mapped = dict(settings.tls.service_accounts)
+    if not mapped:
+        return None
+
+    async def by_certificate(identity: str) -> Principal | None:
+        name = mapped.get(identity)
+        return None if name is None else await service_accounts.principal(name)
+
+    return by_certificate
+
+
 def build_pipeline(
-    settings: Settings, auth: AuthService, limiter: RateLimiter, trust: KeyValueCache
+    settings: Settings,
+    auth: AuthService,
+    limiter: RateLimiter,
+    trust: KeyValueCache,
+    service_accounts: ServiceAccountService,
 ) -> Pipeline:
     """Authentication from ``(referral.v1.access)``, the limits the protos declare with
     ``(referral.v1.rate_limit)`` at the configured rates, error mapping, access log."""
@@ -355,7 +376,9 @@ def build_pipeline(
             if limits.enabled
             else None
         )
-        authentication = Authentication.from_services(SERVICES, auth.authenticate, SCOPES)
+        authentication = Authentication.from_services(
+            SERVICES, auth.authenticate, SCOPES, _certificate_accounts(settings, service_accounts)
+        )
     except RuntimeError as error:
         raise StartupError(str(error)) from None
     return Pipeline(authentication, rate_limits)
@@ -620,7 +643,7 @@ async def build_app(settings: Settings) -> App:
     fast = build_fast_stores(settings, health.fast_stores_changed)
     services = build_services(settings, store, fast, settings.resolve_jwt_secret())
 
-    pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values)
+    pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values, services.service_accounts)
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts), ReferralServicer(services.referrals)
     )

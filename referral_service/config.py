@@ -249,6 +249,10 @@ class TlsSettings(Group):
     #: Client certificates on the HTTP port: ``none``, ``optional`` or ``require``. Unset: as
     #: ``tls_client_auth``.
     http_client_auth: Annotated[ClientAuth | None, EmptyIsUnset] = Field(None, alias="http_tls_client_auth")
+    #: Client certificates that authenticate as a service account, without a token: the
+    #: certificate's identity (its SPIFFE ID, else its subject CN) -> the account's name, e.g.
+    #: ``{"spiffe://example.org/ns/billing/sa/api": "billing"}`` (JSON).
+    service_accounts: dict[str, str] = Field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -278,6 +282,15 @@ class TlsSettings(Group):
                 raise ValueError(f"{name}={mode.value} needs TLS: set REFERRAL_TLS_CERT_FILE and _KEY_FILE")
             if self.client_ca_file is None:
                 raise ValueError(f"{name}={mode.value} needs REFERRAL_TLS_CLIENT_CA_FILE")
+        if (
+            self.service_accounts
+            and self.client_auth is ClientAuth.NONE
+            and self.effective_http_client_auth is ClientAuth.NONE
+        ):
+            raise ValueError(
+                "REFERRAL_TLS_SERVICE_ACCOUNTS needs client certificates: set REFERRAL_TLS_CLIENT_AUTH "
+                "(or REFERRAL_HTTP_TLS_CLIENT_AUTH) and REFERRAL_TLS_CLIENT_CA_FILE"
+            )
         return self
 
 

@@ -31,6 +31,7 @@ from referral.v1 import auth_pb2, auth_pb2_grpc
 
 from referral_service.app import App, StartupError, build_app
 from referral_service.config import Settings, describe
+from referral_service.domain.auth import RegisterCommand
 from referral_service.pipeline.identity import certificate_identity
 from tests.conftest import Stack
 from tests.live import LiveServer
@@ -557,3 +558,69 @@ def test_which_name_a_certificate_gives() -> None:
     assert certificate_identity([], ["spiffe://example.org/ns/admin"]) is None
     assert certificate_identity([], ["line\nbreak"]) is None
     assert certificate_identity([], []) is None
+
+
+# --- client certificates as service accounts ----------------------------------------------------
+
+
+async def test_a_client_certificate_mapped_to_a_service_account_calls_as_it(
+    stack: Stack, pki: Pki, serving: list[App]
+) -> None:
+    """mTLS instead of a token: the SPIFFE ID maps to the account ``billing`` (its scopes, no
+    more); an unmapped certificate is nobody; a token still wins; revoking the account ends the
+    certificate's access at once."""
+    app = await started(
+        stack,
+        **pki.settings(
+            "require", http_tls_client_auth="optional", tls_service_accounts={SPIFFE_ID: "billing"}
+        ),
+    )
+    serving.append(app)
+    await app.services.service_accounts.create("billing", ["users:read"])
+    user = await app.auth.register(RegisterCommand(email="carol@example.com", password="a long passphrase"))
+    lookup = auth_pb2.GetUserRequest(user_id=user.id)
+    async with grpc_channel(app.port, pki.server_ca, client=pki.spiffe_client) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        found = await stub.GetUser(lookup, timeout=5)
+        assert found.user.email == "carol@example.com"
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.IntrospectToken(auth_pb2.IntrospectTokenRequest(token="x"), timeout=5)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # A user's token on the same connection is that user, not the service.
+        tokens = await stub.Login(
+            auth_pb2.LoginRequest(email="carol@example.com", password="a long passphrase")
+        )
+        me = await stub.GetCurrentUser(
+            auth_pb2.GetCurrentUserRequest(), metadata=(("authorization", f"Bearer {tokens.access_token}"),)
+        )
+        assert me.user.id == user.id
+    # The same call over HTTPS with the certificate (the HTTP port asks for one, optionally).
+    async with httpx.AsyncClient(
+        verify=client_context(pki.server_ca, client=pki.spiffe_client), timeout=5
+    ) as http:
+        response = await http.get(
+            f"https://127.0.0.1:{app.http_port}/v1/users:lookup", params={"userId": user.id}
+        )
+        assert response.status_code == 200, response.text
+    # A verified certificate that maps to no account is nobody.
+    async with grpc_channel(app.port, pki.server_ca, client=pki.cn_client) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as nobody:
+            await auth_pb2_grpc.AuthServiceStub(channel).GetUser(lookup, timeout=5)
+        assert nobody.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Revoked: refused at once.
+    await app.services.service_accounts.revoke("billing")
+    async with grpc_channel(app.port, pki.server_ca, client=pki.spiffe_client) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await auth_pb2_grpc.AuthServiceStub(channel).GetUser(lookup, timeout=5)
+        assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (revoked.value.details() or "")
+
+
+def test_mapping_certificates_needs_client_certificates(pki: Pki) -> None:
+    with pytest.raises(ValidationError, match="REFERRAL_TLS_SERVICE_ACCOUNTS"):
+        Settings(  # type: ignore[call-arg]
+            _env_file=None,
+            tls_cert_file=pki.server.cert_file,
+            tls_key_file=pki.server.key_file,
+            tls_service_accounts={SPIFFE_ID: "billing"},
+        )

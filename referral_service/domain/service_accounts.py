@@ -29,7 +29,7 @@ from referral_service.domain.errors import (
     Unauthenticated,
     check,
 )
-from referral_service.domain.models import ServiceAccount, ServiceToken
+from referral_service.domain.models import Principal, ServiceAccount, ServiceToken
 from referral_service.domain.ports import (
     SERVICE_ACCOUNT_TAKEN,
     Conflict,
@@ -48,6 +48,9 @@ REFERRALS_READ = "referrals:read"
 TOKENS_INTROSPECT = "tokens:introspect"
 SCOPES = frozenset({USERS_REGISTER, USERS_READ, REFERRALS_READ, TOKENS_INTROSPECT})
 
+#: How long a certificate-mapped account is used before it is read again (scopes; a revocation
+#: is seen at once through its revocation entry).
+_ACCOUNT_CACHE = timedelta(seconds=10)
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _CLIENT_ID_MAX = 64
 _SECRET_MAX = 128
@@ -77,6 +80,8 @@ class ServiceAccountService:
         self._revocations = revocations
         self._key = secret_key
         self._now = clock
+        #: Certificate-mapped accounts by name, with when to read them again.
+        self._by_name: dict[str, tuple[datetime, ServiceAccount | None]] = {}
 
     def _hash(self, secret: str) -> str:
         return hmac.new(self._key, secret.encode(), hashlib.sha256).hexdigest()
@@ -150,6 +155,39 @@ class ServiceAccountService:
         await self._revocations.publish([(account_revocation(account.id), until)], now)
         log.warning("service account revoked", extra={"service_account": name})
         return account
+
+    async def principal(self, name: str) -> Principal:
+        """The caller a client certificate mapped to the account ``name`` is: the account with
+        all its scopes, while it is active (a revocation is seen at once, through the same
+        revocation entry that ends its tokens; the account itself is read at most every few
+        seconds)."""
+        now = self._now()
+        cached = self._by_name.get(name)
+        if cached is None or cached[0] <= now:
+            async with self._store.read() as uow:
+                account = await uow.service_accounts.by_name(name)
+            cached = (now + _ACCOUNT_CACHE, account)
+            self._by_name[name] = cached
+        account = cached[1]
+        if (
+            account is None
+            or not account.active
+            or await self._revocations.is_revoked([account_revocation(account.id)], now)
+        ):
+            raise Unauthenticated(
+                Reason.INVALID_CLIENT,
+                "the client certificate is mapped to a service account that does not exist or was revoked",
+            )
+        return Principal(
+            user_id=0,
+            token_id="",
+            session_id="",
+            expire_time=now + _ACCOUNT_CACHE,
+            service_account_id=account.id,
+            client_id=account.client_id,
+            service_name=account.name,
+            scopes=frozenset(account.scopes),
+        )
 
     async def issue_token(self, client_id: str, client_secret: str, scopes: Sequence[str]) -> ServiceToken:
         violations = []

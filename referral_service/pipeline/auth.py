@@ -12,6 +12,9 @@ scope get no authentication stage at all; the others read ``authorization: Beare
 - ACCESS_SERVICE: a service holding the method's scope.
 - ACCESS_PUBLIC with a scope: anyone; a call that carries a token must be a service holding the
   scope (it is then served as that service).
+
+A call without a token whose verified client certificate is mapped to a service account
+(``REFERRAL_TLS_SERVICE_ACCOUNTS``) is that service account, with all its scopes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from referral_service.pipeline.context import principal_var
 
 #: The access token -> the principal, or a DomainError (the token use case).
 Authenticate = Callable[[str], Awaitable[Principal]]
+#: A verified client certificate's identity -> the service account principal it maps to, None
+#: when it maps to none, or a DomainError (a revoked account).
+AuthenticateCertificate = Callable[[str], Awaitable[Principal | None]]
 
 PUBLIC = options_pb2.ACCESS_PUBLIC
 AUTHENTICATED = options_pb2.ACCESS_AUTHENTICATED
@@ -61,13 +67,17 @@ def access_rules(services: Iterable[ServiceDescriptor], scopes: Collection[str])
     return rules
 
 
+def _token_missing() -> Unauthenticated:
+    return Unauthenticated(
+        Reason.TOKEN_MISSING,
+        "this call needs an access token: send 'authorization: Bearer <access_token>' metadata",
+    )
+
+
 def bearer(header: str | None) -> str:
     """The token of an ``authorization: Bearer <token>`` header."""
     if not header:
-        raise Unauthenticated(
-            Reason.TOKEN_MISSING,
-            "this call needs an access token: send 'authorization: Bearer <access_token>' metadata",
-        )
+        raise _token_missing()
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated(
@@ -96,29 +106,50 @@ def admitted(rule: AccessRule, principal: Principal) -> bool:
 
 
 class Authentication:
-    def __init__(self, rules: Mapping[str, AccessRule], authenticate: Authenticate) -> None:
+    def __init__(
+        self,
+        rules: Mapping[str, AccessRule],
+        authenticate: Authenticate,
+        certificate: AuthenticateCertificate | None = None,
+    ) -> None:
         self.rules = dict(rules)
         self._authenticate = authenticate
+        self._certificate = certificate
 
     @classmethod
     def from_services(
-        cls, services: Iterable[ServiceDescriptor], authenticate: Authenticate, scopes: Collection[str]
+        cls,
+        services: Iterable[ServiceDescriptor],
+        authenticate: Authenticate,
+        scopes: Collection[str],
+        certificate: AuthenticateCertificate | None = None,
     ) -> Authentication:
-        return cls(access_rules(services, scopes), authenticate)
+        return cls(access_rules(services, scopes), authenticate, certificate)
+
+    async def _principal(self, call: Call) -> Principal | None:
+        """Who the call is: its bearer token's principal; without a token, the service account
+        its client certificate maps to; else None."""
+        if call.authorization:
+            return await self._authenticate(bearer(call.authorization))
+        if call.peer_identity and self._certificate is not None:
+            return await self._certificate(call.peer_identity)
+        return None
 
     def stage(self, method: str) -> Stage | None:
         """The method's authentication stage; None for a public method without a scope."""
         rule = self.rules[method]
         if rule.level == PUBLIC and not rule.scope:
             return None
-        authenticate = self._authenticate
         optional = rule.level == PUBLIC
+        identify = self._principal
 
         def wrap(inner: Handler) -> Handler:
             async def authenticated(request: Any, call: Call) -> Any:
-                if optional and not call.authorization:
-                    return await inner(request, call)
-                principal = await authenticate(bearer(call.authorization))
+                principal = await identify(call)
+                if principal is None:
+                    if optional:
+                        return await inner(request, call)
+                    raise _token_missing()
                 if not admitted(rule, principal):
                     raise _scope_missing(rule, principal)
                 call.principal = principal
