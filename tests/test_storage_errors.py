@@ -257,14 +257,13 @@ async def test_sqlite_locked_by_another_writer_is_unavailable(sqlite_url: str) -
     assert is_unavailable(error)
 
 
-async def test_sqlite_file_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}", pool_size=1, timeout=5.0)  # a directory
-    try:
-        error = await _raised(engine.connect())
-    finally:
-        await engine.dispose()
-    assert isinstance(error, exc.OperationalError)
-    assert is_unavailable(error)
+def test_sqlite_file_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
+    # sqlite3 itself (aiosqlite raises its errors): no worker thread left behind by a failed open
+    with pytest.raises(sqlite3.OperationalError) as raised:
+        sqlite3.connect(tmp_path)  # a directory
+    assert raised.value.sqlite_errorcode == sqlite3.SQLITE_CANTOPEN
+    assert is_unavailable(raised.value)
+    assert is_unavailable(exc.OperationalError(None, None, raised.value))  # as SQLAlchemy wraps it
 
 
 async def test_sqlite_sql_errors_and_constraint_violations_are_not_unavailable(sqlite_url: str) -> None:
