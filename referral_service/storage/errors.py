@@ -86,18 +86,26 @@ def _sqlstate(error: BaseException) -> str:
     return ""
 
 
-def _asyncpg_closed(error: BaseException) -> bool:
-    """asyncpg's ``InterfaceError`` for a call on a closed connection. SQLAlchemy's connect
-    hooks (the asyncpg dialect's type codecs) call asyncpg directly, so when the connection dies
-    while the pool opens it this error arrives unwrapped, never seen by ``is_disconnect``; it is
-    recognised by the words SQLAlchemy's asyncpg dialect uses for it (``is_disconnect`` with no
-    connection at hand). asyncpg is only consulted once something has imported it."""
+def _asyncpg_lost(error: BaseException) -> bool:
+    """asyncpg errors that say its connection cannot be used again, without a SQLSTATE:
+
+    - ``InterfaceError`` for a call on a closed connection. SQLAlchemy's connect hooks (the
+      asyncpg dialect's type codecs) call asyncpg directly, so when the connection dies while the
+      pool opens it this error arrives unwrapped, never seen by ``is_disconnect``; it is known by
+      the words SQLAlchemy's asyncpg dialect looks for (``is_disconnect`` with no connection).
+    - ``InternalClientError``: asyncpg's protocol state no longer matches the server's. A server
+      ending the session sends a FATAL error before closing the socket; read while the
+      connection was idle, and the next statement sent before the socket's end is seen, it
+      leaves asyncpg waiting for a ReadyForQuery that never comes ("cannot switch to state 15;
+      another operation (2) is in progress").
+
+    asyncpg is only consulted once something has imported it."""
     asyncpg = sys.modules.get("asyncpg")
-    return (
-        asyncpg is not None
-        and isinstance(error, asyncpg.InterfaceError)
-        and "connection is closed" in str(error)
-    )
+    if asyncpg is None:
+        return False
+    if isinstance(error, asyncpg.InternalClientError):
+        return True
+    return isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error)
 
 
 def _lost(error: BaseException) -> bool:
@@ -110,7 +118,7 @@ def _lost(error: BaseException) -> bool:
     state = _sqlstate(error)
     if state.startswith(_LOST_CLASSES) or state in _LOST_STATES:
         return True
-    return _asyncpg_closed(error)
+    return _asyncpg_lost(error)
 
 
 def is_connection_lost(error: BaseException) -> bool:
