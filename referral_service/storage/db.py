@@ -7,8 +7,8 @@ IMMEDIATE``: writers queue in the process instead of failing with "database is l
 deferred transactions both try to upgrade to a write lock; WAL mode keeps readers running
 meanwhile.
 
-Connection failures, timeouts and lock waits become ``Unavailable`` (gRPC UNAVAILABLE), never
-INTERNAL.
+Errors that mean the database cannot be used now (a lost or refused connection, a timeout, a
+lock wait; the rule is in ``errors.py``) become ``Unavailable`` (gRPC UNAVAILABLE), never INTERNAL.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from referral_service.domain.errors import Reason, Unavailable
 from referral_service.files import private_directory, private_file
+from referral_service.storage import errors
 
 log = logging.getLogger("referral_service.db")
 
@@ -117,6 +117,7 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
         # Writers: BEGIN IMMEDIATE. Readers: autocommit, each statement its own snapshot (no
         # BEGIN/COMMIT round trips through aiosqlite's thread on the hot read paths).
         _configure_sqlite(engine, "BEGIN IMMEDIATE" if writer else None, timeout)
+        errors.watch(engine)
         return engine
     if backend == "postgresql":
         engine = create_async_engine(
@@ -128,33 +129,9 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
             hide_parameters=True,
         )
         _ping_idle_connections(engine)
+        errors.watch(engine)
         return engine
     raise ValueError(f"unsupported database: {backend} (use sqlite+aiosqlite or postgresql+asyncpg)")
-
-
-_UNAVAILABLE = (
-    exc.OperationalError,
-    exc.InterfaceError,
-    exc.TimeoutError,
-    OSError,
-    asyncio.TimeoutError,
-)
-
-
-def _is_unavailable(error: BaseException) -> bool:
-    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
-        return True
-    if isinstance(error, exc.IntegrityError):
-        return False
-    if isinstance(error, _UNAVAILABLE):
-        return True
-    # asyncpg raises its own connection errors, sometimes unwrapped.
-    name = type(error).__name__
-    return name in {
-        "ConnectionDoesNotExistError",
-        "CannotConnectNowError",
-        "TooManyConnectionsError",
-    }
 
 
 class Database:
@@ -195,18 +172,22 @@ class Database:
             self.raise_if_unavailable(error)
             raise
 
+    def found_unavailable(self, error: BaseException) -> bool:
+        """Whether ``error`` says the database cannot be used now (``errors.is_unavailable``);
+        if so it is logged and ``on_unavailable`` told (health turns NOT_SERVING until the
+        database answers again)."""
+        if not errors.is_unavailable(error):
+            return False
+        log.warning("database unavailable: %s: %s", type(error).__name__, error)
+        if self._on_unavailable is not None:
+            self._on_unavailable()
+        return True
+
     def raise_if_unavailable(self, error: BaseException) -> None:
-        """Raise ``Unavailable`` (and tell ``on_unavailable``) when ``error`` says the database
-        cannot be reached; return otherwise, for the caller to re-raise ``error``."""
-        if _is_unavailable(error):
-            log.warning("database unavailable: %s: %s", type(error).__name__, error)
-            if self._on_unavailable is not None:
-                self._on_unavailable()
-            raise Unavailable(
-                Reason.SERVICE_UNAVAILABLE,
-                "the database is unavailable; retry shortly",
-                retry_after_seconds=1.0,
-            ) from error
+        """Raise ``Unavailable`` when ``error`` says the database cannot be used now; return
+        otherwise, for the caller to re-raise ``error``."""
+        if self.found_unavailable(error):
+            raise errors.unavailable() from error
 
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
         """An ORM session in autocommit mode, for tests and maintenance scripts that look at

@@ -12,7 +12,10 @@ aiosqlite an interrupted transaction can leave its connection holding SQLite's w
 it is garbage-collected, blocking every later write. PostgreSQL rolls an interrupted
 transaction back itself when its connection is dropped.
 
-Connection failures, timeouts and lock waits become ``Unavailable`` (``Database``).
+Errors that mean the database cannot be used now (``errors.py``) become ``Unavailable``, wherever
+they happen: opening the connection, in a statement, at commit. A rollback that fails because
+the connection was lost changes nothing (the server discards the transaction with the
+connection), so the error that stopped the work stays the answer.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import delete
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
 
 from referral_service.domain.ports import UnitOfWork
 from referral_service.storage.codes import SqlCodes
@@ -130,11 +133,28 @@ class SqlStore:
 
     async def _transact(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
         try:
-            async with self._write_engine.begin() as conn:
-                return await work(SqlUnitOfWork(conn, self._dialect))
+            async with self._write_engine.connect() as conn:
+                transaction = await conn.begin()
+                try:
+                    result = await work(SqlUnitOfWork(conn, self._dialect))
+                except BaseException:
+                    await self._roll_back(transaction)
+                    raise
+                await transaction.commit()
+                return result
         except Exception as error:
             self.database.raise_if_unavailable(error)
             raise
+
+    async def _roll_back(self, transaction: AsyncTransaction) -> None:
+        """Roll back after ``work`` failed. If the connection is lost meanwhile the server has
+        discarded the transaction itself: what stopped ``work`` (a conflict, a cancellation) is
+        still the answer, not the failed rollback."""
+        try:
+            await transaction.rollback()
+        except Exception as error:
+            if not self.database.found_unavailable(error):
+                raise
 
     async def ping(self) -> bool:
         return await self.database.ping()
