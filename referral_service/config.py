@@ -489,6 +489,8 @@ class RateLimitSettings(Group):
     login_calls_address: RateSetting = Rate(300, 900)
     #: Refreshes (attempts) per client address.
     refresh_address: RateSetting = Rate(600, 900)
+    #: Wrong current passwords in ``ChangePassword`` per user.
+    password_change_user: RateSetting = Rate(5, 900)
     #: Registrations per service account registering users on their behalf (``users:register``).
     register_service: RateSetting = Rate(1000, 60)
     #: Failed ``IssueServiceToken`` calls (wrong client id or secret) per client address.

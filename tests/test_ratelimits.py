@@ -330,6 +330,7 @@ LIMIT_NAMES = (
     "register-address",
     "register-service",
     "service-token-address",
+    "password-change-user",
     "code-check-address",
     "lookup-address",
     "code-create-user",
@@ -364,6 +365,9 @@ def test_the_limits_are_declared_in_the_proto() -> None:
             ("login-calls-address", "client_address", [], False, False),
         ],
         "/referral.v1.AuthService/RefreshToken": [("refresh-address", "client_address", [], False, False)],
+        "/referral.v1.AuthService/ChangePassword": [
+            ("password-change-user", "user", ["INVALID_CREDENTIALS"], False, False)
+        ],
         "/referral.v1.AuthService/IssueServiceToken": [
             ("service-token-address", "client_address", ["INVALID_CLIENT"], False, False)
         ],

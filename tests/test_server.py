@@ -109,6 +109,7 @@ def test_every_rpc_declares_its_access_level() -> None:
         "/referral.v1.AuthService/Login": AccessRule(PUBLIC),
         "/referral.v1.AuthService/RefreshToken": AccessRule(PUBLIC),
         "/referral.v1.AuthService/Logout": AccessRule(AUTHENTICATED),
+        "/referral.v1.AuthService/ChangePassword": AccessRule(AUTHENTICATED),
         "/referral.v1.AuthService/GetCurrentUser": AccessRule(AUTHENTICATED),
         "/referral.v1.AuthService/GetJwks": AccessRule(PUBLIC),
         "/referral.v1.AuthService/IssueServiceToken": AccessRule(PUBLIC),

@@ -227,3 +227,53 @@ async def test_create_superuser_refuses_a_squatted_address(
         auth_pb2.GetCurrentUserRequest(), metadata=bearer(operator.access_token)
     )
     assert me.user.is_superuser
+
+
+async def test_changing_the_password_ends_every_other_session(api: Api) -> None:
+    email = api.unique_email()
+    await api.register(email)
+    here, elsewhere = await api.login(email), await api.login(email)
+    me = bearer(here.access_token)
+
+    def change(current: str, new: str) -> object:
+        return api.auth.ChangePassword(
+            auth_pb2.ChangePasswordRequest(current_password=current, new_password=new), metadata=me
+        )
+
+    await expect_error(
+        change("wrong password!", "a brand new passphrase"),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "INVALID_CREDENTIALS",
+    )
+    weak = await expect_error(change(PASSWORD, "password"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert list(weak.fields) == ["new_password"]
+    empty = await expect_error(change("", ""), grpc.StatusCode.INVALID_ARGUMENT)
+    assert sorted(empty.fields) == ["current_password", "new_password"]
+    # Nothing changed so far: both sessions live, the old password works.
+    await api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(elsewhere.access_token))
+    changed = await change(PASSWORD, "a brand new passphrase")
+    assert changed.sessions_revoked == 1
+    await assert_session_ended(api, elsewhere)
+    await api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=me)  # this one stays
+    await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=here.refresh_token))
+    await expect_error(api.login(email), grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
+    await api.login(email, "a brand new passphrase")
+
+
+async def test_wrong_current_passwords_are_limited_per_user(stack: Stack) -> None:
+    api = await start_api(stack, rate_limit_password_change_user="3/1h")
+    try:
+        email = api.unique_email()
+        await api.register(email)
+        me = bearer((await api.login(email)).access_token)
+        request = auth_pb2.ChangePasswordRequest(
+            current_password="guess", new_password="a brand new passphrase"
+        )
+        for _ in range(3):
+            await expect_error(api.auth.ChangePassword(request, metadata=me), grpc.StatusCode.UNAUTHENTICATED)
+        error = await expect_error(
+            api.auth.ChangePassword(request, metadata=me), grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        assert error.metadata["quota_limit"] == "password-change-user"
+    finally:
+        await stop_api(api)

@@ -61,6 +61,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         await self._service.logout(current_principal(), request.refresh_token)
         return auth_pb2.LogoutResponse()
 
+    async def ChangePassword(
+        self, request: auth_pb2.ChangePasswordRequest, context: object
+    ) -> auth_pb2.ChangePasswordResponse:
+        revoked = await self._service.change_password(
+            current_principal(), request.current_password, request.new_password
+        )
+        return auth_pb2.ChangePasswordResponse(sessions_revoked=revoked)
+
     async def GetCurrentUser(
         self, request: auth_pb2.GetCurrentUserRequest, context: object
     ) -> auth_pb2.GetCurrentUserResponse:

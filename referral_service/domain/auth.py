@@ -34,6 +34,7 @@ from referral_service.domain.ports import (
     REVOKED_BY_LIMIT,
     REVOKED_BY_LOGOUT,
     REVOKED_BY_OPERATOR,
+    REVOKED_BY_PASSWORD_CHANGE,
     REVOKED_BY_REUSE,
     SERVICE_TOKEN,
     Conflict,
@@ -518,6 +519,42 @@ class AuthService:
         await self._revoke_sessions(sessions, own, now, REVOKED_BY_LOGOUT)
         if problem is not None:
             raise problem
+
+    async def change_password(self, principal: Principal, current_raw: str, new_raw: str) -> int:
+        """Set a new password, given the current one; revoke every other session of the user
+        (the caller's stays). Returns how many were revoked."""
+        violations: list[FieldViolation] = []
+        if not current_raw:
+            violations.append(FieldViolation("current_password", "is required", "REQUIRED"))
+        elif len(current_raw) > v.PASSWORD_MAX * 4:
+            violations.append(FieldViolation("current_password", "is too long", "TOO_LONG"))
+        user = await self.current_user(principal)
+        email = v.parse_email(user.email)
+        new_password = v.normalize_password(new_raw)
+        own = None if isinstance(email, FieldViolation) else email
+        violations += v.password_violations(new_password, own, field="new_password")
+        check(violations)
+        async with self._store.read() as uow:
+            account = await uow.users.credentials(user.email_key)
+        current = v.normalize_password(current_raw)
+        result = await self._hasher.verify(account.password_hash if account else None, current)
+        if account is None or not result.ok:
+            raise Unauthenticated(Reason.INVALID_CREDENTIALS, "the current password is incorrect")
+        new_hash = await self._hasher.hash(new_password)
+        now = self._now()
+
+        async def work(uow: UnitOfWork) -> list[tuple[str, datetime]]:
+            await uow.users.set_password_hash(user.id, new_hash, now)
+            others = [s.id for s in await uow.sessions.live(user.id, now) if s.id != principal.session_id]
+            await uow.sessions.revoke(others, now, REVOKED_BY_PASSWORD_CHANGE)
+            entries = self._session_revocations(others, now)
+            await self._revocations.record(uow, entries)
+            return entries
+
+        entries = await self._store.transact(work)
+        await self._revocations.publish(entries, now)
+        log.warning("password changed", extra={"user_id": user.id, "sessions_revoked": len(entries)})
+        return len(entries)
 
     async def authenticate(self, access_token: str) -> Principal:
         """The caller an access token or a service token names, unless it was revoked."""

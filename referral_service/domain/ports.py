@@ -102,6 +102,7 @@ REVOKED_BY_LOGOUT = "logout"
 REVOKED_BY_REUSE = "reuse"
 REVOKED_BY_LIMIT = "limit"
 REVOKED_BY_OPERATOR = "operator"
+REVOKED_BY_PASSWORD_CHANGE = "password"
 
 
 @dataclass(frozen=True, slots=True)

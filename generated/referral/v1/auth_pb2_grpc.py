@@ -61,6 +61,11 @@ class AuthServiceStub:
                 request_serializer=referral_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
                 _registered_method=True)
+        self.ChangePassword = channel.unary_unary(
+                '/referral.v1.AuthService/ChangePassword',
+                request_serializer=referral_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
+                _registered_method=True)
         self.GetCurrentUser = channel.unary_unary(
                 '/referral.v1.AuthService/GetCurrentUser',
                 request_serializer=referral_dot_v1_dot_auth__pb2.GetCurrentUserRequest.SerializeToString,
@@ -139,6 +144,17 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChangePassword(self, request, context):
+        """Changes the caller's password. The current password is required (a
+        wrong one is UNAUTHENTICATED with reason INVALID_CREDENTIALS, and counts
+        towards a per-user limit); the new one follows the password policy of
+        Register. Every other session of the user is revoked; the calling
+        session stays signed in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCurrentUser(self, request, context):
         """Returns the user the access token was issued to.
         """
@@ -210,6 +226,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.Logout,
                     request_deserializer=referral_dot_v1_dot_auth__pb2.LogoutRequest.FromString,
                     response_serializer=referral_dot_v1_dot_auth__pb2.LogoutResponse.SerializeToString,
+            ),
+            'ChangePassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassword,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.ChangePasswordRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.ChangePasswordResponse.SerializeToString,
             ),
             'GetCurrentUser': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCurrentUser,
@@ -352,6 +373,33 @@ class AuthService:
             '/referral.v1.AuthService/Logout',
             referral_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
             referral_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/ChangePassword',
+            referral_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

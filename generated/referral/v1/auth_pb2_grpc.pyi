@@ -65,6 +65,13 @@ class AuthServiceStub:
     """Revokes the access token of this call (until it would have expired) and,
     when given, the refresh token's whole family.
     """
+    ChangePassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]
+    """Changes the caller's password. The current password is required (a
+    wrong one is UNAUTHENTICATED with reason INVALID_CREDENTIALS, and counts
+    towards a per-user limit); the new one follows the password policy of
+    Register. Every other session of the user is revoked; the calling
+    session stays signed in.
+    """
     GetCurrentUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]
     """Returns the user the access token was issued to."""
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
@@ -129,6 +136,13 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Logout: _aio.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _auth_pb2.LogoutResponse]  # type: ignore[assignment]
     """Revokes the access token of this call (until it would have expired) and,
     when given, the refresh token's whole family.
+    """
+    ChangePassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]  # type: ignore[assignment]
+    """Changes the caller's password. The current password is required (a
+    wrong one is UNAUTHENTICATED with reason INVALID_CREDENTIALS, and counts
+    towards a per-user limit); the new one follows the password policy of
+    Register. Every other session of the user is revoked; the calling
+    session stays signed in.
     """
     GetCurrentUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]  # type: ignore[assignment]
     """Returns the user the access token was issued to."""
@@ -215,6 +229,19 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.LogoutResponse, _abc.Awaitable[_auth_pb2.LogoutResponse]]:
         """Revokes the access token of this call (until it would have expired) and,
         when given, the refresh token's whole family.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangePassword(
+        self,
+        request: _auth_pb2.ChangePasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ChangePasswordResponse, _abc.Awaitable[_auth_pb2.ChangePasswordResponse]]:
+        """Changes the caller's password. The current password is required (a
+        wrong one is UNAUTHENTICATED with reason INVALID_CREDENTIALS, and counts
+        towards a per-user limit); the new one follows the password policy of
+        Register. Every other session of the user is revoked; the calling
+        session stays signed in.
         """
 
     @_abc_1.abstractmethod
