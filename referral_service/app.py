@@ -35,7 +35,7 @@ from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker
-from referral_service.domain.models import Principal
+from referral_service.domain.models import ClientInfo, Principal
 from referral_service.domain.ports import (
     EmailVerifier,
     KeyValueCache,
@@ -55,6 +55,7 @@ from referral_service.memory.limiter import MemoryRateLimiter
 from referral_service.memory.revocations import MemoryRevocations
 from referral_service.pipeline.address import ClientAddress
 from referral_service.pipeline.auth import Authentication
+from referral_service.pipeline.call import Call
 from referral_service.pipeline.chain import Pipeline
 from referral_service.pipeline.limits import RateLimits
 from referral_service.resilience import CircuitBreaker
@@ -335,6 +336,22 @@ def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret
 # --- transports ----------------------------------------------------------------------------------
 
 
+def client_address(settings: Settings) -> ClientAddress:
+    """Who the client is, from the TCP peer and (from trusted proxies only) the forwarded header."""
+    limits = settings.rate_limits
+    return ClientAddress(limits.trusted_proxies, limits.client_address_header, limits.ipv6_prefix)
+
+
+def client_of(settings: Settings) -> Callable[[Call], ClientInfo]:
+    """A call -> where it comes from, as a login session records it."""
+    address = client_address(settings)
+
+    def of(call: Call) -> ClientInfo:
+        return ClientInfo(address.client_ip(call.peer, call.forwarded), (call.user_agent or "")[:256])
+
+    return of
+
+
 def _certificate_accounts(
     settings: Settings, service_accounts: ServiceAccountService
 ) -> Callable[[str], Awaitable[Principal | None]] | None:
@@ -361,7 +378,7 @@ def build_pipeline(
     """Authentication from ``(referral.v1.access)``, the limits the protos declare with
     ``(referral.v1.rate_limit)`` at the configured rates, error mapping, access log."""
     limits = settings.rate_limits
-    address = ClientAddress(limits.trusted_proxies, limits.client_address_header, limits.ipv6_prefix)
+    address = client_address(settings)
     try:
         rate_limits = (
             RateLimits.from_services(
@@ -645,7 +662,8 @@ async def build_app(settings: Settings) -> App:
 
     pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values, services.service_accounts)
     servicers = Servicers(
-        AuthServicer(services.auth, services.service_accounts), ReferralServicer(services.referrals)
+        AuthServicer(services.auth, services.service_accounts, client_of(settings)),
+        ReferralServicer(services.referrals),
     )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer)
     http = build_http_gateway(settings, pipeline, servicers, health.servicer)

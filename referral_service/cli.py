@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         help="a scope to grant (repeat for several): users:register, users:read, referrals:read, "
-        "tokens:introspect",
+        "tokens:introspect, sessions:revoke",
     )
     create.add_argument("--json", action="store_true", help='print {"client_id": ..., "client_secret": ...}')
     listing = commands.add_parser("list-service-accounts", parents=[common], help="list the service accounts")

@@ -441,7 +441,13 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
     flow = document["components"]["securitySchemes"]["serviceAuth"]["flows"]["clientCredentials"]
     assert flow["tokenUrl"] == "/v1/auth/service-token"
     assert flow["scopes"]["users:read"] == "Call AuthService.GetUser"
-    assert sorted(flow["scopes"]) == ["referrals:read", "tokens:introspect", "users:read", "users:register"]
+    assert sorted(flow["scopes"]) == [
+        "referrals:read",
+        "sessions:revoke",
+        "tokens:introspect",
+        "users:read",
+        "users:register",
+    ]
     lookup = operations[("GET", "/v1/users:lookup")]
     assert lookup["security"] == [{"serviceAuth": ["users:read"]}]
     schemas = document["components"]["schemas"]

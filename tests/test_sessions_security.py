@@ -277,3 +277,142 @@ async def test_wrong_current_passwords_are_limited_per_user(stack: Stack) -> Non
         assert error.metadata["quota_limit"] == "password-change-user"
     finally:
         await stop_api(api)
+
+
+async def test_a_user_lists_their_sessions_and_ends_them(api: Api) -> None:
+    email = api.unique_email()
+    await api.register(email)
+    first = await api.login(email)
+    second = await api.login(email)
+    me = bearer(second.access_token)
+    listed = await api.auth.ListSessions(auth_pb2.ListSessionsRequest(), metadata=me)
+    assert [s.current for s in listed.sessions] == [False, True]
+    assert all(s.client_address == "127.0.0.1" and "grpc" in s.user_agent for s in listed.sessions)
+    assert listed.next_page_token == ""
+    # Using a session moves its last use.
+    before = listed.sessions[0].last_use_time.ToDatetime()
+    first = await api.auth.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=first.refresh_token))
+    again = await api.auth.ListSessions(auth_pb2.ListSessionsRequest(), metadata=me)
+    assert again.sessions[0].last_use_time.ToDatetime() >= before
+    assert again.sessions[0].id == listed.sessions[0].id
+    # Pages of one.
+    page = await api.auth.ListSessions(auth_pb2.ListSessionsRequest(page_size=1), metadata=me)
+    rest = await api.auth.ListSessions(
+        auth_pb2.ListSessionsRequest(page_size=1, page_token=page.next_page_token), metadata=me
+    )
+    assert [s.id for s in (*page.sessions, *rest.sessions)] == [s.id for s in listed.sessions]
+    assert rest.next_page_token == ""
+    for bad in (
+        auth_pb2.ListSessionsRequest(page_token="bm90LWEtc2Vzc2lvbg"),
+        auth_pb2.ListSessionsRequest(page_size=-1),
+    ):
+        await expect_error(api.auth.ListSessions(bad, metadata=me), grpc.StatusCode.INVALID_ARGUMENT)
+    # End the other one; it is gone, and ending it again (or someone else's) is NOT_FOUND.
+    other_id = listed.sessions[0].id
+    await api.auth.RevokeSession(auth_pb2.RevokeSessionRequest(session_id=other_id), metadata=me)
+    await assert_session_ended(api, first)
+    await expect_error(
+        api.auth.RevokeSession(auth_pb2.RevokeSessionRequest(session_id=other_id), metadata=me),
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+    stranger_email = api.unique_email()
+    await api.register(stranger_email)
+    stranger = await api.login(stranger_email)
+    theirs = (
+        (await api.auth.ListSessions(auth_pb2.ListSessionsRequest(), metadata=bearer(stranger.access_token)))
+        .sessions[0]
+        .id
+    )
+    await expect_error(
+        api.auth.RevokeSession(auth_pb2.RevokeSessionRequest(session_id=theirs), metadata=me),
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+    await api.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(stranger.access_token))
+    # Sign out everywhere else.
+    extra = [await api.login(email) for _ in range(2)]
+    ended = await api.auth.RevokeOtherSessions(auth_pb2.RevokeOtherSessionsRequest(), metadata=me)
+    assert ended.sessions_revoked == 2
+    for tokens in extra:
+        await assert_session_ended(api, tokens)
+    left = await api.auth.ListSessions(auth_pb2.ListSessionsRequest(), metadata=me)
+    assert [(s.id, s.current) for s in left.sessions] == [(listed.sessions[1].id, True)]
+
+
+async def test_sessions_over_http_record_the_user_agent(api: Api) -> None:
+    import httpx
+
+    email = api.unique_email()
+    await api.register(email)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.app.http_port}") as http:
+        login = await http.post(
+            "/v1/auth/login",
+            json={"email": email, "password": PASSWORD},
+            headers={"User-Agent": "phone-app/1.0"},
+        )
+        token = login.json()["accessToken"]
+        listed = await http.get("/v1/users/me/sessions", headers={"Authorization": f"Bearer {token}"})
+    assert listed.status_code == 200, listed.text
+    (session,) = listed.json()["sessions"]
+    assert (session["userAgent"], session["clientAddress"], session["current"]) == (
+        "phone-app/1.0",
+        "127.0.0.1",
+        True,
+    )
+
+
+async def test_superusers_and_services_end_a_users_sessions(api: Api) -> None:
+    email = api.unique_email()
+    victim = await api.register(email)
+    _, someone = await api.user_with_token()
+    admin_email = api.unique_email("admin")
+    await api.app.auth.create_superuser(admin_email, PASSWORD)
+    admin = await api.login(admin_email)
+
+    def end(metadata: tuple[tuple[str, str], ...]) -> object:
+        return api.auth.RevokeUserSessions(
+            auth_pb2.RevokeUserSessionsRequest(user_id=victim.id), metadata=metadata
+        )
+
+    await expect_error(end(bearer(someone)), grpc.StatusCode.PERMISSION_DENIED)
+    sessions = [await api.login(email) for _ in range(2)]
+    assert (await end(bearer(admin.access_token))).sessions_revoked == 2
+    for tokens in sessions:
+        await assert_session_ended(api, tokens)
+    account, secret = await api.app.services.service_accounts.create("fraud-job", ["sessions:revoke"])
+    token = (
+        await api.auth.IssueServiceToken(
+            auth_pb2.IssueServiceTokenRequest(client_id=account.client_id, client_secret=secret)
+        )
+    ).access_token
+    again = await api.login(email)
+    assert (await end(bearer(token))).sessions_revoked == 1
+    await assert_session_ended(api, again)
+    await expect_error(
+        api.auth.RevokeUserSessions(
+            auth_pb2.RevokeUserSessionsRequest(user_id=10**9), metadata=bearer(token)
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+@pytest.mark.redis_stacks
+async def test_a_session_ended_on_one_replica_is_ended_on_the_other(stack: Stack) -> None:
+    one, two = await start_api(stack), await start_api(stack)
+    try:
+        email = one.unique_email()
+        await one.register(email)
+        phone, laptop = await one.login(email), await two.login(email)
+        listed = await two.auth.ListSessions(
+            auth_pb2.ListSessionsRequest(), metadata=bearer(laptop.access_token)
+        )
+        assert len(listed.sessions) == 2
+        phone_id = next(s.id for s in listed.sessions if not s.current)
+        await two.auth.RevokeSession(
+            auth_pb2.RevokeSessionRequest(session_id=phone_id), metadata=bearer(laptop.access_token)
+        )
+        await assert_session_ended(one, phone)
+    finally:
+        await stop_api(one)
+        await stop_api(two)

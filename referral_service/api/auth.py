@@ -5,11 +5,15 @@ Both transports call these methods through the request pipeline; ``context`` is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from referral.v1 import auth_pb2, auth_pb2_grpc
 
 from referral_service.api import convert
 from referral_service.domain.auth import AuthService, RegisterCommand
-from referral_service.domain.models import TokenPair
+from referral_service.domain.models import ClientInfo, TokenPair
+from referral_service.domain.ports import REVOKED_BY_LOGOUT
 from referral_service.domain.service_accounts import ServiceAccountService
 from referral_service.pipeline.context import current_principal
 
@@ -31,10 +35,21 @@ _TOKEN_TYPES = {
 }
 
 
+#: The pipeline's call -> where it comes from (address and user agent), for its session.
+ClientOf = Callable[[Any], ClientInfo]
+
+
+def _no_client(call: Any) -> ClientInfo:
+    return ClientInfo()
+
+
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, service: AuthService, service_accounts: ServiceAccountService) -> None:
+    def __init__(
+        self, service: AuthService, service_accounts: ServiceAccountService, client_of: ClientOf = _no_client
+    ) -> None:
         self._service = service
         self._service_accounts = service_accounts
+        self._client_of = client_of
 
     async def Register(self, request: auth_pb2.RegisterRequest, context: object) -> auth_pb2.RegisterResponse:
         user = await self._service.register(
@@ -48,13 +63,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.RegisterResponse(user=convert.user(user))
 
     async def Login(self, request: auth_pb2.LoginRequest, context: object) -> auth_pb2.LoginResponse:
-        pair = await self._service.login(request.email, request.password)
+        pair = await self._service.login(request.email, request.password, self._client_of(context))
         return auth_pb2.LoginResponse(**_tokens(pair))  # type: ignore[arg-type]
 
     async def RefreshToken(
         self, request: auth_pb2.RefreshTokenRequest, context: object
     ) -> auth_pb2.RefreshTokenResponse:
-        pair = await self._service.refresh(request.refresh_token)
+        pair = await self._service.refresh(request.refresh_token, self._client_of(context))
         return auth_pb2.RefreshTokenResponse(**_tokens(pair))  # type: ignore[arg-type]
 
     async def Logout(self, request: auth_pb2.LogoutRequest, context: object) -> auth_pb2.LogoutResponse:
@@ -68,6 +83,41 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             current_principal(), request.current_password, request.new_password
         )
         return auth_pb2.ChangePasswordResponse(sessions_revoked=revoked)
+
+    async def ListSessions(
+        self, request: auth_pb2.ListSessionsRequest, context: object
+    ) -> auth_pb2.ListSessionsResponse:
+        principal = current_principal()
+        sessions, next_token = await self._service.list_sessions(
+            principal, request.page_size, request.page_token
+        )
+        return auth_pb2.ListSessionsResponse(
+            sessions=[
+                convert.session(session, current=session.id == principal.session_id) for session in sessions
+            ],
+            next_page_token=next_token,
+        )
+
+    async def RevokeSession(
+        self, request: auth_pb2.RevokeSessionRequest, context: object
+    ) -> auth_pb2.RevokeSessionResponse:
+        await self._service.revoke_session(current_principal(), request.session_id)
+        return auth_pb2.RevokeSessionResponse()
+
+    async def RevokeOtherSessions(
+        self, request: auth_pb2.RevokeOtherSessionsRequest, context: object
+    ) -> auth_pb2.RevokeOtherSessionsResponse:
+        principal = current_principal()
+        ended = await self._service.revoke_user_sessions(
+            principal.user_id, keep=principal.session_id, reason=REVOKED_BY_LOGOUT
+        )
+        return auth_pb2.RevokeOtherSessionsResponse(sessions_revoked=ended)
+
+    async def RevokeUserSessions(
+        self, request: auth_pb2.RevokeUserSessionsRequest, context: object
+    ) -> auth_pb2.RevokeUserSessionsResponse:
+        ended = await self._service.revoke_any_users_sessions(current_principal(), request.user_id)
+        return auth_pb2.RevokeUserSessionsResponse(sessions_revoked=ended)
 
     async def GetCurrentUser(
         self, request: auth_pb2.GetCurrentUserRequest, context: object

@@ -10,6 +10,7 @@ from referral.v1 import auth_pb2, referral_pb2
 from referral_service.domain import models
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import FieldViolation, InvalidArgument
+from referral_service.domain.ports import SessionRecord
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -127,6 +128,19 @@ _STATES = {
     models.CodeState.REVOKED: referral_pb2.ReferralCode.STATE_REVOKED,
     models.CodeState.EXHAUSTED: referral_pb2.ReferralCode.STATE_EXHAUSTED,
 }
+
+
+def session(value: SessionRecord, *, current: bool) -> auth_pb2.Session:
+    message = auth_pb2.Session(
+        id=value.id,
+        client_address=value.client_address,
+        user_agent=value.user_agent,
+        current=current,
+    )
+    message.create_time.CopyFrom(timestamp(value.create_time))
+    message.last_use_time.CopyFrom(timestamp(value.refresh_time or value.create_time))
+    message.expire_time.CopyFrom(timestamp(value.expire_time))
+    return message
 
 
 def referral_code(value: models.ReferralCode) -> referral_pb2.ReferralCode:

@@ -26,6 +26,7 @@ from referral_service.pipeline.call import (
     AUTHORIZATION,
     END_USER_ADDRESS,
     REQUEST_ID,
+    USER_AGENT,
     Call,
     CallFailed,
     request_id,
@@ -100,7 +101,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
 
         async def behavior(raw: bytes, context: Context) -> Any:
             started = time.perf_counter()
-            authorization = given_id = end_user = None
+            authorization = given_id = end_user = user_agent = None
             forwarded: list[str] = []
             for key, value in context.invocation_metadata() or ():
                 if key == AUTHORIZATION:
@@ -113,6 +114,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     forwarded.append(value)
                 elif key == END_USER_ADDRESS and end_user is None and isinstance(value, str):
                     end_user = value
+                elif key == USER_AGENT and user_agent is None and isinstance(value, str):
+                    user_agent = value
             call = Call(
                 method,
                 "grpc",
@@ -123,6 +126,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 forwarded,
                 end_user,
                 peer_identity=peer_identity(context) if client_certificates else None,
+                user_agent=user_agent,
             )
             try:
                 response = await chain(raw, call)

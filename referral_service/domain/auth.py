@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import uuid
@@ -25,7 +26,15 @@ from referral_service.domain.errors import (
     Unauthenticated,
     check,
 )
-from referral_service.domain.models import CodeState, Introspection, Principal, ReferralCode, TokenPair, User
+from referral_service.domain.models import (
+    ClientInfo,
+    CodeState,
+    Introspection,
+    Principal,
+    ReferralCode,
+    TokenPair,
+    User,
+)
 from referral_service.domain.ports import (
     ACCESS_TOKEN,
     EMAIL_TAKEN,
@@ -47,10 +56,11 @@ from referral_service.domain.ports import (
     Verification,
 )
 from referral_service.domain.revocations import Revocations
-from referral_service.domain.service_accounts import account_revocation
+from referral_service.domain.service_accounts import SESSIONS_REVOKE, account_revocation
 from referral_service.domain.verification import EmailVerification
 
 log = logging.getLogger("referral_service.auth")
+_NO_CLIENT = ClientInfo()
 
 #: Called with the owner's email key after a commit that changed their code (its use_count).
 CodeChanged = Callable[[str], Awaitable[None]]
@@ -90,6 +100,20 @@ _CODE_REFUSALS = {
     CodeState.EXPIRED: (Reason.REFERRAL_CODE_EXPIRED, "the referral code has expired"),
     CodeState.EXHAUSTED: (Reason.REFERRAL_CODE_EXHAUSTED, "the referral code has been used up"),
 }
+
+
+_MAX_SESSION_PAGE = 100
+
+
+def _encode_page_token(session_id: str) -> str:
+    return base64.urlsafe_b64encode(session_id.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> str | None:
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class AuthService:
@@ -357,7 +381,7 @@ class AuthService:
 
     # --- tokens ------------------------------------------------------------------------------
 
-    async def login(self, email_raw: str, password_raw: str) -> TokenPair:
+    async def login(self, email_raw: str, password_raw: str, client: ClientInfo = _NO_CLIENT) -> TokenPair:
         violations: list[FieldViolation] = []
         if not email_raw.strip():
             violations.append(FieldViolation("email", "is required", "REQUIRED"))
@@ -401,6 +425,7 @@ class AuthService:
                 refresh_jti=refresh.jti,
                 now=now,
                 expire_time=refresh.expire_time,
+                client=client,
             )
             entries: list[tuple[str, datetime]] = []
             if surplus:
@@ -431,7 +456,7 @@ class AuthService:
         until = now + self._tokens.access_ttl + timedelta(minutes=1)
         return [(f"sid:{sid}", until) for sid in dict.fromkeys(session_ids)]
 
-    async def refresh(self, refresh_token: str) -> TokenPair:
+    async def refresh(self, refresh_token: str, client: ClientInfo = _NO_CLIENT) -> TokenPair:
         if not refresh_token:
             raise InvalidArgument.fields(FieldViolation("refresh_token", "is required", "REQUIRED"))
         check(_token_length("refresh_token", refresh_token))
@@ -450,6 +475,7 @@ class AuthService:
                 new_jti=refresh.jti,
                 now=now,
                 expire_time=refresh.expire_time,
+                client=client,
             )
             if rotated:
                 user = await uow.users.get(token.user_id)
@@ -519,6 +545,95 @@ class AuthService:
         await self._revoke_sessions(sessions, own, now, REVOKED_BY_LOGOUT)
         if problem is not None:
             raise problem
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    async def list_sessions(
+        self, principal: Principal, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[SessionRecord], str]:
+        """A page of the caller's live sessions, oldest first, and the next page's token ("" at
+        the end). The list is bounded by ``max_sessions_per_user``, so it is read whole."""
+        violations = []
+        if page_size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative", "NEGATIVE"))
+        if len(page_token) > 128:
+            violations.append(FieldViolation("page_token", "is too long", "TOO_LONG"))
+        check(violations)
+        async with self._store.read() as uow:
+            sessions = await uow.sessions.live(principal.user_id, self._now())
+        start = 0
+        if page_token:
+            after = _decode_page_token(page_token)
+            ids = [session.id for session in sessions]
+            if after is None or after not in ids:
+                raise InvalidArgument(
+                    Reason.INVALID_PAGE_TOKEN,
+                    "the page_token is malformed, or its session has ended since",
+                    violations=[FieldViolation("page_token", "is not valid", "INVALID")],
+                )
+            start = ids.index(after) + 1
+        size = min(page_size or _MAX_SESSION_PAGE, _MAX_SESSION_PAGE)
+        page = sessions[start : start + size]
+        more = start + size < len(sessions)
+        return page, _encode_page_token(page[-1].id) if more and page else ""
+
+    async def revoke_session(self, principal: Principal, session_id: str) -> None:
+        """End one of the caller's live sessions (their own current one too: a logout)."""
+        if not session_id or len(session_id) > 64:
+            raise InvalidArgument.fields(
+                FieldViolation("session_id", "is required (at most 64 characters)", "INVALID")
+            )
+        now = self._now()
+
+        async def work(uow: UnitOfWork) -> list[tuple[str, datetime]] | None:
+            session = await uow.sessions.get(session_id)
+            if session is None or session.user_id != principal.user_id or not session.live(now):
+                return None
+            await uow.sessions.revoke([session_id], now, REVOKED_BY_LOGOUT)
+            entries = self._session_revocations([session_id], now)
+            await self._revocations.record(uow, entries)
+            return entries
+
+        entries = await self._store.transact(work)
+        if entries is None:
+            # Another user's session is not told apart from none at all.
+            raise NotFound(Reason.SESSION_NOT_FOUND, "you have no live session with this id")
+        await self._revocations.publish(entries, now)
+
+    async def revoke_user_sessions(
+        self, user_id: int, *, keep: str = "", reason: str = REVOKED_BY_OPERATOR
+    ) -> int:
+        """End every live session of a user but ``keep``; how many were ended."""
+        now = self._now()
+
+        async def work(uow: UnitOfWork) -> list[tuple[str, datetime]]:
+            ended = [session.id for session in await uow.sessions.live(user_id, now) if session.id != keep]
+            await uow.sessions.revoke(ended, now, reason)
+            entries = self._session_revocations(ended, now)
+            await self._revocations.record(uow, entries)
+            return entries
+
+        entries = await self._store.transact(work)
+        await self._revocations.publish(entries, now)
+        return len(entries)
+
+    async def revoke_any_users_sessions(self, caller: Principal, user_id: int) -> int:
+        """For a superuser or a service with ``sessions:revoke``: end every session of a user."""
+        if user_id <= 0:
+            raise InvalidArgument.fields(FieldViolation("user_id", "must be a positive user id", "INVALID"))
+        if SESSIONS_REVOKE not in caller.scopes:
+            async with self._store.read() as uow:
+                me = await uow.users.get(caller.user_id)
+            if me is None or not me.is_superuser:
+                raise PermissionDenied(
+                    Reason.PERMISSION_DENIED, "only superusers and services with sessions:revoke may do this"
+                )
+        async with self._store.read() as uow:
+            if await uow.users.get(user_id) is None:
+                raise NotFound(Reason.USER_NOT_FOUND, "no user with this id")
+        ended = await self.revoke_user_sessions(user_id)
+        log.warning("all sessions of a user revoked", extra={"user_id": user_id, "sessions_revoked": ended})
+        return ended
 
     async def change_password(self, principal: Principal, current_raw: str, new_raw: str) -> int:
         """Set a new password, given the current one; revoke every other session of the user

@@ -135,6 +135,16 @@ class TokenPair:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Where a login or refresh came from, as recorded with its session."""
+
+    #: The client's IP address ("" when unknown).
+    address: str = ""
+    #: Its ``user-agent``, cut to 256 characters ("" when none).
+    user_agent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """The authenticated caller, as proven by a verified access token: a user (``user_id``,
     ``session_id``) or a service account (``service_account_id``, ``client_id``, ``scopes``;

@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Protocol, TypeVar
 
 from referral_service.domain.models import (
+    ClientInfo,
     EmailStatus,
     Profile,
     ProfileState,
@@ -43,6 +44,7 @@ from referral_service.domain.models import (
 )
 
 T = TypeVar("T")
+_NO_CLIENT = ClientInfo()
 
 # --- conflicts -------------------------------------------------------------------------------
 
@@ -92,6 +94,9 @@ class SessionRecord:
     expire_time: datetime
     revoke_time: datetime | None
     revoke_reason: str | None
+    #: Where it was last used from (login or refresh); "" when unknown.
+    client_address: str = ""
+    user_agent: str = ""
 
     def live(self, now: datetime) -> bool:
         return self.revoke_time is None and self.expire_time > now
@@ -245,7 +250,14 @@ class Sessions(Protocol):
     with the session."""
 
     async def add(
-        self, *, session_id: str, user_id: int, refresh_jti: str, now: datetime, expire_time: datetime
+        self,
+        *,
+        session_id: str,
+        user_id: int,
+        refresh_jti: str,
+        now: datetime,
+        expire_time: datetime,
+        client: ClientInfo = _NO_CLIENT,
     ) -> None: ...
 
     async def rotate(
@@ -257,6 +269,7 @@ class Sessions(Protocol):
         new_jti: str,
         now: datetime,
         expire_time: datetime,
+        client: ClientInfo = _NO_CLIENT,
     ) -> bool:
         """Replace the session's refresh token by ``new_jti`` if ``refresh_jti`` is its current
         one and the session is live (unrevoked, unexpired); exactly one of any number of

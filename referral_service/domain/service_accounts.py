@@ -46,7 +46,8 @@ USERS_REGISTER = "users:register"
 USERS_READ = "users:read"
 REFERRALS_READ = "referrals:read"
 TOKENS_INTROSPECT = "tokens:introspect"
-SCOPES = frozenset({USERS_REGISTER, USERS_READ, REFERRALS_READ, TOKENS_INTROSPECT})
+SESSIONS_REVOKE = "sessions:revoke"
+SCOPES = frozenset({USERS_REGISTER, USERS_READ, REFERRALS_READ, TOKENS_INTROSPECT, SESSIONS_REVOKE})
 
 #: How long a certificate-mapped account is used before it is read again (scopes; a revocation
 #: is seen at once through its revocation entry).

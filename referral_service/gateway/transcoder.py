@@ -56,6 +56,7 @@ from referral_service.pipeline.call import (
     AUTHORIZATION,
     END_USER_ADDRESS,
     REQUEST_ID,
+    USER_AGENT,
     Call,
     CallFailed,
     Handler,
@@ -272,6 +273,7 @@ class Transcoder:
             (forwarded,) if forwarded else (),
             headers.get(END_USER_ADDRESS),
             peer_identity=tls_peer["identity"] if tls_peer else None,
+            user_agent=headers.get(USER_AGENT),
         )
         try:
             response, logged = await self._respond(scope, receive, headers, call)

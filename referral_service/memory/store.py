@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from referral_service.domain import ports
 from referral_service.domain.errors import Reason, Unavailable
 from referral_service.domain.models import (
+    ClientInfo,
     CodeState,
     EmailStatus,
     Profile,
@@ -47,6 +48,7 @@ from referral_service.domain.models import (
 from referral_service.domain.ports import Conflict
 
 T = TypeVar("T")
+_NO_CLIENT = ClientInfo()
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 
@@ -494,7 +496,14 @@ class _Sessions:
         self._v = view
 
     async def add(
-        self, *, session_id: str, user_id: int, refresh_jti: str, now: datetime, expire_time: datetime
+        self,
+        *,
+        session_id: str,
+        user_id: int,
+        refresh_jti: str,
+        now: datetime,
+        expire_time: datetime,
+        client: ClientInfo = _NO_CLIENT,
     ) -> None:
         v = self._v
         if v.sessions.get(session_id) is not None:
@@ -512,6 +521,8 @@ class _Sessions:
                 expire_time=_utc(expire_time),
                 revoke_time=None,
                 revoke_reason=None,
+                client_address=client.address,
+                user_agent=client.user_agent,
             ),
         )
         v.user_sessions.put(user_id, (*(v.user_sessions.get(user_id) or ()), session_id))
@@ -525,6 +536,7 @@ class _Sessions:
         new_jti: str,
         now: datetime,
         expire_time: datetime,
+        client: ClientInfo = _NO_CLIENT,
     ) -> bool:
         record = self._v.sessions.get(session_id)
         if (
@@ -536,7 +548,14 @@ class _Sessions:
             return False
         self._v.sessions.put(
             session_id,
-            replace(record, refresh_jti=new_jti, refresh_time=_utc(now), expire_time=_utc(expire_time)),
+            replace(
+                record,
+                refresh_jti=new_jti,
+                refresh_time=_utc(now),
+                expire_time=_utc(expire_time),
+                client_address=client.address,
+                user_agent=client.user_agent,
+            ),
         )
         return True
 

@@ -38,6 +38,18 @@ class ClientAddress:
             return peer or "unknown"
         return self._through_proxies(address, forwarded)
 
+    def client_ip(self, peer: str, forwarded: Sequence[str]) -> str:
+        """The client's own address (not its limit network): the TCP peer, or behind a trusted
+        proxy the address it names; "" when the peer is not an IP (a unix socket)."""
+        address = parse_peer(peer)
+        if address is None:
+            return ""
+        if self._trusted and forwarded:
+            address = self._client_behind(address, forwarded)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(address)
+
     def end_user(self, value: str) -> str | None:
         """The limit key of an end user's address forwarded by a service (None: not an IP)."""
         try:
@@ -47,6 +59,9 @@ class ClientAddress:
         return self._key(address)
 
     def _through_proxies(self, address: IpAddress, forwarded: Sequence[str]) -> str:
+        return self._key(self._client_behind(address, forwarded))
+
+    def _client_behind(self, address: IpAddress, forwarded: Sequence[str]) -> IpAddress:
         """From a trusted peer, the right-most hop of the header that is not a trusted proxy."""
         if self._is_trusted(address):
             hops = [part.strip() for value in forwarded for part in value.split(",")]
@@ -58,7 +73,7 @@ class ClientAddress:
                 address = candidate
                 if not self._is_trusted(candidate):
                     break
-        return self._key(address)
+        return address
 
     def _peer_key_uncached(self, peer: str) -> str:
         address = parse_peer(peer)

@@ -23,6 +23,7 @@ AUTHORIZATION = "authorization"
 REQUEST_ID = "x-request-id"
 #: Metadata (gRPC) or header (HTTP) with the end user's address, from a service acting for them.
 END_USER_ADDRESS = "end-user-address"
+USER_AGENT = "user-agent"
 
 Transport = Literal["grpc", "http"]
 
@@ -47,6 +48,8 @@ class Call:
     #: The ``end-user-address`` metadata or header, as sent: the end user's IP address that a
     #: service calling on their behalf forwards (believed only from such services).
     end_user: str | None = None
+    #: The ``user-agent`` metadata or header, as sent (recorded with a login session).
+    user_agent: str | None = None
     #: Who the client certificate names (``pipeline/identity.py``: its SPIFFE ID, else its
     #: subject CN), set only when the TLS handshake verified that certificate against the
     #: configured client CA; None without one.

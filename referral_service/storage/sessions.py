@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, exists, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from referral_service.domain.models import ClientInfo
 from referral_service.domain.ports import SessionRecord
 from referral_service.storage.core import REVOCATIONS, SESSIONS, at
 
@@ -32,7 +34,13 @@ _ROTATE = (
         _S.revoke_time.is_(None),
         _S.expire_time > at("now"),
     )
-    .values(refresh_jti=bindparam("new_token"), refresh_time=at("now"), expire_time=at("expire"))
+    .values(
+        refresh_jti=bindparam("new_token"),
+        refresh_time=at("now"),
+        expire_time=at("expire"),
+        client_address=bindparam("client_address"),
+        user_agent=bindparam("user_agent"),
+    )
 )
 _COLUMNS = (
     _S.id,
@@ -43,6 +51,8 @@ _COLUMNS = (
     _S.expire_time,
     _S.revoke_time,
     _S.revoke_reason,
+    _S.client_address,
+    _S.user_agent,
 )
 _GET = select(*_COLUMNS).where(_S.id == bindparam("session"))
 _LIVE = (
@@ -90,6 +100,25 @@ _ADD_REVOCATION = {
 }
 
 
+_NO_CLIENT = ClientInfo()
+
+
+def _record(row: Any) -> SessionRecord:
+    id_, user_id, jti, create_time, refresh_time, expire_time, revoke_time, reason, address, agent = row
+    return SessionRecord(
+        id=id_,
+        user_id=user_id,
+        refresh_jti=jti,
+        create_time=create_time,
+        refresh_time=refresh_time,
+        expire_time=expire_time,
+        revoke_time=revoke_time,
+        revoke_reason=reason,
+        client_address=address or "",
+        user_agent=agent or "",
+    )
+
+
 class SqlSessions:
     """The ``Sessions`` port."""
 
@@ -100,7 +129,14 @@ class SqlSessions:
         self._dialect = dialect
 
     async def add(
-        self, *, session_id: str, user_id: int, refresh_jti: str, now: datetime, expire_time: datetime
+        self,
+        *,
+        session_id: str,
+        user_id: int,
+        refresh_jti: str,
+        now: datetime,
+        expire_time: datetime,
+        client: ClientInfo = _NO_CLIENT,
     ) -> None:
         await self._conn.execute(
             _ADD,
@@ -110,6 +146,8 @@ class SqlSessions:
                 "refresh_jti": refresh_jti,
                 "create_time": now,
                 "expire_time": expire_time,
+                "client_address": client.address or None,
+                "user_agent": client.user_agent or None,
             },
         )
 
@@ -122,6 +160,7 @@ class SqlSessions:
         new_jti: str,
         now: datetime,
         expire_time: datetime,
+        client: ClientInfo = _NO_CLIENT,
     ) -> bool:
         result = await self._conn.execute(
             _ROTATE,
@@ -132,13 +171,15 @@ class SqlSessions:
                 "new_token": new_jti,
                 "now": now,
                 "expire": expire_time,
+                "client_address": client.address or None,
+                "user_agent": client.user_agent or None,
             },
         )
         return result.rowcount > 0
 
     async def get(self, session_id: str) -> SessionRecord | None:
         row = (await self._conn.execute(_GET, {"session": session_id})).one_or_none()
-        return None if row is None else SessionRecord(*row)
+        return None if row is None else _record(row)
 
     async def revoke(self, session_ids: Sequence[str], now: datetime, reason: str) -> None:
         if session_ids:
@@ -150,7 +191,7 @@ class SqlSessions:
 
     async def live(self, user_id: int, now: datetime) -> list[SessionRecord]:
         result = await self._conn.execute(_LIVE, {"user": user_id, "now": now})
-        return [SessionRecord(*row) for row in result]
+        return [_record(row) for row in result]
 
     async def add_revocations(self, entries: Sequence[tuple[str, datetime]]) -> None:
         latest: dict[str, datetime] = {}

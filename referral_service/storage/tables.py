@@ -150,6 +150,9 @@ class SessionRow(Base):
     revoke_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: Why it was revoked: ``logout``, ``reuse``, ``limit`` (too many sessions), ``password``.
     revoke_reason: Mapped[str | None] = mapped_column(String(16))
+    #: Where it was last used from (login or refresh).
+    client_address: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (Index("ix_sessions_user_id_create_time", "user_id", "create_time"),)
 

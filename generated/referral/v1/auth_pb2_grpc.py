@@ -66,6 +66,26 @@ class AuthServiceStub:
                 request_serializer=referral_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/referral.v1.AuthService/ListSessions',
+                request_serializer=referral_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.RevokeSession = channel.unary_unary(
+                '/referral.v1.AuthService/RevokeSession',
+                request_serializer=referral_dot_v1_dot_auth__pb2.RevokeSessionRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.RevokeSessionResponse.FromString,
+                _registered_method=True)
+        self.RevokeOtherSessions = channel.unary_unary(
+                '/referral.v1.AuthService/RevokeOtherSessions',
+                request_serializer=referral_dot_v1_dot_auth__pb2.RevokeOtherSessionsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.RevokeOtherSessionsResponse.FromString,
+                _registered_method=True)
+        self.RevokeUserSessions = channel.unary_unary(
+                '/referral.v1.AuthService/RevokeUserSessions',
+                request_serializer=referral_dot_v1_dot_auth__pb2.RevokeUserSessionsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.RevokeUserSessionsResponse.FromString,
+                _registered_method=True)
         self.GetCurrentUser = channel.unary_unary(
                 '/referral.v1.AuthService/GetCurrentUser',
                 request_serializer=referral_dot_v1_dot_auth__pb2.GetCurrentUserRequest.SerializeToString,
@@ -155,6 +175,42 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """Lists the caller's live sessions (logins not yet logged out, revoked or
+        expired), oldest first, with where each was last used from; the calling
+        session is marked `current`. A user has at most a configured number of
+        sessions (20 by default), so one page holds them all unless `page_size`
+        asks for fewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSession(self, request, context):
+        """Ends one of the caller's sessions: its refresh token stops working and
+        its access tokens are refused. NOT_FOUND (SESSION_NOT_FOUND) for an id
+        that is not one of the caller's live sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOtherSessions(self, request, context):
+        """Ends every session of the caller but the calling one ("sign out
+        everywhere else").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeUserSessions(self, request, context):
+        """Ends every session of any user: for superusers and services with
+        `sessions:revoke` (say, a support tool or a fraud job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCurrentUser(self, request, context):
         """Returns the user the access token was issued to.
         """
@@ -231,6 +287,26 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ChangePassword,
                     request_deserializer=referral_dot_v1_dot_auth__pb2.ChangePasswordRequest.FromString,
                     response_serializer=referral_dot_v1_dot_auth__pb2.ChangePasswordResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.ListSessionsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'RevokeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSession,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.RevokeSessionRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'RevokeOtherSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOtherSessions,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.RevokeOtherSessionsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.RevokeOtherSessionsResponse.SerializeToString,
+            ),
+            'RevokeUserSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeUserSessions,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.RevokeUserSessionsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.RevokeUserSessionsResponse.SerializeToString,
             ),
             'GetCurrentUser': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCurrentUser,
@@ -400,6 +476,114 @@ class AuthService:
             '/referral.v1.AuthService/ChangePassword',
             referral_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
             referral_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/ListSessions',
+            referral_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/RevokeSession',
+            referral_dot_v1_dot_auth__pb2.RevokeSessionRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOtherSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/RevokeOtherSessions',
+            referral_dot_v1_dot_auth__pb2.RevokeOtherSessionsRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.RevokeOtherSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeUserSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/RevokeUserSessions',
+            referral_dot_v1_dot_auth__pb2.RevokeUserSessionsRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.RevokeUserSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

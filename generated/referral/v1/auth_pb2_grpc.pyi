@@ -72,6 +72,26 @@ class AuthServiceStub:
     Register. Every other session of the user is revoked; the calling
     session stays signed in.
     """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]
+    """Lists the caller's live sessions (logins not yet logged out, revoked or
+    expired), oldest first, with where each was last used from; the calling
+    session is marked `current`. A user has at most a configured number of
+    sessions (20 by default), so one page holds them all unless `page_size`
+    asks for fewer.
+    """
+    RevokeSession: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeSessionRequest, _auth_pb2.RevokeSessionResponse]
+    """Ends one of the caller's sessions: its refresh token stops working and
+    its access tokens are refused. NOT_FOUND (SESSION_NOT_FOUND) for an id
+    that is not one of the caller's live sessions.
+    """
+    RevokeOtherSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeOtherSessionsRequest, _auth_pb2.RevokeOtherSessionsResponse]
+    """Ends every session of the caller but the calling one ("sign out
+    everywhere else").
+    """
+    RevokeUserSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeUserSessionsRequest, _auth_pb2.RevokeUserSessionsResponse]
+    """Ends every session of any user: for superusers and services with
+    `sessions:revoke` (say, a support tool or a fraud job).
+    """
     GetCurrentUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]
     """Returns the user the access token was issued to."""
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
@@ -143,6 +163,26 @@ class AuthServiceAsyncStub(AuthServiceStub):
     towards a per-user limit); the new one follows the password policy of
     Register. Every other session of the user is revoked; the calling
     session stays signed in.
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """Lists the caller's live sessions (logins not yet logged out, revoked or
+    expired), oldest first, with where each was last used from; the calling
+    session is marked `current`. A user has at most a configured number of
+    sessions (20 by default), so one page holds them all unless `page_size`
+    asks for fewer.
+    """
+    RevokeSession: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeSessionRequest, _auth_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    """Ends one of the caller's sessions: its refresh token stops working and
+    its access tokens are refused. NOT_FOUND (SESSION_NOT_FOUND) for an id
+    that is not one of the caller's live sessions.
+    """
+    RevokeOtherSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeOtherSessionsRequest, _auth_pb2.RevokeOtherSessionsResponse]  # type: ignore[assignment]
+    """Ends every session of the caller but the calling one ("sign out
+    everywhere else").
+    """
+    RevokeUserSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeUserSessionsRequest, _auth_pb2.RevokeUserSessionsResponse]  # type: ignore[assignment]
+    """Ends every session of any user: for superusers and services with
+    `sessions:revoke` (say, a support tool or a fraud job).
     """
     GetCurrentUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]  # type: ignore[assignment]
     """Returns the user the access token was issued to."""
@@ -242,6 +282,50 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         towards a per-user limit); the new one follows the password policy of
         Register. Every other session of the user is revoked; the calling
         session stays signed in.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _auth_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListSessionsResponse, _abc.Awaitable[_auth_pb2.ListSessionsResponse]]:
+        """Lists the caller's live sessions (logins not yet logged out, revoked or
+        expired), oldest first, with where each was last used from; the calling
+        session is marked `current`. A user has at most a configured number of
+        sessions (20 by default), so one page holds them all unless `page_size`
+        asks for fewer.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeSession(
+        self,
+        request: _auth_pb2.RevokeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeSessionResponse, _abc.Awaitable[_auth_pb2.RevokeSessionResponse]]:
+        """Ends one of the caller's sessions: its refresh token stops working and
+        its access tokens are refused. NOT_FOUND (SESSION_NOT_FOUND) for an id
+        that is not one of the caller's live sessions.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeOtherSessions(
+        self,
+        request: _auth_pb2.RevokeOtherSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeOtherSessionsResponse, _abc.Awaitable[_auth_pb2.RevokeOtherSessionsResponse]]:
+        """Ends every session of the caller but the calling one ("sign out
+        everywhere else").
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeUserSessions(
+        self,
+        request: _auth_pb2.RevokeUserSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeUserSessionsResponse, _abc.Awaitable[_auth_pb2.RevokeUserSessionsResponse]]:
+        """Ends every session of any user: for superusers and services with
+        `sessions:revoke` (say, a support tool or a fraud job).
         """
 
     @_abc_1.abstractmethod

@@ -77,6 +77,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     caller's token does not carry (user tokens never carry scopes).
     ErrorInfo metadata `required_scope` names it.
     """
+    ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 33
+    """NOT_FOUND: the caller has no live session with this id."""
     ERROR_REASON_REFERRAL_CODE_ALREADY_ACTIVE: _ErrorReason.ValueType  # 40
     """FAILED_PRECONDITION: the caller already has a live referral code; delete
     it first.
@@ -205,6 +207,8 @@ ERROR_REASON_SCOPE_MISSING: ErrorReason.ValueType  # 32
 caller's token does not carry (user tokens never carry scopes).
 ErrorInfo metadata `required_scope` names it.
 """
+ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 33
+"""NOT_FOUND: the caller has no live session with this id."""
 ERROR_REASON_REFERRAL_CODE_ALREADY_ACTIVE: ErrorReason.ValueType  # 40
 """FAILED_PRECONDITION: the caller already has a live referral code; delete
 it first.

@@ -239,4 +239,5 @@ The scopes, fixed strings granted to service accounts by the operator
 - `users:read`: AuthService.GetUser.
 - `referrals:read`: ReferralService.ListReferrals of any referrer.
 - `tokens:introspect`: AuthService.IntrospectToken.
+- `sessions:revoke`: AuthService.RevokeUserSessions of any user.
 """
