@@ -76,7 +76,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_sessions"),
     )
     op.create_index("ix_sessions_expire_time", "sessions", ["expire_time"])
-    op.create_index("ix_sessions_user_id_create_time", "sessions", ["user_id", "create_time"])
+    op.create_index(
+        "ix_sessions_live_user",
+        "sessions",
+        ["user_id", "create_time"],
+        sqlite_where=sa.text("revoke_time IS NULL"),
+        postgresql_where=sa.text("revoke_time IS NULL"),
+    )
     op.execute(_CARRY_OVER)
     op.drop_index("ix_refresh_tokens_user_id", table_name="refresh_tokens")
     op.drop_index("ix_refresh_tokens_session_id", table_name="refresh_tokens")
@@ -103,6 +109,6 @@ def downgrade() -> None:
     op.create_index("ix_refresh_tokens_session_id", "refresh_tokens", ["session_id"])
     op.create_index("ix_refresh_tokens_user_id", "refresh_tokens", ["user_id"])
     op.execute(_CARRY_BACK)
-    op.drop_index("ix_sessions_user_id_create_time", table_name="sessions")
+    op.drop_index("ix_sessions_live_user", table_name="sessions")
     op.drop_index("ix_sessions_expire_time", table_name="sessions")
     op.drop_table("sessions")

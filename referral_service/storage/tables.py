@@ -154,7 +154,17 @@ class SessionRow(Base):
     client_address: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(256))
 
-    __table_args__ = (Index("ix_sessions_user_id_create_time", "user_id", "create_time"),)
+    #: A user's live sessions (each login reads them to enforce the cap): revoked ones, kept
+    #: until they expire, are left out of the index.
+    __table_args__ = (
+        Index(
+            "ix_sessions_live_user",
+            "user_id",
+            "create_time",
+            sqlite_where=text("revoke_time IS NULL"),
+            postgresql_where=text("revoke_time IS NULL"),
+        ),
+    )
 
 
 class ServiceAccountRow(Base):
