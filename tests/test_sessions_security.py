@@ -416,3 +416,19 @@ async def test_a_session_ended_on_one_replica_is_ended_on_the_other(stack: Stack
     finally:
         await stop_api(one)
         await stop_api(two)
+
+
+async def test_hostile_ids_are_invalid_never_internal(api: Api) -> None:
+    """Strings PostgreSQL cannot store (a NUL byte) or that no session/client can have."""
+    _, token = await api.user_with_token()
+    for bad in ("a\x00b", "x" * 65, "", "ünïcode"):
+        await expect_error(
+            api.auth.RevokeSession(auth_pb2.RevokeSessionRequest(session_id=bad), metadata=bearer(token)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    for bad in ("svc_\x00", "svc_" + "0" * 23 + "\x00", "ünïcode"):
+        await expect_error(
+            api.auth.IssueServiceToken(auth_pb2.IssueServiceTokenRequest(client_id=bad, client_secret="s")),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "INVALID_CLIENT",
+        )

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ _CODE_REFUSALS = {
 
 
 _MAX_SESSION_PAGE = 100
+#: Session ids are what the token's ``sid`` claim may be: visible ASCII, at most 64 characters.
+_SESSION_ID = re.compile(r"[!-~]{1,64}")
 
 
 def _encode_page_token(session_id: str) -> str:
@@ -579,9 +582,9 @@ class AuthService:
 
     async def revoke_session(self, principal: Principal, session_id: str) -> None:
         """End one of the caller's live sessions (their own current one too: a logout)."""
-        if not session_id or len(session_id) > 64:
+        if not _SESSION_ID.fullmatch(session_id):
             raise InvalidArgument.fields(
-                FieldViolation("session_id", "is required (at most 64 characters)", "INVALID")
+                FieldViolation("session_id", "must be a session id from ListSessions", "INVALID")
             )
         now = self._now()
 

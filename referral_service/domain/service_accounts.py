@@ -54,6 +54,8 @@ SCOPES = frozenset({USERS_REGISTER, USERS_READ, REFERRALS_READ, TOKENS_INTROSPEC
 _ACCOUNT_CACHE = timedelta(seconds=10)
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _CLIENT_ID_MAX = 64
+#: What ``create`` issues: ``svc_`` and 24 hex digits.
+_CLIENT_ID = re.compile(r"svc_[0-9a-f]{24}")
 _SECRET_MAX = 128
 
 
@@ -143,6 +145,8 @@ class ServiceAccountService:
         until = now + self._tokens.access_ttl + timedelta(minutes=1)
 
         async def work(uow: UnitOfWork) -> ServiceAccount | None:
+            if not _NAME.fullmatch(name):  # no other string names an account
+                return None
             account = await uow.service_accounts.by_name(name)
             if account is None:
                 return None
@@ -207,8 +211,10 @@ class ServiceAccountService:
         if len(scopes) > len(SCOPES) * 2:
             violations.append(FieldViolation("scopes", "too many", "TOO_LONG"))
         check(violations)
-        async with self._store.read() as uow:
-            account = await uow.service_accounts.by_client_id(client_id)
+        account = None
+        if _CLIENT_ID.fullmatch(client_id):  # no other string can name an account
+            async with self._store.read() as uow:
+                account = await uow.service_accounts.by_client_id(client_id)
         # The secret is compared (in constant time) whether or not the account exists.
         presented = self._hash(client_secret)
         stored = account.secret_hash if account is not None else self._hash(secrets.token_urlsafe(32))

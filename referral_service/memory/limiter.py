@@ -24,7 +24,9 @@ class MemoryRateLimiter:
         interval = period / limit
         tat = max(self._tat.get(key, now), now)
         new = tat + interval
-        if new - now > period:
+        # A tolerance of a microsecond: (now + period) - now may exceed period by float rounding,
+        # which would refuse the first call of a 1/PERIOD limit.
+        if new - now > period + 1e-6:
             return RateDecision(False, new - period - now, 0)
         self._tat[key] = new
         self._tat.move_to_end(key)
