@@ -75,17 +75,20 @@ $(BUF): package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-buf-lint: $(BUF) ## buf lint (STANDARD rules)
-	cd protos && ../$(BUF) lint
+buf-lint: $(BUF) ## buf lint (STANDARD rules; the workspace is buf.yaml at the root)
+	$(BUF) lint
 
 # Against main's protos (or, on main itself, the previous commit's): v1 is public.
 BREAKING_BASE ?= $(shell git rev-parse -q --verify refs/heads/main >/dev/null && test "$$(git rev-parse HEAD)" != "$$(git rev-parse refs/heads/main)" && echo main || (git rev-parse -q --verify refs/remotes/origin/main >/dev/null && test "$$(git rev-parse HEAD)" != "$$(git rev-parse refs/remotes/origin/main)" && echo origin/main) || echo HEAD~1)
+# A base from before the workspace moved to the root keeps its buf.yaml in protos/.
 buf-breaking: $(BUF) ## buf breaking against main (BREAKING_BASE=<git rev> to choose)
 	@rm -rf .breaking-base && mkdir -p .breaking-base
 	@if git rev-parse -q --verify "$(BREAKING_BASE)^{commit}" >/dev/null; then \
-		git archive "$(BREAKING_BASE)" protos | tar -x -C .breaking-base && \
+		if git cat-file -e "$(BREAKING_BASE):buf.yaml" 2>/dev/null; then paths="buf.yaml protos"; against=.breaking-base; \
+		else paths=protos; against=.breaking-base/protos; fi; \
+		git archive "$(BREAKING_BASE)" $$paths | tar -x -C .breaking-base && \
 		echo "buf breaking against $(BREAKING_BASE) ($$(git rev-parse --short $(BREAKING_BASE)))" && \
-		$(BUF) breaking protos --against .breaking-base/protos; status=$$?; rm -rf .breaking-base; exit $$status; \
+		$(BUF) breaking --against $$against; status=$$?; rm -rf .breaking-base; exit $$status; \
 	else echo "buf breaking: no $(BREAKING_BASE) to compare with, skipped"; fi
 
 lint: $(STAMP) buf-lint ## ruff, mypy, the architecture contracts (import-linter) and buf lint
