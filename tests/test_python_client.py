@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import trustme
 from google.protobuf.duration_pb2 import Duration
 from packaging.requirements import Requirement
 from referral.v1 import auth_pb2, errors_pb2, referral_pb2
@@ -255,6 +256,33 @@ async def test_the_token_travels_as_call_credentials(api: Api) -> None:
     async with connect(api.target, token="not-a-token") as client:
         with pytest.raises(errors.TokenInvalid):
             await client.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest())
+
+
+async def test_tls_with_a_private_ca_and_the_token(stack: Stack, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
+    key.write_bytes(server.private_key_pem.bytes())
+    api = await start_api(stack, tls_cert_file=cert, tls_key_file=key)
+    try:
+        # a loopback target would default to plaintext: tls=True asks for TLS
+        async with connect(api.target, tls=True, root_certificates=ca.cert_pem.bytes()) as anonymous:
+            email = api.unique_email()
+            await anonymous.auth.Register(auth_pb2.RegisterRequest(email=email, password=PASSWORD))
+            tokens = await anonymous.auth.Login(auth_pb2.LoginRequest(email=email, password=PASSWORD))
+        async with connect(
+            api.target, tls=True, root_certificates=ca.cert_pem.bytes(), token=tokens.access_token
+        ) as client:
+            me = await client.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest())
+            assert me.user.email == email
+        # a server the CA did not sign is refused
+        async with connect(api.target, tls=True, root_certificates=trustme.CA().cert_pem.bytes()) as other:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await other.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await stop_api(api)
 
 
 def test_a_token_is_never_sent_in_plaintext_to_another_host() -> None:
