@@ -120,6 +120,12 @@ class ScopeMissing(ReferralError):
     REASON = "SCOPE_MISSING"
 
 
+class SessionNotFound(ReferralError):
+    """NOT_FOUND: the caller has no live session with this id."""
+
+    REASON = "SESSION_NOT_FOUND"
+
+
 class ReferralCodeAlreadyActive(ReferralError):
     """FAILED_PRECONDITION: the caller already has a live referral code; delete it first."""
 
@@ -265,6 +271,7 @@ BY_REASON: dict[str, type[ReferralError]] = {
     PermissionDenied.REASON: PermissionDenied,
     UserNotFound.REASON: UserNotFound,
     ScopeMissing.REASON: ScopeMissing,
+    SessionNotFound.REASON: SessionNotFound,
     ReferralCodeAlreadyActive.REASON: ReferralCodeAlreadyActive,
     ReferralCodeTaken.REASON: ReferralCodeTaken,
     ReferralCodeNotFound.REASON: ReferralCodeNotFound,
@@ -316,6 +323,7 @@ __all__ = [
     "ScopeMissing",
     "SelfReferral",
     "ServiceUnavailable",
+    "SessionNotFound",
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
