@@ -215,10 +215,13 @@ async def test_errors_arrive_typed_with_their_details(api: Api) -> None:
 
 
 async def test_rate_limits_carry_the_retry_delay(stack: Stack) -> None:
-    api = await start_api(stack, rate_limit_register_address="1/1h")
+    api = await start_api(stack, rate_limit_register_address="2/1h")
     try:
         async with connect(api.target) as client:
-            await client.auth.Register(auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD))
+            for _ in range(2):
+                await client.auth.Register(
+                    auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD)
+                )
             with pytest.raises(errors.RateLimited) as limited:
                 await client.auth.Register(
                     auth_pb2.RegisterRequest(email=api.unique_email(), password=PASSWORD)
@@ -227,7 +230,7 @@ async def test_rate_limits_carry_the_retry_delay(stack: Stack) -> None:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error.retry_delay is not None
         assert timedelta(0) < error.retry_delay <= timedelta(hours=1)
-        assert [v.quota_value for v in error.quota_violations] == [1]
+        assert [v.quota_value for v in error.quota_violations] == [2]
     finally:
         await stop_api(api)
 
