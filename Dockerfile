@@ -5,6 +5,8 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY referral_service ./referral_service
 COPY generated ./generated
+# the stubs' own distribution (built from generated/), which the server depends on
+COPY clients/python ./clients/python
 COPY migrations ./migrations
 RUN pip install . && useradd --system --uid 10001 referral && install -d -m 700 -o referral /data
 USER referral

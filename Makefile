@@ -6,6 +6,8 @@ BUF    := node_modules/.bin/buf
 STAMP  := $(VENV)/.installed
 
 PROTO_FILES := $(wildcard protos/referral/v1/*.proto)
+# One exception class per ErrorReason for the Python client, generated from errors.proto.
+CLIENT_REASONS := clients/python/src/referral_client/_reasons.py
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test generate docs check-generated lint buf-lint buf-breaking fmt migrate clean bench bench-full common-passwords fuzz soak
@@ -13,11 +15,14 @@ PROTO_FILES := $(wildcard protos/referral/v1/*.proto)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The server depends on the Python client distribution (clients/python: the stubs in generated/
+# and the client layer); the second step makes it editable, so generated/ is what gets imported.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -e ./clients/python
 	touch $@
 
 install: $(STAMP) ## create the virtualenv and install the project with its dev tools
@@ -42,14 +47,15 @@ migrate: $(STAMP) ## apply migrations to REFERRAL_DATABASE_URL (default ./data/r
 
 # The descriptor set keeps the proto comments (source info), which _pb2 modules do not carry:
 # the gateway reads it for the OpenAPI document, and `make docs` for docs/api.md.
-generate: $(STAMP) ## regenerate Python stubs, type stubs and the descriptor set into generated/
+generate: $(STAMP) ## regenerate Python stubs, type stubs and the descriptor set into generated/, the client's error classes
 	rm -rf generated/referral
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos -Iprotos/third_party \
 		--python_out=generated --mypy_out=generated \
 		--grpc_python_out=generated --mypy_grpc_out=generated \
 		--include_source_info --descriptor_set_out=generated/referral/v1/api_descriptor.binpb \
 		$(PROTO_FILES)
-	touch generated/referral/__init__.py generated/referral/v1/__init__.py
+	touch generated/referral/__init__.py generated/referral/v1/__init__.py generated/referral/py.typed
+	$(PY) tools/client_errors.py > $(CLIENT_REASONS).tmp && mv $(CLIENT_REASONS).tmp $(CLIENT_REASONS)
 
 common-passwords: $(STAMP) ## re-extract data/common-passwords.txt from zxcvbn's list
 	$(PY) -c 'import importlib.metadata as md; from zxcvbn.frequency_lists import FREQUENCY_LISTS as F; \
@@ -61,25 +67,28 @@ docs: $(STAMP) ## regenerate the Markdown API reference docs/api.md from the pro
 	@mkdir -p docs
 	$(PY) tools/api_markdown.py > docs/api.md.tmp && mv docs/api.md.tmp docs/api.md
 
-check-generated: generate docs ## fail when generated/ or docs/api.md is not what `make generate docs` produces
-	git diff --exit-code --stat -- generated/ docs/
-	@test -z "$$(git status --porcelain -- generated/ docs/)" || (git status --porcelain -- generated/ docs/; echo "generated/ or docs/ is stale: run make generate docs"; exit 1)
+check-generated: generate docs ## fail when generated/, the client's error classes or docs/api.md differ from `make generate docs`
+	git diff --exit-code --stat -- generated/ docs/ $(CLIENT_REASONS)
+	@test -z "$$(git status --porcelain -- generated/ docs/ $(CLIENT_REASONS))" || (git status --porcelain -- generated/ docs/ $(CLIENT_REASONS); echo "generated/ or docs/ is stale: run make generate docs"; exit 1)
 
 $(BUF): package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-buf-lint: $(BUF) ## buf lint (STANDARD rules)
-	cd protos && ../$(BUF) lint
+buf-lint: $(BUF) ## buf lint (STANDARD rules; the workspace is buf.yaml at the root)
+	$(BUF) lint
 
 # Against main's protos (or, on main itself, the previous commit's): v1 is public.
 BREAKING_BASE ?= $(shell git rev-parse -q --verify refs/heads/main >/dev/null && test "$$(git rev-parse HEAD)" != "$$(git rev-parse refs/heads/main)" && echo main || (git rev-parse -q --verify refs/remotes/origin/main >/dev/null && test "$$(git rev-parse HEAD)" != "$$(git rev-parse refs/remotes/origin/main)" && echo origin/main) || echo HEAD~1)
+# A base from before the workspace moved to the root keeps its buf.yaml in protos/.
 buf-breaking: $(BUF) ## buf breaking against main (BREAKING_BASE=<git rev> to choose)
 	@rm -rf .breaking-base && mkdir -p .breaking-base
 	@if git rev-parse -q --verify "$(BREAKING_BASE)^{commit}" >/dev/null; then \
-		git archive "$(BREAKING_BASE)" protos | tar -x -C .breaking-base && \
+		if git cat-file -e "$(BREAKING_BASE):buf.yaml" 2>/dev/null; then paths="buf.yaml protos"; against=.breaking-base; \
+		else paths=protos; against=.breaking-base/protos; fi; \
+		git archive "$(BREAKING_BASE)" $$paths | tar -x -C .breaking-base && \
 		echo "buf breaking against $(BREAKING_BASE) ($$(git rev-parse --short $(BREAKING_BASE)))" && \
-		$(BUF) breaking protos --against .breaking-base/protos; status=$$?; rm -rf .breaking-base; exit $$status; \
+		$(BUF) breaking --against $$against; status=$$?; rm -rf .breaking-base; exit $$status; \
 	else echo "buf breaking: no $(BREAKING_BASE) to compare with, skipped"; fi
 
 lint: $(STAMP) buf-lint ## ruff, mypy, the architecture contracts (import-linter) and buf lint

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
+from referral_service.api import reflection
 from referral_service.api.auth import AuthServicer
 from referral_service.api.health import GracefulHealthServicer, HealthReporter
 from referral_service.api.interceptors import ApiInterceptor
@@ -463,13 +463,10 @@ def build_grpc_server(
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicers.auth, server)
     referral_pb2_grpc.add_ReferralServiceServicer_to_server(servicers.referral, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [
-            *(s.full_name for s in SERVICES),
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
+    # v1 and v1alpha, with the proto comments (api/reflection.py)
+    reflection.enable(
         server,
+        [*(s.full_name for s in SERVICES), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
     )
     address = f"{settings.server.grpc_host}:{settings.server.grpc_port}"
     try:

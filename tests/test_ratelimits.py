@@ -340,7 +340,7 @@ LIMIT_NAMES = (
 
 
 def test_the_limits_are_declared_in_the_proto() -> None:
-    """The (referral.v1.rate_limit) options reproduce the table in the README, in order."""
+    """The (referral.v1.rate_limit) options reproduce the table in docs/security.md, in order."""
     rules = declared_rules(SERVICES, {name: Rate(5, 60) for name in LIMIT_NAMES})
     table = {
         method: [

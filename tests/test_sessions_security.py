@@ -194,7 +194,7 @@ async def run_cli(monkeypatch: pytest.MonkeyPatch, stack: Stack, password: str, 
 async def test_create_superuser_refuses_a_squatted_address(
     api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Someone registered the operator's address first. Running the README command must not
+    """Someone registered the operator's address first. Running the command of docs/security.md must not
     hand them a superuser; promoting on purpose takes the account away from them."""
     operator_password = "the operator's own passphrase"
     await api.register("ops@example.com", password=PASSWORD)

@@ -23,7 +23,7 @@ const LOADER_OPTIONS = {
   longs: String, // int64 ids as strings: no precision loss
   enums: String,
   defaults: true,
-  oneofs: true,
+  oneofs: false, // no virtual `_field` members for proto3 optional fields (synthetic oneofs)
   includeDirs: INCLUDE_DIRS,
 };
 

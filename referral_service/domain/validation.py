@@ -1,7 +1,7 @@
 """Input rules shared by the use cases: email syntax and normalisation, password policy,
 referral-code syntax, request ids.
 
-Email policy (documented in the README): surrounding white space is removed, the domain is
+Email policy (docs/clients.md, "Rules worth knowing"): surrounding white space is removed, the domain is
 lower-cased (and IDNA-normalised) by ``email-validator``, and the local part keeps its case for
 display. Uniqueness and look-ups use the whole address lower-cased (``email_key``), because
 every mainstream mail provider treats the local part case-insensitively and the predecessor's
