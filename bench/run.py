@@ -215,6 +215,9 @@ def start_service(workdir: Path, database_url: str, redis_url: str | None, loop:
             "REFERRAL_WORKERS": "1",
             "REFERRAL_REDIS_KEY_PREFIX": f"bench:{os.getpid()}:{port}:",
             **generous_rate_limits("1000000000/1h"),
+            # The Login scenario opens a session per call: with the default cap (20 per user)
+            # the token the other scenarios use would be revoked as the oldest session.
+            "REFERRAL_MAX_SESSIONS_PER_USER": "10000",
         }
     )
     if redis_url:
