@@ -2,11 +2,16 @@
 
 Run through ``referral-service migrate`` (which passes the configured database URL), or
 ``alembic`` with ``-x url=...`` / ``REFERRAL_DATABASE_URL`` via alembic.ini.
+
+On PostgreSQL the whole upgrade is one transaction holding an advisory lock: replicas that start
+together (``serve --migrate``) migrate one after the other, and the later ones find the schema
+at head and do nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from alembic import context
 from sqlalchemy import pool
@@ -17,6 +22,10 @@ from referral_service.storage.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
+log = logging.getLogger("referral_service.migrate")
+
+#: The advisory lock key of migrations ("REFMIGRA"): held for the upgrade's transaction.
+MIGRATION_LOCK = 0x5245464D49475241
 
 
 def _url() -> str:
@@ -62,6 +71,12 @@ async def _run_async() -> None:
     async with engine.connect() as connection:
         if connection.dialect.name == "sqlite":
             await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        elif connection.dialect.name == "postgresql":
+            # Begins the transaction Alembic then runs in; released at its commit (or rollback).
+            got = await connection.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK})")
+            if not got.scalar():
+                log.info("another process is migrating the database; waiting for it to finish")
+                await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         await connection.run_sync(_run_sync)
         await connection.commit()
     await engine.dispose()

@@ -8,7 +8,8 @@
 - the transports: the request pipeline (``pipeline/``), the gRPC server (``api/``) and the
   HTTP/JSON gateway (``gateway/``), both handing calls to the same servicers through it.
 
-``App`` owns their lifecycle: start, housekeeping, health, graceful stop.
+``App`` owns their lifecycle: start (the database first: one line and exit 1 when it does not
+answer within the start-up wait), housekeeping, health, metrics, tracing, graceful stop.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
 
+from referral_service import metrics
 from referral_service.api import reflection
 from referral_service.api.auth import AuthServicer
 from referral_service.api.health import GracefulHealthServicer, HealthReporter
@@ -50,6 +54,8 @@ from referral_service.domain.service_accounts import SCOPES, ServiceAccountServi
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification
 from referral_service.gateway import HttpGateway, bind
+from referral_service.gateway.probes import Probes
+from referral_service.gateway.server import MetricsServer
 from referral_service.memory.cache import MemoryCache, NoCache
 from referral_service.memory.limiter import MemoryRateLimiter
 from referral_service.memory.revocations import MemoryRevocations
@@ -59,9 +65,11 @@ from referral_service.pipeline.call import Call
 from referral_service.pipeline.chain import Pipeline
 from referral_service.pipeline.limits import RateLimits
 from referral_service.resilience import CircuitBreaker
-from referral_service.storage.db import Database
+from referral_service.startup import StartupError
+from referral_service.storage.db import Database, DatabaseUnreachable
 from referral_service.storage.store import SqlStore
 from referral_service.tls import TlsError, TlsFiles, grpc_credentials, http_context
+from referral_service.tracing import Tracing
 
 log = logging.getLogger("referral_service")
 
@@ -69,13 +77,16 @@ SERVICES = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     referral_pb2.DESCRIPTOR.services_by_name["ReferralService"],
 )
-#: Health of the backing stores, reported under these service names.
+#: Health of the backing stores and providers, reported under these service names.
 HEALTH_REDIS = "referral-service.redis"
 HEALTH_DATABASE = "referral-service.database"
+HEALTH_HUNTER = "referral-service.hunter"
+HEALTH_ENRICHMENT = "referral-service.enrichment"
 
-
-class StartupError(RuntimeError):
-    """The service cannot start as configured; the message says why."""
+try:
+    VERSION = version("referral-service")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    VERSION = "0"
 
 
 # --- stores ------------------------------------------------------------------------------------
@@ -99,7 +110,7 @@ class FastStores:
 
 
 def build_fast_stores(
-    settings: Settings, on_health_change: Callable[[bool], None] | None = None
+    settings: Settings, on_health_change: Callable[[bool], None] | None = None, tracing: Tracing | None = None
 ) -> FastStores:
     """With ``REFERRAL_REDIS_URL``: one Redis transport shared by the four Redis adapters.
     Without it: the in-process twins; with several workers, the look-up cache never stores (a
@@ -118,7 +129,10 @@ def build_fast_stores(
             breaker_threshold=settings.redis.breaker_threshold,
             breaker_reset_seconds=settings.redis.breaker_reset_seconds,
             on_health_change=on_health_change,
+            spans=tracing.redis_spans(settings.redis.url) if tracing is not None else None,
         )
+        if tracing is not None:
+            tracing.instrument_redis()
         cache = RedisCache(transport)
 
         async def close() -> None:
@@ -197,7 +211,15 @@ def build_hasher(settings: Settings) -> Argon2PasswordHasher:
     )
 
 
-def build_verifier(settings: Settings) -> EmailVerifier | None:
+#: Outbound HTTP clients: the tracing hook (None when tracing is off) and a callback factory for
+#: each provider's breaker (its health entry).
+Instrument = Callable[[Any], None]
+BreakerWatch = Callable[[str, str], Callable[[bool], None]]
+
+
+def build_verifier(
+    settings: Settings, instrument: Instrument | None = None, watch: BreakerWatch | None = None
+) -> EmailVerifier | None:
     hunter = settings.hunter
     if hunter.api_key is None:
         return None
@@ -206,7 +228,12 @@ def build_verifier(settings: Settings) -> EmailVerifier | None:
     from referral_service.integrations.hunter import HunterVerifier
 
     return HunterVerifier(
-        http.client(connect_timeout=hunter.connect_timeout_seconds, read_timeout=hunter.read_timeout_seconds),
+        http.client(
+            provider="hunter",
+            connect_timeout=hunter.connect_timeout_seconds,
+            read_timeout=hunter.read_timeout_seconds,
+            instrument=instrument,
+        ),
         base_url=hunter.base_url,
         api_key=hunter.api_key.get_secret_value(),
         total_timeout=hunter.total_timeout_seconds,
@@ -215,13 +242,16 @@ def build_verifier(settings: Settings) -> EmailVerifier | None:
         breaker=CircuitBreaker(
             hunter.breaker_threshold,
             hunter.breaker_reset_seconds,
+            watch("hunter", HEALTH_HUNTER) if watch is not None else None,
             name="hunter",
             fallback=f"registrations skip email verification ({hunter.policy.value})",
         ),
     )
 
 
-def build_profile_provider(settings: Settings) -> ProfileProvider | None:
+def build_profile_provider(
+    settings: Settings, instrument: Instrument | None = None, watch: BreakerWatch | None = None
+) -> ProfileProvider | None:
     enrichment = settings.enrichment
     if enrichment.provider is EnrichmentProviderName.NONE:
         return None
@@ -239,15 +269,18 @@ def build_profile_provider(settings: Settings) -> ProfileProvider | None:
     kind, default_url = kinds[enrichment.provider]
     return kind(
         http.client(
+            provider=enrichment.provider.value,
             connect_timeout=enrichment.connect_timeout_seconds,
             read_timeout=enrichment.read_timeout_seconds,
             max_connections=enrichment.concurrency,
+            instrument=instrument,
         ),
         base_url=enrichment.base_url or default_url,
         api_key=enrichment.api_key.get_secret_value(),
         breaker=CircuitBreaker(
             enrichment.breaker_threshold,
             enrichment.breaker_reset_seconds,
+            watch("enrichment", HEALTH_ENRICHMENT) if watch is not None else None,
             name=enrichment.provider.value,
             fallback="profile lookups wait",
         ),
@@ -270,14 +303,23 @@ class Services:
     service_accounts: ServiceAccountService
 
 
-def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret: bytes) -> Services:
+def build_services(
+    settings: Settings,
+    store: SqlStore,
+    fast: FastStores,
+    secret: bytes,
+    instrument: Instrument | None = None,
+    watch: BreakerWatch | None = None,
+) -> Services:
+    """The use cases. The look-up cache and the verification answers are counted (hits,
+    misses) in the metrics."""
     tokens = build_token_codec(settings, secret)
     hasher = build_hasher(settings)
     revocations = Revocations(store, fast.revocations)
     codes = settings.codes
     referrals = ReferralService(
         store,
-        fast.cache,
+        metrics.CountingCache(fast.cache, "referral_code_by_email"),
         page_secret=secret,
         max_horizon=codes.max_horizon,
         cache_ttl=codes.cache_ttl,
@@ -286,18 +328,18 @@ def build_services(settings: Settings, store: SqlStore, fast: FastStores, secret
         max_page_size=codes.list_max_page_size,
         request_id_ttl=settings.server.request_id_ttl,
     )
-    verifier = build_verifier(settings)
+    verifier = build_verifier(settings, instrument, watch)
     verification = (
         EmailVerification(
             verifier,
-            fast.values,
+            metrics.CountingValues(fast.values, "email_verification"),
             fail_closed=settings.hunter.policy is HunterPolicy.FAIL_CLOSED,
             cache_ttl=settings.hunter.cache_ttl,
         )
         if verifier is not None
         else None
     )
-    provider = build_profile_provider(settings)
+    provider = build_profile_provider(settings, instrument, watch)
     enrichment = (
         EnrichmentWorker(
             store,
@@ -439,19 +481,27 @@ _VERIFY_MODES = {
 
 
 def build_grpc_server(
-    settings: Settings, pipeline: Pipeline, servicers: Servicers, health: GracefulHealthServicer
+    settings: Settings,
+    pipeline: Pipeline,
+    servicers: Servicers,
+    health: GracefulHealthServicer,
+    tracing: Tracing | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC transport, bound to its port (not started): TLS when the certificate files
     are set (reloaded when they change), with client certificates required when
-    ``tls_client_auth`` is ``require``."""
+    ``tls_client_auth`` is ``require``. With tracing, the server span's interceptor comes
+    first, so the pipeline runs inside the span."""
     files = build_tls_files(settings)
     mtls = files is not None and settings.tls.client_auth is ClientAuth.REQUIRE
     try:
         credentials = grpc_credentials(files, require_client_certificate=mtls) if files is not None else None
     except TlsError as error:
         raise StartupError(f"gRPC TLS: {error}") from None
+    interceptors: list[grpc.aio.ServerInterceptor] = [ApiInterceptor(pipeline, client_certificates=mtls)]
+    if tracing is not None:
+        interceptors.insert(0, tracing.grpc_interceptor())
     server = grpc.aio.server(
-        interceptors=[ApiInterceptor(pipeline, client_certificates=mtls)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.server.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -482,8 +532,41 @@ def build_grpc_server(
     return server, port
 
 
+def build_probes(
+    settings: Settings, health: HealthReporter, on_api_port: bool, metrics_dir: str | None
+) -> Probes:
+    """The health probes, with ``/metrics`` where it is served: on the metrics port when it is
+    set, else on the HTTP port."""
+    serve_metrics = settings.metrics.enabled and (settings.metrics.port is None) == on_api_port
+    return Probes(
+        status=lambda: health_pb2.HealthCheckResponse.ServingStatus.Name(health.servicer.status()),
+        components=health.components,
+        metrics=metrics.exposition(metrics_dir) if serve_metrics else None,
+    )
+
+
+def build_metrics_server(
+    settings: Settings, health: HealthReporter, metrics_dir: str | None
+) -> MetricsServer | None:
+    """The metrics port (``REFERRAL_METRICS_PORT``), bound (not started); None when unset."""
+    if not settings.metrics.enabled or settings.metrics.port is None:
+        return None
+    host, port = settings.metrics.host, settings.metrics.port
+    try:
+        sock = bind(host, port, reuse_port=settings.server.so_reuseport)
+    except OSError as error:
+        raise StartupError(
+            f"cannot listen on the metrics port {host}:{port}: {error.strerror or error}"
+        ) from None
+    return MetricsServer(sock, build_probes(settings, health, on_api_port=False, metrics_dir=metrics_dir))
+
+
 def build_http_gateway(
-    settings: Settings, pipeline: Pipeline, servicers: Servicers, health: GracefulHealthServicer
+    settings: Settings,
+    pipeline: Pipeline,
+    servicers: Servicers,
+    probes: Probes,
+    tracing: Tracing | None = None,
 ) -> HttpGateway | None:
     """The HTTP/JSON transport, bound to its port (not started); None when off."""
     http = settings.http
@@ -501,11 +584,14 @@ def build_http_gateway(
     try:
         sock = bind(http.host, http.port, reuse_port=settings.server.so_reuseport)
     except OSError as error:
-        raise StartupError(f"cannot listen on HTTP {http.host}:{http.port}: {error}") from None
+        raise StartupError(
+            f"cannot listen on HTTP {http.host}:{http.port}: {error.strerror or error}"
+        ) from None
     return HttpGateway(
         sock,
         invokers=pipeline.handlers(servicers.by_service(), timeout=http.timeout_seconds),
-        health=lambda: health_pb2.HealthCheckResponse.ServingStatus.Name(health.status()),
+        probes=probes,
+        spans=tracing.http_server_spans() if tracing is not None else None,
         max_body_bytes=http.max_body_bytes,
         cors_origins=http.cors_origin_list,
         docs_enabled=http.docs_enabled,
@@ -529,7 +615,12 @@ class App:
     port: int
     #: The HTTP/JSON gateway (None when REFERRAL_HTTP_ENABLED is false).
     http: HttpGateway | None = None
+    #: The metrics port (None unless REFERRAL_METRICS_PORT is set).
+    metrics_server: MetricsServer | None = None
+    #: OpenTelemetry (None when REFERRAL_TRACING_ENABLED is false).
+    tracing: Tracing | None = None
     _housekeeper: asyncio.Task[None] | None = None
+    _started: bool = False
 
     @property
     def auth(self) -> AuthService:
@@ -573,6 +664,13 @@ class App:
                     log.info("housekeeping purged %d expired rows", deleted)
 
     async def start(self) -> None:
+        """Wait for the database (``REFERRAL_DATABASE_STARTUP_TIMEOUT_SECONDS``; StartupError
+        when it does not answer), then serve."""
+        try:
+            await self.db.wait_until_reachable(self.settings.database.startup_timeout_seconds)
+        except DatabaseUnreachable as error:
+            raise StartupError(str(error)) from None
+        self._started = True
         if self.stores.revocations.shared:
             await self.services.revocations.resync()
         await self.server.start()
@@ -580,7 +678,16 @@ class App:
         if self.enrichment is not None:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
             self.enrichment.start()
-        await self.health.serving(self.store.ping, await self.stores.ping())
+        fast_ping = self.stores.ping if self.stores.backend == "redis" else None
+        await self.health.serving(self.db.check, await self.stores.ping(), fast_ping)
+        metrics.started(VERSION)
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
+            log.info(
+                "serving metrics on http://%s:%d/metrics",
+                self.settings.metrics.host,
+                self.metrics_server.port,
+            )
         tls = self.settings.tls
         if self.http is not None:
             await self.http.start()
@@ -627,6 +734,8 @@ class App:
         enrichment = self.enrichment
         enrichment_stopping = loop.create_task(enrichment.stop(remaining)) if enrichment is not None else None
         await self.server.stop(remaining)
+        if self.metrics_server is not None:  # scrapes answer until the calls have drained
+            await self.metrics_server.stop(0)
         if enrichment_stopping is not None and enrichment is not None:
             await enrichment_stopping
             await enrichment.provider.close()
@@ -636,16 +745,29 @@ class App:
         await self.stores.close()
         await self.db.dispose()
         self.services.hasher.close()
-        log.info("stopped")
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the last spans
+        if self._started:
+            log.info("stopped")
 
 
-async def build_app(settings: Settings) -> App:
-    """Build the service and bind its ports (not started yet)."""
+async def build_app(
+    settings: Settings, *, metrics_dir: str | None = None, span_exporter: Any | None = None
+) -> App:
+    """Build the service and bind its ports (not started yet). ``metrics_dir``: the workers'
+    shared metrics directory (several workers); ``span_exporter``: tests collect spans with it
+    (tracing on)."""
+    tracing: Tracing | None = None
+    if settings.tracing.enabled:
+        from referral_service import tracing as tracing_setup
+
+        tracing = tracing_setup.start(VERSION, span_exporter)
     health = HealthReporter(
         GracefulHealthServicer(),
         [service.full_name for service in SERVICES],
         database=HEALTH_DATABASE,
         fast_stores=HEALTH_REDIS,
+        probe_interval=settings.server.health_probe_interval_seconds,
     )
     db = Database(
         settings.effective_database_url,
@@ -653,15 +775,54 @@ async def build_app(settings: Settings) -> App:
         timeout=settings.database.timeout_seconds,
         on_unavailable=health.database_failed,
     )
+    if tracing is not None:
+        tracing.instrument_database(
+            [db.engine, db.write_engine] if db.write_engine is not db.engine else [db.engine]
+        )
     store = SqlStore(db)
-    fast = build_fast_stores(settings, health.fast_stores_changed)
-    services = build_services(settings, store, fast, settings.resolve_jwt_secret())
+    fast = build_fast_stores(settings, health.fast_stores_changed, tracing)
+    services = build_services(
+        settings,
+        store,
+        fast,
+        settings.resolve_jwt_secret(),
+        tracing.instrument_http_client if tracing is not None else None,
+        health.add_component,
+    )
 
     pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values, services.service_accounts)
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts, client_of(settings)),
         ReferralServicer(services.referrals),
     )
-    server, port = build_grpc_server(settings, pipeline, servicers, health.servicer)
-    http = build_http_gateway(settings, pipeline, servicers, health.servicer)
-    return App(settings, db, store, fast, services, health, server, port, http)
+    server, port = build_grpc_server(settings, pipeline, servicers, health.servicer, tracing)
+    probes = build_probes(settings, health, on_api_port=True, metrics_dir=metrics_dir)
+    http = build_http_gateway(settings, pipeline, servicers, probes, tracing)
+    metrics_server = build_metrics_server(settings, health, metrics_dir)
+    return App(settings, db, store, fast, services, health, server, port, http, metrics_server, tracing)
+
+
+async def wait_for_database(settings: Settings) -> None:
+    """Wait for the database (``REFERRAL_DATABASE_STARTUP_TIMEOUT_SECONDS``); StartupError with
+    one line saying where and why when it does not answer."""
+    db = Database(settings.effective_database_url, pool_size=1, timeout=settings.database.timeout_seconds)
+    try:
+        await db.wait_until_reachable(settings.database.startup_timeout_seconds)
+    except DatabaseUnreachable as error:
+        raise StartupError(str(error)) from None
+    finally:
+        await db.dispose()
+
+
+async def migrate_database(settings: Settings) -> None:
+    """Wait for the database, then apply the migrations (on PostgreSQL under an advisory lock:
+    replicas starting together migrate one after the other). A failure is one line."""
+    from referral_service.storage import migrate  # alembic only where it is needed
+    from referral_service.storage.db import describe_error
+
+    await wait_for_database(settings)
+    try:
+        await migrate.upgrade_async(settings.effective_database_url)
+    except Exception as error:
+        log.debug("migration failed", exc_info=True)
+        raise StartupError(f"migrating the database failed: {describe_error(error)}") from None

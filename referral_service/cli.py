@@ -1,7 +1,9 @@
-"""``referral-service`` console command: ``serve``, ``migrate``, ``create-superuser``, and the
-service accounts (``create-service-account``, ``list-service-accounts``, ``revoke-service-account``).
+"""``referral-service`` console command: ``serve``, ``migrate``, ``health``, ``create-superuser``,
+and the service accounts (``create-service-account``, ``list-service-accounts``,
+``revoke-service-account``). Flags override the matching ``REFERRAL_*`` environment variables.
 
-Flags override the matching ``REFERRAL_*`` environment variables.
+Exit codes: 0 done; 1 a failure at run time (the database unreachable, a port in use), said in
+one log line; 2 bad configuration or usage, one line per problem naming the variable.
 """
 
 from __future__ import annotations
@@ -12,18 +14,31 @@ import getpass
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
 from referral_service import logs
-from referral_service.app import StartupError
 from referral_service.config import Settings, describe
+from referral_service.startup import StartupError
 
 if TYPE_CHECKING:
     from referral_service.domain.errors import DomainError
 
 log = logging.getLogger("referral_service")
+
+DESCRIPTION = """\
+The referral service: gRPC and HTTP/JSON API, migrations, health check and accounts.
+Flags override the matching REFERRAL_* environment variables (see README.md).
+Exit codes: 0 done, 1 runtime failure (one log line), 2 bad configuration or usage."""
+
+
+def _version() -> str:
+    try:
+        return version("referral-service")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+        return "unknown"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -135,16 +150,33 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="referral-service", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--database-url", dest="database_url", help="REFERRAL_DATABASE_URL")
-    common.add_argument("--redis-url", dest="redis_url", help="REFERRAL_REDIS_URL")
-    common.add_argument("--data-dir", dest="data_dir", help="REFERRAL_DATA_DIR")
-    common.add_argument("--log-level", dest="log_level", help="REFERRAL_LOG_LEVEL")
-    common.add_argument(
-        "--log-format", dest="log_format", choices=["text", "json"], help="REFERRAL_LOG_FORMAT"
+    root = argparse.ArgumentParser(
+        prog="referral-service", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = root.add_subparsers(dest="command", required=True)
+    root.add_argument("--version", action="version", version=f"referral-service {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url",
+        dest="database_url",
+        help="REFERRAL_DATABASE_URL: postgresql+asyncpg://... or sqlite+aiosqlite:///... "
+        "(default: SQLite in the data directory)",
+    )
+    common.add_argument(
+        "--redis-url", dest="redis_url", help="REFERRAL_REDIS_URL: redis://host:6379/0 (default: none)"
+    )
+    common.add_argument("--data-dir", dest="data_dir", help="REFERRAL_DATA_DIR (default: ./data)")
+    common.add_argument(
+        "--log-level",
+        dest="log_level",
+        help="REFERRAL_LOG_LEVEL: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)",
+    )
+    common.add_argument(
+        "--log-format",
+        dest="log_format",
+        choices=["text", "json"],
+        help="REFERRAL_LOG_FORMAT (default: text)",
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="serve gRPC and HTTP/JSON")
     serve.add_argument("--host", dest="grpc_host", help="REFERRAL_GRPC_HOST (default 127.0.0.1)")
@@ -158,14 +190,26 @@ def parser() -> argparse.ArgumentParser:
         "--workers", dest="workers", type=int, help="REFERRAL_WORKERS: server processes (default: cores)"
     )
 
-    commands.add_parser("migrate", parents=[common], help="apply database migrations")
+    commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="apply database migrations (waits for the database; PostgreSQL: one process at a time)",
+    )
+    health = commands.add_parser(
+        "health",
+        parents=[common],
+        help="check the local server's health: exit 0 when SERVING, 1 otherwise (container health checks)",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)"
+    )
 
     superuser = commands.add_parser(
         "create-superuser",
         parents=[common],
         help="create a superuser (an existing account is refused unless --promote-existing)",
     )
-    superuser.add_argument("--email", required=True)
+    superuser.add_argument("--email", required=True, help="the superuser's email address")
     superuser.add_argument(
         "--promote-existing",
         action="store_true",
@@ -200,37 +244,120 @@ def parser() -> argparse.ArgumentParser:
         parents=[common],
         help="revoke a service account: its tokens stop working at once, everywhere",
     )
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the service account's name")
     return root
+
+
+def _local(host: str) -> str:
+    """Where to reach our own listener from this machine."""
+    if host in ("0.0.0.0", ""):  # noqa: S104 - not binding: the address of the wildcard listener
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _health(settings: Settings, timeout: float) -> int:
+    """The local server's overall health, from ``/healthz`` on the metrics port (when set) or
+    the HTTP port, else from gRPC health: prints the status; 0 when SERVING."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if settings.metrics.enabled and settings.metrics.port is not None:
+        url = f"http://{_local(settings.metrics.host)}:{settings.metrics.port}/healthz"
+    elif settings.http.enabled:
+        url = f"http://{_local(settings.http.host)}:{settings.http.port}/healthz"
+    else:
+        return _grpc_health(settings, timeout)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own http URL
+            status = json.loads(response.read())["status"]
+    except urllib.error.HTTPError as error:
+        try:
+            status = json.loads(error.read())["status"]
+        except (ValueError, KeyError):
+            status = f"HTTP {error.code}"
+    except (OSError, ValueError, KeyError) as error:
+        print(f"UNREACHABLE: {url}: {getattr(error, 'reason', error)}")
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _grpc_health(settings: Settings, timeout: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = f"{_local(settings.server.grpc_host)}:{settings.server.grpc_port}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            response = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as error:
+            print(f"UNREACHABLE: {target}: {cast(Any, error).code().name}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _serve(settings: Settings, migrate_first: bool) -> int:
+    from referral_service.supervisor import claim_ports, run_event_loop, serve, serve_workers
+
+    workers = settings.effective_workers
+    if workers > 1:
+        return serve_workers(settings, workers, migrate_first)
+    claims = claim_ports(settings, shared=settings.server.so_reuseport)
+    try:
+        run_event_loop(settings, serve(settings, migrate_first))
+    finally:
+        for claim in claims:
+            claim.close()
+    return 0
+
+
+def _configuration_problems(settings: Settings, args: argparse.Namespace) -> list[str]:
+    """What the settings cannot express alone: the command's needs and the OTEL_* choices."""
+    problems = []
+    if args.command == "serve" and settings.effective_workers > 1 and settings.server.grpc_port == 0:
+        problems.append(
+            f"REFERRAL_GRPC_PORT: {settings.effective_workers} workers need a fixed port, not 0 "
+            "(or set REFERRAL_WORKERS=1)"
+        )
+    if args.command == "serve" and settings.tracing.enabled:
+        from referral_service.tracing import TracingConfigError, check_environment
+
+        try:
+            check_environment()
+        except TracingConfigError as error:
+            problems.append(str(error))
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = _settings(args)
+        problems = _configuration_problems(settings, args)
     except ValidationError as error:
-        print("configuration error:", file=sys.stderr)
-        for problem in describe(error):
-            print(f"  {problem}", file=sys.stderr)
+        problems = describe(error)
+    if problems:
+        for problem in problems:
+            print(f"referral-service: configuration error: {problem}", file=sys.stderr)
         return 2
+    if args.command == "health":
+        return _health(settings, args.timeout)
     logs.configure(settings.logging.level, settings.logging.format.value)
+    from referral_service.supervisor import PortInUse
+
     try:
         if args.command == "serve":
-            from referral_service.supervisor import run_event_loop, serve, serve_workers
-
-            workers = settings.effective_workers
-            if workers > 1:
-                if args.migrate:
-                    from referral_service.storage import migrate
-
-                    migrate.upgrade(settings.effective_database_url)
-                return serve_workers(settings, workers)
-            run_event_loop(settings, serve(settings, args.migrate))
-            return 0
+            return _serve(settings, args.migrate)
         if args.command == "migrate":
-            from referral_service.storage import migrate
+            from referral_service.app import migrate_database
 
-            migrate.upgrade(settings.effective_database_url)
+            asyncio.run(migrate_database(settings))
             log.info("database is at the latest migration")
             return 0
         if args.command in ("create-service-account", "list-service-accounts", "revoke-service-account"):
@@ -243,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     except KeyboardInterrupt:
         return 130
-    except StartupError as error:
+    except (StartupError, PortInUse) as error:
+        log.error("%s", error)
+        return 1
+    except OSError as error:  # the data directory, a key file: what the system refused, in one line
+        log.debug("start-up failed", exc_info=True)
         log.error("%s", error)
         return 1
     return 2

@@ -38,6 +38,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from referral_service.cpus import available_cpus
 from referral_service.files import private_directory, private_file
 
 
@@ -145,6 +146,70 @@ def _http_url(value: str | None) -> str | None:
     return value.rstrip("/")
 
 
+def _database_url(value: str | None) -> str | None:
+    """An async SQLAlchemy URL of a backend the service supports. The message never repeats the
+    URL (it may carry a password)."""
+    if value is None:
+        return None
+    from sqlalchemy.engine import make_url  # imported by the service anyway
+    from sqlalchemy.exc import ArgumentError
+
+    expected = "postgresql+asyncpg://USER:PASSWORD@HOST:5432/DATABASE or sqlite+aiosqlite:///PATH"
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"not a database URL; expected {expected}") from None
+    drivers = {"postgresql": "asyncpg", "sqlite": "aiosqlite"}
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend not in drivers or "+" not in url.drivername or driver != drivers[backend]:
+        raise ValueError(f"unsupported database or driver {url.drivername!r}; expected {expected}")
+    if backend == "postgresql" and not (url.host or url.query.get("host")):
+        raise ValueError(f"no host in the URL; expected {expected}")
+    try:
+        _ = url.port  # a port that is not a number fails here
+    except ValueError:
+        raise ValueError(f"the port is not a number; expected {expected}") from None
+    return value
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from urllib.parse import urlsplit
+
+    expected = "redis://HOST:6379/0, rediss://HOST:6380/0 or unix:///PATH/redis.sock"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"not a Redis URL (bad port); expected {expected}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"not a Redis URL (scheme {parts.scheme!r}); expected {expected}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"no socket path; expected {expected}")
+        return value
+    if not parts.hostname:
+        raise ValueError(f"no host in the URL; expected {expected}")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"the database after the host must be a number; expected {expected}")
+    del port
+    return value
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level == "WARN":
+        level = "WARNING"
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"{value!r} is not a log level; use one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
 #: Unset when empty (``REFERRAL_REDIS_URL=`` means no Redis).
 EmptyIsUnset = BeforeValidator(_empty_is_unset)
 HttpUrl = AfterValidator(_http_url)
@@ -202,6 +267,9 @@ class ServerSettings(Group):
     request_id_ttl: timedelta = timedelta(days=1)
     #: How often each process purges expired revocations, request ids and refresh tokens.
     housekeeping_interval: timedelta = timedelta(hours=1)
+    #: How often each process checks, without any call, that the database and Redis answer
+    #: (health turns NOT_SERVING within about this long of an outage, and back on recovery).
+    health_probe_interval_seconds: Annotated[float, Field(gt=0, le=300)] = 2.0
 
 
 class HttpSettings(Group):
@@ -297,16 +365,19 @@ class TlsSettings(Group):
 class DatabaseSettings(Group):
     env_prefix = "database_"
     #: SQLAlchemy async URL. Default: SQLite file ``<data_dir>/referral.db``.
-    url: Annotated[str | None, EmptyIsUnset] = None
+    url: Annotated[str | None, EmptyIsUnset, AfterValidator(_database_url)] = None
     pool_size: Annotated[int, Field(ge=1)] = 10
     #: Seconds to wait for a database connection or statement before failing the call.
     timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    #: At start-up (``serve``, ``migrate``), how long to wait for the database to answer before
+    #: giving up with one line and exit code 1.
+    startup_timeout_seconds: Annotated[float, Field(ge=0)] = 15.0
 
 
 class RedisSettings(Group):
     env_prefix = "redis_"
     #: Redis URL (``redis://host:6379/0``). Unset: the in-process cache and stores.
-    url: Annotated[str | None, EmptyIsUnset] = None
+    url: Annotated[str | None, EmptyIsUnset, AfterValidator(_redis_url)] = None
     #: Prefix of every Redis key this service writes.
     key_prefix: str = "referral:"
     #: Socket connect/read timeout for Redis, seconds. Keep it small: Redis is an accelerator.
@@ -372,7 +443,7 @@ class PasswordSettings(Group):
     argon2_memory_kib: Annotated[int, Field(ge=19 * 1024)] = 19 * 1024
     argon2_parallelism: Annotated[int, Field(ge=1)] = 1
     #: Threads that hash passwords; default: one per core.
-    hash_workers: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
+    hash_workers: Annotated[int, Field(ge=1)] = Field(default_factory=available_cpus)
     #: Hash jobs allowed to wait for a thread; beyond that callers wait without queueing work.
     hash_queue: Annotated[int, Field(ge=1)] = 256
 
@@ -562,8 +633,44 @@ class RegistrationSettings(Group):
 
 class LogSettings(Group):
     env_prefix = "log_"
-    level: str = "INFO"
+    #: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case). Health probes and /metrics scrapes
+    #: are logged at DEBUG.
+    level: Annotated[str, AfterValidator(_log_level)] = "INFO"
     format: LogFormat = LogFormat.TEXT
+
+
+class MetricsSettings(Group):
+    """Prometheus metrics at ``/metrics``, added up over every worker process."""
+
+    env_prefix = "metrics_"
+    #: Serve ``/metrics``.
+    enabled: bool = True
+    #: Unset: ``/metrics`` on the HTTP port. Set: on this port only (with ``/healthz``,
+    #: ``/readyz`` and ``/livez``), plain HTTP, so that the API port need not expose them.
+    port: Annotated[int | None, EmptyIsUnset, Field(ge=0, le=65535)] = None
+    #: Address of the metrics port.
+    host: str = "127.0.0.1"
+
+
+class TracingSettings(Group):
+    """OpenTelemetry traces: off by default (nothing of OpenTelemetry is even imported). When on,
+    the exporter, sampler and resource come from the standard ``OTEL_*`` variables
+    (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_TRACES_SAMPLER``, ``OTEL_SERVICE_NAME``, ...)."""
+
+    env_prefix = "tracing_"
+    enabled: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TracingSettings:
+        if self.enabled:
+            import importlib.util
+
+            if importlib.util.find_spec("opentelemetry.sdk") is None:
+                raise ValueError(
+                    "REFERRAL_TRACING_ENABLED=true needs the OpenTelemetry packages: "
+                    "pip install 'referral-service[tracing]'"
+                )
+        return self
 
 
 #: The groups, by the name of their field on ``Settings``.
@@ -581,6 +688,8 @@ GROUPS: dict[str, type[Group]] = {
     "rate_limits": RateLimitSettings,
     "registration": RegistrationSettings,
     "logging": LogSettings,
+    "metrics": MetricsSettings,
+    "tracing": TracingSettings,
 }
 #: Flat setting name (``database_url``) -> (group, field): the public names, defined once.
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -656,6 +765,8 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     registration: RegistrationSettings = RegistrationSettings()
     logging: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -707,6 +818,22 @@ class Settings(BaseSettings):
             raise ValueError("production profile refuses insecure defaults: " + "; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _check_ports(self) -> Settings:
+        """Two listeners of ours on one port would fail (or, with SO_REUSEPORT, share it)."""
+        wildcard = ("0.0.0.0", "::", "")  # noqa: S104 - comparing, not binding
+        listeners = [("REFERRAL_GRPC_PORT", self.server.grpc_host, self.server.grpc_port)]
+        if self.http.enabled:
+            listeners.append(("REFERRAL_HTTP_PORT", self.http.host, self.http.port))
+        if self.metrics.enabled and self.metrics.port is not None:
+            listeners.append(("REFERRAL_METRICS_PORT", self.metrics.host, self.metrics.port))
+        for index, (name, host, port) in enumerate(listeners):
+            for other, other_host, other_port in listeners[:index]:
+                same_host = host == other_host or host in wildcard or other_host in wildcard
+                if port and port == other_port and same_host:
+                    raise ValueError(f"{name}: {port} is also {other}; each listener needs its own port")
+        return self
+
     def replace(self, **flat: Any) -> Settings:
         """A copy with some settings changed, by flat name (``replace(grpc_port=0)``)."""
         return type(self).model_validate({**self.model_dump(exclude_defaults=True), **flat})
@@ -724,7 +851,9 @@ class Settings(BaseSettings):
 
     @property
     def effective_workers(self) -> int:
-        return self.server.workers if self.server.workers is not None else (os.cpu_count() or 1)
+        """``REFERRAL_WORKERS``, else one per CPU this process may use (the cgroup CPU quota
+        counts: a container limited to 2 CPUs gets 2 workers, whatever the host has)."""
+        return self.server.workers if self.server.workers is not None else available_cpus()
 
     @property
     def shared_cache_needed(self) -> bool:

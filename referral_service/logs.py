@@ -96,7 +96,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+def _text_value(value: object) -> str:
+    """A value of a text line's ``key=value`` pairs, quoted when it has spaces, quotes or ``=``
+    (``route="GET /v1/users/me"``), so that each pair reads back unambiguously."""
+    text = str(value)
+    if not text or any(c in text for c in ' "=\t\n\\'):
+        return json.dumps(text)
+    return text
+
+
 class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message key=value ...``; an extra that the message already says
+    (named in the record's ``_in_message``, as access lines do) is not repeated."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
@@ -104,7 +116,12 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items() if v not in (None, ""))
+            shown = getattr(record, "_in_message", ())
+            pairs = [
+                f"{k}={_text_value(v)}" for k, v in extras.items() if v not in (None, "") and k not in shown
+            ]
+            if pairs:
+                line += " " + " ".join(pairs)
         return line
 
 

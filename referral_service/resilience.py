@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from referral_service import metrics
+
 log = logging.getLogger("referral_service.resilience")
 
 
@@ -37,11 +39,20 @@ class CircuitBreaker:
         self._name = name
         self._fallback = fallback
         self.closed = True
+        self._open_gauge = metrics.BREAKER_OPEN.labels(dependency=name)
+        self._open_gauge.set(0)
+        self._rejected = metrics.BREAKER_REJECTED.labels(dependency=name)
+        self._failed = metrics.DEPENDENCY_FAILURES.labels(dependency=name)
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     def allow(self) -> bool:
         if self.closed:
             return True
         if self._trial or self._clock() < self._open_until:
+            self._rejected.inc()
             return False
         self._trial = True
         return True
@@ -57,6 +68,7 @@ class CircuitBreaker:
         self._trial = False
         if not self.closed:
             self.closed = True
+            self._open_gauge.set(0)
             log.info("%s is reachable again", self._name)
             if self._on_change:
                 self._on_change(True)
@@ -64,8 +76,10 @@ class CircuitBreaker:
     def failure(self, error: BaseException | str) -> None:
         self._failures += 1
         self._trial = False
+        self._failed.inc()
         if self.closed and self._failures >= self._threshold:
             self.closed = False
+            self._open_gauge.set(1)
             detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
             log.warning(
                 "%s unavailable (%s); %s for at least %.1fs",

@@ -131,7 +131,11 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
             try:
                 response = await chain(raw, call)
             except CallFailed as failed:
-                await cast(Any, context).abort_with_status(grpc_status(failed.status, call.request_id))
+                status = grpc_status(failed.status, call.request_id)
+                # The code first: a tracing interceptor's context wrapper records it on the span
+                # (abort_with_status passes it by); the abort sets it again with the details.
+                context.set_code(status.code)
+                await cast(Any, context).abort_with_status(status)
             context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
             return response
 

@@ -1,8 +1,9 @@
 """The HTTP side of the process: uvicorn serving the transcoder, ``/openapi.json``, ``/docs``
-(Swagger UI from the ``swagger-ui-bundle-v2`` package, no CDN) and ``/healthz``, in the same
-event loop as the gRPC server. RPCs run in-process through the request pipeline (no gRPC
-channel, no loopback hop); ``/healthz`` answers from the process's health state. Both are
-handed in by the composition root (``app.py``).
+(Swagger UI from the ``swagger-ui-bundle-v2`` package, no CDN) and the probes (``probes.py``:
+``/healthz``, ``/readyz``, ``/livez``, ``/metrics``), in the same event loop as the gRPC server.
+RPCs run in-process through the request pipeline (no gRPC channel, no loopback hop); the probes
+answer from the process's health state and the metrics. Both are handed in by the composition
+root (``app.py``). ``MetricsServer`` serves only the probes, on the metrics port.
 
 The listening socket is bound when the gateway is built (so a busy port fails start-up early and
 port 0 gives a port that is known at once); uvicorn gets the socket. Signals stay with the
@@ -26,7 +27,7 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from referral_service import metrics
 from referral_service.domain.errors import Reason
 from referral_service.gateway import descriptors, envelope, openapi
 from referral_service.gateway.jsonmap import Violation
+from referral_service.gateway.probes import QUIET_PATHS, Probes
 from referral_service.gateway.transcoder import (
     TLS_PEER,
     Receive,
@@ -139,6 +142,9 @@ class _H11Protocol(H11Protocol):
             pass  # a response was already under way: nothing sensible can follow it
         self.transport.close()
         log_access(call, 400)
+        metrics.HTTP_DURATION.labels(
+            http_request_method="_OTHER", http_route="(malformed HTTP)", http_response_status_code="400"
+        ).observe(time.perf_counter() - call.started)
 
 
 class _Server(uvicorn.Server):
@@ -196,19 +202,21 @@ class HttpGateway:
         sock: socket.socket,
         *,
         invokers: Mapping[str, Handler],
-        health: Callable[[], str],
+        probes: Probes,
         max_body_bytes: int,
         cors_origins: list[str],
         docs_enabled: bool,
         client_address_header: str | None = "x-forwarded-for",
         ssl_context: ssl.SSLContext | None = None,
+        spans: Any | None = None,
     ) -> None:
-        """``invokers``: the pipeline's handler of each RPC by gRPC method path; ``health``: the
-        process's overall serving status (``SERVING``, ``NOT_SERVING``, ...); ``ssl_context``:
-        serve HTTPS with it (None: plain HTTP)."""
+        """``invokers``: the pipeline's handler of each RPC by gRPC method path; ``probes``: the
+        health probes and (unless the metrics have their own port) ``/metrics``; ``ssl_context``:
+        serve HTTPS with it (None: plain HTTP); ``spans``: with tracing on, a server span per
+        request (``tracing.HttpServerSpans``)."""
         self._sock = sock
         self._ssl = ssl_context
-        self._health = health
+        self._probes = probes
         self._docs = docs_enabled
         self._openapi = json.dumps(openapi.document(), indent=1).encode() if docs_enabled else b""
         self._assets = load_assets() if docs_enabled else {}
@@ -219,8 +227,10 @@ class HttpGateway:
             invokers,
             max_body_bytes=max_body_bytes,
             cors_origins=cors_origins,
-            extra=[self._extras],
+            extra=[probes.respond, self._extras],
             client_address_header=client_address_header,
+            quiet_paths=QUIET_PATHS,
+            spans=spans,
         )
 
     @property
@@ -282,12 +292,9 @@ class HttpGateway:
     # --- what is not an RPC ---------------------------------------------------------------
 
     async def _extras(self, verb: str, path: str) -> tuple[str, Response] | None:
-        """The route label (a fixed path) and the response for /healthz and the docs."""
+        """The route label (a fixed path) and the response for the docs."""
         if verb not in ("GET", "HEAD"):
             return None
-        if path == "/healthz":
-            status = self._health()
-            return f"{verb} {path}", json_response(200 if status == "SERVING" else 503, {"status": status})
         if not self._docs:
             return None
         if path == "/openapi.json":
@@ -307,3 +314,15 @@ class HttpGateway:
             headers["content-security-policy"] = _CSP
         body = asset.body if verb == "GET" else b""
         return f"{verb} {path}", Response(200, body, asset.content_type, headers)
+
+
+class MetricsServer(HttpGateway):
+    """The metrics port: ``/metrics`` and the health probes only (plain HTTP), so that the API
+    port need not expose them. Anything else is a 404 envelope."""
+
+    def __init__(self, sock: socket.socket, probes: Probes) -> None:
+        self._sock = sock
+        self._ssl = None
+        self._server = None
+        self._task = None
+        self.app = Transcoder([], {}, max_body_bytes=1024, extra=[probes.respond], quiet_paths=QUIET_PATHS)

@@ -21,6 +21,9 @@ logged once (``_internal``); requests h11 cannot parse get their envelope from `
 Every HTTP request gets exactly one access line: from the pipeline when it reached an RPC, from
 here (``log_access``, same logger and fields) when it did not. Lines name the route template,
 never the raw path, so no email from a path or query reaches the logs.
+
+Every request is also counted in ``http_server_request_duration_seconds`` by method (a known
+method, else ``_OTHER``), route template and status, so no label takes a value from the client.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from google.rpc import status_pb2
 
+from referral_service import metrics
 from referral_service.domain.errors import Reason, Unauthenticated
 from referral_service.gateway import descriptors, envelope
 from referral_service.gateway.jsonmap import (
@@ -107,6 +111,33 @@ _VISIBLE = re.compile(r"[\x20-\x7e]*")
 _VISIBLE_OR_TAB = re.compile(r"[\t\x20-\x7e]*")
 #: A ``%`` that does not start a percent-encoded byte (RFC 3986 section 2.1).
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+#: HTTP methods counted by name; any other is counted as ``_OTHER`` (OpenTelemetry's rule).
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+
+
+class HttpMetrics:
+    """``http_server_request_duration_seconds`` and ``http_server_active_requests``; the labelled
+    series are kept once made (method, route and status all come from bounded sets)."""
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str, int], Any] = {}
+        self.active = metrics.HTTP_ACTIVE
+
+    def observe(self, verb: str, route: str, status: int, seconds: float) -> None:
+        key = (verb, route, status)
+        series = self._series.get(key)
+        if series is None:
+            method = verb if verb in _KNOWN_METHODS else "_OTHER"
+            # The route label without the method the access line puts in front of it.
+            template = route.partition(" ")[2] if route.startswith(f"{verb[:16]} ") else route
+            series = metrics.HTTP_DURATION.labels(
+                http_request_method=method,
+                http_route=template or "(none)",
+                http_response_status_code=str(status),
+            )
+            if len(self._series) < 4096:  # bounded anyway; never let a bug grow it without end
+                self._series[key] = series
+        series.observe(seconds)
 
 
 def is_json_media_type(content_type: str | None) -> bool:
@@ -233,7 +264,12 @@ class Transcoder:
         cors_origins: Iterable[str] = (),
         extra: Iterable[Extra] = (),
         client_address_header: str | None = "x-forwarded-for",
+        quiet_paths: Iterable[str] = (),
+        spans: Any | None = None,
     ) -> None:
+        """``quiet_paths``: paths served by ``extra`` whose access lines are logged at DEBUG
+        (health probes, metrics scrapes); ``spans``: with tracing on, makes each request's
+        server span (``tracing.HttpServerSpans``)."""
         missing = {route.binding.grpc_path for route in routes} - set(invokers)
         if missing:
             raise ValueError(f"no handler for {', '.join(sorted(missing))}")
@@ -243,6 +279,9 @@ class Transcoder:
         self._max_body = max_body_bytes
         self._cors = set(cors_origins)
         self._extra = list(extra)
+        self._quiet = frozenset(quiet_paths)
+        self._metrics = HttpMetrics()
+        self._spans = spans
 
     @property
     def routes(self) -> list[Route]:
@@ -257,6 +296,19 @@ class Transcoder:
         if scope["type"] != "http":
             return
         started = time.perf_counter()
+        self._metrics.active.inc()
+        try:
+            if self._spans is None:
+                await self._serve(scope, receive, send, started)
+            else:
+                with self._spans.span(scope) as finish:
+                    route, status = await self._serve(scope, receive, send, started)
+                    finish(route.partition(" ")[2] if " " in route else route, status)
+        finally:
+            self._metrics.active.dec()
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, started: float) -> tuple[str, int]:
+        """Answer the request; its route label and HTTP status."""
         headers = _headers(scope, joined=self._address_header)
         client = scope.get("client")
         forwarded = headers.get(self._address_header) if self._address_header else None
@@ -280,14 +332,20 @@ class Transcoder:
         except ClientGone:
             call.code, call.reason = codes.CANCELLED, Reason.CANCELLED.value
             log_access(call, 499)
-            return
+            self._metrics.observe(scope["method"].upper(), call.route, 499, time.perf_counter() - started)
+            return call.route, 499
         except Exception:  # the last resort: an envelope, never uvicorn's plain-text 500
             response, logged = self._internal(call), False
         response.headers["x-request-id"] = call.request_id
         response.headers.update(self._cors_headers(headers))
         await response.send(send)
+        self._metrics.observe(
+            scope["method"].upper(), call.route, response.status, time.perf_counter() - started
+        )
         if not logged:  # never reached an RPC, whose chain logs the line
-            log_access(call, response.status)
+            quiet = scope["path"] in self._quiet
+            log_access(call, response.status, logging.DEBUG if quiet else logging.INFO)
+        return call.route, response.status
 
     async def _respond(
         self, scope: Scope, receive: Receive, headers: dict[str, str], call: Call

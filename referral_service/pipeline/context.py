@@ -35,8 +35,15 @@ def current_principal() -> Principal:
     return principal
 
 
-def log_access(call: Call, http_status: int | None = None) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
+#: The fields the text line's message already says (``/pkg.Svc/Method NOT_FOUND 0.4ms``): a text
+#: line does not repeat them (``logs.TextFormatter``); a JSON line has every field.
+_IN_MESSAGE = ("method", "code", "duration_ms")
+_IN_MESSAGE_ROUTE = ("route", "code", "duration_ms")
+
+
+def log_access(call: Call, http_status: int | None = None, level: int = logging.INFO) -> None:
+    """The call's access line (at DEBUG for health probes and metrics scrapes)."""
+    if not access_log.isEnabledFor(level):
         return
     elapsed_ms = (time.perf_counter() - call.started) * 1000
     code = CODE_NAMES.get(call.code, "UNKNOWN")
@@ -56,7 +63,8 @@ def log_access(call: Call, http_status: int | None = None) -> None:
         status = http_status if http_status is not None else HTTP_STATUS.get(call.code, 500)
         extra["route"] = call.route
         extra["http_status"] = status
-    access_log.info("%s %s %.1fms", call.method or call.route, code, elapsed_ms, extra=extra)
+    extra["_in_message"] = _IN_MESSAGE if call.method else _IN_MESSAGE_ROUTE
+    access_log.log(level, "%s %s %.1fms", call.method or call.route, code, elapsed_ms, extra=extra)
 
 
 def stage(inner: Handler) -> Handler:

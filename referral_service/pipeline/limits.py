@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from referral.v1 import errors_pb2, options_pb2
 
+from referral_service import metrics
 from referral_service.domain import validation
 from referral_service.domain.errors import (
     DomainError,
@@ -245,6 +246,7 @@ class RateLimits:
         self._trust_seconds = trust_seconds
         for found in self._rules.values():
             for rule in found:
+                metrics.RATE_LIMITED.labels(limit=rule.name)  # every limit's series, from 0
                 if rule.exempt_trusted_clients and trust is None:
                     raise RuntimeError(
                         f"rate limit {rule.name!r} exempts trusted clients: a trust store is needed"
@@ -349,6 +351,7 @@ class RateLimits:
                     continue
                 for grant in grants:
                     await self._give_back(grant)
+                metrics.RATE_LIMITED.labels(limit=rule.name).inc()
                 wait = retry_seconds(decision.retry_after)
                 raise ResourceExhausted(
                     Reason.RATE_LIMITED,

@@ -68,9 +68,9 @@ class RedisCache:
         self._version_prefix = f"{prefix}ver:"
         self._epoch_key = f"{prefix}epoch"
         self._plain_prefix = f"{prefix}kv:"
-        self._lookup = transport.script(_LOOKUP)
-        self._fill = transport.script(_FILL)
-        self._invalidate = transport.script(_INVALIDATE)
+        self._lookup = transport.script(_LOOKUP, "cache.lookup")
+        self._fill = transport.script(_FILL, "cache.fill")
+        self._invalidate = transport.script(_INVALIDATE, "cache.invalidate")
         #: An invalidation failed: do not use cached values until the epoch has been bumped.
         self._dirty = False
         self._repair: asyncio.Task[None] | None = None

@@ -53,7 +53,7 @@ class RedisRateLimiter:
     def __init__(self, transport: RedisTransport, fallback: RateLimiter) -> None:
         self._redis = transport
         self._key_prefix = f"{transport.prefix}rl:"
-        self._gcra = transport.script(_GCRA)
+        self._gcra = transport.script(_GCRA, "rate_limit")
         self._fallback = fallback
         self._fell_back = False
 

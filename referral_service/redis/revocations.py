@@ -35,7 +35,7 @@ class RedisRevocations:
         self._redis = transport
         self._key_prefix = f"{transport.prefix}rev:"
         self._sentinel = f"{transport.prefix}rev-seeded"
-        self._any_revoked = transport.script(_ANY_REVOKED)
+        self._any_revoked = transport.script(_ANY_REVOKED, "revocations.check")
 
     async def revoke(self, keys: Sequence[str], ttl_seconds: float) -> bool:
         return await self._mark([(key, ttl_seconds) for key in keys], seeded=False)

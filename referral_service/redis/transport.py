@@ -134,8 +134,13 @@ class RedisTransport:
         breaker_threshold: int = 3,
         breaker_reset_seconds: float = 5.0,
         on_health_change: Callable[[bool], None] | None = None,
+        spans: Any | None = None,
     ) -> None:
+        """``spans``: with tracing on, makes a client span per script call
+        (``tracing.ClientSpans``); the instrumentation package sees the other commands."""
         self.prefix = prefix
+        self._spans = spans
+        self._script_names: dict[str, str] = {}
         self._timeout = timeout
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url,
@@ -156,9 +161,12 @@ class RedisTransport:
         if self._on_health_change is not None:
             self._on_health_change(up)
 
-    def script(self, source: str) -> AsyncScript:
-        """Register a Lua script (loaded on the server at its first use)."""
-        return self._client.register_script(source)
+    def script(self, source: str, name: str = "script") -> AsyncScript:
+        """Register a Lua script (loaded on the server at its first use); ``name`` names its
+        spans."""
+        script = self._client.register_script(source)
+        self._script_names[script.sha] = name
+        return script
 
     async def execute(self, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Run ``command`` on the client under the breaker and the deadline."""
@@ -167,7 +175,13 @@ class RedisTransport:
     async def run_script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """A Lua script call through the auto-pipeline. No timer per call: each batch has its
         own deadline, and a call waits for at most two batches (the one on the wire, its own)."""
-        return await self._guarded(lambda: self._batch.call(script, keys, args), deadline=False)
+        if self._spans is None:
+            return await self._guarded(lambda: self._batch.call(script, keys, args), deadline=False)
+        name = self._script_names.get(script.sha, "script")
+        with self._spans.span(
+            f"EVALSHA {name}", **{"db.operation.name": "EVALSHA", "db.query.summary": name}
+        ):
+            return await self._guarded(lambda: self._batch.call(script, keys, args), deadline=False)
 
     async def _guarded(self, fn: Callable[[], Awaitable[T]], *, deadline: bool) -> T:
         if not self.breaker.allow():

@@ -29,6 +29,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from referral_service import metrics
+from referral_service.domain.backoff import backoff_delay
 from referral_service.files import private_directory, private_file
 from referral_service.storage import errors
 
@@ -102,6 +104,19 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
             raise exc.DisconnectionError(f"stale pooled connection: {error}") from error
 
 
+def _count_checkouts(engine: AsyncEngine, pool: str) -> None:
+    """``referral_db_pool_checked_out_connections{pool}`` follows the pool's checkouts."""
+    gauge = metrics.DB_POOL_CHECKED_OUT.labels(pool=pool)
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _out(_dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        gauge.inc()
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _in(_dbapi_connection: Any, _record: Any) -> None:
+        gauge.dec()
+
+
 def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = False) -> AsyncEngine:
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
@@ -118,6 +133,7 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
         # BEGIN/COMMIT round trips through aiosqlite's thread on the hot read paths).
         _configure_sqlite(engine, "BEGIN IMMEDIATE" if writer else None, timeout)
         errors.watch(engine)
+        _count_checkouts(engine, "writer" if writer else "main")
         return engine
     if backend == "postgresql":
         engine = create_async_engine(
@@ -130,8 +146,27 @@ def create_engine(url: str, *, pool_size: int, timeout: float, writer: bool = Fa
         )
         _ping_idle_connections(engine)
         errors.watch(engine)
+        _count_checkouts(engine, "main")
         return engine
     raise ValueError(f"unsupported database: {backend} (use sqlite+aiosqlite or postgresql+asyncpg)")
+
+
+class DatabaseUnreachable(ConnectionError):
+    """The database did not answer within the start-up wait; the message says where and why."""
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def describe_error(error: BaseException) -> str:
+    """A connection error in one line: the driver's words, without a traceback."""
+    cause: BaseException = error
+    if isinstance(error, exc.DBAPIError) and error.orig is not None:
+        cause = error.orig
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return f"{type(cause).__name__}: {text}"[:300]
 
 
 class Database:
@@ -160,6 +195,12 @@ class Database:
             if self.dialect == "sqlite"
             else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
+        #: (pool label, most connections) of each pool, for the metrics.
+        self._capacity = [("main", pool_size if self.dialect == "sqlite" else 2 * pool_size)]
+        if self.write_engine is not self.engine:
+            self._capacity.append(("writer", 1))
+        for pool, most in self._capacity:
+            metrics.DB_POOL_MAX.labels(pool=pool).inc(most)
         self._read = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
         self._write = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
 
@@ -200,15 +241,50 @@ class Database:
         return self._session(self._write)
 
     async def ping(self) -> bool:
+        return await self.check() is None
+
+    async def check(self, within: float | None = None) -> str | None:
+        """None when the database answers ``SELECT 1`` within ``within`` seconds (default: the
+        database timeout), else why not, in a few words (no URL, so no password)."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout if within is None else within):
                 async with self.engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
-        except Exception:
-            return False
-        return True
+        except TimeoutError:
+            return "no answer in time"
+        except Exception as error:
+            return describe_error(error)
+        return None
+
+    async def wait_until_reachable(self, seconds: float) -> None:
+        """At start-up: wait up to ``seconds`` for the database to answer (retrying with
+        back-off); raise ``DatabaseUnreachable`` saying why not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        attempt = 0
+        waiting_logged = False
+        while True:
+            remaining = deadline - loop.time()
+            problem = await self.check(max(min(self.timeout, remaining), 0.1))
+            if problem is None:
+                if waiting_logged:
+                    log.info("database reachable")
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DatabaseUnreachable(
+                    f"cannot reach the database at {safe_url(self.url)} after {seconds:g}s: {problem}"
+                )
+            if not waiting_logged:
+                log.debug("waiting up to %gs for the database at %s (%s)", seconds, safe_url(self.url), problem)
+                waiting_logged = True
+            attempt += 1
+            await asyncio.sleep(min(backoff_delay(attempt, 0.1, 1.0), remaining))
 
     async def dispose(self) -> None:
         await self.engine.dispose()
         if self.write_engine is not self.engine:
             await self.write_engine.dispose()
+        for pool, most in self._capacity:
+            metrics.DB_POOL_MAX.labels(pool=pool).dec(most)
+        self._capacity = []

@@ -1,0 +1,57 @@
+"""The metrics stage: every RPC, whichever transport brought it, counted with the conventional
+gRPC server metrics (``metrics.py``): started, handled by status code, and the time from the
+transport receiving the call (``Call.started``) to its outcome.
+
+Outermost in the chain, so that it sees the code the inner stages settled on (the error
+mapping's, or CANCELLED/UNKNOWN from the context stage). The labelled series of each method are
+made once, when its chain is built; a handled series per status code on its first use.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import Counter
+
+from referral_service import metrics
+from referral_service.pipeline.call import Call, Handler, Stage, Transport
+
+
+def prepare(method: str, transport: Transport) -> None:
+    """Make ``method``'s series on ``transport`` at start-up (gRPC chains are built on a method's
+    first call), so that every method shows from the first scrape, at 0."""
+    stage(method, transport)
+
+
+def stage(method: str, transport: Transport) -> Stage:
+    """The metrics stage of ``method`` (``/package.Service/Method``) on ``transport``."""
+    service, _, name = method.lstrip("/").partition("/")
+    labels = {"grpc_service": service, "grpc_method": name, "grpc_type": "unary", "transport": transport}
+    started = metrics.GRPC_STARTED.labels(**labels)
+    handling = metrics.GRPC_HANDLING.labels(**labels)
+    handled_by_code: dict[int, Counter] = {}
+
+    def handled(code: int) -> Counter:
+        child = handled_by_code.get(code)
+        if child is None:
+            child = metrics.GRPC_HANDLED.labels(
+                **labels, grpc_code=metrics.GRPC_CODE_NAMES.get(code, "Unknown")
+            )
+            handled_by_code[code] = child
+        return child
+
+    handled(0)  # an OK series from the start: rates and ratios exist before the first call
+
+    def wrap(inner: Handler) -> Handler:
+        async def measured(request: Any, call: Call) -> Any:
+            started.inc()
+            try:
+                return await inner(request, call)
+            finally:
+                handling.observe(time.perf_counter() - call.started)
+                handled(call.code).inc()
+
+        return measured
+
+    return wrap
