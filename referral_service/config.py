@@ -413,7 +413,7 @@ class JwtSettings(Group):
     #: asymmetric algorithm; in development one is generated once into ``<data_dir>``.
     private_key: SecretStr | None = None
     #: ... or the file holding it (read at start-up).
-    private_key_file: Path | None = None
+    private_key_file: Annotated[FilePath | None, EmptyIsUnset] = None
     #: Earlier HMAC secrets whose tokens are still accepted (never used to sign): rotate
     #: ``jwt_secret`` by moving the old value here for one refresh-token lifetime. JSON list.
     previous_secrets: list[SecretStr] = Field(default_factory=list)
