@@ -264,14 +264,22 @@ def _health(settings: Settings, timeout: float) -> int:
     import urllib.error
     import urllib.request
 
+    context = None
     if settings.metrics.enabled and settings.metrics.port is not None:
         url = f"http://{_local(settings.metrics.host)}:{settings.metrics.port}/healthz"
     elif settings.http.enabled:
-        url = f"http://{_local(settings.http.host)}:{settings.http.port}/healthz"
+        scheme = "http"
+        if settings.tls.enabled:
+            import ssl
+
+            # Our own port on this machine: whose certificate it serves is not the question here
+            # (a port that requires client certificates needs REFERRAL_METRICS_PORT for this).
+            scheme, context = "https", ssl._create_unverified_context()  # noqa: S323
+        url = f"{scheme}://{_local(settings.http.host)}:{settings.http.port}/healthz"
     else:
         return _grpc_health(settings, timeout)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own http URL
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310
             status = json.loads(response.read())["status"]
     except urllib.error.HTTPError as error:
         try:
@@ -325,6 +333,13 @@ def _configuration_problems(settings: Settings, args: argparse.Namespace) -> lis
             f"REFERRAL_GRPC_PORT: {settings.effective_workers} workers need a fixed port, not 0 "
             "(or set REFERRAL_WORKERS=1)"
         )
+    if args.command == "serve" and settings.tls.enabled:
+        from referral_service.app import check_tls_files
+
+        try:
+            check_tls_files(settings)  # the files exist (checked above); do they hold a key pair?
+        except StartupError as error:
+            problems.append(f"REFERRAL_TLS_CERT_FILE / REFERRAL_TLS_KEY_FILE: {error}")
     if args.command == "serve" and settings.tracing.enabled:
         from referral_service.tracing import TracingConfigError, check_environment
 

@@ -67,6 +67,11 @@ BAD_SETTINGS = {
         (),
         "REFERRAL_JWT_PRIVATE_KEY_FILE",
     ),
+    "missing TLS certificate file": (
+        {"REFERRAL_TLS_CERT_FILE": "/nonexistent/cert.pem", "REFERRAL_TLS_KEY_FILE": "/etc/hostname"},
+        (),
+        "REFERRAL_TLS_CERT_FILE",
+    ),
     "unknown trace exporter": (
         {"REFERRAL_TRACING_ENABLED": "true", "OTEL_TRACES_EXPORTER": "zipkin"},
         (),
@@ -89,6 +94,23 @@ def test_a_bad_setting_is_one_line_naming_the_variable_and_exit_code_2(tmp_path:
     assert line.startswith(f"referral-service: configuration error: {variable}"), line
     assert "Traceback" not in output
     assert "hunter2secret" not in output  # a URL's password is never repeated
+
+
+def test_tls_files_that_hold_no_key_pair_are_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    for workers in ("1", "2"):
+        code, output = run(
+            tmp_path,
+            "serve",
+            "--workers",
+            workers,
+            env={"REFERRAL_TLS_CERT_FILE": "cert.pem", "REFERRAL_TLS_KEY_FILE": "key.pem"},
+        )
+        assert code == 2, output
+        (line,) = lines(output)
+        assert line.startswith("referral-service: configuration error: REFERRAL_TLS_CERT_FILE"), line
+        assert "holds no PEM certificate" in line
 
 
 def test_several_bad_settings_are_reported_together(tmp_path: Path) -> None:

@@ -276,7 +276,9 @@ class Database:
                     f"cannot reach the database at {safe_url(self.url)} after {seconds:g}s: {problem}"
                 )
             if not waiting_logged:
-                log.debug("waiting up to %gs for the database at %s (%s)", seconds, safe_url(self.url), problem)
+                log.debug(
+                    "waiting up to %gs for the database at %s (%s)", seconds, safe_url(self.url), problem
+                )
                 waiting_logged = True
             attempt += 1
             await asyncio.sleep(min(backoff_delay(attempt, 0.1, 1.0), remaining))
