@@ -276,3 +276,28 @@ def test_readme_tls_examples_work_as_printed(tmp_path: Path) -> None:
     assert "with TLS (client certificates: require)" in log
     assert "peer_identity=spiffe://example.org/ns/billing/sa/billing" in log  # the HTTPS call with it
     assert "stopped" in log
+
+
+def test_readme_operations_examples_work_as_printed(live_server: Live) -> None:
+    """Metrics, probes, the health command and a one-line configuration error, against a server
+    started as `make run` starts it (several workers on a multi-core machine)."""
+    missing = [tool for tool in ("jq", "curl") if shutil.which(tool) is None]
+    if not (ROOT / ".venv/bin/referral-service").exists():
+        missing.append("referral-service (make install)")
+    script = readme_script("readme-test-ops")
+    assert "127.0.0.1:8080" in script
+    assert "REFERRAL_HTTP_PORT=8080" in script
+    port = str(live_server.http_port)
+    output = _run_script(
+        script.replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace(
+            "REFERRAL_HTTP_PORT=8080", f"REFERRAL_HTTP_PORT={port}"
+        ),
+        missing,
+        env={k: v for k, v in os.environ.items() if not k.startswith("REFERRAL_")},
+    )
+    assert re.search(r'^grpc_server_handled_total\{.*transport="http".*\} 1\.0$', output, flags=re.M), output
+    assert '{"status":"SERVING","components":{"database":"SERVING","redis":"SERVING"}}' in output
+    assert "\n200\n" in output
+    assert "\nSERVING\n" in output
+    assert "referral-service: configuration error: REFERRAL_DATABASE_URL: not a database URL" in output
+    assert "exit code 2" in output
