@@ -620,7 +620,7 @@ class App:
     #: OpenTelemetry (None when REFERRAL_TRACING_ENABLED is false).
     tracing: Tracing | None = None
     _housekeeper: asyncio.Task[None] | None = None
-    _started: bool = False
+    _start_failed: bool = False
 
     @property
     def auth(self) -> AuthService:
@@ -669,8 +669,8 @@ class App:
         try:
             await self.db.wait_until_reachable(self.settings.database.startup_timeout_seconds)
         except DatabaseUnreachable as error:
+            self._start_failed = True  # the one line the operator reads is the error's
             raise StartupError(str(error)) from None
-        self._started = True
         if self.stores.revocations.shared:
             await self.services.revocations.resync()
         await self.server.start()
@@ -747,7 +747,7 @@ class App:
         self.services.hasher.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes the last spans
-        if self._started:
+        if not self._start_failed:
             log.info("stopped")
 
 

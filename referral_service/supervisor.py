@@ -310,7 +310,7 @@ def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
                 continue
             time.sleep(backoff_delay(quick_crashes, 0.2, 5.0))
             start(index)
-    if announced:
+    if exit_code == 0:  # told to stop (a failed start said why already)
         log.info("all workers stopped")
     return exit_code
 
