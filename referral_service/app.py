@@ -15,6 +15,7 @@ answer within the start-up wait), housekeeping, health, metrics, tracing, gracef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -663,11 +664,16 @@ class App:
                 if deleted:
                     log.info("housekeeping purged %d expired rows", deleted)
 
+    def _untraced(self) -> contextlib.AbstractContextManager[None]:
+        """No spans for the health checks (start-up's and the background probe's)."""
+        return self.tracing.suppressed() if self.tracing is not None else contextlib.nullcontext()
+
     async def start(self) -> None:
         """Wait for the database (``REFERRAL_DATABASE_STARTUP_TIMEOUT_SECONDS``; StartupError
         when it does not answer), then serve."""
         try:
-            await self.db.wait_until_reachable(self.settings.database.startup_timeout_seconds)
+            with self._untraced():
+                await self.db.wait_until_reachable(self.settings.database.startup_timeout_seconds)
         except DatabaseUnreachable as error:
             self._start_failed = True  # the one line the operator reads is the error's
             raise StartupError(str(error)) from None
@@ -679,7 +685,9 @@ class App:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
             self.enrichment.start()
         fast_ping = self.stores.ping if self.stores.backend == "redis" else None
-        await self.health.serving(self.db.check, await self.stores.ping(), fast_ping)
+        # The background probe (a task made here) is not traced: a trace every few seconds.
+        with self._untraced():
+            await self.health.serving(self.db.check, await self.stores.ping(), fast_ping)
         metrics.started(VERSION)
         if self.metrics_server is not None:
             await self.metrics_server.start()

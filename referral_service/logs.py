@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from datetime import UTC, datetime
@@ -96,11 +97,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
 def _text_value(value: object) -> str:
     """A value of a text line's ``key=value`` pairs, quoted when it has spaces, quotes or ``=``
     (``route="GET /v1/users/me"``), so that each pair reads back unambiguously."""
-    text = str(value)
-    if not text or any(c in text for c in ' "=\t\n\\'):
+    text = value if isinstance(value, str) else str(value)
+    if _NEEDS_QUOTES.search(text) is not None:
         return json.dumps(text)
     return text
 

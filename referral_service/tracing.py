@@ -235,6 +235,15 @@ class Tracing:
             client, tracer_provider=self.provider, request_hook=_strip_query
         )
 
+    @contextlib.contextmanager
+    def suppressed(self) -> Iterator[None]:
+        """No spans from the instrumentation packages in this context, nor in the tasks made in
+        it (they copy it): the health probes would otherwise start a trace every few seconds."""
+        from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+        with suppress_instrumentation():
+            yield
+
     def shutdown(self) -> None:
         """Undo the instrumentation, flush and stop the exporters."""
         for undo in reversed(self._undo):

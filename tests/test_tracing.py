@@ -292,3 +292,35 @@ async def test_a_real_process_exports_its_spans_over_otlp_as_the_otel_variables_
     assert span.name == "/referral.v1.ReferralService/GetReferralCodeByEmail"
     (line,) = [line for line in output.splitlines() if "GetReferralCodeByEmail NOT_FOUND" in line]
     assert f"trace_id={TRACE_ID}" in line
+
+
+@pytest.mark.redis_stacks
+async def test_health_probes_are_not_traced(stack: Stack) -> None:
+    """The background probe asks the database and Redis every interval: no trace of it."""
+    exporter = InMemorySpanExporter()
+    app = await build_app(
+        stack.settings(tracing_enabled=True, health_probe_interval_seconds=0.05), span_exporter=exporter
+    )
+    probed = asyncio.Event()
+    checks = 0
+    check = app.db.check
+
+    async def counted(within: float | None = None) -> str | None:
+        nonlocal checks
+        checks += 1
+        if checks >= 3:
+            probed.set()
+        return await check(within)
+
+    app.db.check = counted  # type: ignore[method-assign]
+    await app.start()
+    try:
+        async with asyncio.timeout(30):
+            await probed.wait()
+    finally:
+        await app.stop(0, drain=0)
+    statements = [
+        str((span.attributes or {}).get("db.statement", "")) for span in exporter.get_finished_spans()
+    ]
+    assert not [statement for statement in statements if "SELECT 1" in statement], statements
+    assert not [span.name for span in exporter.get_finished_spans() if span.name.upper().startswith("PING")]

@@ -43,14 +43,17 @@ def stage(method: str, transport: Transport) -> Stage:
 
     handled(0)  # an OK series from the start: rates and ratios exist before the first call
 
+    started_inc, observe, counters = started.inc, handling.observe, handled_by_code
+    now = time.perf_counter
+
     def wrap(inner: Handler) -> Handler:
         async def measured(request: Any, call: Call) -> Any:
-            started.inc()
+            started_inc()
             try:
                 return await inner(request, call)
             finally:
-                handling.observe(time.perf_counter() - call.started)
-                handled(call.code).inc()
+                observe(now() - call.started)
+                (counters.get(call.code) or handled(call.code)).inc()
 
         return measured
 
