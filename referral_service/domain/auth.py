@@ -55,6 +55,8 @@ from referral_service.domain.ports import (
     TokenCodec,
     UnitOfWork,
     Verification,
+    VerifiedServiceToken,
+    VerifiedToken,
 )
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.service_accounts import SESSIONS_REVOKE, account_revocation
@@ -350,10 +352,7 @@ class AuthService:
                 await uow.users.set_password_hash(existing.id, password_hash, now)
                 user = await uow.users.make_superuser(existing.id, now)
                 assert user is not None
-                revoked = await uow.sessions.revoke_user(user.id, now, REVOKED_BY_OPERATOR)
-                entries = self._session_revocations(revoked, now)
-                await self._revocations.record(uow, entries)
-                return user, entries
+                return user, await self._end_user_sessions(uow, user.id, now, REVOKED_BY_OPERATOR)
 
             promoted = await self._store.transact(promote)
             if promoted is not None:
@@ -430,12 +429,7 @@ class AuthService:
                 expire_time=refresh.expire_time,
                 client=client,
             )
-            entries: list[tuple[str, datetime]] = []
-            if surplus:
-                await uow.sessions.revoke(surplus, now, REVOKED_BY_LIMIT)
-                entries = self._session_revocations(surplus, now)
-                await self._revocations.record(uow, entries)
-            return entries
+            return await self._end_sessions(uow, surplus, now, REVOKED_BY_LIMIT)
 
         ended = await self._store.transact(work)
         if ended:
@@ -452,12 +446,27 @@ class AuthService:
             refresh_expires_in=int(self._tokens.refresh_ttl.total_seconds()),
         )
 
-    def _session_revocations(self, session_ids: list[str], now: datetime) -> list[tuple[str, datetime]]:
-        """Revocation entries of sessions: each blocks the session's access tokens until the
-        last one issued before now has expired (plus a minute for clock skew between hosts;
-        no new ones can be issued, the session row says it is revoked)."""
+    async def _end_sessions(
+        self, uow: UnitOfWork, session_ids: list[str], now: datetime, reason: str
+    ) -> list[tuple[str, datetime]]:
+        """In the caller's transaction: revoke the sessions (their rows: no refresh succeeds
+        after the commit) and record a revocation entry for each, which blocks the session's
+        access tokens until the last one issued before now has expired (plus a minute for clock
+        skew between hosts). The entries, for ``Revocations.publish`` after the commit."""
+        if not session_ids:
+            return []
         until = now + self._tokens.access_ttl + timedelta(minutes=1)
-        return [(f"sid:{sid}", until) for sid in dict.fromkeys(session_ids)]
+        entries = [(f"sid:{sid}", until) for sid in dict.fromkeys(session_ids)]
+        await uow.sessions.revoke(session_ids, now, reason)
+        await self._revocations.record(uow, entries)
+        return entries
+
+    async def _end_user_sessions(
+        self, uow: UnitOfWork, user_id: int, now: datetime, reason: str, *, keep: str = ""
+    ) -> list[tuple[str, datetime]]:
+        """``_end_sessions`` for every live session of the user but ``keep``."""
+        live = [session.id for session in await uow.sessions.live(user_id, now) if session.id != keep]
+        return await self._end_sessions(uow, live, now, reason)
 
     async def refresh(self, refresh_token: str, client: ClientInfo = _NO_CLIENT) -> TokenPair:
         if not refresh_token:
@@ -491,10 +500,7 @@ class AuthService:
             # A live session whose current token is another one: this token was already used
             # (it may have been stolen). Revoke the session (every refresh token and, for their
             # remaining lifetime, every access token of it) in this same transaction.
-            await uow.sessions.revoke([session.id], now, REVOKED_BY_REUSE)
-            entries = self._session_revocations([session.id], now)
-            await self._revocations.record(uow, entries)
-            return entries
+            return await self._end_sessions(uow, [session.id], now, REVOKED_BY_REUSE)
 
         outcome = await self._store.transact(rotate)
         if outcome is True:
@@ -515,15 +521,11 @@ class AuthService:
     async def _revoke_sessions(
         self, session_ids: list[str], extra: list[tuple[str, datetime]], now: datetime, reason: str
     ) -> None:
-        sessions = list(dict.fromkeys(session_ids))
-        entries = self._session_revocations(sessions, now) + extra
+        async def work(uow: UnitOfWork) -> list[tuple[str, datetime]]:
+            await self._revocations.record(uow, extra)
+            return await self._end_sessions(uow, list(dict.fromkeys(session_ids)), now, reason) + extra
 
-        async def work(uow: UnitOfWork) -> None:
-            await uow.sessions.revoke(sessions, now, reason)
-            await self._revocations.record(uow, entries)
-
-        await self._store.transact(work)
-        await self._revocations.publish(entries, now)
+        await self._revocations.publish(await self._store.transact(work), now)
 
     async def logout(self, principal: Principal, refresh_token: str) -> None:
         """Revoke the caller's session and access token, and the refresh token's session when
@@ -592,10 +594,7 @@ class AuthService:
             session = await uow.sessions.get(session_id)
             if session is None or session.user_id != principal.user_id or not session.live(now):
                 return None
-            await uow.sessions.revoke([session_id], now, REVOKED_BY_LOGOUT)
-            entries = self._session_revocations([session_id], now)
-            await self._revocations.record(uow, entries)
-            return entries
+            return await self._end_sessions(uow, [session_id], now, REVOKED_BY_LOGOUT)
 
         entries = await self._store.transact(work)
         if entries is None:
@@ -609,14 +608,9 @@ class AuthService:
         """End every live session of a user but ``keep``; how many were ended."""
         now = self._now()
 
-        async def work(uow: UnitOfWork) -> list[tuple[str, datetime]]:
-            ended = [session.id for session in await uow.sessions.live(user_id, now) if session.id != keep]
-            await uow.sessions.revoke(ended, now, reason)
-            entries = self._session_revocations(ended, now)
-            await self._revocations.record(uow, entries)
-            return entries
-
-        entries = await self._store.transact(work)
+        entries = await self._store.transact(
+            lambda uow: self._end_user_sessions(uow, user_id, now, reason, keep=keep)
+        )
         await self._revocations.publish(entries, now)
         return len(entries)
 
@@ -663,11 +657,9 @@ class AuthService:
 
         async def work(uow: UnitOfWork) -> list[tuple[str, datetime]]:
             await uow.users.set_password_hash(user.id, new_hash, now)
-            others = [s.id for s in await uow.sessions.live(user.id, now) if s.id != principal.session_id]
-            await uow.sessions.revoke(others, now, REVOKED_BY_PASSWORD_CHANGE)
-            entries = self._session_revocations(others, now)
-            await self._revocations.record(uow, entries)
-            return entries
+            return await self._end_user_sessions(
+                uow, user.id, now, REVOKED_BY_PASSWORD_CHANGE, keep=principal.session_id
+            )
 
         entries = await self._store.transact(work)
         await self._revocations.publish(entries, now)
@@ -677,10 +669,7 @@ class AuthService:
     async def authenticate(self, access_token: str) -> Principal:
         """The caller an access token or a service token names, unless it was revoked."""
         if self._tokens.kind_of(access_token) == SERVICE_TOKEN:
-            service = self._tokens.verify_service(access_token)
-            keys = [f"jti:{service.jti}", account_revocation(service.account_id)]
-            if await self._revocations.is_revoked(keys, self._now()):
-                raise Unauthenticated(Reason.TOKEN_REVOKED, "the service token has been revoked")
+            service = await self._unrevoked_service(access_token)
             return Principal(
                 user_id=0,
                 token_id=service.jti,
@@ -691,16 +680,27 @@ class AuthService:
                 service_name=service.name,
                 scopes=frozenset(service.scopes),
             )
-        token = self._tokens.verify_access(access_token)
-        keys = [f"jti:{token.jti}", f"sid:{token.session_id}"]
-        if await self._revocations.is_revoked(keys, self._now()):
-            raise Unauthenticated(Reason.TOKEN_REVOKED, "the access token has been revoked")
+        token = await self._unrevoked_access(access_token)
         return Principal(
             user_id=token.user_id,
             token_id=token.jti,
             session_id=token.session_id,
             expire_time=token.expire_time,
         )
+
+    async def _unrevoked_service(self, token: str) -> VerifiedServiceToken:
+        service = self._tokens.verify_service(token)
+        keys = [f"jti:{service.jti}", account_revocation(service.account_id)]
+        if await self._revocations.is_revoked(keys, self._now()):
+            raise Unauthenticated(Reason.TOKEN_REVOKED, "the service token has been revoked")
+        return service
+
+    async def _unrevoked_access(self, token: str) -> VerifiedToken:
+        verified = self._tokens.verify_access(token)
+        keys = [f"jti:{verified.jti}", f"sid:{verified.session_id}"]
+        if await self._revocations.is_revoked(keys, self._now()):
+            raise Unauthenticated(Reason.TOKEN_REVOKED, "the access token has been revoked")
+        return verified
 
     async def introspect(self, token: str) -> Introspection:
         """RFC 7662: whether the token is active and what it is; any dead token (malformed,
@@ -713,19 +713,17 @@ class AuthService:
         now = self._now()
         try:
             if kind == SERVICE_TOKEN:
-                principal = await self.authenticate(token)
-                service = self._tokens.verify_service(token)
+                service = await self._unrevoked_service(token)
                 return Introspection(
                     active=True,
                     token_type=SERVICE_TOKEN,
-                    client_id=principal.client_id,
-                    scopes=tuple(sorted(principal.scopes)),
+                    client_id=service.client_id,
+                    scopes=tuple(sorted(service.scopes)),
                     expire_time=service.expire_time,
                     issue_time=service.issue_time,
                 )
             if kind == ACCESS_TOKEN:
-                await self.authenticate(token)
-                verified = self._tokens.verify_access(token)
+                verified = await self._unrevoked_access(token)
             elif kind == REFRESH_TOKEN:
                 verified = self._tokens.verify_refresh(token)
                 async with self._store.read() as uow:

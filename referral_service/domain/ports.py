@@ -282,10 +282,6 @@ class Sessions(Protocol):
         """Revoke the sessions (a revoked one keeps its first revocation)."""
         ...
 
-    async def revoke_user(self, user_id: int, now: datetime, reason: str) -> list[str]:
-        """Revoke every live session of the user; their ids."""
-        ...
-
     async def live(self, user_id: int, now: datetime) -> list[SessionRecord]:
         """The user's live sessions, oldest first."""
         ...

@@ -569,11 +569,6 @@ class _Sessions:
             if record is not None and record.revoke_time is None:
                 self._v.sessions.put(session_id, replace(record, revoke_time=now, revoke_reason=reason))
 
-    async def revoke_user(self, user_id: int, now: datetime, reason: str) -> list[str]:
-        revoked = [record.id for record in await self.live(user_id, now)]
-        await self.revoke(revoked, now, reason)
-        return revoked
-
     async def live(self, user_id: int, now: datetime) -> list[ports.SessionRecord]:
         found = []
         for session_id in self._v.user_sessions.get(user_id) or ():

@@ -65,12 +65,6 @@ _REVOKE = (
     .where(_S.id.in_(bindparam("sessions", expanding=True)), _S.revoke_time.is_(None))
     .values(revoke_time=at("now"), revoke_reason=bindparam("reason"))
 )
-_REVOKE_USER = (
-    update(SESSIONS)
-    .where(_S.user_id == bindparam("user"), _S.revoke_time.is_(None), _S.expire_time > at("now"))
-    .values(revoke_time=at("now"), revoke_reason=bindparam("reason"))
-    .returning(_S.id)
-)
 #: Every authenticated call when the revocation cache cannot answer.
 _ANY_REVOKED = select(
     exists().where(
@@ -184,10 +178,6 @@ class SqlSessions:
     async def revoke(self, session_ids: Sequence[str], now: datetime, reason: str) -> None:
         if session_ids:
             await self._conn.execute(_REVOKE, {"sessions": list(session_ids), "now": now, "reason": reason})
-
-    async def revoke_user(self, user_id: int, now: datetime, reason: str) -> list[str]:
-        result = await self._conn.execute(_REVOKE_USER, {"user": user_id, "now": now, "reason": reason})
-        return [session_id for (session_id,) in result]
 
     async def live(self, user_id: int, now: datetime) -> list[SessionRecord]:
         result = await self._conn.execute(_LIVE, {"user": user_id, "now": now})
