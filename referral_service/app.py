@@ -37,13 +37,16 @@ from referral_service.api.referral import ReferralServicer
 from referral_service.config import ClientAuth, EnrichmentProviderName, HunterPolicy, JwtAlgorithm, Settings
 from referral_service.crypto.jwt import JwtCodec, TokenConfig, TokenKey, hmac_key, pem_key
 from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
+from referral_service.domain.accounts import AccountEmails, MailTokenPolicy
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
-from referral_service.domain.enrichment import EnrichmentWorker
+from referral_service.domain.enrichment import EnrichmentWorker, queue_lookup
+from referral_service.domain.mail import MailWorker
 from referral_service.domain.models import ClientInfo, Principal
 from referral_service.domain.ports import (
     EmailVerifier,
     KeyValueCache,
+    Mailer,
     ProfileProvider,
     RateLimiter,
     RevocationCache,
@@ -302,6 +305,9 @@ class Services:
     #: Background profile enrichment; None when off.
     enrichment: EnrichmentWorker | None
     service_accounts: ServiceAccountService
+    #: Email ownership and password reset, and the worker sending their messages.
+    accounts: AccountEmails
+    mail: MailWorker
 
 
 def build_services(
@@ -356,6 +362,7 @@ def build_services(
         else None
     )
     registration = settings.registration
+    mail = build_mail_worker(settings, store)
     auth = AuthService(
         store,
         hasher,
@@ -364,7 +371,7 @@ def build_services(
         request_id_ttl=settings.server.request_id_ttl,
         on_code_used=referrals.code_used,
         verification=verification,
-        on_profile_queued=enrichment.notify if enrichment is not None else None,
+        on_mail_queued=mail.notify,
         disposable_domains=(
             DisposableDomains(registration.disposable_domains_extra, registration.disposable_domains_allowed)
             if registration.reject_disposable_emails
@@ -373,7 +380,55 @@ def build_services(
         max_sessions_per_user=settings.jwt.max_sessions_per_user,
     )
     service_accounts = ServiceAccountService(store, tokens, revocations, settings.resolve_client_secret_key())
-    return Services(tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts)
+    accounts = AccountEmails(
+        store,
+        hasher,
+        end_sessions=auth.end_user_sessions_in,
+        publish_revocations=auth.publish_revocations,
+        on_mail_queued=mail.notify,
+    )
+    if enrichment is not None:
+        accounts.add_on_verified(queue_lookup, enrichment.notify)
+    return Services(
+        tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts, accounts, mail
+    )
+
+
+def build_mailer(settings: Settings) -> Mailer:
+    """SMTP when ``REFERRAL_SMTP_URL`` is set, else a local mail directory."""
+    from referral_service.integrations import mail as adapters
+
+    config = settings.mail
+    builder = adapters.MessageBuilder(config.sender, config.product_name)
+    if config.smtp_url is not None:
+        return adapters.SmtpMailer(
+            adapters.parse_smtp_url(config.smtp_url.get_secret_value()),
+            builder,
+            timeout=config.smtp_timeout_seconds,
+            ca_file=config.smtp_ca_file,
+        )
+    return adapters.MaildirMailer(settings.resolve_mail_dir(), builder)
+
+
+def build_mail_worker(settings: Settings, store: SqlStore) -> MailWorker:
+    config = settings.mail
+    return MailWorker(
+        store,
+        build_mailer(settings),
+        MailTokenPolicy(
+            verify_ttl=config.verification_ttl,
+            reset_ttl=config.reset_ttl,
+            verify_link=config.verify_link_template,
+            reset_link=config.reset_link_template,
+        ),
+        retry_backoff=config.retry_backoff,
+        retry_max=config.retry_max,
+        max_attempts=config.max_attempts,
+        concurrency=config.concurrency,
+        poll_seconds=config.poll_seconds,
+        lease=config.lease,
+        on_outcome=lambda kind, outcome: metrics.MAIL_MESSAGES.labels(kind=kind, outcome=outcome).inc(),
+    )
 
 
 # --- transports ----------------------------------------------------------------------------------
@@ -684,6 +739,14 @@ class App:
         if self.enrichment is not None:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
             self.enrichment.start()
+        # Likewise the messages left in the mail queue.
+        self.services.mail.start()
+        mailer = self.services.mail.mailer
+        if mailer.name == "maildir":
+            log.info(
+                "no REFERRAL_SMTP_URL: messages are written to %s (a Maildir)",
+                getattr(mailer, "directory", "?"),
+            )
         fast_ping = self.stores.ping if self.stores.backend == "redis" else None
         # The background probe (a task made here) is not traced: a trace every few seconds.
         with self._untraced():
@@ -741,12 +804,15 @@ class App:
         # same grace period; those still running at its end are handed back to the database.
         enrichment = self.enrichment
         enrichment_stopping = loop.create_task(enrichment.stop(remaining)) if enrichment is not None else None
+        mail_stopping = loop.create_task(self.services.mail.stop(remaining))
         await self.server.stop(remaining)
         if self.metrics_server is not None:  # scrapes answer until the calls have drained
             await self.metrics_server.stop(0)
         if enrichment_stopping is not None and enrichment is not None:
             await enrichment_stopping
             await enrichment.provider.close()
+        await mail_stopping
+        await self.services.mail.mailer.close()
         if self.verifier is not None:
             await self.verifier.close()
         await self.services.revocations.close()
@@ -800,7 +866,7 @@ async def build_app(
 
     pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values, services.service_accounts)
     servicers = Servicers(
-        AuthServicer(services.auth, services.service_accounts, client_of(settings)),
+        AuthServicer(services.auth, services.service_accounts, services.accounts, client_of(settings)),
         ReferralServicer(services.referrals),
     )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer, tracing)

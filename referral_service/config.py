@@ -55,7 +55,7 @@ class LogFormat(StrEnum):
 class HunterPolicy(StrEnum):
     """What registration does when Hunter cannot give a definite answer."""
 
-    #: Accept the registration with ``is_verified=false``.
+    #: Accept the registration (deliverability ``unavailable`` / ``unknown``).
     FAIL_OPEN = "fail_open"
     #: Refuse it with UNAVAILABLE (EMAIL_VERIFICATION_UNAVAILABLE) and a RetryInfo.
     FAIL_CLOSED = "fail_closed"
@@ -539,6 +539,98 @@ class EnrichmentSettings(Group):
         return self
 
 
+def _smtp_url(value: SecretStr | None) -> SecretStr | None:
+    """``smtp://`` or ``smtps://``; the message never repeats the URL (it may carry a password)."""
+    if value is None:
+        return None
+    from referral_service.integrations.mail import parse_smtp_url
+
+    try:
+        parse_smtp_url(value.get_secret_value())
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; expected smtp://USER:PASSWORD@HOST:587 (STARTTLS) or smtps://USER:PASSWORD@HOST:465"
+        ) from None
+    return value
+
+
+def _link_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if "{token}" not in value or not value.startswith(("https://", "http://")):
+        raise ValueError("must be an http(s) URL containing {token}")
+    return value
+
+
+class MailSettings(Group):
+    """Email: the SMTP server, the sender, and the links in the messages. Without
+    ``REFERRAL_SMTP_URL`` messages are written to a local mail directory (``REFERRAL_MAIL_DIR``,
+    by default ``mail/`` in the data directory)."""
+
+    env_prefix = "mail_"
+    #: ``smtp://USER:PASSWORD@HOST:587`` (STARTTLS when offered; ``?starttls=required`` or
+    #: ``?starttls=off``) or ``smtps://USER:PASSWORD@HOST:465``; percent-encode special
+    #: characters in the user and password.
+    smtp_url: Annotated[SecretStr | None, EmptyIsUnset, AfterValidator(_smtp_url)] = Field(
+        None, alias="smtp_url"
+    )
+    #: CA bundle for the SMTP server's certificate (default: the system's).
+    smtp_ca_file: Annotated[FilePath | None, EmptyIsUnset] = Field(None, alias="smtp_ca_file")
+    smtp_timeout_seconds: Annotated[float, Field(gt=0)] = Field(15.0, alias="smtp_timeout_seconds")
+    #: The From header.
+    sender: str = Field("Referral Service <no-reply@localhost>", alias="mail_from")
+    #: The product name in the messages.
+    product_name: str = "Referral Service"
+    #: Where messages go without SMTP (default: ``mail/`` in the data directory).
+    dir: Annotated[Path | None, EmptyIsUnset] = None
+    #: The address users reach this service's HTTP port at: the messages' links open its pages
+    #: ``/verify-email`` and ``/reset-password``.
+    public_url: Annotated[str, HttpUrl] = Field("http://127.0.0.1:8080", alias="public_url")
+    #: Links pointing at your own app instead: a URL with ``{token}``, e.g.
+    #: ``https://app.example.com/verify#token={token}``.
+    verify_link: Annotated[str | None, EmptyIsUnset, AfterValidator(_link_template)] = Field(
+        None, alias="email_verify_link"
+    )
+    reset_link: Annotated[str | None, EmptyIsUnset, AfterValidator(_link_template)] = Field(
+        None, alias="password_reset_link"
+    )
+    #: How long a verification link and code work.
+    verification_ttl: timedelta = Field(timedelta(hours=24), alias="email_verification_ttl")
+    #: How long a password reset link works.
+    reset_ttl: timedelta = Field(timedelta(minutes=30), alias="password_reset_ttl")
+    #: First retry delay of a message that could not be sent, doubled after each failure up to
+    #: ``mail_retry_max``; given up (state ``failed``) after ``mail_max_attempts``.
+    retry_backoff: timedelta = timedelta(seconds=30)
+    retry_max: timedelta = timedelta(hours=1)
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 30
+    #: Messages sent at once per process.
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    #: How often the worker looks for due messages (new ones wake it at once).
+    poll_seconds: Annotated[float, Field(gt=0)] = 5.0
+    #: A claimed message is invisible to other workers this long (more than the SMTP timeout).
+    lease: timedelta = timedelta(minutes=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> MailSettings:
+        if self.lease.total_seconds() <= self.smtp_timeout_seconds * 2:
+            raise ValueError("REFERRAL_MAIL_LEASE must exceed twice REFERRAL_SMTP_TIMEOUT_SECONDS")
+        for name, ttl in (
+            ("REFERRAL_EMAIL_VERIFICATION_TTL", self.verification_ttl),
+            ("REFERRAL_PASSWORD_RESET_TTL", self.reset_ttl),
+        ):
+            if not timedelta(minutes=1) <= ttl <= timedelta(days=30):
+                raise ValueError(f"{name} must be between 1 minute and 30 days")
+        return self
+
+    @property
+    def verify_link_template(self) -> str:
+        return self.verify_link or f"{self.public_url}/verify-email#token={{token}}"
+
+    @property
+    def reset_link_template(self) -> str:
+        return self.reset_link or f"{self.public_url}/reset-password#token={{token}}"
+
+
 class RateLimitSettings(Group):
     """Each limit is ``LIMIT/PERIOD`` (``10/15m``; ``off`` disables one), enforced with GCRA in
     Redis (atomic, shared by every worker and replica) or, without Redis or while it is down,
@@ -575,6 +667,18 @@ class RateLimitSettings(Group):
     lookup_address: RateSetting = Rate(300, 60)
     #: Registrations naming a referral code that does not exist, per client address (guessing).
     code_check_address: RateSetting = Rate(30, 3600)
+    #: Failed ``VerifyEmail`` calls (unknown tokens, wrong codes) per client address.
+    verify_email_address: RateSetting = Rate(30, 3600)
+    #: ``ResendVerificationEmail`` requests per email, whether or not it has an account.
+    verification_resend_account: RateSetting = Rate(5, 3600)
+    #: ``ResendVerificationEmail`` requests per client address.
+    verification_resend_address: RateSetting = Rate(20, 3600)
+    #: ``RequestPasswordReset`` requests per email, whether or not it has an account.
+    password_reset_account: RateSetting = Rate(5, 3600)
+    #: ``RequestPasswordReset`` requests per client address.
+    password_reset_address: RateSetting = Rate(20, 3600)
+    #: Failed ``ResetPassword`` calls (unknown tokens) per client address.
+    password_reset_confirm_address: RateSetting = Rate(30, 3600)
     #: ``CreateReferralCode`` calls per user.
     code_create_user: RateSetting = Rate(10, 3600)
     #: ``DeleteReferralCode`` calls per user.
@@ -690,6 +794,7 @@ GROUPS: dict[str, type[Group]] = {
     "logging": LogSettings,
     "metrics": MetricsSettings,
     "tracing": TracingSettings,
+    "mail": MailSettings,
 }
 #: Flat setting name (``database_url``) -> (group, field): the public names, defined once.
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -762,6 +867,7 @@ class Settings(BaseSettings):
     codes: CodeSettings = CodeSettings()
     hunter: HunterSettings = HunterSettings()
     enrichment: EnrichmentSettings = EnrichmentSettings()
+    mail: MailSettings = MailSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     registration: RegistrationSettings = RegistrationSettings()
     logging: LogSettings = LogSettings()
@@ -808,6 +914,10 @@ class Settings(BaseSettings):
             problems.append("REFERRAL_HUNTER_BASE_URL must be https")
         if self.enrichment.base_url is not None and not self.enrichment.base_url.startswith("https://"):
             problems.append("REFERRAL_ENRICHMENT_BASE_URL must be https")
+        if self.mail.smtp_url is None:
+            problems.append("REFERRAL_SMTP_URL is not set (messages would stay in a local directory)")
+        if not self.mail.public_url.startswith("https://"):
+            problems.append("REFERRAL_PUBLIC_URL must be https (its links carry tokens)")
         if (
             self.jwt.algorithm is not JwtAlgorithm.HS256
             and self.jwt.private_key is None
@@ -865,6 +975,14 @@ class Settings(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite+aiosqlite:///{self.data_dir / 'referral.db'}"
+
+    def resolve_mail_dir(self) -> Path:
+        """Where messages go without SMTP: ``REFERRAL_MAIL_DIR``, or ``mail/`` in the data
+        directory (created 0700 like it)."""
+        if self.mail.dir is not None:
+            return self.mail.dir
+        private_directory(self.data_dir)
+        return self.data_dir / "mail"
 
     def resolve_jwt_secret(self) -> bytes:
         """The configured secret, or (development only) one generated once into the data

@@ -162,6 +162,12 @@ PROVIDER_REQUESTS = Histogram(
     ("provider", "outcome"),
     buckets=LATENCY_BUCKETS,
 )
+MAIL_MESSAGES = Counter(
+    "referral_mail_messages_total",
+    "Messages of the mail queue by kind and outcome: sent, skipped (no one to send to), "
+    "retry (not sent yet), failed (refused for good or given up).",
+    ("kind", "outcome"),
+)
 HEALTH = Gauge(
     "referral_health_serving",
     "1 when the component is SERVING in every process, 0 when NOT_SERVING in any.",

@@ -270,6 +270,29 @@ class Api:
     async def login(self, email: str, password: str = PASSWORD) -> auth_pb2.LoginResponse:
         return await self.auth.Login(auth_pb2.LoginRequest(email=email, password=password))
 
+    @property
+    def mail_dir(self) -> Path:
+        return self.app.settings.resolve_mail_dir()
+
+    def mailbox(self) -> list[Any]:
+        """The messages the server wrote to its development Maildir."""
+        from tests.mail import maildir_messages
+
+        return maildir_messages(self.mail_dir)
+
+    async def verify(self, email: str) -> auth_pb2.User:
+        """Follow the link of the verification message sent to ``email``."""
+        from tests.mail import token_of, wait_for
+
+        (message, *_) = await wait_for(self.mailbox, email, "verify_email")
+        response = await self.auth.VerifyEmail(auth_pb2.VerifyEmailRequest(token=token_of(message)))
+        return response.user
+
+    async def verified_user(self, email: str | None = None) -> auth_pb2.User:
+        email = email or self.unique_email()
+        await self.register(email)
+        return await self.verify(email)
+
     async def user_with_token(self, email: str | None = None) -> tuple[auth_pb2.User, str]:
         email = email or self.unique_email()
         user = await self.register(email)

@@ -86,10 +86,14 @@ async def test_the_decision_is_taken_on_data_status(stack: Stack, fakes: Any) ->
         for scenario, (verified, outcome) in accepted.items():
             email = f"{scenario}-{stack.name}@example.com"
             user = await register(api, email)
-            assert (user.is_verified, user.email_verification) == (verified, outcome), scenario
-            assert user.HasField("email_verify_time")
+            # Deliverability, never verification: only the owner's link verifies.
+            assert (user.is_verified, user.email_deliverability) == (False, outcome), scenario
+            assert user.email_verification == outcome  # the deprecated twin
+            assert user.HasField("deliverability_check_time")
+            assert user.email_verify_time == user.deliverability_check_time
             stored = await me(api, email)
-            assert (stored.is_verified, stored.email_verification) == (verified, outcome), scenario
+            assert (stored.is_verified, stored.email_deliverability) == (False, outcome), scenario
+            assert verified == (outcome == User.EMAIL_VERIFICATION_VALID)
         assert hunter.handler.seen["later-sqlite-memory@example.com"] == 2
 
         refused = {"invalid": "EMAIL_UNDELIVERABLE", "disposable": "EMAIL_DISPOSABLE"}
@@ -150,7 +154,8 @@ async def test_fail_closed_refuses_with_retry_info_when_hunter_cannot_tell(stack
             assert error.retry_seconds >= (7 if scenario == "s429" else 1), scenario  # Retry-After
             await expect_error(api.login(email), grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
         # definite answers are unaffected by the policy
-        assert (await register(api, "valid-closed@example.com")).is_verified
+        valid = await register(api, "valid-closed@example.com")
+        assert (valid.email_deliverability, valid.is_verified) == (User.EMAIL_VERIFICATION_VALID, False)
     finally:
         await stop_api(api)
 
@@ -201,7 +206,7 @@ async def test_key_only_in_the_header_email_encoded_and_nothing_secret_logged(
         tricky = "tom+tag&api_key=stolen@example.com"
         user = await register(api, tricky)
         assert user.email == tricky
-        assert user.is_verified
+        assert user.email_deliverability == User.EMAIL_VERIFICATION_VALID
         await register(api, "s401-log@example.com")  # errors get logged too
         for request in hunter.requests:
             assert HUNTER_KEY not in request.target
@@ -240,7 +245,7 @@ async def test_answers_are_cached_so_retries_spend_no_credits(stack: Stack, fake
             "REFERRAL_CODE_UNKNOWN",
         )
         user = await register(api, "valid-cache@example.com")  # same address, other case
-        assert user.is_verified
+        assert user.email_deliverability == User.EMAIL_VERIFICATION_VALID
         assert len(hunter.calls()) == 2
         # inconclusive answers are not cached: a retry asks again
         await register(api, "unknown-a@example.com")
@@ -292,7 +297,13 @@ async def test_people_data_labs_profile_appears_through_get_current_user(stack: 
     try:
         email = "found.ada+x&y@example.com"
         user = await register(api, email)
-        assert user.profile.state == Profile_.STATE_PENDING  # registration did not wait
+        # Nobody reads a profile of an address before its owner proved it.
+        assert not user.HasField("profile")
+        assert not (await me(api, email)).HasField("profile")
+        await asyncio.sleep(0.2)
+        assert not pdl.requests  # and nobody looked it up
+        user = await api.verify(email)
+        assert user.profile.state == Profile_.STATE_PENDING  # verification did not wait
         profile = await eventually_profile(api, email)
         assert profile.state == Profile_.STATE_FOUND
         assert (profile.full_name, profile.company, profile.title, profile.location) == (
@@ -320,6 +331,7 @@ async def test_clearbit_profile_after_a_queued_answer(stack: Stack, fakes: Any) 
     api = await start_api(stack, **enrichment_settings(clearbit, "clearbit"))
     try:
         await register(api, "later-grace@example.com")  # 202 (queued) first, then the person
+        await api.verify("later-grace@example.com")
         profile = await eventually_profile(api, "later-grace@example.com")
         assert profile.state == Profile_.STATE_FOUND
         assert (profile.full_name, profile.company, profile.title) == (
@@ -355,6 +367,8 @@ async def test_failed_or_empty_lookups_leave_the_user_intact(stack: Stack, fakes
         }
         emails = {scenario: f"{scenario}-pdl@example.com" for scenario in expected}
         users = {s: await register(api, e) for s, e in emails.items()}
+        for address in emails.values():
+            await api.verify(address)
         for scenario, (state, requests) in expected.items():
             profile = await eventually_profile(api, emails[scenario])
             assert profile.state == state, scenario
@@ -380,7 +394,8 @@ async def test_pending_enrichment_resumes_after_a_restart(stack: Stack, fakes: A
     )
     email = "found-restart@example.com"
     try:
-        user = await register(first, email)  # not delayed by the hanging vendor
+        await register(first, email)
+        user = await first.verify(email)  # not delayed by the hanging vendor
         assert user.profile.state == Profile_.STATE_PENDING
         for _ in range(100):
             if hanging.requests:

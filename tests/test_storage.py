@@ -31,6 +31,8 @@ EXPECTED_TABLES = {
     "revocations",
     "idempotency_keys",
     "user_profiles",
+    "email_tokens",
+    "mail_outbox",
     "service_accounts",
 }
 
@@ -164,6 +166,8 @@ def test_production_refuses_insecure_defaults() -> None:
     assert "PostgreSQL" in text
     assert "REFERRAL_REDIS_URL" in text
     assert "REFERRAL_CLIENT_SECRET_KEY" in text
+    assert "REFERRAL_SMTP_URL" in text
+    assert "REFERRAL_PUBLIC_URL" in text
     Settings(  # type: ignore[call-arg]
         _env_file=None,
         profile=Profile.PRODUCTION,
@@ -171,7 +175,31 @@ def test_production_refuses_insecure_defaults() -> None:
         client_secret_key="k" * 40,
         database_url="postgresql+asyncpg://db/referral",
         redis_url="redis://cache:6379/0",
+        smtp_url="smtps://mailer:p%40ss@smtp.example.com",
+        public_url="https://referrals.example.com",
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://smtp.example.com", "must start with smtp:// or smtps://"),
+        ("smtp://", "names no host"),
+        ("smtp://host:port", "bad port"),
+        ("smtp://host?starttls=maybe", "starttls must be auto, required or off"),
+        ("smtps://host?starttls=required", "does not apply to smtps://"),
+        ("smtp://host?tls=1", "unknown parameters: tls"),
+    ],
+)
+def test_a_bad_smtp_url_is_named_without_its_password(url: str, message: str) -> None:
+    from referral_service.config import describe
+
+    with pytest.raises(ValidationError) as info:
+        Settings(_env_file=None, smtp_url=url.replace("://", "://user:hunter2@", 1))  # type: ignore[call-arg]
+    (line,) = describe(info.value)  # what the operator reads: one line, naming the variable
+    assert line.startswith("REFERRAL_SMTP_URL")
+    assert message in line
+    assert "hunter2" not in line
 
 
 def test_short_secrets_are_refused() -> None:
@@ -228,6 +256,13 @@ PUBLIC_NAMES = {
     "SO_REUSEPORT", "TRACING_ENABLED", "WORKERS",
     "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE", "TLS_CLIENT_AUTH", "HTTP_TLS_CLIENT_AUTH",
     "TLS_SERVICE_ACCOUNTS",
+    "SMTP_URL", "SMTP_CA_FILE", "SMTP_TIMEOUT_SECONDS", "MAIL_FROM", "MAIL_PRODUCT_NAME", "MAIL_DIR",
+    "PUBLIC_URL", "EMAIL_VERIFY_LINK", "PASSWORD_RESET_LINK", "EMAIL_VERIFICATION_TTL",
+    "PASSWORD_RESET_TTL", "MAIL_RETRY_BACKOFF", "MAIL_RETRY_MAX", "MAIL_MAX_ATTEMPTS",
+    "MAIL_CONCURRENCY", "MAIL_POLL_SECONDS", "MAIL_LEASE",
+    "RATE_LIMIT_VERIFY_EMAIL_ADDRESS", "RATE_LIMIT_VERIFICATION_RESEND_ACCOUNT",
+    "RATE_LIMIT_VERIFICATION_RESEND_ADDRESS", "RATE_LIMIT_PASSWORD_RESET_ACCOUNT",
+    "RATE_LIMIT_PASSWORD_RESET_ADDRESS", "RATE_LIMIT_PASSWORD_RESET_CONFIRM_ADDRESS",
 }  # fmt: skip
 
 

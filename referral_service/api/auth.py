@@ -11,6 +11,7 @@ from typing import Any
 from referral.v1 import auth_pb2, auth_pb2_grpc
 
 from referral_service.api import convert
+from referral_service.domain.accounts import AccountEmails
 from referral_service.domain.auth import AuthService, RegisterCommand
 from referral_service.domain.models import ClientInfo, TokenPair
 from referral_service.domain.ports import REVOKED_BY_LOGOUT
@@ -45,11 +46,40 @@ def _no_client(call: Any) -> ClientInfo:
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     def __init__(
-        self, service: AuthService, service_accounts: ServiceAccountService, client_of: ClientOf = _no_client
+        self,
+        service: AuthService,
+        service_accounts: ServiceAccountService,
+        accounts: AccountEmails,
+        client_of: ClientOf = _no_client,
     ) -> None:
         self._service = service
         self._service_accounts = service_accounts
+        self._accounts = accounts
         self._client_of = client_of
+
+    async def VerifyEmail(
+        self, request: auth_pb2.VerifyEmailRequest, context: object
+    ) -> auth_pb2.VerifyEmailResponse:
+        user = await self._accounts.verify_email(request.token, request.email, request.code)
+        return auth_pb2.VerifyEmailResponse(user=convert.user(user))
+
+    async def ResendVerificationEmail(
+        self, request: auth_pb2.ResendVerificationEmailRequest, context: object
+    ) -> auth_pb2.ResendVerificationEmailResponse:
+        await self._accounts.resend_verification(request.email)
+        return auth_pb2.ResendVerificationEmailResponse()
+
+    async def RequestPasswordReset(
+        self, request: auth_pb2.RequestPasswordResetRequest, context: object
+    ) -> auth_pb2.RequestPasswordResetResponse:
+        await self._accounts.request_password_reset(request.email)
+        return auth_pb2.RequestPasswordResetResponse()
+
+    async def ResetPassword(
+        self, request: auth_pb2.ResetPasswordRequest, context: object
+    ) -> auth_pb2.ResetPasswordResponse:
+        revoked = await self._accounts.reset_password(request.token, request.new_password)
+        return auth_pb2.ResetPasswordResponse(sessions_revoked=revoked)
 
     async def Register(self, request: auth_pb2.RegisterRequest, context: object) -> auth_pb2.RegisterResponse:
         user = await self._service.register(

@@ -81,11 +81,16 @@ def user(value: models.User) -> auth_pb2.User:
     if value.referrer_id is not None:
         message.referrer_id = value.referrer_id
     if value.email_verification is not None:
-        message.email_verification = _VERIFICATIONS.get(
+        deliverability = _VERIFICATIONS.get(
             value.email_verification, auth_pb2.User.EMAIL_VERIFICATION_UNSPECIFIED
         )
+        message.email_deliverability = deliverability
+        message.email_verification = deliverability  # deprecated twin
     if value.email_verify_time is not None:
-        message.email_verify_time.CopyFrom(timestamp(value.email_verify_time))
+        message.deliverability_check_time.CopyFrom(timestamp(value.email_verify_time))
+        message.email_verify_time.CopyFrom(timestamp(value.email_verify_time))  # deprecated twin
+    if value.verify_time is not None:
+        message.verify_time.CopyFrom(timestamp(value.verify_time))
     if value.profile is not None:
         message.profile.CopyFrom(profile(value.profile))
     return message

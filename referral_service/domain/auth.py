@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from referral_service.domain import idempotency
 from referral_service.domain import validation as v
+from referral_service.domain.accounts import new_message_id
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import (
     AlreadyExists,
@@ -40,6 +41,7 @@ from referral_service.domain.ports import (
     ACCESS_TOKEN,
     EMAIL_TAKEN,
     MAX_TOKEN_LENGTH,
+    PASSWORD_CHANGED,
     REFRESH_TOKEN,
     REVOKED_BY_LIMIT,
     REVOKED_BY_LOGOUT,
@@ -47,6 +49,7 @@ from referral_service.domain.ports import (
     REVOKED_BY_PASSWORD_CHANGE,
     REVOKED_BY_REUSE,
     SERVICE_TOKEN,
+    VERIFY_EMAIL,
     Conflict,
     NewUser,
     PasswordHasher,
@@ -121,6 +124,14 @@ def _decode_page_token(token: str) -> str | None:
         return None
 
 
+def owner_view(user: User) -> User:
+    """The user as shown to anyone: enrichment data about an address only once its owner has
+    proved it (until then whoever registered it could read a stranger's profile)."""
+    if user.profile is not None and not user.is_verified:
+        return dataclasses.replace(user, profile=None)
+    return user
+
+
 class AuthService:
     def __init__(
         self,
@@ -132,7 +143,7 @@ class AuthService:
         request_id_ttl: timedelta,
         on_code_used: CodeChanged | None = None,
         verification: EmailVerification | None = None,
-        on_profile_queued: Callable[[], None] | None = None,
+        on_mail_queued: Callable[[], None] | None = None,
         disposable_domains: v.DisposableDomains | None = None,
         max_sessions_per_user: int = 20,
         clock: Callable[[], datetime] = utcnow,
@@ -145,8 +156,8 @@ class AuthService:
         self._on_code_used = on_code_used
         #: Email verification at registration; None when off.
         self._verification = verification
-        #: Wakes the enrichment worker; None when enrichment is off.
-        self._on_profile_queued = on_profile_queued
+        #: Wakes the mail worker (the verification message is queued with the user).
+        self._on_mail_queued = on_mail_queued
         self._disposable = disposable_domains
         self._max_sessions = max_sessions_per_user
         self._now = clock
@@ -171,7 +182,6 @@ class AuthService:
             email=email.display,
             email_key=email.key,
             password_hash=password_hash,
-            is_verified=verification is not None and verification.is_verified,
             email_verification=verification.status.value if verification else None,
             email_verify_time=verification.checked_time if verification else None,
         )
@@ -188,8 +198,9 @@ class AuthService:
                 await uow.users.count_referral(claimed.referrer_id)
             else:
                 user = await uow.users.add(new_user, now)
-            if self._on_profile_queued is not None:
-                user = dataclasses.replace(user, profile=await uow.profiles.add_job(user.id, now))
+            await uow.mails.enqueue(
+                VERIFY_EMAIL, user_id=user.id, email_key=email.key, message_id=new_message_id(), now=now
+            )
             if cmd.request_id:
                 await uow.requests.remember(
                     scope="register",
@@ -214,8 +225,8 @@ class AuthService:
             raise
         if claimed is not None and self._on_code_used is not None:
             await self._on_code_used(claimed.referrer_email_key)
-        if user.profile is not None and self._on_profile_queued is not None:
-            self._on_profile_queued()
+        if self._on_mail_queued is not None:
+            self._on_mail_queued()
         log.info("user registered", extra={"user_id": user.id, "referrer_id": user.referrer_id})
         return user
 
@@ -657,12 +668,21 @@ class AuthService:
 
         async def work(uow: UnitOfWork) -> list[tuple[str, datetime]]:
             await uow.users.set_password_hash(user.id, new_hash, now)
+            await uow.mails.enqueue(
+                PASSWORD_CHANGED,
+                user_id=user.id,
+                email_key=user.email_key,
+                message_id=new_message_id(),
+                now=now,
+            )
             return await self._end_user_sessions(
                 uow, user.id, now, REVOKED_BY_PASSWORD_CHANGE, keep=principal.session_id
             )
 
         entries = await self._store.transact(work)
         await self._revocations.publish(entries, now)
+        if self._on_mail_queued is not None:
+            self._on_mail_queued()
         log.warning("password changed", extra={"user_id": user.id, "sessions_revoked": len(entries)})
         return len(entries)
 
@@ -764,7 +784,7 @@ class AuthService:
                 user = await uow.users.by_email_key(key) if key is not None else None
         if user is None:
             raise NotFound(Reason.USER_NOT_FOUND, "no such user")
-        return user
+        return owner_view(user)
 
     def jwks(self) -> list[dict[str, str]]:
         """The public keys that verify our tokens (empty with a shared HMAC secret)."""
@@ -775,4 +795,13 @@ class AuthService:
             user = await uow.users.get(principal.user_id)
         if user is None:
             raise NotFound(Reason.USER_NOT_FOUND, "the user of this token no longer exists")
-        return user
+        return owner_view(user)
+
+    async def end_user_sessions_in(
+        self, uow: UnitOfWork, user_id: int, now: datetime, reason: str
+    ) -> list[tuple[str, datetime]]:
+        """End every session of a user inside ``uow``; the revocations to publish after it."""
+        return await self._end_user_sessions(uow, user_id, now, reason)
+
+    async def publish_revocations(self, entries: list[tuple[str, datetime]], now: datetime) -> None:
+        await self._revocations.publish(entries, now)

@@ -1,35 +1,47 @@
-"""Profile enrichment after registration: the provider interface and the background worker.
+"""Profile enrichment once a user has verified their address: the background worker.
 
-Durability: registration inserts a ``pending`` row in ``user_profiles`` in the same transaction
-as the user, so a lookup is never lost, whatever happens to this process afterwards. The worker
+Only an owner's verified address is looked up (and its profile shown only while verified):
+whoever registers somebody else's address must not read that person's profile.
+
+Durability: verification inserts a ``pending`` row in ``user_profiles`` in the same transaction
+as it marks the user verified, so a lookup is never lost, whatever happens to this process
+afterwards. The worker
 claims a row by moving its ``next_attempt_time`` forward by a lease (an atomic compare-and-set,
 so two processes never run the same lookup), calls the provider outside any transaction, then
 writes the outcome. A clean shutdown lets running lookups finish within the grace period and
 hands the others back (lease cleared); a crash leaves them due again once the lease runs out.
 At start-up, and every poll interval, the worker picks up whatever is due.
 
-Registration is never delayed or failed by enrichment: it only inserts the row and wakes the
-worker.
+Verification is never delayed or failed by enrichment: it only inserts the row and wakes the
+worker (the loop itself is ``jobs.QueueWorker``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.clock import utcnow
-from referral_service.domain.models import ProfileState
+from referral_service.domain.jobs import QueueWorker
+from referral_service.domain.models import ProfileState, User
 from referral_service.domain.ports import ProfileLookup, ProfileOutcome, ProfileProvider, Store, UnitOfWork
 
 log = logging.getLogger("referral_service.enrichment")
 
 
-class EnrichmentWorker:
+async def queue_lookup(uow: UnitOfWork, user: User, now: datetime) -> None:
+    """Queue the profile lookup of a user whose address was just verified (once)."""
+    if user.profile is None:
+        await uow.profiles.add_job(user.id, now)
+
+
+class EnrichmentWorker(QueueWorker):
+    name = "enrichment"
+
     def __init__(
         self,
         store: Store,
@@ -43,103 +55,21 @@ class EnrichmentWorker:
         lease: timedelta,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._store = store
-        self._now = clock
+        super().__init__(store, concurrency=concurrency, poll_seconds=poll_seconds, clock=clock)
         self.provider = provider
         self._max_attempts = max_attempts
         self._backoff = retry_backoff.total_seconds()
         self._backoff_max = retry_max.total_seconds()
-        self._concurrency = concurrency
-        self._poll = poll_seconds
         self._lease = lease
-        self._slots = asyncio.Semaphore(concurrency)
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._loop_task: asyncio.Task[None] | None = None
-        self._jobs: dict[int, asyncio.Task[None]] = {}
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    async def _due(self, uow: UnitOfWork, now: datetime, limit: int) -> list[int]:
+        return await uow.profiles.due(now, limit=limit)
 
-    def start(self) -> None:
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="enrichment")
+    async def _next_due_time(self, uow: UnitOfWork, exclude: Sequence[int]) -> datetime | None:
+        return await uow.profiles.next_due_time(exclude=exclude)
 
-    def notify(self) -> None:
-        """A new pending lookup was committed: scan now instead of at the next poll."""
-        self._wake.set()
-
-    async def stop(self, grace: float) -> None:
-        """Stop claiming work, give running lookups ``grace`` seconds, then cancel the rest and
-        hand them back so the next start (of any process) runs them at once."""
-        self._stopping = True
-        self._wake.set()
-        if self._loop_task is not None:
-            # The loop only reads and waits (possibly for a free slot): cancelling it is safe.
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        running = list(self._jobs.items())
-        if running:
-            _, pending = await asyncio.wait([task for _, task in running], timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-                unfinished = [user_id for user_id, task in running if task in pending]
-                try:
-                    await self._store.transact(lambda uow: uow.profiles.release(unfinished, self._now()))
-                except Exception:
-                    log.warning(
-                        "could not hand back %d enrichment lookups; due after the lease", len(unfinished)
-                    )
-                else:
-                    log.info("handed back %d unfinished enrichment lookups", len(unfinished))
-
-    # --- the loop ----------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        delay = self._poll
-        while not self._stopping:
-            self._wake.clear()
-            try:
-                async with self._store.read() as uow:
-                    due = await uow.profiles.due(self._now(), limit=self._concurrency * 4)
-                    upcoming = await uow.profiles.next_due_time(exclude=[*self._jobs, *due])
-                delay = self._poll
-                if upcoming is not None:  # a retry falls due before the next poll
-                    delay = min(self._poll, max((upcoming - self._now()).total_seconds(), 0.01))
-            except Exception as error:
-                log.warning("enrichment scan failed (%s); retrying", type(error).__name__)
-                due, delay = [], min(max(delay, 1.0) * 2, 60.0)
-            started = 0
-            for user_id in due:
-                if user_id in self._jobs:  # still running here although its lease ran out
-                    continue
-                await self._slots.acquire()
-                if self._stopping:
-                    self._slots.release()
-                    return
-                task = asyncio.get_running_loop().create_task(self._job(user_id))
-                self._jobs[user_id] = task
-                task.add_done_callback(functools.partial(self._done, user_id))
-                started += 1
-            if started >= self._concurrency * 4:  # a full batch: there may be more due now
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-
-    def _done(self, user_id: int, _task: asyncio.Task[None]) -> None:
-        self._jobs.pop(user_id, None)
-        self._slots.release()
-        self._wake.set()  # a slot is free: a full batch may be waiting
-
-    async def _job(self, user_id: int) -> None:
-        try:
-            await self._attempt(user_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Database trouble: the lease expires and the lookup becomes due again.
-            log.exception("enrichment of user %d failed unexpectedly", user_id)
+    async def _release(self, uow: UnitOfWork, job_ids: Sequence[int], now: datetime) -> None:
+        await uow.profiles.release(job_ids, now)
 
     async def _attempt(self, user_id: int) -> None:
         now = self._now()

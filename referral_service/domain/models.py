@@ -51,10 +51,13 @@ class User:
     is_superuser: bool
     referrer_id: int | None
     create_time: datetime
-    #: None when the email was not checked (verification off).
+    #: The deliverability check at registration (Hunter); None when it was off. Never
+    #: ownership: that is ``is_verified`` / ``verify_time``.
     email_verification: EmailStatus | None = None
     email_verify_time: datetime | None = None
-    #: None when enrichment was off when the user registered.
+    #: When the owner proved the address; None until then.
+    verify_time: datetime | None = None
+    #: None when no lookup was queued (enrichment off, or the address not yet verified).
     profile: Profile | None = None
 
     @property

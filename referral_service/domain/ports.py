@@ -183,6 +183,10 @@ class Users(Protocol):
 
     async def make_superuser(self, user_id: int, now: datetime) -> User | None: ...
 
+    async def mark_verified(self, user_id: int, now: datetime) -> bool:
+        """Record that the owner proved the address; False when it already was."""
+        ...
+
     async def count_referral(self, referrer_id: int) -> None:
         """One more referral of ``referrer_id`` (the O(1) ``total_size`` counter)."""
         ...
@@ -372,6 +376,101 @@ class ServiceAccounts(Protocol):
         ...
 
 
+#: Purposes of email tokens.
+VERIFY_EMAIL = "verify_email"
+PASSWORD_RESET = "password_reset"
+#: Kinds of mail in the queue (the two token purposes, and a notice).
+PASSWORD_CHANGED = "password_changed"
+MAIL_KINDS = (VERIFY_EMAIL, PASSWORD_RESET, PASSWORD_CHANGED)
+#: Messages sent, skipped or refused are kept this long (for operators), then purged.
+MAIL_RETENTION = timedelta(days=7)
+
+
+@dataclass(frozen=True, slots=True)
+class EmailToken:
+    id: int
+    user_id: int
+    purpose: str
+    code_hash: str | None
+    code_failures: int
+    expire_time: datetime
+    use_time: datetime | None
+
+
+class EmailTokens(Protocol):
+    """Single-use secrets sent by email, stored as hashes."""
+
+    async def add(
+        self,
+        *,
+        user_id: int,
+        purpose: str,
+        token_hash: str,
+        code_hash: str | None,
+        now: datetime,
+        expire_time: datetime,
+    ) -> None: ...
+
+    async def by_hash(self, token_hash: str) -> EmailToken | None: ...
+
+    async def with_codes(self, user_id: int, purpose: str, now: datetime) -> list[EmailToken]:
+        """The user's unused, unexpired tokens of ``purpose`` that carry a code."""
+        ...
+
+    async def use(self, token_id: int, now: datetime) -> bool:
+        """Mark the token used, if it is unused and unexpired (atomic); whether it was."""
+        ...
+
+    async def use_all(self, user_id: int, purpose: str, now: datetime) -> None:
+        """Mark every unused token of the user and purpose used (a newer one was used)."""
+        ...
+
+    async def count_code_failure(self, token_ids: Sequence[int]) -> None: ...
+
+    async def discard(self, token_hash: str) -> None:
+        """Delete a token whose message could not be sent."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MailClaim:
+    """A claimed message of the mail queue."""
+
+    id: int
+    kind: str
+    user_id: int | None
+    email_key: str
+    message_id: str
+    attempts: int
+
+
+class Mails(Protocol):
+    """The mail queue (outbox), written in the transaction of the change that calls for a
+    message and drained by the mail worker."""
+
+    async def enqueue(
+        self, kind: str, *, email_key: str, message_id: str, now: datetime, user_id: int | None = None
+    ) -> None: ...
+
+    async def due(self, now: datetime, limit: int) -> list[int]: ...
+
+    async def next_due_time(self, exclude: Sequence[int] = ()) -> datetime | None: ...
+
+    async def claim(self, mail_id: int, now: datetime, lease_until: datetime) -> MailClaim | None:
+        """Take a due message for a lease (atomic: one worker wins); None when not due."""
+        ...
+
+    async def finish(self, mail_id: int, state: str, now: datetime, *, error: str = "") -> None:
+        """``sent``, ``skipped`` or ``failed``."""
+        ...
+
+    async def reschedule(self, mail_id: int, now: datetime, next_time: datetime, *, error: str) -> None: ...
+
+    async def release(self, mail_ids: Sequence[int], now: datetime) -> None:
+        """Hand back claimed messages at shutdown (due at once, the attempt not counted)."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """The repositories of one transaction (or, from ``Store.read()``, of autocommit reads)."""
 
@@ -389,6 +488,10 @@ class UnitOfWork(Protocol):
     def profiles(self) -> Profiles: ...
     @property
     def service_accounts(self) -> ServiceAccounts: ...
+    @property
+    def email_tokens(self) -> EmailTokens: ...
+    @property
+    def mails(self) -> Mails: ...
 
     async def purge_expired(self, now: datetime) -> int:
         """Delete expired revocations, request ids and refresh tokens; the rows deleted."""
@@ -638,5 +741,33 @@ class ProfileProvider(Protocol):
     name: str
 
     async def lookup(self, email: str) -> ProfileLookup: ...
+
+    async def close(self) -> None: ...
+
+
+# --- mail --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMail:
+    """A message to send: its kind picks the templates, ``context`` fills them."""
+
+    to: str
+    kind: str
+    message_id: str
+    context: dict[str, str]
+
+
+class MailRejected(Exception):
+    """The mail system refused the message for good (a 5xx answer): retrying will not help."""
+
+
+class Mailer(Protocol):
+    """Sends messages (SMTP, or a local mail directory). Raises ``MailRejected`` for a
+    permanent refusal and any other exception for a failure worth retrying."""
+
+    name: str
+
+    async def send(self, mail: OutgoingMail) -> None: ...
 
     async def close(self) -> None: ...

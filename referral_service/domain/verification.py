@@ -3,12 +3,13 @@
 The decision is taken on the provider's status only (for Hunter ``data.status``, never its
 deprecated ``result``):
 
-- ``valid``, ``accept_all``, ``webmail``: accepted (only ``valid`` sets ``is_verified``: the
-  other two mean the mailbox itself could not be confirmed);
+- ``valid``, ``accept_all``, ``webmail``: accepted. The outcome is stored as the user's
+  deliverability, never as verification: only the owner following the verification message
+  sets ``is_verified`` (``domain/accounts.py``);
 - ``invalid``: refused, INVALID_ARGUMENT ``EMAIL_UNDELIVERABLE``;
 - ``disposable``: refused, INVALID_ARGUMENT ``EMAIL_DISPOSABLE``;
 - ``unknown`` and no answer at all (timeout, outage, 401/403/429/5xx, malformed response, open
-  circuit): the policy decides: fail-open accepts with ``is_verified=false``, fail-closed refuses
+  circuit): the policy decides: fail-open accepts, fail-closed refuses
   with UNAVAILABLE ``EMAIL_VERIFICATION_UNAVAILABLE`` and a RetryInfo.
 
 Definite answers are cached (by a hash of the normalised address, so the address is not a

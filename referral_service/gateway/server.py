@@ -84,6 +84,19 @@ class Asset:
     cache: str
 
 
+def load_account_pages() -> dict[str, Asset]:
+    """The pages the links of our messages open (always served, docs or not)."""
+    static = importlib.resources.files("referral_service.gateway").joinpath("static")
+    html = "text/html; charset=utf-8"
+    return {
+        "/verify-email": Asset(static.joinpath("verify-email.html").read_bytes(), html, "no-store"),
+        "/reset-password": Asset(static.joinpath("reset-password.html").read_bytes(), html, "no-store"),
+        "/account/pages.js": Asset(
+            static.joinpath("account.js").read_bytes(), "text/javascript; charset=utf-8", "no-cache"
+        ),
+    }
+
+
 def load_assets() -> dict[str, Asset]:
     """The /docs page and its assets, read once into memory."""
     static = importlib.resources.files("referral_service.gateway").joinpath("static")
@@ -220,6 +233,7 @@ class HttpGateway:
         self._docs = docs_enabled
         self._openapi = json.dumps(openapi.document(), indent=1).encode() if docs_enabled else b""
         self._assets = load_assets() if docs_enabled else {}
+        self._pages = load_account_pages()
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.app = Transcoder(
@@ -292,9 +306,20 @@ class HttpGateway:
     # --- what is not an RPC ---------------------------------------------------------------
 
     async def _extras(self, verb: str, path: str) -> tuple[str, Response] | None:
-        """The route label (a fixed path) and the response for the docs."""
+        """The route label (a fixed path) and the response for the docs and the account pages."""
         if verb not in ("GET", "HEAD"):
             return None
+        page = self._pages.get(path)
+        if page is not None:
+            headers = {
+                "cache-control": page.cache,
+                "x-content-type-options": "nosniff",
+                "referrer-policy": "no-referrer",
+                "content-security-policy": _CSP,
+            }
+            return f"{verb} {path}", Response(
+                200, page.body if verb == "GET" else b"", page.content_type, headers
+            )
         if not self._docs:
             return None
         if path == "/openapi.json":

@@ -81,6 +81,27 @@ class _UserRow:
     update_time: datetime
     email_verification: str | None
     email_verify_time: datetime | None
+    verify_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _TokenRow:
+    token: ports.EmailToken
+    token_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class _MailRow:
+    id: int
+    kind: str
+    user_id: int | None
+    email_key: str
+    state: str
+    message_id: str
+    attempts: int
+    next_attempt_time: datetime | None
+    last_error: str | None
+    update_time: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +214,10 @@ class _Data:
     profiles: dict[int, _ProfileRow] = field(default_factory=dict)
     service_accounts: dict[int, ServiceAccount] = field(default_factory=dict)
     service_account_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    email_tokens: dict[int, _TokenRow] = field(default_factory=dict)
+    email_token_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    mails: dict[int, _MailRow] = field(default_factory=dict)
+    mail_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     user_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     code_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -214,6 +239,8 @@ class _View:
         self.requests = _Table(data.requests, writable)
         self.profiles = _Table(data.profiles, writable)
         self.service_accounts = _Table(data.service_accounts, writable)
+        self.email_tokens = _Table(data.email_tokens, writable)
+        self.mails = _Table(data.mails, writable)
 
     def _tables(self) -> tuple[_Table[Any, Any], ...]:
         return (
@@ -229,6 +256,8 @@ class _View:
             self.requests,
             self.profiles,
             self.service_accounts,
+            self.email_tokens,
+            self.mails,
         )
 
     def commit(self) -> None:
@@ -270,6 +299,7 @@ def _user_model(row: _UserRow, profile: _ProfileRow | None) -> User:
             EmailStatus(row.email_verification) if row.email_verification is not None else None
         ),
         email_verify_time=row.email_verify_time,
+        verify_time=row.verify_time,
         profile=_profile_model(profile) if profile is not None else None,
     )
 
@@ -321,6 +351,7 @@ class _Users:
             update_time=now,
             email_verification=user.email_verification,
             email_verify_time=_utc(user.email_verify_time) if user.email_verify_time else None,
+            verify_time=now if user.is_verified else None,
         )
         v.users.put(row.id, row)
         v.user_ids_by_email_key.put(row.email_key, row.id)
@@ -358,6 +389,14 @@ class _Users:
         row = replace(row, is_superuser=True, update_time=_utc(now))
         self._v.users.put(user_id, row)
         return self._model(row)
+
+    async def mark_verified(self, user_id: int, now: datetime) -> bool:
+        row = self._v.users.get(user_id)
+        if row is None or row.is_verified:
+            return False
+        now = _utc(now)
+        self._v.users.put(user_id, replace(row, is_verified=True, verify_time=now, update_time=now))
+        return True
 
     async def count_referral(self, referrer_id: int) -> None:
         row = self._v.users.get(referrer_id)
@@ -784,6 +823,178 @@ class _ServiceAccounts:
             self._v.service_accounts.put(account_id, replace(account, revoke_time=_utc(now)))
 
 
+class _EmailTokens:
+    def __init__(self, view: _View) -> None:
+        self._v = view
+
+    async def add(
+        self,
+        *,
+        user_id: int,
+        purpose: str,
+        token_hash: str,
+        code_hash: str | None,
+        now: datetime,
+        expire_time: datetime,
+    ) -> None:
+        v = self._v
+        if v.users.get(user_id) is None:
+            raise ValueError("foreign key: no such user")
+        if any(row.token_hash == token_hash for _, row in v.email_tokens.items()):
+            raise ValueError("unique: token hash exists")
+        token = ports.EmailToken(
+            id=next(v.data.email_token_ids),
+            user_id=user_id,
+            purpose=purpose,
+            code_hash=code_hash,
+            code_failures=0,
+            expire_time=_utc(expire_time),
+            use_time=None,
+        )
+        v.email_tokens.put(token.id, _TokenRow(token, token_hash))
+
+    async def by_hash(self, token_hash: str) -> ports.EmailToken | None:
+        return next(
+            (row.token for _, row in self._v.email_tokens.items() if row.token_hash == token_hash), None
+        )
+
+    def _unused(self, user_id: int, purpose: str) -> list[_TokenRow]:
+        return [
+            row
+            for _, row in sorted(self._v.email_tokens.items())
+            if row.token.user_id == user_id and row.token.purpose == purpose and row.token.use_time is None
+        ]
+
+    async def with_codes(self, user_id: int, purpose: str, now: datetime) -> list[ports.EmailToken]:
+        return [
+            row.token
+            for row in self._unused(user_id, purpose)
+            if row.token.expire_time > now and row.token.code_hash is not None
+        ]
+
+    async def use(self, token_id: int, now: datetime) -> bool:
+        row = self._v.email_tokens.get(token_id)
+        if row is None or row.token.use_time is not None or row.token.expire_time <= now:
+            return False
+        self._v.email_tokens.put(token_id, replace(row, token=replace(row.token, use_time=_utc(now))))
+        return True
+
+    async def use_all(self, user_id: int, purpose: str, now: datetime) -> None:
+        for row in self._unused(user_id, purpose):
+            self._v.email_tokens.put(row.token.id, replace(row, token=replace(row.token, use_time=_utc(now))))
+
+    async def count_code_failure(self, token_ids: Sequence[int]) -> None:
+        for token_id in token_ids:
+            row = self._v.email_tokens.get(token_id)
+            if row is not None:
+                token = replace(row.token, code_failures=row.token.code_failures + 1)
+                self._v.email_tokens.put(token_id, replace(row, token=token))
+
+    async def discard(self, token_hash: str) -> None:
+        for token_id, row in self._v.email_tokens.items():
+            if row.token_hash == token_hash:
+                self._v.email_tokens.delete(token_id)
+
+
+class _Mails:
+    def __init__(self, view: _View) -> None:
+        self._v = view
+
+    async def enqueue(
+        self, kind: str, *, email_key: str, message_id: str, now: datetime, user_id: int | None = None
+    ) -> None:
+        v = self._v
+        if user_id is not None and v.users.get(user_id) is None:
+            raise ValueError("foreign key: no such user")
+        now = _utc(now)
+        row = _MailRow(
+            id=next(v.data.mail_ids),
+            kind=kind,
+            user_id=user_id,
+            email_key=email_key,
+            state="pending",
+            message_id=message_id,
+            attempts=0,
+            next_attempt_time=now,
+            last_error=None,
+            update_time=now,
+        )
+        v.mails.put(row.id, row)
+
+    def _pending(self, mail_id: int) -> _MailRow | None:
+        row = self._v.mails.get(mail_id)
+        return row if row is not None and row.state == "pending" else None
+
+    def _pending_times(self) -> list[tuple[datetime, int]]:
+        return [
+            (row.next_attempt_time, mail_id)
+            for mail_id, row in self._v.mails.items()
+            if row.state == "pending" and row.next_attempt_time is not None
+        ]
+
+    async def due(self, now: datetime, limit: int) -> list[int]:
+        due = sorted(entry for entry in self._pending_times() if entry[0] <= now)
+        return [mail_id for _, mail_id in due[: max(limit, 0)]]
+
+    async def next_due_time(self, exclude: Sequence[int] = ()) -> datetime | None:
+        skip = set(exclude)
+        return min((time for time, mail_id in self._pending_times() if mail_id not in skip), default=None)
+
+    async def claim(self, mail_id: int, now: datetime, lease_until: datetime) -> ports.MailClaim | None:
+        row = self._pending(mail_id)
+        if row is None or row.next_attempt_time is None or row.next_attempt_time > now:
+            return None
+        row = replace(
+            row, next_attempt_time=_utc(lease_until), attempts=row.attempts + 1, update_time=_utc(now)
+        )
+        self._v.mails.put(mail_id, row)
+        return ports.MailClaim(
+            id=row.id,
+            kind=row.kind,
+            user_id=row.user_id,
+            email_key=row.email_key,
+            message_id=row.message_id,
+            attempts=row.attempts,
+        )
+
+    async def finish(self, mail_id: int, state: str, now: datetime, *, error: str = "") -> None:
+        row = self._pending(mail_id)
+        if row is not None:
+            self._v.mails.put(
+                mail_id,
+                replace(
+                    row,
+                    state=state,
+                    next_attempt_time=None,
+                    last_error=error[:_ERROR_MAX] or None,
+                    update_time=_utc(now),
+                ),
+            )
+
+    async def reschedule(self, mail_id: int, now: datetime, next_time: datetime, *, error: str) -> None:
+        row = self._pending(mail_id)
+        if row is not None:
+            self._v.mails.put(
+                mail_id,
+                replace(
+                    row,
+                    next_attempt_time=_utc(next_time),
+                    last_error=error[:_ERROR_MAX] or None,
+                    update_time=_utc(now),
+                ),
+            )
+
+    async def release(self, mail_ids: Sequence[int], now: datetime) -> None:
+        now = _utc(now)
+        for mail_id in dict.fromkeys(mail_ids):
+            row = self._pending(mail_id)
+            if row is not None:
+                self._v.mails.put(
+                    mail_id,
+                    replace(row, next_attempt_time=now, attempts=max(row.attempts - 1, 0), update_time=now),
+                )
+
+
 class MemoryUnitOfWork:
     """The six repositories over one view (a transaction's, or the committed rows for reads)."""
 
@@ -796,6 +1007,8 @@ class MemoryUnitOfWork:
         self.requests = _Requests(view)
         self.profiles = _Profiles(view)
         self.service_accounts = _ServiceAccounts(view)
+        self.email_tokens = _EmailTokens(view)
+        self.mails = _Mails(view)
 
     async def purge_expired(self, now: datetime) -> int:
         v = self._view
@@ -816,6 +1029,15 @@ class MemoryUnitOfWork:
                     v.user_sessions.put(session.user_id, left)
                 else:
                     v.user_sessions.delete(session.user_id)
+                deleted += 1
+        for token_id, token_row in v.email_tokens.items():
+            if token_row.token.expire_time <= now:
+                v.email_tokens.delete(token_id)
+                deleted += 1
+        cutoff = now - ports.MAIL_RETENTION
+        for mail_id, mail in v.mails.items():
+            if mail.state != "pending" and mail.update_time <= cutoff:
+                v.mails.delete(mail_id)
                 deleted += 1
         return deleted
 

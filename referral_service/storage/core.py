@@ -26,6 +26,8 @@ SERVICE_ACCOUNTS = Base.metadata.tables["service_accounts"]
 REVOCATIONS = Base.metadata.tables["revocations"]
 REQUESTS = Base.metadata.tables["idempotency_keys"]
 PROFILES = Base.metadata.tables["user_profiles"]
+EMAIL_TOKENS = Base.metadata.tables["email_tokens"]
+MAILS = Base.metadata.tables["mail_outbox"]
 
 
 def at(name: str = "now") -> BindParameter[datetime]:

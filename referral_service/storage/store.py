@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, TypeVar
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
 
-from referral_service.domain.ports import UnitOfWork
+from referral_service.domain.ports import MAIL_RETENTION, UnitOfWork
 from referral_service.storage.codes import SqlCodes
-from referral_service.storage.core import REQUESTS, REVOCATIONS, SESSIONS, at
+from referral_service.storage.core import EMAIL_TOKENS, MAILS, REQUESTS, REVOCATIONS, SESSIONS, at
 from referral_service.storage.db import Database
+from referral_service.storage.mail import SqlEmailTokens, SqlMails
 from referral_service.storage.profiles import SqlProfiles
 from referral_service.storage.referrals import SqlReferrals
 from referral_service.storage.requests import SqlRequests
@@ -48,10 +49,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 #: What can no longer matter: revocations of tokens past their expiry, forgotten request ids,
-#: sessions past their refresh token's expiry (revoked ones are kept until then).
+#: sessions past their refresh token's expiry (revoked ones are kept until then), expired email
+#: tokens.
 _PURGE = tuple(
-    delete(table).where(table.c.expire_time <= at("now")) for table in (REVOCATIONS, REQUESTS, SESSIONS)
+    delete(table).where(table.c.expire_time <= at("now"))
+    for table in (REVOCATIONS, REQUESTS, SESSIONS, EMAIL_TOKENS)
 )
+_PURGE_MAILS = delete(MAILS).where(MAILS.c.state != "pending", MAILS.c.update_time <= at("cutoff"))
 
 
 class SqlUnitOfWork:
@@ -91,10 +95,20 @@ class SqlUnitOfWork:
     def service_accounts(self) -> SqlServiceAccounts:
         return SqlServiceAccounts(self.connection)
 
+    @cached_property
+    def email_tokens(self) -> SqlEmailTokens:
+        return SqlEmailTokens(self.connection)
+
+    @cached_property
+    def mails(self) -> SqlMails:
+        return SqlMails(self.connection)
+
     async def purge_expired(self, now: datetime) -> int:
         deleted = 0
         for statement in _PURGE:
             deleted += (await self.connection.execute(statement, {"now": now})).rowcount
+        cutoff = now - MAIL_RETENTION
+        deleted += (await self.connection.execute(_PURGE_MAILS, {"cutoff": cutoff})).rowcount
         return deleted
 
 

@@ -95,6 +95,8 @@ class UserRow(Base):
     #: ``unknown``, ``unavailable``); NULL when it was not checked.
     email_verification: Mapped[str | None] = mapped_column(String(16))
     email_verify_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the owner proved the address (``is_verified`` became true); NULL until then.
+    verify_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_users_referrer_id_id", "referrer_id", "id"),)
 
@@ -234,4 +236,63 @@ class UserProfileRow(Base):
     __table_args__ = (
         Index("ix_user_profiles_state_next_attempt_time", "state", "next_attempt_time"),
         CheckConstraint("state IN ('pending', 'found', 'not_found', 'failed')", name="state_known"),
+    )
+
+
+class EmailTokenRow(Base):
+    """A single-use secret sent by email: a verification link and code, or a password reset
+    link. Only hashes are stored (SHA-256 of the 256-bit link token; of the 6-digit code with
+    the user id, which the attempt counter and the expiry protect). Used or superseded tokens
+    keep ``use_time``; rows are purged once expired."""
+
+    __tablename__ = "email_tokens"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"))
+    #: ``verify_email`` or ``password_reset``.
+    purpose: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    code_hash: Mapped[str | None] = mapped_column(String(64))
+    #: Wrong codes entered against this token; the code dies at the limit (the link does not).
+    code_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    expire_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    use_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_email_tokens_user_id_purpose", "user_id", "purpose"),
+        CheckConstraint("purpose IN ('verify_email', 'password_reset')", name="purpose_known"),
+    )
+
+
+class MailRow(Base):
+    """The mail queue (an outbox): a row is inserted in the transaction of the change that
+    calls for the message (a registration, a reset request), and the mail worker sends it.
+    The message is composed when it is sent (a link token is created then and only its hash
+    stored), so no secret waits in this table. ``next_attempt_time`` doubles as the lease of
+    the worker that claimed it."""
+
+    __tablename__ = "mail_outbox"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    #: ``verify_email``, ``password_reset`` or ``password_changed``.
+    kind: Mapped[str] = mapped_column(String(32))
+    #: The recipient's account, when known at enqueue time; otherwise resolved by email.
+    user_id: Mapped[int | None] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"))
+    email_key: Mapped[str] = mapped_column(String(320))
+    #: ``pending``, ``sent``, ``skipped`` (nobody to send to) or ``failed`` (refused for good).
+    state: Mapped[str] = mapped_column(String(16))
+    #: The Message-ID header, fixed at enqueue: a message sent again after a crash carries the
+    #: same id, so mail systems can drop the duplicate.
+    message_id: Mapped[str] = mapped_column(String(128))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    send_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_mail_outbox_state_next_attempt_time", "state", "next_attempt_time"),
+        CheckConstraint("state IN ('pending', 'sent', 'skipped', 'failed')", name="state_known"),
     )

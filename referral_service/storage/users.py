@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, true, update
+from sqlalchemy import bindparam, false, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from referral_service.domain.models import EmailStatus, User
@@ -24,6 +24,7 @@ _USER_COLUMNS = (
     USERS.c.create_time,
     USERS.c.email_verification,
     USERS.c.email_verify_time,
+    USERS.c.verify_time,
 )
 _WITH_PROFILE = select(*_USER_COLUMNS, *PROFILE_COLUMNS).outerjoin(PROFILES, PROFILES.c.user_id == USERS.c.id)
 _BY_ID = _WITH_PROFILE.where(USERS.c.id == bindparam("user_id"))
@@ -41,6 +42,11 @@ _SET_PASSWORD_HASH = (
 _MAKE_SUPERUSER = (
     update(USERS).where(USERS.c.id == bindparam("user_id")).values(is_superuser=true(), update_time=at("now"))
 )
+_MARK_VERIFIED = (
+    update(USERS)
+    .where(USERS.c.id == bindparam("user_id"), USERS.c.is_verified == false())
+    .values(is_verified=true(), verify_time=at("now"), update_time=at("now"))
+)
 _COUNT_REFERRAL = (
     update(USERS).where(USERS.c.id == bindparam("user_id")).values(referral_count=USERS.c.referral_count + 1)
 )
@@ -56,6 +62,7 @@ def _user(row: Sequence[Any]) -> User:
         referrer_id,
         create_time,
         verification,
+        check_time,
         verify_time,
     ) = row[: len(_USER_COLUMNS)]
     return User(
@@ -67,7 +74,8 @@ def _user(row: Sequence[Any]) -> User:
         referrer_id=referrer_id,
         create_time=create_time,
         email_verification=EmailStatus(verification) if verification is not None else None,
-        email_verify_time=verify_time,
+        email_verify_time=check_time,
+        verify_time=verify_time,
         profile=profile_model(row, len(_USER_COLUMNS)),
     )
 
@@ -100,6 +108,7 @@ class SqlUsers:
                 "update_time": now,
                 "email_verification": user.email_verification,
                 "email_verify_time": verify_time,
+                "verify_time": now if user.is_verified else None,
             },
         )
         return User(
@@ -114,6 +123,7 @@ class SqlUsers:
                 EmailStatus(user.email_verification) if user.email_verification is not None else None
             ),
             email_verify_time=verify_time,
+            verify_time=now if user.is_verified else None,
         )
 
     async def get(self, user_id: int) -> User | None:
@@ -137,6 +147,10 @@ class SqlUsers:
     async def make_superuser(self, user_id: int, now: datetime) -> User | None:
         await self._conn.execute(_MAKE_SUPERUSER, {"user_id": user_id, "now": now})
         return await self.get(user_id)
+
+    async def mark_verified(self, user_id: int, now: datetime) -> bool:
+        result = await self._conn.execute(_MARK_VERIFIED, {"user_id": user_id, "now": now})
+        return result.rowcount == 1
 
     async def count_referral(self, referrer_id: int) -> None:
         await self._conn.execute(_COUNT_REFERRAL, {"user_id": referrer_id})

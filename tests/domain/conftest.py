@@ -11,7 +11,11 @@ from typing import Any, Protocol
 import pytest
 
 from referral_service.crypto.jwt import JwtCodec, TokenConfig, hmac_key
+from referral_service.domain.accounts import AccountEmails, MailTokenPolicy
 from referral_service.domain.auth import AuthService, RegisterCommand
+from referral_service.domain.enrichment import queue_lookup
+from referral_service.domain.mail import MailWorker
+from referral_service.domain.ports import OutgoingMail
 from referral_service.domain.models import Principal, ReferralCode, TokenPair, User
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
 from referral_service.domain.revocations import Revocations
@@ -44,6 +48,9 @@ class Domain:
     revocations: Revocations
     referrals: ReferralService
     auth: AuthService
+    accounts: AccountEmails
+    mailer: FakeMailer
+    mail: MailWorker
     codes_used: list[str] = field(default_factory=list)
     profiles_queued: list[int] = field(default_factory=list)
     _emails: list[int] = field(default_factory=lambda: [0])
@@ -70,9 +77,38 @@ class Domain:
             fields.setdefault("ttl", timedelta(days=7))
         return await self.referrals.create_code(CreateCodeCommand(owner_id=owner.id, **fields))
 
+    async def send_mail(self) -> list[OutgoingMail]:
+        """Send what the mail queue holds now; the messages sent."""
+        before = len(self.mailer.sent)
+        async with self.store.read() as uow:
+            due = await uow.mails.due(self.clock(), 100)
+        for mail_id in due:
+            await self.mail._attempt(mail_id)
+        return self.mailer.sent[before:]
+
+    async def verified(self, email: str | None = None) -> User:
+        """A registered user who followed the link of their verification message."""
+        user = await self.register(email)
+        (message,) = [m for m in await self.send_mail() if m.to == user.email]
+        token = message.context["link"].rpartition("token=")[2]
+        return await self.accounts.verify_email(token, "", "")
+
     async def superuser(self) -> User:
         user, _created = await self.auth.create_superuser(self.email("root"), PASSWORD)
         return user
+
+
+class FakeMailer:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.sent: list[OutgoingMail] = []
+
+    async def send(self, mail: OutgoingMail) -> None:
+        self.sent.append(mail)
+
+    async def close(self) -> None:
+        return None
 
 
 class MakeDomain(Protocol):
@@ -142,6 +178,24 @@ async def make_domain(clock: FakeClock) -> AsyncIterator[MakeDomain]:
             if verifier is not None
             else None
         )
+        mailer = FakeMailer()
+        mail = MailWorker(
+            store,
+            mailer,
+            MailTokenPolicy(
+                verify_ttl=timedelta(hours=24),
+                reset_ttl=timedelta(minutes=30),
+                verify_link="https://app.example/verify#token={token}",
+                reset_link="https://app.example/reset#token={token}",
+            ),
+            retry_backoff=timedelta(seconds=30),
+            retry_max=timedelta(hours=1),
+            max_attempts=5,
+            concurrency=1,
+            poll_seconds=60,
+            lease=timedelta(minutes=2),
+            clock=clock,
+        )
         auth = AuthService(
             store,
             hasher,
@@ -150,10 +204,19 @@ async def make_domain(clock: FakeClock) -> AsyncIterator[MakeDomain]:
             request_id_ttl=REQUEST_ID_TTL,
             on_code_used=on_code_used,
             verification=verification,
-            on_profile_queued=(lambda: profiles_queued.append(1)) if enrichment else None,
+            on_mail_queued=mail.notify,
             disposable_domains=disposable,
             clock=clock,
         )
+        accounts = AccountEmails(
+            store,
+            hasher,
+            end_sessions=auth.end_user_sessions_in,
+            publish_revocations=auth.publish_revocations,
+            clock=clock,
+        )
+        if enrichment:
+            accounts.add_on_verified(queue_lookup, lambda: profiles_queued.append(1))
         domain = Domain(
             clock=clock,
             store=store,
@@ -164,6 +227,9 @@ async def make_domain(clock: FakeClock) -> AsyncIterator[MakeDomain]:
             revocations=revocations,
             referrals=referrals,
             auth=auth,
+            accounts=accounts,
+            mailer=mailer,
+            mail=mail,
             codes_used=codes_used,
             profiles_queued=profiles_queued,
         )

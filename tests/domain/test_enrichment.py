@@ -100,7 +100,7 @@ def rescheduled(domain: Domain, provider: FakeProvider, attempts: int) -> Callab
     ],
 )
 async def test_one_lookup_and_its_outcome(domain: Domain, answer: ProfileLookup, expected: Profile) -> None:
-    user = await domain.register()
+    user = await domain.verified()
     provider = FakeProvider(answer)
     async with running(domain, provider):
         await until(finished(domain, user))
@@ -116,7 +116,7 @@ async def test_one_lookup_and_its_outcome(domain: Domain, answer: ProfileLookup,
 
 
 async def test_a_transient_failure_is_retried_after_a_back_off(domain: Domain) -> None:
-    user = await domain.register()
+    user = await domain.verified()
     provider = FakeProvider(
         ProfileLookup(ProfileOutcome.RETRY, detail="timeout"), ProfileLookup(ProfileOutcome.FOUND, ADA)
     )
@@ -136,7 +136,7 @@ async def test_a_transient_failure_is_retried_after_a_back_off(domain: Domain) -
 
 
 async def test_a_provider_error_counts_as_a_transient_failure(domain: Domain) -> None:
-    user = await domain.register()
+    user = await domain.verified()
     provider = FakeProvider(RuntimeError("provider bug"), ProfileLookup(ProfileOutcome.NOT_FOUND))
     async with running(domain, provider):
         await until(rescheduled(domain, provider, 1))
@@ -151,7 +151,7 @@ async def test_a_provider_error_counts_as_a_transient_failure(domain: Domain) ->
 async def test_retry_after_from_the_provider_is_honoured_up_to_the_cap(
     domain: Domain, retry_after: float, wait: timedelta
 ) -> None:
-    await domain.register()
+    await domain.verified()
     provider = FakeProvider(ProfileLookup(ProfileOutcome.RETRY, retry_after_seconds=retry_after))
     async with running(domain, provider):
         await until(rescheduled(domain, provider, 1))
@@ -160,7 +160,7 @@ async def test_retry_after_from_the_provider_is_honoured_up_to_the_cap(
 
 
 async def test_the_last_attempt_fails_for_good(domain: Domain) -> None:
-    user = await domain.register()
+    user = await domain.verified()
     provider = FakeProvider(ProfileLookup(ProfileOutcome.RETRY, detail="quota"))
     async with running(domain, provider, max_attempts=2):
         await until(rescheduled(domain, provider, 1))
@@ -173,7 +173,7 @@ async def test_the_last_attempt_fails_for_good(domain: Domain) -> None:
 
 
 async def test_two_workers_never_run_one_lookup_twice(domain: Domain) -> None:
-    users = [await domain.register() for _ in range(4)]
+    users = [await domain.verified() for _ in range(4)]
     provider = FakeProvider(ProfileLookup(ProfileOutcome.NOT_FOUND))
     async with running(domain, provider), running(domain, provider):
         for user in users:
@@ -182,7 +182,7 @@ async def test_two_workers_never_run_one_lookup_twice(domain: Domain) -> None:
 
 
 async def test_stopping_hands_unfinished_lookups_back(domain: Domain) -> None:
-    user = await domain.register()
+    user = await domain.verified()
     provider = FakeProvider(ProfileLookup(ProfileOutcome.FOUND, ADA))
     provider.hold = asyncio.Event()  # the lookup never returns
     worker = EnrichmentWorker(

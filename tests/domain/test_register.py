@@ -204,12 +204,15 @@ async def test_concurrent_retries_of_one_request_return_one_account(domain: Doma
 # --- email verification and enrichment ---------------------------------------------------------
 
 
-async def test_a_verified_email_is_marked(make_domain: MakeDomain, clock: FakeClock) -> None:
+async def test_a_deliverable_email_is_not_a_verified_one(make_domain: MakeDomain, clock: FakeClock) -> None:
+    """The provider's verdict is deliverability; only the owner's link sets is_verified."""
     domain = make_domain(verifier=FakeVerifier(clock))
     user = await domain.register("valid@example.com")
-    assert user.is_verified is True
+    assert user.is_verified is False
     assert user.email_verification is EmailStatus.VALID
     assert user.email_verify_time == domain.clock()
+    verified = await domain.verified("other-valid@example.com")
+    assert (verified.is_verified, verified.verify_time) == (True, domain.clock())
 
 
 async def test_an_undeliverable_email_is_refused_and_the_answer_cached(
@@ -250,10 +253,16 @@ async def test_an_unreachable_verifier_fails_open_or_closed(
     assert error.retry_after_seconds is not None
 
 
-async def test_registration_queues_an_enrichment_job(make_domain: MakeDomain) -> None:
+async def test_verification_not_registration_queues_an_enrichment_job(make_domain: MakeDomain) -> None:
     domain = make_domain(enrichment=True)
     user = await domain.register()
-    assert user.profile == Profile(state=ProfileState.PENDING)
+    assert user.profile is None
+    async with domain.store.read() as uow:
+        assert await uow.profiles.due(domain.clock(), 10) == []
+    (message,) = await domain.send_mail()
+    token = message.context["link"].rpartition("token=")[2]
+    verified = await domain.accounts.verify_email(token, "", "")
+    assert verified.profile == Profile(state=ProfileState.PENDING)
     assert domain.profiles_queued == [1]
     async with domain.store.read() as uow:
         assert await uow.profiles.due(domain.clock(), 10) == [user.id]

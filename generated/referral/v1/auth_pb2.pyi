@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -35,9 +40,7 @@ class User(_message.Message):
         EMAIL_VERIFICATION_UNSPECIFIED: User._EmailVerification.ValueType  # 0
         """Not checked: verification was off when the user registered."""
         EMAIL_VERIFICATION_VALID: User._EmailVerification.ValueType  # 1
-        """The mailbox exists and accepts mail. The only outcome that sets
-        `is_verified`.
-        """
+        """The mailbox exists and accepts mail."""
         EMAIL_VERIFICATION_ACCEPT_ALL: User._EmailVerification.ValueType  # 2
         """The domain accepts every address, so this mailbox could not be
         confirmed.
@@ -61,9 +64,7 @@ class User(_message.Message):
     EMAIL_VERIFICATION_UNSPECIFIED: User.EmailVerification.ValueType  # 0
     """Not checked: verification was off when the user registered."""
     EMAIL_VERIFICATION_VALID: User.EmailVerification.ValueType  # 1
-    """The mailbox exists and accepts mail. The only outcome that sets
-    `is_verified`.
-    """
+    """The mailbox exists and accepts mail."""
     EMAIL_VERIFICATION_ACCEPT_ALL: User.EmailVerification.ValueType  # 2
     """The domain accepts every address, so this mailbox could not be
     confirmed.
@@ -89,6 +90,9 @@ class User(_message.Message):
     EMAIL_VERIFICATION_FIELD_NUMBER: _builtins.int
     EMAIL_VERIFY_TIME_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
+    EMAIL_DELIVERABILITY_FIELD_NUMBER: _builtins.int
+    DELIVERABILITY_CHECK_TIME_FIELD_NUMBER: _builtins.int
+    VERIFY_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier."""
     email: _builtins.str
@@ -98,7 +102,11 @@ class User(_message.Message):
     is_active: _builtins.bool
     """False when the account has been disabled; a disabled user cannot log in."""
     is_verified: _builtins.bool
-    """True once the email address has been verified as deliverable."""
+    """True once the owner of the email address proved it: they followed the
+    link, or entered the code, of a verification message (VerifyEmail), or
+    reset their password through one. The deliverability check
+    (`email_deliverability`) never sets it.
+    """
     referrer_id: _builtins.int
     """The id of the user whose referral code this user registered with; unset
     when the user registered without a code.
@@ -107,26 +115,53 @@ class User(_message.Message):
     """True for operators and internal services created with
     `referral-service create-superuser`. Never settable through the API.
     """
-    email_verification: Global___User.EmailVerification.ValueType
-    """The outcome of the email check at registration. Undeliverable and
-    disposable addresses are refused, so they never appear here.
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def email_verification(self) -> Global___User.EmailVerification.ValueType:
+        """Deprecated: the same value as `email_deliverability`, kept for
+        existing clients. It never meant that the owner verified the address.
+        """
+
+    @email_verification.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def email_verification(self, value: Global___User.EmailVerification.ValueType) -> None:
+        """Deprecated: the same value as `email_deliverability`, kept for
+        existing clients. It never meant that the owner verified the address.
+        """
+
+    email_deliverability: Global___User.EmailVerification.ValueType
+    """What the deliverability provider (Hunter) said about the address at
+    registration: whether it can receive mail, not who owns it.
+    Undeliverable and disposable addresses are refused, so they never appear
+    here. EMAIL_VERIFICATION_UNSPECIFIED when it was not checked.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the account was created."""
 
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def email_verify_time(self) -> _timestamp_pb2.Timestamp:
-        """When the email was checked (or the cached answer used was obtained);
-        unset when it was not checked.
-        """
+        """Deprecated: the same value as `deliverability_check_time`."""
 
     @_builtins.property
     def profile(self) -> Global___UserProfile:
         """Public professional profile found by the enrichment provider after
         registration; unset when enrichment is off. Filled in the background, so
-        it starts in STATE_PENDING.
+        it starts in STATE_PENDING. Looked up only once the owner has verified
+        the address, and returned only while it is verified: nobody reads a
+        profile of an address they do not own.
         """
+
+    @_builtins.property
+    def deliverability_check_time(self) -> _timestamp_pb2.Timestamp:
+        """When the deliverability was checked (or the cached answer used was
+        obtained); unset when it was not checked.
+        """
+
+    @_builtins.property
+    def verify_time(self) -> _timestamp_pb2.Timestamp:
+        """When the owner verified the address; unset until then."""
 
     def __init__(
         self,
@@ -141,10 +176,13 @@ class User(_message.Message):
         email_verification: Global___User.EmailVerification.ValueType = ...,
         email_verify_time: _timestamp_pb2.Timestamp | None = ...,
         profile: Global___UserProfile | None = ...,
+        email_deliverability: Global___User.EmailVerification.ValueType = ...,
+        deliverability_check_time: _timestamp_pb2.Timestamp | None = ...,
+        verify_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "email_verify_time", b"email_verify_time", "profile", b"profile", "referrer_id", b"referrer_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "deliverability_check_time", b"deliverability_check_time", "email_verify_time", b"email_verify_time", "profile", b"profile", "referrer_id", b"referrer_id", "verify_time", b"verify_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "email", b"email", "email_verification", b"email_verification", "email_verify_time", b"email_verify_time", "id", b"id", "is_active", b"is_active", "is_superuser", b"is_superuser", "is_verified", b"is_verified", "profile", b"profile", "referrer_id", b"referrer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id", "create_time", b"create_time", "deliverability_check_time", b"deliverability_check_time", "email", b"email", "email_deliverability", b"email_deliverability", "email_verification", b"email_verification", "email_verify_time", b"email_verify_time", "id", b"id", "is_active", b"is_active", "is_superuser", b"is_superuser", "is_verified", b"is_verified", "profile", b"profile", "referrer_id", b"referrer_id", "verify_time", b"verify_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__referrer_id: _TypeAlias = _typing.Literal["referrer_id"]  # noqa: Y015
     _WhichOneofArgType__referrer_id: _TypeAlias = _typing.Literal["_referrer_id", b"_referrer_id"]  # noqa: Y015
@@ -1108,3 +1146,185 @@ class RevokeUserSessionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeUserSessionsResponse: _TypeAlias = RevokeUserSessionsResponse  # noqa: Y015
+
+@_typing.final
+class VerifyEmailRequest(_message.Message):
+    """Request of AuthService.VerifyEmail: either `token`, or `email` and `code`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token of the verification link."""
+    email: _builtins.str
+    """The account's email, with `code`."""
+    code: _builtins.str
+    """The 6-digit code of the verification message, with `email`."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        email: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "email", b"email", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEmailRequest: _TypeAlias = VerifyEmailRequest  # noqa: Y015
+
+@_typing.final
+class VerifyEmailResponse(_message.Message):
+    """Response of AuthService.VerifyEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user, now verified."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEmailResponse: _TypeAlias = VerifyEmailResponse  # noqa: Y015
+
+@_typing.final
+class ResendVerificationEmailRequest(_message.Message):
+    """Request of AuthService.ResendVerificationEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The account's email."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResendVerificationEmailRequest: _TypeAlias = ResendVerificationEmailRequest  # noqa: Y015
+
+@_typing.final
+class ResendVerificationEmailResponse(_message.Message):
+    """Response of AuthService.ResendVerificationEmail: the same for every email."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResendVerificationEmailResponse: _TypeAlias = ResendVerificationEmailResponse  # noqa: Y015
+
+@_typing.final
+class RequestPasswordResetRequest(_message.Message):
+    """Request of AuthService.RequestPasswordReset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The account's email."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestPasswordResetRequest: _TypeAlias = RequestPasswordResetRequest  # noqa: Y015
+
+@_typing.final
+class RequestPasswordResetResponse(_message.Message):
+    """Response of AuthService.RequestPasswordReset: the same for every email."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestPasswordResetResponse: _TypeAlias = RequestPasswordResetResponse  # noqa: Y015
+
+@_typing.final
+class ResetPasswordRequest(_message.Message):
+    """Request of AuthService.ResetPassword."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    NEW_PASSWORD_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token of the password reset link."""
+    new_password: _builtins.str
+    """The new password: 8 to 128 characters, not one of the most common
+    passwords, not the email.
+    """
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        new_password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_password", b"new_password", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetPasswordRequest: _TypeAlias = ResetPasswordRequest  # noqa: Y015
+
+@_typing.final
+class ResetPasswordResponse(_message.Message):
+    """Response of AuthService.ResetPassword."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_REVOKED_FIELD_NUMBER: _builtins.int
+    sessions_revoked: _builtins.int
+    """How many sessions of the user were revoked."""
+    def __init__(
+        self,
+        *,
+        sessions_revoked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions_revoked", b"sessions_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetPasswordResponse: _TypeAlias = ResetPasswordResponse  # noqa: Y015

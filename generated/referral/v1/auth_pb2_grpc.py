@@ -61,6 +61,26 @@ class AuthServiceStub:
                 request_serializer=referral_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
                 _registered_method=True)
+        self.VerifyEmail = channel.unary_unary(
+                '/referral.v1.AuthService/VerifyEmail',
+                request_serializer=referral_dot_v1_dot_auth__pb2.VerifyEmailRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.VerifyEmailResponse.FromString,
+                _registered_method=True)
+        self.ResendVerificationEmail = channel.unary_unary(
+                '/referral.v1.AuthService/ResendVerificationEmail',
+                request_serializer=referral_dot_v1_dot_auth__pb2.ResendVerificationEmailRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.ResendVerificationEmailResponse.FromString,
+                _registered_method=True)
+        self.RequestPasswordReset = channel.unary_unary(
+                '/referral.v1.AuthService/RequestPasswordReset',
+                request_serializer=referral_dot_v1_dot_auth__pb2.RequestPasswordResetRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.RequestPasswordResetResponse.FromString,
+                _registered_method=True)
+        self.ResetPassword = channel.unary_unary(
+                '/referral.v1.AuthService/ResetPassword',
+                request_serializer=referral_dot_v1_dot_auth__pb2.ResetPasswordRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_auth__pb2.ResetPasswordResponse.FromString,
+                _registered_method=True)
         self.ChangePassword = channel.unary_unary(
                 '/referral.v1.AuthService/ChangePassword',
                 request_serializer=referral_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
@@ -159,6 +179,53 @@ class AuthServiceServicer:
     def Logout(self, request, context):
         """Revokes the access token of this call (until it would have expired) and,
         when given, the refresh token's whole family.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyEmail(self, request, context):
+        """Proves that the caller owns the account's email address, with what the
+        verification message carried: its link's `token`, or the short `code`
+        together with the `email` (for apps, where the user types the code).
+        Only this sets `User.is_verified`. A token or code works once, expires
+        (24 hours by default), and dies when a newer one is used; five wrong
+        codes end a code (its link still works). An unknown token, a wrong code
+        and an email without an account get the same INVALID_ARGUMENT
+        (EMAIL_TOKEN_INVALID); an expired one FAILED_PRECONDITION
+        (EMAIL_TOKEN_EXPIRED); a used one FAILED_PRECONDITION (EMAIL_TOKEN_USED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResendVerificationEmail(self, request, context):
+        """Sends a new verification message to `email`. The answer is the same
+        whether or not an account has this address, and whether or not it is
+        already verified (then nothing is sent): it never tells who has an
+        account. Limited per address and per email.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestPasswordReset(self, request, context):
+        """Starts a password reset: when an active account has this email, a
+        message with a single-use link (valid 30 minutes by default) is sent to
+        it. The answer, and the work done before answering, are the same
+        whether or not the account exists: the look-up happens afterwards, in
+        the mail queue. Limited per address and per email.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPassword(self, request, context):
+        """Sets a new password with the token of a password reset message. The
+        token works once; the new password follows Register's policy. Every
+        session of the user is revoked, the email counts as verified (the link
+        proved the mailbox), and a notice is mailed to the address. Token errors
+        as in VerifyEmail.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -282,6 +349,26 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.Logout,
                     request_deserializer=referral_dot_v1_dot_auth__pb2.LogoutRequest.FromString,
                     response_serializer=referral_dot_v1_dot_auth__pb2.LogoutResponse.SerializeToString,
+            ),
+            'VerifyEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyEmail,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.VerifyEmailRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.VerifyEmailResponse.SerializeToString,
+            ),
+            'ResendVerificationEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResendVerificationEmail,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.ResendVerificationEmailRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.ResendVerificationEmailResponse.SerializeToString,
+            ),
+            'RequestPasswordReset': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestPasswordReset,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.RequestPasswordResetRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.RequestPasswordResetResponse.SerializeToString,
+            ),
+            'ResetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPassword,
+                    request_deserializer=referral_dot_v1_dot_auth__pb2.ResetPasswordRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_auth__pb2.ResetPasswordResponse.SerializeToString,
             ),
             'ChangePassword': grpc.unary_unary_rpc_method_handler(
                     servicer.ChangePassword,
@@ -449,6 +536,114 @@ class AuthService:
             '/referral.v1.AuthService/Logout',
             referral_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
             referral_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/VerifyEmail',
+            referral_dot_v1_dot_auth__pb2.VerifyEmailRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.VerifyEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResendVerificationEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/ResendVerificationEmail',
+            referral_dot_v1_dot_auth__pb2.ResendVerificationEmailRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.ResendVerificationEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestPasswordReset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/RequestPasswordReset',
+            referral_dot_v1_dot_auth__pb2.RequestPasswordResetRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.RequestPasswordResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.AuthService/ResetPassword',
+            referral_dot_v1_dot_auth__pb2.ResetPasswordRequest.SerializeToString,
+            referral_dot_v1_dot_auth__pb2.ResetPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

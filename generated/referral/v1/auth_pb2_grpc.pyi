@@ -65,6 +65,37 @@ class AuthServiceStub:
     """Revokes the access token of this call (until it would have expired) and,
     when given, the refresh token's whole family.
     """
+    VerifyEmail: _grpc.UnaryUnaryMultiCallable[_auth_pb2.VerifyEmailRequest, _auth_pb2.VerifyEmailResponse]
+    """Proves that the caller owns the account's email address, with what the
+    verification message carried: its link's `token`, or the short `code`
+    together with the `email` (for apps, where the user types the code).
+    Only this sets `User.is_verified`. A token or code works once, expires
+    (24 hours by default), and dies when a newer one is used; five wrong
+    codes end a code (its link still works). An unknown token, a wrong code
+    and an email without an account get the same INVALID_ARGUMENT
+    (EMAIL_TOKEN_INVALID); an expired one FAILED_PRECONDITION
+    (EMAIL_TOKEN_EXPIRED); a used one FAILED_PRECONDITION (EMAIL_TOKEN_USED).
+    """
+    ResendVerificationEmail: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ResendVerificationEmailRequest, _auth_pb2.ResendVerificationEmailResponse]
+    """Sends a new verification message to `email`. The answer is the same
+    whether or not an account has this address, and whether or not it is
+    already verified (then nothing is sent): it never tells who has an
+    account. Limited per address and per email.
+    """
+    RequestPasswordReset: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RequestPasswordResetRequest, _auth_pb2.RequestPasswordResetResponse]
+    """Starts a password reset: when an active account has this email, a
+    message with a single-use link (valid 30 minutes by default) is sent to
+    it. The answer, and the work done before answering, are the same
+    whether or not the account exists: the look-up happens afterwards, in
+    the mail queue. Limited per address and per email.
+    """
+    ResetPassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ResetPasswordRequest, _auth_pb2.ResetPasswordResponse]
+    """Sets a new password with the token of a password reset message. The
+    token works once; the new password follows Register's policy. Every
+    session of the user is revoked, the email counts as verified (the link
+    proved the mailbox), and a notice is mailed to the address. Token errors
+    as in VerifyEmail.
+    """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]
     """Changes the caller's password. The current password is required (a
     wrong one is UNAUTHENTICATED with reason INVALID_CREDENTIALS, and counts
@@ -156,6 +187,37 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Logout: _aio.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _auth_pb2.LogoutResponse]  # type: ignore[assignment]
     """Revokes the access token of this call (until it would have expired) and,
     when given, the refresh token's whole family.
+    """
+    VerifyEmail: _aio.UnaryUnaryMultiCallable[_auth_pb2.VerifyEmailRequest, _auth_pb2.VerifyEmailResponse]  # type: ignore[assignment]
+    """Proves that the caller owns the account's email address, with what the
+    verification message carried: its link's `token`, or the short `code`
+    together with the `email` (for apps, where the user types the code).
+    Only this sets `User.is_verified`. A token or code works once, expires
+    (24 hours by default), and dies when a newer one is used; five wrong
+    codes end a code (its link still works). An unknown token, a wrong code
+    and an email without an account get the same INVALID_ARGUMENT
+    (EMAIL_TOKEN_INVALID); an expired one FAILED_PRECONDITION
+    (EMAIL_TOKEN_EXPIRED); a used one FAILED_PRECONDITION (EMAIL_TOKEN_USED).
+    """
+    ResendVerificationEmail: _aio.UnaryUnaryMultiCallable[_auth_pb2.ResendVerificationEmailRequest, _auth_pb2.ResendVerificationEmailResponse]  # type: ignore[assignment]
+    """Sends a new verification message to `email`. The answer is the same
+    whether or not an account has this address, and whether or not it is
+    already verified (then nothing is sent): it never tells who has an
+    account. Limited per address and per email.
+    """
+    RequestPasswordReset: _aio.UnaryUnaryMultiCallable[_auth_pb2.RequestPasswordResetRequest, _auth_pb2.RequestPasswordResetResponse]  # type: ignore[assignment]
+    """Starts a password reset: when an active account has this email, a
+    message with a single-use link (valid 30 minutes by default) is sent to
+    it. The answer, and the work done before answering, are the same
+    whether or not the account exists: the look-up happens afterwards, in
+    the mail queue. Limited per address and per email.
+    """
+    ResetPassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ResetPasswordRequest, _auth_pb2.ResetPasswordResponse]  # type: ignore[assignment]
+    """Sets a new password with the token of a password reset message. The
+    token works once; the new password follows Register's policy. Every
+    session of the user is revoked, the email counts as verified (the link
+    proved the mailbox), and a notice is mailed to the address. Token errors
+    as in VerifyEmail.
     """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Changes the caller's password. The current password is required (a
@@ -269,6 +331,61 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.LogoutResponse, _abc.Awaitable[_auth_pb2.LogoutResponse]]:
         """Revokes the access token of this call (until it would have expired) and,
         when given, the refresh token's whole family.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyEmail(
+        self,
+        request: _auth_pb2.VerifyEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.VerifyEmailResponse, _abc.Awaitable[_auth_pb2.VerifyEmailResponse]]:
+        """Proves that the caller owns the account's email address, with what the
+        verification message carried: its link's `token`, or the short `code`
+        together with the `email` (for apps, where the user types the code).
+        Only this sets `User.is_verified`. A token or code works once, expires
+        (24 hours by default), and dies when a newer one is used; five wrong
+        codes end a code (its link still works). An unknown token, a wrong code
+        and an email without an account get the same INVALID_ARGUMENT
+        (EMAIL_TOKEN_INVALID); an expired one FAILED_PRECONDITION
+        (EMAIL_TOKEN_EXPIRED); a used one FAILED_PRECONDITION (EMAIL_TOKEN_USED).
+        """
+
+    @_abc_1.abstractmethod
+    def ResendVerificationEmail(
+        self,
+        request: _auth_pb2.ResendVerificationEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ResendVerificationEmailResponse, _abc.Awaitable[_auth_pb2.ResendVerificationEmailResponse]]:
+        """Sends a new verification message to `email`. The answer is the same
+        whether or not an account has this address, and whether or not it is
+        already verified (then nothing is sent): it never tells who has an
+        account. Limited per address and per email.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestPasswordReset(
+        self,
+        request: _auth_pb2.RequestPasswordResetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RequestPasswordResetResponse, _abc.Awaitable[_auth_pb2.RequestPasswordResetResponse]]:
+        """Starts a password reset: when an active account has this email, a
+        message with a single-use link (valid 30 minutes by default) is sent to
+        it. The answer, and the work done before answering, are the same
+        whether or not the account exists: the look-up happens afterwards, in
+        the mail queue. Limited per address and per email.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetPassword(
+        self,
+        request: _auth_pb2.ResetPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ResetPasswordResponse, _abc.Awaitable[_auth_pb2.ResetPasswordResponse]]:
+        """Sets a new password with the token of a password reset message. The
+        token works once; the new password follows Register's policy. Every
+        session of the user is revoked, the email counts as verified (the link
+        proved the mailbox), and a notice is mailed to the address. Token errors
+        as in VerifyEmail.
         """
 
     @_abc_1.abstractmethod

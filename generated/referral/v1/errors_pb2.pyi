@@ -48,6 +48,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_ACCOUNT_DISABLED: _ErrorReason.ValueType  # 12
     """PERMISSION_DENIED: the account is disabled."""
+    ERROR_REASON_EMAIL_TOKEN_INVALID: _ErrorReason.ValueType  # 13
+    """INVALID_ARGUMENT: the token or code of an email (verification, password
+    reset) is not known, the code is wrong, or no account has the email. The
+    cases are deliberately not told apart.
+    """
+    ERROR_REASON_EMAIL_TOKEN_EXPIRED: _ErrorReason.ValueType  # 14
+    """FAILED_PRECONDITION: the token or code of an email has expired; ask for
+    a new message.
+    """
+    ERROR_REASON_EMAIL_TOKEN_USED: _ErrorReason.ValueType  # 15
+    """FAILED_PRECONDITION: the token or code of an email was used already (or
+    a newer one of the same kind was).
+    """
     ERROR_REASON_TOKEN_MISSING: _ErrorReason.ValueType  # 20
     """UNAUTHENTICATED: the RPC needs `authorization: Bearer <token>` metadata
     and the call has none.
@@ -178,6 +191,19 @@ deliberately not told apart.
 """
 ERROR_REASON_ACCOUNT_DISABLED: ErrorReason.ValueType  # 12
 """PERMISSION_DENIED: the account is disabled."""
+ERROR_REASON_EMAIL_TOKEN_INVALID: ErrorReason.ValueType  # 13
+"""INVALID_ARGUMENT: the token or code of an email (verification, password
+reset) is not known, the code is wrong, or no account has the email. The
+cases are deliberately not told apart.
+"""
+ERROR_REASON_EMAIL_TOKEN_EXPIRED: ErrorReason.ValueType  # 14
+"""FAILED_PRECONDITION: the token or code of an email has expired; ask for
+a new message.
+"""
+ERROR_REASON_EMAIL_TOKEN_USED: ErrorReason.ValueType  # 15
+"""FAILED_PRECONDITION: the token or code of an email was used already (or
+a newer one of the same kind was).
+"""
 ERROR_REASON_TOKEN_MISSING: ErrorReason.ValueType  # 20
 """UNAUTHENTICATED: the RPC needs `authorization: Bearer <token>` metadata
 and the call has none.

@@ -56,6 +56,28 @@ class AccountDisabled(ReferralError):
     REASON = "ACCOUNT_DISABLED"
 
 
+class EmailTokenInvalid(ReferralError):
+    """INVALID_ARGUMENT: the token or code of an email (verification, password reset) is not known,
+    the code is wrong, or no account has the email. The cases are deliberately not told apart.
+    """
+
+    REASON = "EMAIL_TOKEN_INVALID"
+
+
+class EmailTokenExpired(ReferralError):
+    """FAILED_PRECONDITION: the token or code of an email has expired; ask for a new message."""
+
+    REASON = "EMAIL_TOKEN_EXPIRED"
+
+
+class EmailTokenUsed(ReferralError):
+    """FAILED_PRECONDITION: the token or code of an email was used already (or a newer one of the
+    same kind was).
+    """
+
+    REASON = "EMAIL_TOKEN_USED"
+
+
 class TokenMissing(ReferralError):
     """UNAUTHENTICATED: the RPC needs `authorization: Bearer <token>` metadata and the call has
     none.
@@ -262,6 +284,9 @@ BY_REASON: dict[str, type[ReferralError]] = {
     EmailAlreadyRegistered.REASON: EmailAlreadyRegistered,
     InvalidCredentials.REASON: InvalidCredentials,
     AccountDisabled.REASON: AccountDisabled,
+    EmailTokenInvalid.REASON: EmailTokenInvalid,
+    EmailTokenExpired.REASON: EmailTokenExpired,
+    EmailTokenUsed.REASON: EmailTokenUsed,
     TokenMissing.REASON: TokenMissing,
     TokenInvalid.REASON: TokenInvalid,
     TokenExpired.REASON: TokenExpired,
@@ -298,6 +323,9 @@ __all__ = [
     "Cancelled",
     "EmailAlreadyRegistered",
     "EmailDisposable",
+    "EmailTokenExpired",
+    "EmailTokenInvalid",
+    "EmailTokenUsed",
     "EmailUndeliverable",
     "EmailVerificationUnavailable",
     "HttpMethodNotAllowed",
