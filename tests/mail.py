@@ -118,7 +118,9 @@ class Smtpd:
         self._port = port
         self._controller: Controller | None = None
 
-    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> Any:
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> Any:
         from aiosmtpd.smtp import AuthResult, LoginPassword
 
         if isinstance(data, LoginPassword) and self._auth is not None:
@@ -132,9 +134,12 @@ class Smtpd:
         kwargs: dict[str, Any] = {}
         if self._auth is not None:
             kwargs.update(authenticator=self._authenticate, auth_require_tls=False, auth_required=True)
+        from tests.live import free_port
+
+        if not self._port:
+            self._port = free_port()
         self._controller = Controller(_Collect(self), hostname="127.0.0.1", port=self._port, **kwargs)
         self._controller.start()
-        self._port = self._controller.port
         return self._port
 
     @property
