@@ -28,7 +28,7 @@ def maildir_messages(directory: Path) -> list[EmailMessage]:
         return []
     box = mailbox.Maildir(directory, factory=None, create=False)
     found = []
-    for key in box.keys():
+    for key in box.iterkeys():
         with box.get_file(key) as handle:
             message = email.message_from_binary_file(handle, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
@@ -88,7 +88,7 @@ class _Collect:
     def __init__(self, owner: Smtpd) -> None:
         self._owner = owner
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if self._owner.refuse_with:
@@ -96,7 +96,7 @@ class _Collect:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         message = email.message_from_bytes(content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)

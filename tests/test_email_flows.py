@@ -4,9 +4,9 @@ loopback (aiosmtpd) or the development Maildir, on SQLite and PostgreSQL with re
 from __future__ import annotations
 
 import asyncio
-from email.utils import parseaddr
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from email.utils import parseaddr
 from typing import Any
 
 import grpc

@@ -15,8 +15,8 @@ from referral_service.domain.accounts import AccountEmails, MailTokenPolicy
 from referral_service.domain.auth import AuthService, RegisterCommand
 from referral_service.domain.enrichment import queue_lookup
 from referral_service.domain.mail import MailWorker
-from referral_service.domain.ports import OutgoingMail
 from referral_service.domain.models import Principal, ReferralCode, TokenPair, User
+from referral_service.domain.ports import OutgoingMail
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.validation import DisposableDomains
