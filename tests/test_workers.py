@@ -155,3 +155,45 @@ async def test_two_replicas_behave_as_one_service(replicas: tuple[LiveServer, Li
             grpc.StatusCode.UNAUTHENTICATED,
             "TOKEN_REVOKED",
         )
+
+
+async def test_sessions_listed_and_revoked_across_replicas(replicas: tuple[LiveServer, LiveServer]) -> None:
+    """Sessions opened on one process are listed, and ended, from the other: the session rows are
+    in the database and revocations reach every process (Redis, with the database as record)."""
+    one, two = replicas
+    async with grpc.aio.insecure_channel(one.target) as a, grpc.aio.insecure_channel(two.target) as b:
+        auth_a, auth_b = auth_pb2_grpc.AuthServiceStub(a), auth_pb2_grpc.AuthServiceStub(b)
+        email = "sessions-replica@example.com"
+        await auth_a.Register(auth_pb2.RegisterRequest(email=email, password=PASSWORD))
+        login = auth_pb2.LoginRequest(email=email, password=PASSWORD)
+        on_a = [await auth_a.Login(login) for _ in range(2)]
+        on_b = await auth_b.Login(login)
+        listed = await auth_b.ListSessions(auth_pb2.ListSessionsRequest(), metadata=bearer(on_b.access_token))
+        assert len(listed.sessions) == 3
+        assert [s.current for s in listed.sessions] == [False, False, True]
+        # Ended on b: a's first session stops working on a, at once.
+        first = listed.sessions[0].id
+        await auth_b.RevokeSession(
+            auth_pb2.RevokeSessionRequest(session_id=first), metadata=bearer(on_b.access_token)
+        )
+        await expect_error(
+            auth_a.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(on_a[0].access_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+        await expect_error(
+            auth_a.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=on_a[0].refresh_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        # "Sign out everywhere else" from a ends b's session on b.
+        ended = await auth_a.RevokeOtherSessions(
+            auth_pb2.RevokeOtherSessionsRequest(), metadata=bearer(on_a[1].access_token)
+        )
+        assert ended.sessions_revoked == 1
+        await expect_error(
+            auth_b.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(on_b.access_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+        left = await auth_b.ListSessions(auth_pb2.ListSessionsRequest(), metadata=bearer(on_a[1].access_token))
+        assert [s.current for s in left.sessions] == [True]
