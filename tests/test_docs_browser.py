@@ -103,3 +103,64 @@ async def test_docs_page_in_a_headless_browser(api: Api) -> None:
             assert not errors, errors
         finally:
             await browser.close()
+
+
+@pytest.mark.one_stack
+async def test_verification_and_reset_links_in_a_headless_browser(api: Api) -> None:
+    """The links of the messages, opened as a user would: the verification page confirms and
+    says so; the reset page takes a new password; a used link says it was used."""
+    executable = _chromium()
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:  # pragma: no cover - a dev dependency
+        async_playwright = None  # type: ignore[assignment]
+    if executable is None or async_playwright is None:
+        if REQUIRE:
+            pytest.fail("the browser test is required in CI: chromium or playwright missing")
+        pytest.skip("no chromium or playwright")
+    from referral.v1 import auth_pb2
+
+    from tests.mail import link_of, wait_for
+
+    email = api.unique_email("browser")
+    await api.register(email)
+    (message,) = await wait_for(api.mailbox, email, "verify_email")
+    base = f"http://127.0.0.1:{api.app.http_port}"
+    # The development default points the links at this server (REFERRAL_PUBLIC_URL).
+    link = link_of(message).replace("http://127.0.0.1:8080", base)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            response = await page.goto(link)
+            assert response is not None and response.status == 200
+            assert response.headers["referrer-policy"] == "no-referrer"
+            await page.wait_for_selector("#status.ok")
+            assert "Email address confirmed" in await page.inner_text("#title")
+            assert email in await page.inner_text("#status")
+            assert "token" not in page.url  # dropped from the address bar
+            # The same link again (a new tab, as from the message): used.
+            page = await browser.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            await page.goto(link)
+            await page.wait_for_selector("#status.error")
+            assert "used already" in await page.inner_text("#status")
+
+            await api.auth.RequestPasswordReset(auth_pb2.RequestPasswordResetRequest(email=email))
+            (reset,) = await wait_for(api.mailbox, email, "password_reset")
+            page = await browser.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            await page.goto(link_of(reset).replace("http://127.0.0.1:8080", base))
+            await page.fill("#password", "browser chosen passphrase 9")
+            await page.fill("#confirm", "browser chosen passphrase 9")
+            await page.click("button[type=submit]")
+            await page.wait_for_selector("#status.ok")
+            assert "Password changed" in await page.inner_text("#title")
+            assert errors == []
+        finally:
+            await browser.close()
+    await api.login(email, "browser chosen passphrase 9")

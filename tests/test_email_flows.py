@@ -521,3 +521,45 @@ async def test_get_user_shows_deliverability_and_verification_apart(mail_api: Ap
     (message,) = await wait_for(smtpd.read, email, "verify_email")
     verified = (await api.auth.VerifyEmail(verify_token(token_of(message)))).user
     assert verified.verify_time.ToDatetime() >= verified.create_time.ToDatetime()
+
+
+@pytest.mark.sqlite_stack
+async def test_guessing_tokens_and_codes_is_limited_per_address(stack: Stack, smtpd: Smtpd) -> None:
+    api = await start_api(
+        stack,
+        **smtp_settings(
+            smtpd, rate_limit_verify_email_address="3/1h", rate_limit_password_reset_confirm_address="2/1h"
+        ),
+    )
+    try:
+        email = api.unique_email("guessed")
+        await api.register(email)
+        (message,) = await wait_for(smtpd.read, email, "verify_email")
+        for guess in ("000000", "111111", "222222"):
+            await expect_error(
+                api.auth.VerifyEmail(auth_pb2.VerifyEmailRequest(email=email, code=guess)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "EMAIL_TOKEN_INVALID",
+            )
+        # Even the right link is refused now, from this address: the guesser is stopped.
+        error = await expect_error(
+            api.auth.VerifyEmail(verify_token(token_of(message))),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
+        assert error.retry_seconds is not None
+        for _ in range(2):
+            await expect_error(
+                api.auth.ResetPassword(
+                    auth_pb2.ResetPasswordRequest(token="q" * 43, new_password=NEW_PASSWORD)
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "EMAIL_TOKEN_INVALID",
+            )
+        await expect_error(
+            api.auth.ResetPassword(auth_pb2.ResetPasswordRequest(token="q" * 43, new_password=NEW_PASSWORD)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
+    finally:
+        await stop_api(api)

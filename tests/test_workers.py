@@ -195,5 +195,7 @@ async def test_sessions_listed_and_revoked_across_replicas(replicas: tuple[LiveS
             grpc.StatusCode.UNAUTHENTICATED,
             "TOKEN_REVOKED",
         )
-        left = await auth_b.ListSessions(auth_pb2.ListSessionsRequest(), metadata=bearer(on_a[1].access_token))
+        left = await auth_b.ListSessions(
+            auth_pb2.ListSessionsRequest(), metadata=bearer(on_a[1].access_token)
+        )
         assert [s.current for s in left.sessions] == [True]
