@@ -137,7 +137,8 @@ async def test_verification_and_reset_links_in_a_headless_browser(api: Api) -> N
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             response = await page.goto(link)
-            assert response is not None and response.status == 200
+            assert response is not None
+            assert response.status == 200
             assert response.headers["referrer-policy"] == "no-referrer"
             await page.wait_for_selector("#status.ok")
             assert "Email address confirmed" in await page.inner_text("#title")

@@ -1126,3 +1126,182 @@ async def test_service_accounts(store: Store) -> None:
     assert revoked.revoke_time == at(5)
     # A revoked account keeps its name.
     assert await conflict_of(add("billing", "svc_4")) == ports.SERVICE_ACCOUNT_TAKEN
+
+
+# --- email tokens and the mail queue ----------------------------------------------------------------
+
+
+async def add_token(
+    store: Store,
+    user: User,
+    token_hash: str,
+    *,
+    purpose: str = ports.VERIFY_EMAIL,
+    code_hash: str | None = "c0de",
+    expire_time: datetime | None = None,
+) -> ports.EmailToken:
+    expire_time = expire_time or at(60)
+    await store.transact(
+        lambda uow: uow.email_tokens.add(
+            user_id=user.id,
+            purpose=purpose,
+            token_hash=token_hash,
+            code_hash=code_hash,
+            now=T0,
+            expire_time=expire_time,
+        )
+    )
+    async with store.read() as uow:
+        found = await uow.email_tokens.by_hash(token_hash)
+    assert found is not None
+    return found
+
+
+async def test_an_email_token_is_used_once_and_not_after_it_expires(store: Store) -> None:
+    user = await add_user(store, "tokens@example.com")
+    first = await add_token(store, user, "h1")
+    assert (first.user_id, first.purpose, first.code_failures, first.use_time) == (
+        user.id, ports.VERIFY_EMAIL, 0, None,
+    )  # fmt: skip
+    assert await store.transact(lambda uow: uow.email_tokens.use(first.id, at(1)))
+    assert not await store.transact(lambda uow: uow.email_tokens.use(first.id, at(2)))
+    async with store.read() as uow:
+        used = await uow.email_tokens.by_hash("h1")
+    assert used is not None
+    assert used.use_time == at(1)
+    late = await add_token(store, user, "h2", expire_time=at(10))
+    assert not await store.transact(lambda uow: uow.email_tokens.use(late.id, at(10)))  # expired at 10
+    assert await store.transact(lambda uow: uow.email_tokens.use(late.id, at(10) - MICROSECOND))
+
+
+async def test_concurrent_uses_of_an_email_token_use_it_once(store: Store) -> None:
+    user = await add_user(store, "race-token@example.com")
+    token = await add_token(store, user, "race")
+
+    async def use(uow: UnitOfWork) -> bool:
+        used = await uow.email_tokens.use(token.id, at(1))
+        await asyncio.sleep(0)
+        return used
+
+    assert sorted(await asyncio.gather(*(store.transact(use) for _ in range(N)))) == [False] * (N - 1) + [
+        True
+    ]
+
+
+async def test_tokens_with_codes_use_all_and_failures(store: Store) -> None:
+    user = await add_user(store, "codes@example.com")
+    other = await add_user(store, "other-codes@example.com")
+    a = await add_token(store, user, "a")
+    b = await add_token(store, user, "b")
+    await add_token(store, user, "nocode", code_hash=None)
+    await add_token(store, user, "reset", purpose=ports.PASSWORD_RESET)
+    await add_token(store, user, "old", expire_time=at(1))
+    await add_token(store, other, "theirs")
+    async with store.read() as uow:
+        live = await uow.email_tokens.with_codes(user.id, ports.VERIFY_EMAIL, at(1))
+    assert sorted(t.id for t in live) == sorted([a.id, b.id])
+    await store.transact(lambda uow: uow.email_tokens.count_code_failure([a.id, a.id, b.id]))
+    async with store.read() as uow:
+        failures = {
+            t.id: t.code_failures for t in await uow.email_tokens.with_codes(user.id, ports.VERIFY_EMAIL, T0)
+        }
+    assert failures[b.id] == 1
+    assert failures[a.id] >= 1
+    await store.transact(lambda uow: uow.email_tokens.use_all(user.id, ports.VERIFY_EMAIL, at(2)))
+    async with store.read() as uow:
+        assert await uow.email_tokens.with_codes(user.id, ports.VERIFY_EMAIL, T0) == []
+        reset = await uow.email_tokens.by_hash("reset")
+        theirs = await uow.email_tokens.by_hash("theirs")
+    assert reset is not None
+    assert reset.use_time is None  # another purpose
+    assert theirs is not None
+    assert theirs.use_time is None  # another user
+    await store.transact(lambda uow: uow.email_tokens.discard("reset"))
+    async with store.read() as uow:
+        assert await uow.email_tokens.by_hash("reset") is None
+
+
+async def test_mail_queue_lifecycle(store: Store) -> None:
+    user = await add_user(store, "mail@example.com")
+
+    async def enqueue(uow: UnitOfWork) -> None:
+        await uow.mails.enqueue(
+            ports.VERIFY_EMAIL, user_id=user.id, email_key=user.email_key, message_id="m1", now=T0
+        )
+        await uow.mails.enqueue(
+            ports.PASSWORD_RESET, email_key="nobody@example.com", message_id="m2", now=at(1)
+        )
+
+    await store.transact(enqueue)
+    async with store.read() as uow:
+        first, second = await uow.mails.due(at(1), 10)
+        assert await uow.mails.due(T0, 10) == [first]
+        assert await uow.mails.next_due_time() == T0
+        assert await uow.mails.next_due_time(exclude=[first]) == at(1)
+    claim = await store.transact(lambda uow: uow.mails.claim(first, at(2), at(60)))
+    assert claim == ports.MailClaim(
+        id=first,
+        kind=ports.VERIFY_EMAIL,
+        user_id=user.id,
+        email_key=user.email_key,
+        message_id="m1",
+        attempts=1,
+    )
+    assert await store.transact(lambda uow: uow.mails.claim(first, at(3), at(60))) is None  # leased
+    await store.transact(lambda uow: uow.mails.reschedule(first, at(4), at(30), error="421 try later"))
+    assert await store.transact(lambda uow: uow.mails.claim(first, at(29), at(90))) is None
+    again = await store.transact(lambda uow: uow.mails.claim(first, at(30), at(90)))
+    assert again is not None
+    assert again.attempts == 2
+    await store.transact(lambda uow: uow.mails.release([first], at(31)))  # the attempt does not count
+    again = await store.transact(lambda uow: uow.mails.claim(first, at(31), at(90)))
+    assert again is not None
+    assert again.attempts == 2
+    await store.transact(lambda uow: uow.mails.finish(first, "sent", at(32)))
+    nobody = await store.transact(lambda uow: uow.mails.claim(second, at(32), at(90)))
+    assert nobody is not None
+    assert nobody.user_id is None
+    assert nobody.email_key == "nobody@example.com"
+    await store.transact(lambda uow: uow.mails.finish(second, "skipped", at(33)))
+    async with store.read() as uow:
+        assert await uow.mails.due(at(100), 10) == []
+        assert await uow.mails.next_due_time() is None
+    # Finished messages are purged after the retention period; pending ones never.
+    await store.transact(
+        lambda uow: uow.mails.enqueue(
+            ports.PASSWORD_CHANGED, user_id=user.id, email_key="x", message_id="m3", now=T0
+        )
+    )
+    assert (
+        await store.transact(lambda uow: uow.purge_expired(at(32) + ports.MAIL_RETENTION - MICROSECOND)) == 0
+    )
+    assert await store.transact(lambda uow: uow.purge_expired(at(33) + ports.MAIL_RETENTION)) == 2
+    async with store.read() as uow:
+        assert len(await uow.mails.due(at(100), 10)) == 1
+
+
+async def test_concurrent_claims_of_a_message_lease_it_once(store: Store) -> None:
+    await store.transact(
+        lambda uow: uow.mails.enqueue(ports.PASSWORD_RESET, email_key="x@example.com", message_id="m", now=T0)
+    )
+    async with store.read() as uow:
+        (mail_id,) = await uow.mails.due(T0, 10)
+
+    async def claim(uow: UnitOfWork) -> ports.MailClaim | None:
+        claimed = await uow.mails.claim(mail_id, at(1), at(60))
+        await asyncio.sleep(0)
+        return claimed
+
+    results = await asyncio.gather(*(store.transact(claim) for _ in range(N)))
+    assert len([result for result in results if result is not None]) == 1
+
+
+async def test_marking_a_user_verified_happens_once(store: Store) -> None:
+    user = await add_user(store, "verify-once@example.com")
+    assert (user.is_verified, user.verify_time) == (False, None)
+    assert await store.transact(lambda uow: uow.users.mark_verified(user.id, at(5)))
+    assert not await store.transact(lambda uow: uow.users.mark_verified(user.id, at(6)))
+    async with store.read() as uow:
+        stored = await uow.users.get(user.id)
+    assert stored is not None
+    assert (stored.is_verified, stored.verify_time) == (True, at(5))
