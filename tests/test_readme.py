@@ -198,6 +198,20 @@ def test_readme_http_examples_work_as_printed(live_server: Live) -> None:
     assert "/v1/users/{referrer_id}/referrals" in output
 
 
+def test_accounts_examples_work_as_printed(live_server: Live) -> None:
+    """Run from the server's directory, as from the repository root with ``make run`` (whose
+    data directory, and so its mail directory, is ./data)."""
+    missing = [tool for tool in ("jq", "curl") if shutil.which(tool) is None]
+    script = readme_script("readme-test-accounts").replace(
+        "127.0.0.1:8080", f"127.0.0.1:{live_server.http_port}"
+    )
+    output = _run_script(script, missing, cwd=live_server.root)
+    assert '{"email":"carol@example.com","isVerified":false}' in output
+    assert '{"email":"carol@example.com","isVerified":true}' in output
+    assert "EMAIL_TOKEN_USED" in output
+    assert output.count("{}") == 2
+
+
 def test_readme_service_account_examples_work_as_printed(live_server: Live) -> None:
     """The operator's commands run from the repository as printed, on the live server's database
     (``make run`` serves ./data; here the server's own directory)."""

@@ -104,7 +104,11 @@ class MessageBuilder:
         message["Date"] = email.utils.formatdate(usegmt=True)
         message["Message-ID"] = f"<{mail.message_id}@{self._domain}>"
         message["Auto-Submitted"] = "auto-generated"
-        message.set_content(_TEMPLATES.get_template(f"{mail.kind}.txt").render(context))
+        text = _TEMPLATES.get_template(f"{mail.kind}.txt").render(context)
+        # Plain ASCII goes as it is (lines up to 998 characters are 7bit-safe): a link longer
+        # than 78 characters stays one line anyone can copy, not quoted-printable soft breaks.
+        plain = text.isascii() and max(map(len, text.splitlines()), default=0) <= 998
+        message.set_content(text, cte="7bit" if plain else None)
         message.add_alternative(_TEMPLATES.get_template(f"{mail.kind}.html").render(context), subtype="html")
         return message
 
