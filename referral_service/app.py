@@ -739,8 +739,10 @@ class App:
         if self.enrichment is not None:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
             self.enrichment.start()
-        # Likewise the messages left in the mail queue.
-        self.services.mail.start()
+        # Likewise the messages left in the mail queue. Its scans every few seconds are not
+        # traced (the task inherits this context).
+        with self._untraced():
+            self.services.mail.start()
         mailer = self.services.mail.mailer
         if mailer.name == "maildir":
             log.info(

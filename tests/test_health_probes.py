@@ -91,8 +91,8 @@ async def test_a_database_outage_turns_health_not_serving_without_any_call_and_b
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as http,
     ):
         overall, component = Watcher(channel, ""), Watcher(channel, "referral-service.database")
-        assert await overall.next_status() == SERVING
-        assert await component.next_status() == SERVING
+        await overall.until(SERVING)  # after SERVICE_UNKNOWN while start-up checks run
+        await component.until(SERVING)  # after SERVICE_UNKNOWN while start-up checks run
 
         getattr(database, failure)()
         await overall.until(NOT_SERVING)
@@ -125,7 +125,7 @@ async def test_a_redis_outage_is_its_own_health_entry_and_the_service_keeps_serv
     server, _, redis = proxied_server
     async with grpc.aio.insecure_channel(server.target) as channel:
         cache = Watcher(channel, "referral-service.redis")
-        assert await cache.next_status() == SERVING
+        await cache.until(SERVING)  # after SERVICE_UNKNOWN while start-up checks run
         redis.refuse()
         await cache.until(NOT_SERVING)
         overall = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -160,7 +160,7 @@ async def test_the_health_command_answers_for_the_local_server(
     assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING")
     async with grpc.aio.insecure_channel(server.target) as channel:
         watcher = Watcher(channel, "")
-        assert await watcher.next_status() == SERVING
+        await watcher.until(SERVING)  # after SERVICE_UNKNOWN while start-up checks run
         database.refuse()
         await watcher.until(NOT_SERVING)
         watcher.cancel()

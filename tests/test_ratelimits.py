@@ -321,6 +321,12 @@ def test_bad_rates_are_refused(text: str) -> None:
 
 
 LIMIT_NAMES = (
+    "verify-email-address",
+    "verification-resend-account",
+    "verification-resend-address",
+    "password-reset-account",
+    "password-reset-address",
+    "password-reset-confirm-address",
     "login-account-address",
     "login-account",
     "login-address",
@@ -365,6 +371,20 @@ def test_the_limits_are_declared_in_the_proto() -> None:
             ("login-calls-address", "client_address", [], False, False),
         ],
         "/referral.v1.AuthService/RefreshToken": [("refresh-address", "client_address", [], False, False)],
+        "/referral.v1.AuthService/VerifyEmail": [
+            ("verify-email-address", "client_address", ["EMAIL_TOKEN_INVALID"], False, False)
+        ],
+        "/referral.v1.AuthService/ResendVerificationEmail": [
+            ("verification-resend-account", "account", [], False, False),
+            ("verification-resend-address", "client_address", [], False, False),
+        ],
+        "/referral.v1.AuthService/RequestPasswordReset": [
+            ("password-reset-account", "account", [], False, False),
+            ("password-reset-address", "client_address", [], False, False),
+        ],
+        "/referral.v1.AuthService/ResetPassword": [
+            ("password-reset-confirm-address", "client_address", ["EMAIL_TOKEN_INVALID"], False, False)
+        ],
         "/referral.v1.AuthService/ChangePassword": [
             ("password-change-user", "user", ["INVALID_CREDENTIALS"], False, False)
         ],
