@@ -51,6 +51,7 @@ from referral_service.domain.ports import (
 )
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
+from referral_service.domain.rewards import NO_PROGRAM, Program, RewardService, RulesError, parse_rules
 from referral_service.domain.service_accounts import SCOPES, ServiceAccountService
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification
@@ -302,6 +303,22 @@ class Services:
     #: Background profile enrichment; None when off.
     enrichment: EnrichmentWorker | None
     service_accounts: ServiceAccountService
+    #: The referral programme: conversions, the reward ledger.
+    rewards: RewardService
+
+
+def build_program(settings: Settings) -> Program:
+    """The referral programme from ``REFERRAL_REWARDS_RULES_FILE`` (none when unset);
+    StartupError naming the file and every problem when it is invalid."""
+    path = settings.rewards.rules_file
+    if path is None:
+        return NO_PROGRAM
+    try:
+        return parse_rules(path.read_text(encoding="utf-8"), f"REFERRAL_REWARDS_RULES_FILE ({path})")
+    except (OSError, UnicodeError) as error:
+        raise StartupError(f"REFERRAL_REWARDS_RULES_FILE ({path}): cannot be read: {error}") from None
+    except RulesError as error:
+        raise StartupError(str(error)) from None
 
 
 def build_services(
@@ -373,7 +390,19 @@ def build_services(
         max_sessions_per_user=settings.jwt.max_sessions_per_user,
     )
     service_accounts = ServiceAccountService(store, tokens, revocations, settings.resolve_client_secret_key())
-    return Services(tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts)
+    rewards = RewardService(
+        store,
+        build_program(settings),
+        page_secret=secret,
+        default_page_size=codes.list_default_page_size,
+        max_page_size=codes.list_max_page_size,
+        disposable=DisposableDomains(
+            registration.disposable_domains_extra, registration.disposable_domains_allowed
+        ).__contains__,
+    )
+    return Services(
+        tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts, rewards
+    )
 
 
 # --- transports ----------------------------------------------------------------------------------
@@ -801,7 +830,7 @@ async def build_app(
     pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values, services.service_accounts)
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts, client_of(settings)),
-        ReferralServicer(services.referrals),
+        ReferralServicer(services.referrals, services.rewards),
     )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer, tracing)
     probes = build_probes(settings, health, on_api_port=True, metrics_dir=metrics_dir)

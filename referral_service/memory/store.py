@@ -42,6 +42,7 @@ from referral_service.domain.models import (
     ProfileState,
     Referral,
     ReferralCode,
+    ReferralState,
     ServiceAccount,
     User,
 )
@@ -467,7 +468,12 @@ class _Referrals:
     def __init__(self, view: _View) -> None:
         self._v = view
 
-    async def page(self, referrer_id: int, after_id: int, limit: int) -> list[Referral]:
+    async def page(
+        self, referrer_id: int, after_id: int, limit: int, state: ReferralState | None = None
+    ) -> list[Referral]:
+        """Every referral here is PENDING: the referral programme has no twin here yet."""
+        if state is not None and state is not ReferralState.PENDING:
+            return []
         v = self._v
         ids = v.referral_ids.get(referrer_id) or ()
         start = bisect.bisect_right(ids, after_id)
@@ -796,6 +802,12 @@ class MemoryUnitOfWork:
         self.requests = _Requests(view)
         self.profiles = _Profiles(view)
         self.service_accounts = _ServiceAccounts(view)
+
+    @property
+    def rewards(self) -> ports.Rewards:
+        """The referral programme (issue 17) has no in-memory twin yet: its domain runs on the
+        SQL stores only (tests/test_rewards.py)."""
+        raise NotImplementedError("the Rewards port has no in-memory twin yet")
 
     async def purge_expired(self, now: datetime) -> int:
         v = self._view

@@ -26,6 +26,10 @@ SERVICE_ACCOUNTS = Base.metadata.tables["service_accounts"]
 REVOCATIONS = Base.metadata.tables["revocations"]
 REQUESTS = Base.metadata.tables["idempotency_keys"]
 PROFILES = Base.metadata.tables["user_profiles"]
+STATES = Base.metadata.tables["referral_states"]
+CONVERSIONS = Base.metadata.tables["conversions"]
+ENTRIES = Base.metadata.tables["reward_entries"]
+COUNTERS = Base.metadata.tables["referrer_counters"]
 
 
 def at(name: str = "now") -> BindParameter[datetime]:
@@ -41,6 +45,8 @@ _CONSTRAINTS = {
     ports.OPEN_CODE_EXISTS: ("uq_referral_codes_open_owner", "referral_codes.owner_id"),
     ports.REQUEST_ID_TAKEN: ("pk_idempotency_keys", "idempotency_keys.scope"),
     ports.SERVICE_ACCOUNT_TAKEN: ("uq_service_accounts_name", "service_accounts.name"),
+    ports.CONVERSION_TAKEN: ("uq_conversions_source_event_id", "conversions.source"),
+    ports.REWARD_CORRECTED: ("uq_reward_entries_corrects_id", "reward_entries.corrects_id"),
 }
 _UNIQUE_VIOLATION = ("UNIQUE constraint failed", "duplicate key value violates unique constraint")
 

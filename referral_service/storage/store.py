@@ -38,6 +38,7 @@ from referral_service.storage.db import Database
 from referral_service.storage.profiles import SqlProfiles
 from referral_service.storage.referrals import SqlReferrals
 from referral_service.storage.requests import SqlRequests
+from referral_service.storage.rewards import SqlRewards
 from referral_service.storage.service_accounts import SqlServiceAccounts
 from referral_service.storage.sessions import SqlSessions
 from referral_service.storage.users import SqlUsers
@@ -90,6 +91,10 @@ class SqlUnitOfWork:
     @cached_property
     def service_accounts(self) -> SqlServiceAccounts:
         return SqlServiceAccounts(self.connection)
+
+    @cached_property
+    def rewards(self) -> SqlRewards:
+        return SqlRewards(self.connection, self._dialect)
 
     async def purge_expired(self, now: datetime) -> int:
         deleted = 0
