@@ -11,6 +11,7 @@ rewards service's clock is replaced (``FakeClock``) to move past a hold without 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -566,3 +567,122 @@ async def test_each_fraud_signal_holds_a_referral_and_a_review_releases_it(
         )
     finally:
         await stop_api(api)
+
+
+async def test_stats_and_the_leaderboard_equal_the_ledger_after_random_operations(
+    programme: tuple[Api, FakeClock],
+) -> None:
+    api, clock = programme
+    rng = random.Random(17)
+    billing = bearer(await service_token(api, "conversions:write"))
+    reader = await service_token(api, "rewards:read")
+    referrers = [await referrer_and_code(api) for _ in range(3)]
+    referees: list[tuple[int, int]] = []  # (referee id, referrer index)
+    for _ in range(9):
+        index = rng.randrange(len(referrers))
+        user, _ = await referee(api, referrers[index][2], verified=rng.random() < 0.7, clock=clock)
+        referees.append((user.id, index))
+    events: list[str] = []
+    for step in range(40):
+        action = rng.random()
+        if action < 0.5 or not events:
+            referee_id, _ = rng.choice(referees)
+            event = rng.choice(events) if events and rng.random() < 0.2 else f"ev_{step}"
+            try:
+                await api.referral.RecordConversion(purchase(referee_id, event), metadata=billing)
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.ALREADY_EXISTS  # a repeated id, other user
+            else:
+                events.append(event)
+        elif action < 0.75:
+            await api.referral.ReverseConversion(
+                referral_pb2.ReverseConversionRequest(event_id=rng.choice(events)), metadata=billing
+            )
+        elif action < 0.9:
+            await verify(api, rng.choice(referees)[0], clock)
+        else:
+            clock.now += timedelta(days=rng.randrange(1, 20))
+
+    board = await api.referral.ListTopReferrers(
+        referral_pb2.ListTopReferrersRequest(
+            period=referral_pb2.ListTopReferrersRequest.PERIOD_ALL_TIME, page_size=2
+        ),
+        metadata=bearer(reader),
+    )
+    entries = list(board.entries)
+    if board.next_page_token:
+        more = await api.referral.ListTopReferrers(
+            referral_pb2.ListTopReferrersRequest(
+                period=referral_pb2.ListTopReferrersRequest.PERIOD_ALL_TIME, page_token=board.next_page_token
+            ),
+            metadata=bearer(reader),
+        )
+        entries += list(more.entries)
+    assert [e.rank for e in entries] == list(range(1, len(entries) + 1))
+    assert [e.rewarded_referrals for e in entries] == sorted(
+        (e.rewarded_referrals for e in entries), reverse=True
+    )
+    on_board = {e.referrer_id: e.rewarded_referrals for e in entries}
+    assert on_board  # the sequence rewarded some referrals (and reversed others)
+
+    for user, token, _code in referrers:
+        stats = (
+            await api.referral.GetReferralStats(
+                referral_pb2.GetReferralStatsRequest(referrer_id=user.id), metadata=bearer(token)
+            )
+        ).stats
+        listed = await api.referral.ListReferrals(
+            referral_pb2.ListReferralsRequest(referrer_id=user.id), metadata=bearer(token)
+        )
+        states = [r.state for r in listed.referrals]
+        assert stats.pending == states.count(referral_pb2.REFERRAL_STATE_PENDING)
+        assert stats.qualified == states.count(referral_pb2.REFERRAL_STATE_QUALIFIED)
+        assert stats.rewarded == states.count(referral_pb2.REFERRAL_STATE_REWARDED)
+        assert stats.rejected == 0
+        assert on_board.get(user.id, 0) == stats.rewarded
+        ledger = await rewards(api, user.id, token)
+        expected = {}
+        for unit in {r.unit for r in ledger}:
+            mine = [r for r in ledger if r.unit == unit]
+            expected[unit] = (
+                sum(r.amount for r in mine),
+                sum(r.amount for r in mine if r.state == Reward.STATE_CANCELED),
+                sum(r.amount for r in mine if r.state == Reward.STATE_CLAWED_BACK),
+            )
+        assert {t.unit: (t.granted, t.canceled, t.clawed_back) for t in stats.rewards} == expected
+    # Reading another referrer's stats needs rewards:read.
+    (first, _t, _c), (_second, second_token, _c2) = referrers[0], referrers[1]
+    await expect_error(
+        api.referral.GetReferralStats(
+            referral_pb2.GetReferralStatsRequest(referrer_id=first.id), metadata=bearer(second_token)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PERMISSION_DENIED",
+    )
+
+
+async def test_monthly_leaderboards(programme: tuple[Api, FakeClock]) -> None:
+    api, clock = programme
+    billing = bearer(await service_token(api, "conversions:write"))
+    alice, alice_token, code = await referrer_and_code(api)
+    for _ in range(2):
+        bob, _ = await referee(api, code, verified=True, clock=clock)
+        await api.referral.RecordConversion(purchase(bob.id), metadata=billing)
+    period = referral_pb2.ListTopReferrersRequest
+
+    async def board(which: int) -> list[tuple[int, int, int]]:
+        response = await api.referral.ListTopReferrers(period(period=which), metadata=bearer(alice_token))
+        return [(e.rank, e.referrer_id, e.rewarded_referrals) for e in response.entries]
+
+    assert await board(period.PERIOD_CURRENT_MONTH) == [(1, alice.id, 2)]
+    assert await board(period.PERIOD_UNSPECIFIED) == [(1, alice.id, 2)]
+    assert await board(period.PERIOD_PREVIOUS_MONTH) == []
+    clock.now += 32 * DAY
+    assert await board(period.PERIOD_CURRENT_MONTH) == []
+    assert await board(period.PERIOD_PREVIOUS_MONTH) == [(1, alice.id, 2)]
+    assert await board(period.PERIOD_ALL_TIME) == [(1, alice.id, 2)]
+    await expect_error(
+        api.referral.ListTopReferrers(period(page_token="forged"), metadata=bearer(alice_token)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )

@@ -11,9 +11,21 @@ from referral_service.api import convert
 from referral_service.domain.errors import FieldViolation, InvalidArgument
 from referral_service.domain.models import Money
 from referral_service.domain.referrals import CreateCodeCommand, ReferralService
-from referral_service.domain.rewards import ConversionResult, RecordConversionCommand, RewardService
+from referral_service.domain.rewards import (
+    ConversionResult,
+    Period,
+    RecordConversionCommand,
+    RewardService,
+)
 from referral_service.pipeline.call import Call
 from referral_service.pipeline.context import current_principal
+
+_PERIODS = {
+    referral_pb2.ListTopReferrersRequest.PERIOD_UNSPECIFIED: Period.CURRENT_MONTH,
+    referral_pb2.ListTopReferrersRequest.PERIOD_CURRENT_MONTH: Period.CURRENT_MONTH,
+    referral_pb2.ListTopReferrersRequest.PERIOD_PREVIOUS_MONTH: Period.PREVIOUS_MONTH,
+    referral_pb2.ListTopReferrersRequest.PERIOD_ALL_TIME: Period.ALL_TIME,
+}
 
 
 class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
@@ -172,3 +184,39 @@ class ReferralServicer(referral_pb2_grpc.ReferralServiceServicer):
             caller_scopes=caller.scopes,
         )
         return referral_pb2.ReviewReferralResponse(referral=convert.referral_status(status, review=True))
+
+    async def GetReferralStats(
+        self, request: referral_pb2.GetReferralStatsRequest, context: object
+    ) -> referral_pb2.GetReferralStatsResponse:
+        caller = current_principal()
+        stats = await self._rewards.stats(caller.user_id, request.referrer_id, caller_scopes=caller.scopes)
+        message = referral_pb2.ReferralStats(
+            referrer_id=stats.referrer_id,
+            pending=stats.pending,
+            qualified=stats.qualified,
+            rewarded=stats.rewarded,
+            rejected=stats.rejected,
+            held_for_review=stats.held_for_review,
+        )
+        for totals in stats.rewards:
+            message.rewards.add(
+                unit=totals.unit,
+                granted=totals.granted,
+                canceled=totals.canceled,
+                clawed_back=totals.clawed_back,
+            )
+        return referral_pb2.GetReferralStatsResponse(stats=message)
+
+    async def ListTopReferrers(
+        self, request: referral_pb2.ListTopReferrersRequest, context: object
+    ) -> referral_pb2.ListTopReferrersResponse:
+        period = _PERIODS.get(request.period)
+        if period is None:
+            raise InvalidArgument.fields(FieldViolation("period", "is not a known period", "INVALID"))
+        board, token = await self._rewards.top_referrers(period, request.page_size, request.page_token)
+        response = referral_pb2.ListTopReferrersResponse(next_page_token=token)
+        for entry in board:
+            response.entries.add(
+                rank=entry.rank, referrer_id=entry.referrer_id, rewarded_referrals=entry.rewarded_referrals
+            )
+        return response

@@ -24,6 +24,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from referral_service.domain import idempotency
@@ -75,6 +76,11 @@ _FUTURE_SKEW = timedelta(minutes=5)
 #: Counter names (per referrer, per period ``all`` or ``YYYY-MM``).
 GRANTS = "referrer_grants"  # referrer rewards granted, never decremented: what caps count
 REWARDED = "rewarded"  # referrals rewarded and not reversed: the leaderboard
+QUALIFIED = "qualified"  # referrals qualified and waiting (for a review)
+REJECTED = "rejected"
+HELD = "held"  # referrals held for review
+#: Rewards per unit, of the user they were granted to: ``grant:USD``, ``cancel:USD``,
+#: ``clawback:USD`` (amounts in minor units).
 ALL_TIME = "all"
 
 
@@ -255,6 +261,40 @@ class ConversionResult:
     referral: ReferralStatus | None
     #: The rewards the conversion caused (with their states at the time of the read).
     rewards: list[Reward]
+
+
+@dataclass(frozen=True, slots=True)
+class RewardTotals:
+    """Amounts of one unit granted to a user, and of those, canceled and clawed back."""
+
+    unit: str
+    granted: int
+    canceled: int
+    clawed_back: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralStats:
+    referrer_id: int
+    pending: int
+    qualified: int
+    rewarded: int
+    rejected: int
+    held_for_review: int
+    rewards: list[RewardTotals]
+
+
+@dataclass(frozen=True, slots=True)
+class TopReferrer:
+    rank: int
+    referrer_id: int
+    rewarded_referrals: int
+
+
+class Period(StrEnum):
+    ALL_TIME = "all_time"
+    CURRENT_MONTH = "current_month"
+    PREVIOUS_MONTH = "previous_month"
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +507,9 @@ class RewardService:
                 ],
                 now,
             )
+            for reward in rewards:
+                kind = CANCEL if reward.state(now) is RewardState.HELD else CLAWBACK
+                await uow.rewards.bump(reward.user_id, ALL_TIME, f"{kind}:{reward.unit}", reward.amount)
             referrer_id = user.referrer_id if user is not None else None
             if (
                 rewards
@@ -517,8 +560,10 @@ class RewardService:
         count, latest = await uow.rewards.qualifying(user.id, program.qualifying_kinds)
         if count < program.required_conversions:
             return []
-        if status.state is ReferralState.PENDING:
-            await uow.rewards.move_referral(user.id, [ReferralState.PENDING], ReferralState.QUALIFIED, now)
+        if status.state is ReferralState.PENDING and await uow.rewards.move_referral(
+            user.id, [ReferralState.PENDING], ReferralState.QUALIFIED, now
+        ):
+            await uow.rewards.bump(referrer_id, ALL_TIME, QUALIFIED, 1)
         if status.review is not None and status.review is not ReviewState.APPROVED:
             return []  # held for review (or rejected): rewards wait for the reviewer
         return await self._grant(uow, user.id, referrer_id, latest, now)
@@ -531,7 +576,10 @@ class RewardService:
         assert referrer_id is not None
         await uow.rewards.ensure_referral(referee.id, referrer_id, now)
         signals = await self._signals(uow, referee, referrer_id, now)
+        before = await uow.rewards.referral(referee.id)
         await uow.rewards.record_signals(referee.id, signals, now)
+        if signals and before is not None and before.review is None:
+            await uow.rewards.bump(referrer_id, ALL_TIME, HELD, 1)
         if signals:
             log.warning("referral held for review", extra={"user_id": referee.id, "signals": signals})
         status = await uow.rewards.referral(referee.id)
@@ -600,6 +648,9 @@ class RewardService:
                 )
             )
         await uow.rewards.add_entries(entries, now)
+        for entry in entries:
+            await uow.rewards.bump(entry.user_id, ALL_TIME, f"{GRANT}:{entry.unit}", entry.amount)
+        await uow.rewards.bump(referrer_id, ALL_TIME, QUALIFIED, -1)
         await uow.rewards.bump(referrer_id, ALL_TIME, REWARDED, 1)
         await uow.rewards.bump(referrer_id, month_of(now), REWARDED, 1)
         log.info("referral rewarded", extra={"user_id": referee_id})
@@ -698,12 +749,16 @@ class RewardService:
             verdict = ReviewState.APPROVED if approve else ReviewState.REJECTED
             if status is None or not await uow.rewards.review_referral(referee_id, verdict.value, note, now):
                 raise FailedPrecondition(Reason.REFERRAL_NOT_HELD, "this referral is not held for review")
+            referrer_id = user.referrer_id
+            await uow.rewards.bump(referrer_id, ALL_TIME, HELD, -1)
             if approve:
                 await self._evaluate(uow, user, now)
-            else:
-                await uow.rewards.move_referral(
-                    referee_id, [ReferralState.PENDING, ReferralState.QUALIFIED], ReferralState.REJECTED, now
-                )
+            elif await uow.rewards.move_referral(
+                referee_id, [ReferralState.PENDING, ReferralState.QUALIFIED], ReferralState.REJECTED, now
+            ):
+                await uow.rewards.bump(referrer_id, ALL_TIME, REJECTED, 1)
+                if status.state is ReferralState.QUALIFIED:
+                    await uow.rewards.bump(referrer_id, ALL_TIME, QUALIFIED, -1)
             reviewed = await uow.rewards.referral(referee_id)
             assert reviewed is not None
             return reviewed
@@ -711,6 +766,84 @@ class RewardService:
         status = await self._store.transact(work)
         log.info("referral reviewed", extra={"user_id": referee_id, "approved": approve})
         return status
+
+    # --- stats and the leaderboard (maintained counters) ------------------------------------------
+
+    async def stats(
+        self, caller_id: int, referrer_id: int, *, caller_scopes: frozenset[str] = frozenset()
+    ) -> ReferralStats:
+        """The referrer's referrals per state and rewards per unit, from the counters kept with
+        every change (PENDING is the referral count less the others)."""
+        if referrer_id <= 0:
+            raise InvalidArgument.fields(
+                FieldViolation("referrer_id", "must be a positive user id", "INVALID")
+            )
+        await self._may_read(caller_id, referrer_id, caller_scopes)
+        async with self._store.read() as uow:
+            total = await uow.referrals.count(referrer_id)
+            if total is None:
+                raise NotFound(Reason.USER_NOT_FOUND, "no user with this id")
+            counters = await uow.rewards.counters(referrer_id, ALL_TIME)
+        qualified, rewarded, rejected = (counters.get(name, 0) for name in (QUALIFIED, REWARDED, REJECTED))
+        units = sorted({name.partition(":")[2] for name in counters if name.startswith(f"{GRANT}:")})
+        return ReferralStats(
+            referrer_id=referrer_id,
+            pending=total - qualified - rewarded - rejected,
+            qualified=qualified,
+            rewarded=rewarded,
+            rejected=rejected,
+            held_for_review=counters.get(HELD, 0),
+            rewards=[
+                RewardTotals(
+                    unit=unit,
+                    granted=counters.get(f"{GRANT}:{unit}", 0),
+                    canceled=counters.get(f"{CANCEL}:{unit}", 0),
+                    clawed_back=counters.get(f"{CLAWBACK}:{unit}", 0),
+                )
+                for unit in units
+            ],
+        )
+
+    async def top_referrers(
+        self, period: Period, page_size: int, page_token: str
+    ) -> tuple[list[TopReferrer], str]:
+        """Referrers by rewarded referrals (not reversed) in the period, most first (ties by
+        user id), and the next page token."""
+        violations: list[FieldViolation] = []
+        if page_size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative", "NEGATIVE"))
+        if len(page_token) > 512:
+            violations.append(FieldViolation("page_token", "is too long", "TOO_LONG"))
+        check(violations)
+        now = self.clock()
+        key = {
+            Period.ALL_TIME: ALL_TIME,
+            Period.CURRENT_MONTH: month_of(now),
+            Period.PREVIOUS_MONTH: _previous_month(now),
+        }[period]
+        after: tuple[int, int] | None = None
+        rank = 0
+        if page_token:
+            parts = self._read_token(page_token)
+            if (
+                len(parts) != 5
+                or parts[0] != "t1"
+                or parts[1] != key
+                or not all(isinstance(p, int) for p in parts[2:])
+            ):
+                raise self._bad_token()
+            after, rank = (parts[2], parts[3]), parts[4]
+        size = min(page_size or self._default_page, self._max_page)
+        async with self._store.read() as uow:
+            rows = await uow.rewards.top(key, REWARDED, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        board = [TopReferrer(rank + i + 1, referrer_id, value) for i, (referrer_id, value) in enumerate(rows)]
+        token = ""
+        if more and board:
+            last = board[-1]
+            token = self._token(["t1", key, last.rewarded_referrals, last.referrer_id, last.rank])
+        return board, token
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -726,30 +859,42 @@ class RewardService:
         if await uow.users.get(user_id) is None:
             raise NotFound(Reason.USER_NOT_FOUND, "no user with this id")
 
-    def _page_token(self, user_id: int, after_id: int) -> str:
-        body = base64.urlsafe_b64encode(json.dumps(["r1", user_id, after_id]).encode()).rstrip(b"=")
+    def _token(self, parts: list[Any]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(parts).encode()).rstrip(b"=")
         mac = base64.urlsafe_b64encode(hmac.new(self._page_key, body, hashlib.sha256).digest()[:12])
         return (body + b"." + mac).decode()
 
-    def _read_page_token(self, token: str, user_id: int) -> int:
-        bad = InvalidArgument(
+    @staticmethod
+    def _bad_token() -> InvalidArgument:
+        return InvalidArgument(
             Reason.INVALID_PAGE_TOKEN,
             "page_token is invalid",
             violations=[
                 FieldViolation("page_token", "is not a token this server issued for this request", "INVALID")
             ],
         )
+
+    def _read_token(self, token: str) -> list[Any]:
         try:
             body, _, mac = token.encode("ascii").partition(b".")
             expected = base64.urlsafe_b64encode(hmac.new(self._page_key, body, hashlib.sha256).digest()[:12])
             if not hmac.compare_digest(mac, expected):
-                raise bad
-            tag, token_user, after_id = json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
+                raise self._bad_token()
+            parts = json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
         except (ValueError, UnicodeError, TypeError):
-            raise bad from None
-        if tag != "r1" or token_user != user_id or not isinstance(after_id, int):
-            raise bad
-        return after_id
+            raise self._bad_token() from None
+        if not isinstance(parts, list):
+            raise self._bad_token()
+        return parts
+
+    def _page_token(self, user_id: int, after_id: int) -> str:
+        return self._token(["r1", user_id, after_id])
+
+    def _read_page_token(self, token: str, user_id: int) -> int:
+        parts = self._read_token(token)
+        if len(parts) != 3 or parts[0] != "r1" or parts[1] != user_id or not isinstance(parts[2], int):
+            raise self._bad_token()
+        return int(parts[2])
 
     async def list_rewards(
         self,
@@ -792,6 +937,10 @@ class RewardService:
             await self._user_exists(uow, user_id)
             rewards = await uow.rewards.rewards_of(user_id)
         return summarise(rewards, self.clock())
+
+
+def _previous_month(now: datetime) -> str:
+    return month_of(now.replace(day=1) - timedelta(days=1))
 
 
 def summarise(rewards: Sequence[Reward], now: datetime) -> list[Balance]:

@@ -1090,3 +1090,244 @@ class ReviewReferralResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReviewReferralResponse: _TypeAlias = ReviewReferralResponse  # noqa: Y015
+
+@_typing.final
+class GetReferralStatsRequest(_message.Message):
+    """Request of ReferralService.GetReferralStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERRER_ID_FIELD_NUMBER: _builtins.int
+    referrer_id: _builtins.int
+    """The referrer whose statistics to read."""
+    def __init__(
+        self,
+        *,
+        referrer_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referrer_id", b"referrer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReferralStatsRequest: _TypeAlias = GetReferralStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetReferralStatsResponse(_message.Message):
+    """Response of ReferralService.GetReferralStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stats(self) -> Global___ReferralStats:
+        """The statistics."""
+
+    def __init__(
+        self,
+        *,
+        stats: Global___ReferralStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReferralStatsResponse: _TypeAlias = GetReferralStatsResponse  # noqa: Y015
+
+@_typing.final
+class ReferralStats(_message.Message):
+    """A referrer's statistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RewardTotals(_message.Message):
+        """Amounts of one unit granted to the referrer (minor units)."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        UNIT_FIELD_NUMBER: _builtins.int
+        GRANTED_FIELD_NUMBER: _builtins.int
+        CANCELED_FIELD_NUMBER: _builtins.int
+        CLAWED_BACK_FIELD_NUMBER: _builtins.int
+        unit: _builtins.str
+        """The unit (`USD`, `points`)."""
+        granted: _builtins.int
+        """Everything granted."""
+        canceled: _builtins.int
+        """Of that, canceled while held."""
+        clawed_back: _builtins.int
+        """Of that, clawed back after it became available."""
+        def __init__(
+            self,
+            *,
+            unit: _builtins.str = ...,
+            granted: _builtins.int = ...,
+            canceled: _builtins.int = ...,
+            clawed_back: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "clawed_back", b"clawed_back", "granted", b"granted", "unit", b"unit"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REFERRER_ID_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    QUALIFIED_FIELD_NUMBER: _builtins.int
+    REWARDED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    HELD_FOR_REVIEW_FIELD_NUMBER: _builtins.int
+    REWARDS_FIELD_NUMBER: _builtins.int
+    referrer_id: _builtins.int
+    """The referrer."""
+    pending: _builtins.int
+    """Referrals in state PENDING."""
+    qualified: _builtins.int
+    """Referrals in state QUALIFIED."""
+    rewarded: _builtins.int
+    """Referrals in state REWARDED."""
+    rejected: _builtins.int
+    """Referrals in state REJECTED."""
+    held_for_review: _builtins.int
+    """Referrals held for fraud review now."""
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReferralStats.RewardTotals]:
+        """Rewards granted to the referrer, per unit, by unit."""
+
+    def __init__(
+        self,
+        *,
+        referrer_id: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        qualified: _builtins.int = ...,
+        rewarded: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        held_for_review: _builtins.int = ...,
+        rewards: _abc.Iterable[Global___ReferralStats.RewardTotals] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_for_review", b"held_for_review", "pending", b"pending", "qualified", b"qualified", "referrer_id", b"referrer_id", "rejected", b"rejected", "rewarded", b"rewarded", "rewards", b"rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferralStats: _TypeAlias = ReferralStats  # noqa: Y015
+
+@_typing.final
+class ListTopReferrersRequest(_message.Message):
+    """Request of ReferralService.ListTopReferrers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Period:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _PeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ListTopReferrersRequest._Period.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PERIOD_UNSPECIFIED: ListTopReferrersRequest._Period.ValueType  # 0
+        """Never sent; treated as PERIOD_CURRENT_MONTH."""
+        PERIOD_CURRENT_MONTH: ListTopReferrersRequest._Period.ValueType  # 1
+        """The current calendar month (UTC)."""
+        PERIOD_PREVIOUS_MONTH: ListTopReferrersRequest._Period.ValueType  # 2
+        """The previous calendar month (UTC)."""
+        PERIOD_ALL_TIME: ListTopReferrersRequest._Period.ValueType  # 3
+        """All time."""
+
+    class Period(_Period, metaclass=_PeriodEnumTypeWrapper):
+        """Which period a leaderboard covers."""
+
+    PERIOD_UNSPECIFIED: ListTopReferrersRequest.Period.ValueType  # 0
+    """Never sent; treated as PERIOD_CURRENT_MONTH."""
+    PERIOD_CURRENT_MONTH: ListTopReferrersRequest.Period.ValueType  # 1
+    """The current calendar month (UTC)."""
+    PERIOD_PREVIOUS_MONTH: ListTopReferrersRequest.Period.ValueType  # 2
+    """The previous calendar month (UTC)."""
+    PERIOD_ALL_TIME: ListTopReferrersRequest.Period.ValueType  # 3
+    """All time."""
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    period: Global___ListTopReferrersRequest.Period.ValueType
+    """The period; unset: the current month."""
+    page_size: _builtins.int
+    """Maximum number of entries to return: 0 means the default (50); larger
+    values are capped at 1000; negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same period."""
+    def __init__(
+        self,
+        *,
+        period: Global___ListTopReferrersRequest.Period.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "period", b"period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopReferrersRequest: _TypeAlias = ListTopReferrersRequest  # noqa: Y015
+
+@_typing.final
+class ListTopReferrersResponse(_message.Message):
+    """Response of ReferralService.ListTopReferrers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Entry(_message.Message):
+        """A leaderboard entry."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        RANK_FIELD_NUMBER: _builtins.int
+        REFERRER_ID_FIELD_NUMBER: _builtins.int
+        REWARDED_REFERRALS_FIELD_NUMBER: _builtins.int
+        rank: _builtins.int
+        """1 for the first referrer, then in order (ties ordered by user id)."""
+        referrer_id: _builtins.int
+        """The referrer's user id."""
+        rewarded_referrals: _builtins.int
+        """Their rewarded referrals in the period."""
+        def __init__(
+            self,
+            *,
+            rank: _builtins.int = ...,
+            referrer_id: _builtins.int = ...,
+            rewarded_referrals: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "referrer_id", b"referrer_id", "rewarded_referrals", b"rewarded_referrals"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ListTopReferrersResponse.Entry]:
+        """The entries, most rewarded referrals first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___ListTopReferrersResponse.Entry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopReferrersResponse: _TypeAlias = ListTopReferrersResponse  # noqa: Y015

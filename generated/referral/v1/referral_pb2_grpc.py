@@ -95,6 +95,16 @@ class ReferralServiceStub:
                 request_serializer=referral_dot_v1_dot_referral__pb2.ReviewReferralRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_referral__pb2.ReviewReferralResponse.FromString,
                 _registered_method=True)
+        self.GetReferralStats = channel.unary_unary(
+                '/referral.v1.ReferralService/GetReferralStats',
+                request_serializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsResponse.FromString,
+                _registered_method=True)
+        self.ListTopReferrers = channel.unary_unary(
+                '/referral.v1.ReferralService/ListTopReferrers',
+                request_serializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersResponse.FromString,
+                _registered_method=True)
 
 
 class ReferralServiceServicer:
@@ -228,6 +238,26 @@ class ReferralServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReferralStats(self, request, context):
+        """Returns a referrer's referrals per state and the rewards granted to them
+        per unit, from counters kept with every change (cheap for any referrer).
+        Held and available amounts are GetRewardBalance's. Callers may read their
+        own; superusers and services with `rewards:read` anyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTopReferrers(self, request, context):
+        """The leaderboard: referrers by rewarded referrals (reversed ones do not
+        count) in the current month, the previous month (UTC) or all time, most
+        first, paginated. Any signed-in user, and services with `rewards:read`.
+        Only user ids and counts are shown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReferralServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -285,6 +315,16 @@ def add_ReferralServiceServicer_to_server(servicer, server):
                     servicer.ReviewReferral,
                     request_deserializer=referral_dot_v1_dot_referral__pb2.ReviewReferralRequest.FromString,
                     response_serializer=referral_dot_v1_dot_referral__pb2.ReviewReferralResponse.SerializeToString,
+            ),
+            'GetReferralStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReferralStats,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsResponse.SerializeToString,
+            ),
+            'ListTopReferrers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTopReferrers,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -590,6 +630,60 @@ class ReferralService:
             '/referral.v1.ReferralService/ReviewReferral',
             referral_dot_v1_dot_referral__pb2.ReviewReferralRequest.SerializeToString,
             referral_dot_v1_dot_referral__pb2.ReviewReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReferralStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/GetReferralStats',
+            referral_dot_v1_dot_referral__pb2.GetReferralStatsRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.GetReferralStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTopReferrers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/ListTopReferrers',
+            referral_dot_v1_dot_referral__pb2.ListTopReferrersRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.ListTopReferrersResponse.FromString,
             options,
             channel_credentials,
             insecure,

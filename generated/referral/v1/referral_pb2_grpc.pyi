@@ -116,6 +116,18 @@ class ReferralServiceStub:
     FAILED_PRECONDITION (REFERRAL_NOT_HELD) when it is not held. For
     superusers and services with `referrals:review`.
     """
+    GetReferralStats: _grpc.UnaryUnaryMultiCallable[_referral_pb2.GetReferralStatsRequest, _referral_pb2.GetReferralStatsResponse]
+    """Returns a referrer's referrals per state and the rewards granted to them
+    per unit, from counters kept with every change (cheap for any referrer).
+    Held and available amounts are GetRewardBalance's. Callers may read their
+    own; superusers and services with `rewards:read` anyone's.
+    """
+    ListTopReferrers: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListTopReferrersRequest, _referral_pb2.ListTopReferrersResponse]
+    """The leaderboard: referrers by rewarded referrals (reversed ones do not
+    count) in the current month, the previous month (UTC) or all time, most
+    first, paginated. Any signed-in user, and services with `rewards:read`.
+    Only user ids and counts are shown.
+    """
 
 @_typing.type_check_only
 class ReferralServiceAsyncStub(ReferralServiceStub):
@@ -204,6 +216,18 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     does) or rejects it (REJECTED: it earns nothing), with a note.
     FAILED_PRECONDITION (REFERRAL_NOT_HELD) when it is not held. For
     superusers and services with `referrals:review`.
+    """
+    GetReferralStats: _aio.UnaryUnaryMultiCallable[_referral_pb2.GetReferralStatsRequest, _referral_pb2.GetReferralStatsResponse]  # type: ignore[assignment]
+    """Returns a referrer's referrals per state and the rewards granted to them
+    per unit, from counters kept with every change (cheap for any referrer).
+    Held and available amounts are GetRewardBalance's. Callers may read their
+    own; superusers and services with `rewards:read` anyone's.
+    """
+    ListTopReferrers: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListTopReferrersRequest, _referral_pb2.ListTopReferrersResponse]  # type: ignore[assignment]
+    """The leaderboard: referrers by rewarded referrals (reversed ones do not
+    count) in the current month, the previous month (UTC) or all time, most
+    first, paginated. Any signed-in user, and services with `rewards:read`.
+    Only user ids and counts are shown.
     """
 
 class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -356,6 +380,30 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
         does) or rejects it (REJECTED: it earns nothing), with a note.
         FAILED_PRECONDITION (REFERRAL_NOT_HELD) when it is not held. For
         superusers and services with `referrals:review`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetReferralStats(
+        self,
+        request: _referral_pb2.GetReferralStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.GetReferralStatsResponse, _abc.Awaitable[_referral_pb2.GetReferralStatsResponse]]:
+        """Returns a referrer's referrals per state and the rewards granted to them
+        per unit, from counters kept with every change (cheap for any referrer).
+        Held and available amounts are GetRewardBalance's. Callers may read their
+        own; superusers and services with `rewards:read` anyone's.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTopReferrers(
+        self,
+        request: _referral_pb2.ListTopReferrersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.ListTopReferrersResponse, _abc.Awaitable[_referral_pb2.ListTopReferrersResponse]]:
+        """The leaderboard: referrers by rewarded referrals (reversed ones do not
+        count) in the current month, the previous month (UTC) or all time, most
+        first, paginated. Any signed-in user, and services with `rewards:read`.
+        Only user ids and counts are shown.
         """
 
 def add_ReferralServiceServicer_to_server(servicer: ReferralServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
