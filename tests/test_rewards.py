@@ -25,6 +25,7 @@ from sqlalchemy import update
 
 from referral_service.domain.clock import utcnow
 from referral_service.domain.ports import UnitOfWork
+from referral_service.domain.rewards import parse_rules
 from referral_service.startup import StartupError
 from referral_service.storage.core import USERS
 from tests.conftest import PASSWORD, Api, Stack, bearer, start_api, stop_api
@@ -686,3 +687,9 @@ async def test_monthly_leaderboards(programme: tuple[Api, FakeClock]) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_PAGE_TOKEN",
     )
+
+
+def test_the_example_rules_file_is_valid() -> None:
+    program = parse_rules((Path(__file__).parent.parent / "examples" / "rewards.toml").read_text())
+    assert program.id == "launch-2026"
+    assert program.hold == timedelta(days=14)
