@@ -323,16 +323,22 @@ class SqlRewards:
     async def bump(
         self, referrer_id: int, period: str, name: str, delta: int, cap: int | None = None
     ) -> bool:
-        key = {"referrer_id": referrer_id, "period": period, "name": name}
-        await self._conn.execute(_insert_ignoring(self._dialect, COUNTERS).values(value=0, **key))
-        condition = and_(
-            COUNTERS.c.referrer_id == referrer_id, COUNTERS.c.period == period, COUNTERS.c.name == name
+        """One upsert: insert the counter at ``delta`` or add ``delta`` to it, the addition only
+        while the result stays within ``cap`` (the row is locked and the condition read on its
+        latest version, so concurrent bumps cannot pass the cap)."""
+        if cap is not None and delta > cap:
+            return False
+        module = postgresql if self._dialect == "postgresql" else sqlite
+        statement = module.insert(COUNTERS).values(
+            referrer_id=referrer_id, period=period, name=name, value=delta
         )
-        if cap is not None:
-            condition = and_(condition, COUNTERS.c.value + delta <= cap)
-        result = await self._conn.execute(
-            update(COUNTERS).where(condition).values(value=COUNTERS.c.value + delta)
+        total = COUNTERS.c.value + statement.excluded.value
+        upsert = statement.on_conflict_do_update(
+            index_elements=[COUNTERS.c.referrer_id, COUNTERS.c.period, COUNTERS.c.name],
+            set_={"value": total},
+            where=(total <= cap) if cap is not None else None,
         )
+        result = await self._conn.execute(upsert)
         return bool(result.rowcount)
 
     async def counters(self, referrer_id: int, period: str) -> dict[str, int]:
