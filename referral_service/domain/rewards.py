@@ -318,6 +318,25 @@ def _pending(user: User, now: datetime) -> ReferralStatus | None:
     )
 
 
+class _Tally:
+    """Counter changes of one transaction, applied together at its end in one order: the
+    referrer's counter rows are hot (every conversion of their referrals updates them), so they
+    are locked as late, and always in the same order, as possible."""
+
+    def __init__(self) -> None:
+        self._deltas: dict[tuple[int, str, str], int] = {}
+
+    def add(self, owner_id: int, period: str, name: str, delta: int) -> None:
+        key = (owner_id, period, name)
+        self._deltas[key] = self._deltas.get(key, 0) + delta
+
+    async def flush(self, uow: UnitOfWork) -> None:
+        for (owner_id, period, name), delta in sorted(self._deltas.items()):
+            if delta:
+                await uow.rewards.bump(owner_id, period, name, delta)
+        self._deltas.clear()
+
+
 class RewardService:
     def __init__(
         self,
@@ -544,6 +563,12 @@ class RewardService:
 
     async def _evaluate(self, uow: UnitOfWork, user: User, now: datetime) -> list[Reward]:
         """Qualify and reward the user's referral if the programme's rules say so, in ``uow``."""
+        tally = _Tally()
+        granted = await self._qualify(uow, user, now, tally)
+        await tally.flush(uow)
+        return granted
+
+    async def _qualify(self, uow: UnitOfWork, user: User, now: datetime, tally: _Tally) -> list[Reward]:
         referrer_id = user.referrer_id
         if referrer_id is None:
             return []
@@ -551,7 +576,7 @@ class RewardService:
         status = await uow.rewards.referral(user.id, lock=True)
         assert status is not None
         if not status.screened:
-            status = await self.screen(uow, user, now)
+            status = await self.screen(uow, user, now, tally)
         if status.state in (ReferralState.REWARDED, ReferralState.REJECTED) or not user.is_verified:
             return []
         program = self.program
@@ -563,12 +588,14 @@ class RewardService:
         if status.state is ReferralState.PENDING and await uow.rewards.move_referral(
             user.id, [ReferralState.PENDING], ReferralState.QUALIFIED, now
         ):
-            await uow.rewards.bump(referrer_id, ALL_TIME, QUALIFIED, 1)
+            tally.add(referrer_id, ALL_TIME, QUALIFIED, 1)
         if status.review is not None and status.review is not ReviewState.APPROVED:
             return []  # held for review (or rejected): rewards wait for the reviewer
-        return await self._grant(uow, user.id, referrer_id, latest, now)
+        return await self._grant(uow, user.id, referrer_id, latest, now, tally)
 
-    async def screen(self, uow: UnitOfWork, referee: User, now: datetime) -> ReferralStatus:
+    async def screen(
+        self, uow: UnitOfWork, referee: User, now: datetime, tally: _Tally | None = None
+    ) -> ReferralStatus:
         """Record the fraud signals of the referee's referral (making its state row), holding it
         for review when there are any. Runs at the referral's first evaluation; registration may
         call it too (then the client address of the registration counts)."""
@@ -579,7 +606,10 @@ class RewardService:
         before = await uow.rewards.referral(referee.id)
         await uow.rewards.record_signals(referee.id, signals, now)
         if signals and before is not None and before.review is None:
-            await uow.rewards.bump(referrer_id, ALL_TIME, HELD, 1)
+            if tally is not None:
+                tally.add(referrer_id, ALL_TIME, HELD, 1)
+            else:
+                await uow.rewards.bump(referrer_id, ALL_TIME, HELD, 1)
         if signals:
             log.warning("referral held for review", extra={"user_id": referee.id, "signals": signals})
         status = await uow.rewards.referral(referee.id)
@@ -616,7 +646,13 @@ class RewardService:
         return signals
 
     async def _grant(
-        self, uow: UnitOfWork, referee_id: int, referrer_id: int, conversion_id: int | None, now: datetime
+        self,
+        uow: UnitOfWork,
+        referee_id: int,
+        referrer_id: int,
+        conversion_id: int | None,
+        now: datetime,
+        tally: _Tally,
     ) -> list[Reward]:
         if not await uow.rewards.move_referral(
             referee_id, [ReferralState.QUALIFIED], ReferralState.REWARDED, now
@@ -649,10 +685,10 @@ class RewardService:
             )
         await uow.rewards.add_entries(entries, now)
         for entry in entries:
-            await uow.rewards.bump(entry.user_id, ALL_TIME, f"{GRANT}:{entry.unit}", entry.amount)
-        await uow.rewards.bump(referrer_id, ALL_TIME, QUALIFIED, -1)
-        await uow.rewards.bump(referrer_id, ALL_TIME, REWARDED, 1)
-        await uow.rewards.bump(referrer_id, month_of(now), REWARDED, 1)
+            tally.add(entry.user_id, ALL_TIME, f"{GRANT}:{entry.unit}", entry.amount)
+        tally.add(referrer_id, ALL_TIME, QUALIFIED, -1)
+        tally.add(referrer_id, ALL_TIME, REWARDED, 1)
+        tally.add(referrer_id, month_of(now), REWARDED, 1)
         log.info("referral rewarded", extra={"user_id": referee_id})
         return await uow.rewards.rewards_of_conversion(conversion_id) if conversion_id else []
 
