@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.type import money_pb2
 from referral.v1 import auth_pb2, referral_pb2
@@ -693,3 +694,42 @@ def test_the_example_rules_file_is_valid() -> None:
     program = parse_rules((Path(__file__).parent.parent / "examples" / "rewards.toml").read_text())
     assert program.id == "launch-2026"
     assert program.hold == timedelta(days=14)
+
+
+async def test_the_programme_over_http(programme: tuple[Api, FakeClock]) -> None:
+    api, clock = programme
+    alice, alice_token, code = await referrer_and_code(api)
+    bob, _ = await referee(api, code, verified=True, clock=clock)
+    billing = {"Authorization": f"Bearer {await service_token(api, 'conversions:write')}"}
+    assert api.app.http_port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.app.http_port}", timeout=30) as http:
+        recorded = await http.post(
+            "/v1/conversions",
+            json={
+                "userId": str(bob.id),
+                "eventId": "inv_http.1",
+                "kind": "purchase",
+                "value": {"currencyCode": "EUR", "units": "12", "nanos": 500000000},
+            },
+            headers=billing,
+        )
+        assert recorded.status_code == 200, recorded.text
+        body = recorded.json()
+        assert body["referral"]["state"] == "REFERRAL_STATE_REWARDED"
+        assert {r["state"] for r in body["rewards"]} == {"STATE_HELD"}
+        mine = {"Authorization": f"Bearer {alice_token}"}
+        balance_ = await http.get(f"/v1/users/{alice.id}/reward-balance", headers=mine)
+        assert balance_.json()["balances"] == [
+            {"unit": "USD", "available": "0", "held": "1000", "canceled": "0", "clawedBack": "0"}
+        ]
+        reversed_ = await http.post("/v1/conversions/inv_http.1:reverse", json={}, headers=billing)
+        assert reversed_.status_code == 200, reversed_.text
+        assert {r["state"] for r in reversed_.json()["rewards"]} == {"STATE_CANCELED"}
+        listed = await http.get(f"/v1/users/{alice.id}/rewards", headers=mine)
+        assert [r["state"] for r in listed.json()["rewards"]] == ["STATE_CANCELED"]
+        stats = await http.get(f"/v1/users/{alice.id}/referral-stats", headers=mine)
+        assert stats.json()["stats"]["pending"] == "1"
+        board = await http.get("/v1/referrers:top", params={"period": "PERIOD_ALL_TIME"}, headers=mine)
+        assert board.status_code == 200, board.text
+        bad = await http.post("/v1/conversions/bad%20id:reverse", json={}, headers=billing)
+        assert bad.status_code == 400

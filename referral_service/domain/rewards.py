@@ -69,7 +69,9 @@ log = logging.getLogger("referral_service.rewards")
 
 _KIND = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 _UNIT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,15}")
-_EVENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
+#: A caller's event id: safe in a URL path segment (ReverseConversion's HTTP binding).
+_EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+_EVENT_ID_RULE = "must be 1 to 128 of A-Z a-z 0-9 . _ @ -, starting with a letter or digit"
 _CURRENCY = re.compile(r"[A-Z]{3}")
 #: How far in the future a conversion's occur_time may lie (clock skew between services).
 _FUTURE_SKEW = timedelta(minutes=5)
@@ -367,11 +369,7 @@ class RewardService:
         if not cmd.event_id:
             violations.append(FieldViolation("event_id", "is required", "REQUIRED"))
         elif not _EVENT_ID.fullmatch(cmd.event_id):
-            violations.append(
-                FieldViolation(
-                    "event_id", "must be 1 to 128 printable ASCII characters, no spaces", "INVALID"
-                )
-            )
+            violations.append(FieldViolation("event_id", _EVENT_ID_RULE, "INVALID"))
         if not cmd.kind:
             violations.append(FieldViolation("kind", "is required", "REQUIRED"))
         elif not _KIND.fullmatch(cmd.kind):
@@ -488,9 +486,7 @@ class RewardService:
         if not event_id:
             raise InvalidArgument.fields(FieldViolation("event_id", "is required", "REQUIRED"))
         if not _EVENT_ID.fullmatch(event_id):
-            raise InvalidArgument.fields(
-                FieldViolation("event_id", "must be 1 to 128 printable ASCII characters", "INVALID")
-            )
+            raise InvalidArgument.fields(FieldViolation("event_id", _EVENT_ID_RULE, "INVALID"))
         now = self.clock()
 
         async def work(uow: UnitOfWork) -> bool:

@@ -723,7 +723,7 @@ class RecordConversionRequest(_message.Message):
     user_id: _builtins.int
     """The user who converted."""
     event_id: _builtins.str
-    """The calling service's id of the event: 1 to 128 of A-Z a-z 0-9 . _ : @ -,
+    """The calling service's id of the event: 1 to 128 of A-Z a-z 0-9 . _ @ -,
     starting with a letter or digit. A retry with the same event_id returns
     the first result.
     """
