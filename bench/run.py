@@ -149,6 +149,8 @@ class Server:
 
     def __init__(self, argv: list[str], env: dict[str, str], port: int, workdir: Path, cwd: Path) -> None:
         self.port = port
+        self.env = env
+        self.cwd = cwd
         self.http_port = int(env["REFERRAL_HTTP_PORT"]) if env.get("REFERRAL_HTTP_PORT") else None
         self.uses_redis = bool(env.get("REFERRAL_REDIS_URL"))
         self.log = workdir / f"server-{port}.log"
@@ -385,7 +387,17 @@ async def _client_loop(
                 n = counter
                 started = time.perf_counter()
                 try:
-                    if scenario == "register":
+                    if scenario == "conversion":
+                        # A distinct referee per call (first conversion: qualifies and rewards).
+                        span = data["last_id"] - data["first_id"] + 1
+                        user_id = data["first_id"] + (n * 7919 + seed * 104_729) % span
+                        await referral.RecordConversion(
+                            referral_pb2.RecordConversionRequest(
+                                user_id=user_id, event_id=f"b{seed}-{n}-{os.getpid()}", kind="purchase"
+                            ),
+                            metadata=(("authorization", f"Bearer {data['service_token']}"),),
+                        )
+                    elif scenario == "register":
                         await auth.Register(
                             auth_pb2.RegisterRequest(
                                 email=f"r{seed}-{n}-{os.getpid()}@bench.example",
@@ -456,6 +468,8 @@ def python_load(
         server_p50_ms=percentile(
             server.durations("/referral.v1.AuthService/Register", log_offset)
             if scenario == "register"
+            else server.durations("/referral.v1.ReferralService/RecordConversion", log_offset)
+            if scenario == "conversion"
             else [
                 d
                 for m in ("GetReferralCodeByEmail", "ListReferrals", "GetCurrentUser", "Login")
@@ -498,6 +512,71 @@ async def seed_service(target: str, email: str) -> dict[str, Any]:
             "code": code.referral_code.code,
             "email": email,
         }
+
+
+#: The programme of the RecordConversion scenario: no caps, and a velocity threshold above the
+#: seeded referrals (all made in one second), so that every first conversion rewards both sides.
+BENCH_RULES = """
+[program]
+id = "bench"
+qualifying_kinds = ["purchase"]
+hold_seconds = 86400
+referrer_reward = { amount = 1000, unit = "USD" }
+referee_reward = { amount = 500, unit = "USD" }
+velocity_per_hour = 1000000
+"""
+
+
+def seed_conversions(server: Server, database_url: str, owner_id: int) -> dict[str, Any]:
+    """The seeded referees made verified (SQL), and a service token with conversions:write
+    (the CLI with the server's environment, then IssueServiceToken)."""
+    created = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "referral_service",
+            "create-service-account",
+            f"bench-billing-{server.port}",
+            "--scope",
+            "conversions:write",
+            "--json",
+        ],
+        env=server.env,
+        cwd=server.cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    account = json.loads(created.stdout.strip().splitlines()[-1])
+    return asyncio.run(_seed_conversions(server, database_url, owner_id, account))
+
+
+async def _seed_conversions(
+    server: Server, database_url: str, owner_id: int, account: dict[str, str]
+) -> dict[str, Any]:
+    import grpc
+    from referral.v1 import auth_pb2, auth_pb2_grpc
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE users SET is_verified = true WHERE referrer_id = :o"), {"o": owner_id}
+        )
+        first, last = (
+            await conn.execute(
+                text("SELECT min(id), max(id) FROM users WHERE referrer_id = :o"), {"o": owner_id}
+            )
+        ).one()
+    await engine.dispose()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        issued = await auth_pb2_grpc.AuthServiceStub(channel).IssueServiceToken(
+            auth_pb2.IssueServiceTokenRequest(
+                client_id=account["client_id"], client_secret=account["client_secret"]
+            )
+        )
+    return {"first_id": int(first), "last_id": int(last), "service_token": issued.access_token}
 
 
 def seed_referrals_sqlite(path: Path, owner_id: int, count: int) -> None:
@@ -683,7 +762,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             db_url = f"sqlite+aiosqlite:///{work / f'{stack}.db'}"
         migrate.upgrade(db_url)
-        service = start_service(work, db_url, REDIS_URL if cache == "redis" else None, loop)
+        rules = work / "rewards.toml"
+        rules.write_text(BENCH_RULES)
+        service = start_service(
+            work,
+            db_url,
+            REDIS_URL if cache == "redis" else None,
+            loop,
+            REFERRAL_REWARDS_RULES_FILE=str(rules),
+        )
         try:
             target = f"127.0.0.1:{service.port}"
             meta[f"idle_rss_mb[{stack}]"] = round(rss_mb(service.pids), 1)
@@ -822,6 +909,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     headers=metadata,
                 )
             )
+            print(results[-1], flush=True)
+            conversions = seed_conversions(service, db_url, data["owner_id"])
+            results.append(
+                python_load(
+                    service,
+                    "conversion",
+                    stack,
+                    duration,
+                    processes=2,
+                    concurrency=8,
+                    extra={**data, **conversions},
+                )
+            )
+            results[-1].scenario = "RecordConversion (each qualifies a referee: two held rewards)"
             print(results[-1], flush=True)
             results.append(
                 python_load(service, "mixed", stack, duration, processes=2, concurrency=8, extra=data)

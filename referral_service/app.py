@@ -20,6 +20,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -42,7 +43,7 @@ from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, queue_lookup
 from referral_service.domain.mail import MailWorker
-from referral_service.domain.models import ClientInfo, Principal
+from referral_service.domain.models import ClientInfo, Principal, User
 from referral_service.domain.ports import (
     EmailVerifier,
     KeyValueCache,
@@ -50,10 +51,12 @@ from referral_service.domain.ports import (
     ProfileProvider,
     RateLimiter,
     RevocationCache,
+    UnitOfWork,
     VersionedCache,
 )
 from referral_service.domain.referrals import ReferralService
 from referral_service.domain.revocations import Revocations
+from referral_service.domain.rewards import NO_PROGRAM, Program, RewardService, RulesError, parse_rules
 from referral_service.domain.service_accounts import SCOPES, ServiceAccountService
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification
@@ -308,6 +311,22 @@ class Services:
     #: Email ownership and password reset, and the worker sending their messages.
     accounts: AccountEmails
     mail: MailWorker
+    #: The referral programme: conversions, the reward ledger.
+    rewards: RewardService
+
+
+def build_program(settings: Settings) -> Program:
+    """The referral programme from ``REFERRAL_REWARDS_RULES_FILE`` (none when unset);
+    StartupError naming the file and every problem when it is invalid."""
+    path = settings.rewards.rules_file
+    if path is None:
+        return NO_PROGRAM
+    try:
+        return parse_rules(path.read_text(encoding="utf-8"), f"REFERRAL_REWARDS_RULES_FILE ({path})")
+    except (OSError, UnicodeError) as error:
+        raise StartupError(f"REFERRAL_REWARDS_RULES_FILE ({path}): cannot be read: {error}") from None
+    except RulesError as error:
+        raise StartupError(str(error)) from None
 
 
 def build_services(
@@ -387,10 +406,37 @@ def build_services(
         publish_revocations=auth.publish_revocations,
         on_mail_queued=mail.notify,
     )
+    rewards = RewardService(
+        store,
+        build_program(settings),
+        page_secret=secret,
+        default_page_size=codes.list_default_page_size,
+        max_page_size=codes.list_max_page_size,
+        disposable=DisposableDomains(
+            registration.disposable_domains_extra, registration.disposable_domains_allowed
+        ).__contains__,
+    )
     if enrichment is not None:
         accounts.add_on_verified(queue_lookup, enrichment.notify)
+
+    async def qualify_referral(uow: UnitOfWork, user: User, now: datetime) -> None:
+        # A referral waits for its referee's verification: conversions recorded meanwhile count
+        # now, in the verifying transaction (on the programme's clock).
+        await rewards.referee_verified(uow, user.id, rewards.clock())
+
+    accounts.add_on_verified(qualify_referral)
     return Services(
-        tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts, accounts, mail
+        tokens,
+        hasher,
+        revocations,
+        auth,
+        referrals,
+        verifier,
+        enrichment,
+        service_accounts,
+        accounts,
+        mail,
+        rewards,
     )
 
 
@@ -869,7 +915,7 @@ async def build_app(
     pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values, services.service_accounts)
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts, services.accounts, client_of(settings)),
-        ReferralServicer(services.referrals),
+        ReferralServicer(services.referrals, services.rewards),
     )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer, tracing)
     probes = build_probes(settings, health, on_api_port=True, metrics_dir=metrics_dir)

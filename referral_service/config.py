@@ -735,6 +735,15 @@ class RegistrationSettings(Group):
     disposable_domains_allowed: list[str] = Field(default_factory=list)
 
 
+class RewardSettings(Group):
+    """The referral programme (issue 17; docs/rewards.md)."""
+
+    env_prefix = "rewards_"
+    #: The programme's rules (TOML), read and validated at start-up. Unset: no programme
+    #: (conversions are recorded; nothing qualifies and no rewards are granted).
+    rules_file: Annotated[FilePath | None, EmptyIsUnset] = None
+
+
 class LogSettings(Group):
     env_prefix = "log_"
     #: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case). Health probes and /metrics scrapes
@@ -791,6 +800,7 @@ GROUPS: dict[str, type[Group]] = {
     "enrichment": EnrichmentSettings,
     "rate_limits": RateLimitSettings,
     "registration": RegistrationSettings,
+    "rewards": RewardSettings,
     "logging": LogSettings,
     "metrics": MetricsSettings,
     "tracing": TracingSettings,
@@ -870,6 +880,7 @@ class Settings(BaseSettings):
     mail: MailSettings = MailSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     registration: RegistrationSettings = RegistrationSettings()
+    rewards: RewardSettings = RewardSettings()
     logging: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 from referral.v1 import auth_pb2
 
 from referral_service.app import SERVICES
+from referral_service.gateway import descriptors
 from tests.conftest import Api, bearer
 from tests.errors import rich
 from tests.invariants import check_invariants
@@ -242,19 +244,38 @@ def _check(error: grpc.aio.AioRpcError, what: str) -> None:
 
 
 class Caller:
+    """Calls with a valid token of the kind the RPC takes: a user's, or for service-only RPCs a
+    service token with the RPC's scope."""
+
     def __init__(self, api: Api) -> None:
         self.api = api
         self.token = ""
+        self.service_tokens: dict[str, str] = {}
+
+    async def service_token(self, scope: str) -> str:
+        if scope not in self.service_tokens:
+            account, secret = await self.api.app.services.service_accounts.create(
+                f"fuzz-{uuid.uuid4().hex[:8]}", [scope]
+            )
+            issued = await self.api.auth.IssueServiceToken(
+                auth_pb2.IssueServiceTokenRequest(client_id=account.client_id, client_secret=secret)
+            )
+            self.service_tokens[scope] = issued.access_token
+        return self.service_tokens[scope]
 
     async def fresh_token(self) -> str:
         _, token = await self.api.user_with_token()
         return token
 
     async def call(self, method: MethodDescriptor, payload: bytes, auth: str) -> grpc.aio.AioRpcError | None:
-        if auth == "valid":
+        if auth == "valid" and descriptors.access_name(method) == "ACCESS_SERVICE":
+            metadata: tuple[tuple[str, str], ...] = bearer(
+                await self.service_token(descriptors.scope(method))
+            )
+        elif auth == "valid":
             if not self.token or method.name == "Logout":
                 self.token = await self.fresh_token()
-            metadata: tuple[tuple[str, str], ...] = bearer(self.token)
+            metadata = bearer(self.token)
         elif auth == "garbage":
             metadata = bearer("garbage.token.here")
         else:

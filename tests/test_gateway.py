@@ -442,7 +442,10 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
     assert flow["tokenUrl"] == "/v1/auth/service-token"
     assert flow["scopes"]["users:read"] == "Call AuthService.GetUser"
     assert sorted(flow["scopes"]) == [
+        "conversions:write",
         "referrals:read",
+        "referrals:review",
+        "rewards:read",
         "sessions:revoke",
         "tokens:introspect",
         "users:read",
@@ -467,6 +470,7 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
         ("referrer_id", "path"),
         ("pageSize", "query"),
         ("pageToken", "query"),
+        ("state", "query"),
     ]
 
 

@@ -169,10 +169,105 @@ def public_referral_code(value: models.PublicCode) -> referral_pb2.ReferralCode:
     )
 
 
+REFERRAL_STATES = {
+    models.ReferralState.PENDING: referral_pb2.REFERRAL_STATE_PENDING,
+    models.ReferralState.QUALIFIED: referral_pb2.REFERRAL_STATE_QUALIFIED,
+    models.ReferralState.REWARDED: referral_pb2.REFERRAL_STATE_REWARDED,
+    models.ReferralState.REJECTED: referral_pb2.REFERRAL_STATE_REJECTED,
+}
+#: A request's ReferralState -> the domain's (UNSPECIFIED: no filter).
+REFERRAL_STATE_FILTERS = {number: state for state, number in REFERRAL_STATES.items()}
+
+
 def referral(value: models.Referral) -> referral_pb2.Referral:
-    return referral_pb2.Referral(
+    message = referral_pb2.Referral(
         user_id=value.user_id,
         email=value.email,
         join_time=timestamp(value.join_time),
         code=value.code,
+        state=REFERRAL_STATES[value.state],
+        held_for_review=value.review is models.ReviewState.HELD,
+    )
+    if value.qualify_time is not None:
+        message.qualify_time.CopyFrom(timestamp(value.qualify_time))
+    if value.reward_time is not None:
+        message.reward_time.CopyFrom(timestamp(value.reward_time))
+    return message
+
+
+def referral_status(value: models.ReferralStatus, *, review: bool = False) -> referral_pb2.Referral:
+    """A referral's lifecycle (no email or code); with ``review``, its signals and note."""
+    message = referral_pb2.Referral(
+        user_id=value.referee_id,
+        referrer_id=value.referrer_id,
+        join_time=timestamp(value.create_time),
+        state=REFERRAL_STATES[value.state],
+        held_for_review=value.review is models.ReviewState.HELD,
+    )
+    if review:
+        message.fraud_signals.extend(value.signals)
+        message.review_note = value.review_note
+    if value.qualify_time is not None:
+        message.qualify_time.CopyFrom(timestamp(value.qualify_time))
+    if value.reward_time is not None:
+        message.reward_time.CopyFrom(timestamp(value.reward_time))
+    return message
+
+
+def conversion(value: models.Conversion) -> referral_pb2.Conversion:
+    message = referral_pb2.Conversion(
+        event_id=value.event_id,
+        user_id=value.user_id,
+        kind=value.kind,
+        occur_time=timestamp(value.occur_time),
+        record_time=timestamp(value.create_time),
+    )
+    if value.value is not None:
+        message.value.currency_code = value.value.currency
+        message.value.units = value.value.units
+        message.value.nanos = value.value.nanos
+    if value.reverse_time is not None:
+        message.reverse_time.CopyFrom(timestamp(value.reverse_time))
+    return message
+
+
+_ROLES = {
+    models.RewardRole.REFERRER: referral_pb2.Reward.ROLE_REFERRER,
+    models.RewardRole.REFEREE: referral_pb2.Reward.ROLE_REFEREE,
+}
+_REWARD_STATES = {
+    models.RewardState.HELD: referral_pb2.Reward.STATE_HELD,
+    models.RewardState.AVAILABLE: referral_pb2.Reward.STATE_AVAILABLE,
+    models.RewardState.CANCELED: referral_pb2.Reward.STATE_CANCELED,
+    models.RewardState.CLAWED_BACK: referral_pb2.Reward.STATE_CLAWED_BACK,
+}
+
+
+def reward(value: models.Reward, now: datetime) -> referral_pb2.Reward:
+    """A reward with its state at ``now``."""
+    message = referral_pb2.Reward(
+        id=value.id,
+        user_id=value.user_id,
+        referee_id=value.referee_id,
+        role=_ROLES[value.role],
+        amount=value.amount,
+        unit=value.unit,
+        state=_REWARD_STATES[value.state(now)],
+        rule=value.rule,
+        create_time=timestamp(value.create_time),
+    )
+    if value.available_time is not None:
+        message.available_time.CopyFrom(timestamp(value.available_time))
+    if value.correct_time is not None:
+        message.correct_time.CopyFrom(timestamp(value.correct_time))
+    return message
+
+
+def balance(value: models.Balance) -> referral_pb2.RewardBalance:
+    return referral_pb2.RewardBalance(
+        unit=value.unit,
+        available=value.available,
+        held=value.held,
+        canceled=value.canceled,
+        clawed_back=value.clawed_back,
     )

@@ -113,12 +113,137 @@ class PublicCode:
         return CodeState.ACTIVE if self.expire_time > now else CodeState.EXPIRED
 
 
+class ReferralState(StrEnum):
+    """Where a referral stands (issue 17): registered with a code, qualified by the referee's
+    conversions, rewarded, or rejected by a review."""
+
+    PENDING = "pending"
+    QUALIFIED = "qualified"
+    REWARDED = "rewarded"
+    REJECTED = "rejected"
+
+
+class ReviewState(StrEnum):
+    """The fraud hold of a referral: ``held`` until a reviewer decides."""
+
+    HELD = "held"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralStatus:
+    """The lifecycle of one referral (its state row)."""
+
+    referee_id: int
+    referrer_id: int
+    state: ReferralState
+    review: ReviewState | None
+    signals: tuple[str, ...]
+    review_note: str
+    create_time: datetime
+    update_time: datetime
+    qualify_time: datetime | None = None
+    reward_time: datetime | None = None
+    review_time: datetime | None = None
+    #: Whether the fraud screening ran (``signals`` then says what it found).
+    screened: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Referral:
     user_id: int
     email: str
     join_time: datetime
     code: str
+    state: ReferralState = ReferralState.PENDING
+    review: ReviewState | None = None
+    signals: tuple[str, ...] = ()
+    qualify_time: datetime | None = None
+    reward_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Money:
+    """An amount of a currency (``google.type.Money``)."""
+
+    currency: str
+    units: int
+    nanos: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """A qualifying event reported by a service (a purchase, an activation)."""
+
+    id: int
+    source: int
+    event_id: str
+    fingerprint: str
+    user_id: int
+    kind: str
+    occur_time: datetime
+    create_time: datetime
+    value: Money | None = None
+    reverse_time: datetime | None = None
+
+
+class RewardRole(StrEnum):
+    REFERRER = "referrer"
+    REFEREE = "referee"
+
+
+class RewardState(StrEnum):
+    HELD = "held"
+    AVAILABLE = "available"
+    CANCELED = "canceled"
+    CLAWED_BACK = "clawed_back"
+
+
+#: Ledger entry kinds: a grant, and the two corrections of one.
+GRANT = "grant"
+CANCEL = "cancel"
+CLAWBACK = "clawback"
+
+
+@dataclass(frozen=True, slots=True)
+class Reward:
+    """A grant of the ledger with its correction, if any. Its state is computed when read:
+    canceled or clawed back by a correction, else available once ``available_time`` passed."""
+
+    id: int
+    user_id: int
+    referee_id: int
+    role: RewardRole
+    amount: int
+    unit: str
+    rule: str
+    conversion_id: int | None
+    create_time: datetime
+    #: None: on hold with no end yet (never set for grants today).
+    available_time: datetime | None
+    correction: str | None = None
+    correct_time: datetime | None = None
+
+    def state(self, now: datetime) -> RewardState:
+        if self.correction == CANCEL:
+            return RewardState.CANCELED
+        if self.correction == CLAWBACK:
+            return RewardState.CLAWED_BACK
+        if self.available_time is not None and self.available_time <= now:
+            return RewardState.AVAILABLE
+        return RewardState.HELD
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """One unit's totals of a user's rewards, at the time of the read."""
+
+    unit: str
+    available: int = 0
+    held: int = 0
+    canceled: int = 0
+    clawed_back: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,11 +34,17 @@ from typing import Protocol, TypeVar
 
 from referral_service.domain.models import (
     ClientInfo,
+    Conversion,
     EmailStatus,
+    Money,
     Profile,
     ProfileState,
     Referral,
     ReferralCode,
+    ReferralState,
+    ReferralStatus,
+    Reward,
+    RewardRole,
     ServiceAccount,
     User,
 )
@@ -58,6 +64,10 @@ OPEN_CODE_EXISTS = "uq_referral_codes_open_owner"
 REQUEST_ID_TAKEN = "pk_idempotency_keys"
 #: Another service account has this name.
 SERVICE_ACCOUNT_TAKEN = "uq_service_accounts_name"
+#: The reporting service already recorded a conversion with this event id.
+CONVERSION_TAKEN = "uq_conversions_source_event_id"
+#: The grant already has its correction (cancel or clawback).
+REWARD_CORRECTED = "uq_reward_entries_corrects_id"
 
 
 class Conflict(Exception):
@@ -235,8 +245,11 @@ class Codes(Protocol):
 
 
 class Referrals(Protocol):
-    async def page(self, referrer_id: int, after_id: int, limit: int) -> list[Referral]:
-        """Referrals of ``referrer_id`` with user id > ``after_id``, by id (keyset)."""
+    async def page(
+        self, referrer_id: int, after_id: int, limit: int, state: ReferralState | None = None
+    ) -> list[Referral]:
+        """Referrals of ``referrer_id`` with user id > ``after_id``, by id (keyset), with their
+        state (only those in ``state`` when given)."""
         ...
 
     async def count(self, referrer_id: int) -> int | None:
@@ -468,6 +481,115 @@ class Mails(Protocol):
 
     async def release(self, mail_ids: Sequence[int], now: datetime) -> None:
         """Hand back claimed messages at shutdown (due at once, the attempt not counted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewConversion:
+    source: int
+    event_id: str
+    fingerprint: str
+    user_id: int
+    kind: str
+    occur_time: datetime
+    value: Money | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewRewardEntry:
+    """A ledger entry: a grant (``corrects_id`` None, positive amount) or the correction of one
+    (``cancel`` / ``clawback``, the negated amount)."""
+
+    kind: str
+    user_id: int
+    referee_id: int
+    role: RewardRole
+    amount: int
+    unit: str
+    rule: str
+    conversion_id: int | None
+    available_time: datetime | None = None
+    corrects_id: int | None = None
+
+
+class Rewards(Protocol):
+    """Referral states, conversions, the append-only reward ledger and the per-referrer
+    counters (issue 17). Every change that must be atomic is one conditional statement."""
+
+    async def add_conversion(self, conversion: NewConversion, now: datetime) -> Conversion:
+        """Conflict(CONVERSION_TAKEN) when the source already recorded this event id."""
+        ...
+
+    async def conversion(self, source: int, event_id: str) -> Conversion | None: ...
+
+    async def reverse_conversion(self, conversion_id: int, now: datetime) -> bool:
+        """Mark it reversed; False when it already was (exactly one concurrent caller wins)."""
+        ...
+
+    async def qualifying(self, user_id: int, kinds: Sequence[str]) -> tuple[int, int | None]:
+        """How many unreversed conversions of these kinds the user has, and the latest's id."""
+        ...
+
+    async def ensure_referral(self, referee_id: int, referrer_id: int, now: datetime) -> None:
+        """Make the referral's state row (PENDING) unless it exists."""
+        ...
+
+    async def referral(self, referee_id: int, *, lock: bool = False) -> ReferralStatus | None:
+        """None: no state row (a referred user without one is PENDING). ``lock``: hold the row
+        until the transaction ends, so that evaluations of one referral run one at a time."""
+        ...
+
+    async def move_referral(
+        self, referee_id: int, from_states: Sequence[ReferralState], to: ReferralState, now: datetime
+    ) -> bool:
+        """Compare-and-set of the state; True for exactly one of concurrent movers."""
+        ...
+
+    async def record_signals(self, referee_id: int, signals: Sequence[str], now: datetime) -> None:
+        """Record the fraud screening of the referral (``signals`` may be empty: screened,
+        clean); with signals, the referral is held for review unless it was reviewed."""
+        ...
+
+    async def referred_between(self, referrer_id: int, start: datetime, end: datetime) -> int:
+        """How many users registered with the referrer's codes in [start, end]."""
+        ...
+
+    async def review_referral(self, referee_id: int, verdict: str, note: str, now: datetime) -> bool:
+        """Set the review verdict of a held referral (``approved`` / ``rejected``); False when
+        it is not held."""
+        ...
+
+    async def held_page(self, after_id: int, limit: int) -> list[ReferralStatus]:
+        """Referrals held for review, by referee id (keyset)."""
+        ...
+
+    async def add_entries(self, entries: Sequence[NewRewardEntry], now: datetime) -> list[int]:
+        """Append ledger entries; their ids. Conflict(REWARD_CORRECTED) for a second correction."""
+        ...
+
+    async def rewards_of_conversion(self, conversion_id: int) -> list[Reward]: ...
+
+    async def rewards_page(self, user_id: int, after_id: int, limit: int) -> list[Reward]:
+        """The user's rewards (grants with their correction), newest first, id < ``after_id``
+        (0: from the newest)."""
+        ...
+
+    async def rewards_of(self, user_id: int) -> list[Reward]:
+        """Every reward of the user (their grants with their corrections)."""
+        ...
+
+    async def bump(
+        self, referrer_id: int, period: str, name: str, delta: int, cap: int | None = None
+    ) -> bool:
+        """Add ``delta`` to a counter (made at 0); with ``cap``, only if the result stays within
+        it (False, changing nothing, otherwise). Atomic under concurrency."""
+        ...
+
+    async def counters(self, referrer_id: int, period: str) -> dict[str, int]: ...
+
+    async def top(
+        self, period: str, name: str, after: tuple[int, int] | None, limit: int
+    ) -> list[tuple[int, int]]:
+        """(referrer id, value) by value descending then id, after (value, id) (keyset)."""
         ...
 
 
@@ -492,6 +614,8 @@ class UnitOfWork(Protocol):
     def email_tokens(self) -> EmailTokens: ...
     @property
     def mails(self) -> Mails: ...
+    @property
+    def rewards(self) -> Rewards: ...
 
     async def purge_expired(self, now: datetime) -> int:
         """Delete expired revocations, request ids and refresh tokens; the rows deleted."""

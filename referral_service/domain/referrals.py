@@ -28,7 +28,7 @@ from referral_service.domain.errors import (
     Unavailable,
     check,
 )
-from referral_service.domain.models import CodeState, PublicCode, ReferralCode, ReferralPage
+from referral_service.domain.models import CodeState, PublicCode, ReferralCode, ReferralPage, ReferralState
 from referral_service.domain.ports import (
     CODE_TAKEN,
     OPEN_CODE_EXISTS,
@@ -368,6 +368,7 @@ class ReferralService:
         page_token: str,
         *,
         caller_scopes: frozenset[str] = frozenset(),
+        state: ReferralState | None = None,
     ) -> ReferralPage:
         """A page of the referrer's referrals: for the referrer, a superuser, or a service with
         ``referrals:read`` (``caller_scopes``; ``caller_id`` 0)."""
@@ -391,7 +392,7 @@ class ReferralService:
             total = await uow.referrals.count(referrer_id)
             if total is None:
                 raise NotFound(Reason.USER_NOT_FOUND, "no user with this id")
-            rows = await uow.referrals.page(referrer_id, after_id, size + 1)
+            rows = await uow.referrals.page(referrer_id, after_id, size + 1, state)
         more = len(rows) > size
         rows = rows[:size]
         token = self._page_token(referrer_id, rows[-1].user_id) if more and rows else ""

@@ -47,7 +47,21 @@ USERS_READ = "users:read"
 REFERRALS_READ = "referrals:read"
 TOKENS_INTROSPECT = "tokens:introspect"
 SESSIONS_REVOKE = "sessions:revoke"
-SCOPES = frozenset({USERS_REGISTER, USERS_READ, REFERRALS_READ, TOKENS_INTROSPECT, SESSIONS_REVOKE})
+CONVERSIONS_WRITE = "conversions:write"
+REWARDS_READ = "rewards:read"
+REFERRALS_REVIEW = "referrals:review"
+SCOPES = frozenset(
+    {
+        USERS_REGISTER,
+        USERS_READ,
+        REFERRALS_READ,
+        TOKENS_INTROSPECT,
+        SESSIONS_REVOKE,
+        CONVERSIONS_WRITE,
+        REWARDS_READ,
+        REFERRALS_REVIEW,
+    }
+)
 
 #: How long a certificate-mapped account is used before it is read again (scopes; a revocation
 #: is seen at once through its revocation entry).

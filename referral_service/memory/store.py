@@ -35,13 +35,19 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from referral_service.domain import ports
 from referral_service.domain.errors import Reason, Unavailable
 from referral_service.domain.models import (
+    GRANT,
     ClientInfo,
     CodeState,
+    Conversion,
     EmailStatus,
     Profile,
     ProfileState,
     Referral,
     ReferralCode,
+    ReferralState,
+    ReferralStatus,
+    ReviewState,
+    Reward,
     ServiceAccount,
     User,
 )
@@ -147,6 +153,13 @@ class _ProfileRow:
     last_error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _EntryRow:
+    id: int
+    entry: ports.NewRewardEntry
+    create_time: datetime
+
+
 # --- tables: committed rows plus one transaction's changes ---------------------------------------
 
 
@@ -218,6 +231,16 @@ class _Data:
     email_token_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     mails: dict[int, _MailRow] = field(default_factory=dict)
     mail_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    #: The referral programme (issue 17): state rows, conversions (and their unique key), ledger
+    #: entries (and the unique "one correction per grant"), counters.
+    referral_states: dict[int, ReferralStatus] = field(default_factory=dict)
+    conversions: dict[int, Conversion] = field(default_factory=dict)
+    conversion_ids: dict[tuple[int, str], int] = field(default_factory=dict)
+    entries: dict[int, _EntryRow] = field(default_factory=dict)
+    corrections: dict[int, int] = field(default_factory=dict)
+    counters: dict[tuple[int, str, str], int] = field(default_factory=dict)
+    conversion_seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    entry_seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     user_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     code_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -241,6 +264,12 @@ class _View:
         self.service_accounts = _Table(data.service_accounts, writable)
         self.email_tokens = _Table(data.email_tokens, writable)
         self.mails = _Table(data.mails, writable)
+        self.referral_states = _Table(data.referral_states, writable)
+        self.conversions = _Table(data.conversions, writable)
+        self.conversion_ids = _Table(data.conversion_ids, writable)
+        self.entries = _Table(data.entries, writable)
+        self.corrections = _Table(data.corrections, writable)
+        self.counters = _Table(data.counters, writable)
 
     def _tables(self) -> tuple[_Table[Any, Any], ...]:
         return (
@@ -258,6 +287,12 @@ class _View:
             self.service_accounts,
             self.email_tokens,
             self.mails,
+            self.referral_states,
+            self.conversions,
+            self.conversion_ids,
+            self.entries,
+            self.corrections,
+            self.counters,
         )
 
     def commit(self) -> None:
@@ -506,7 +541,9 @@ class _Referrals:
     def __init__(self, view: _View) -> None:
         self._v = view
 
-    async def page(self, referrer_id: int, after_id: int, limit: int) -> list[Referral]:
+    async def page(
+        self, referrer_id: int, after_id: int, limit: int, state: ReferralState | None = None
+    ) -> list[Referral]:
         v = self._v
         ids = v.referral_ids.get(referrer_id) or ()
         start = bisect.bisect_right(ids, after_id)
@@ -515,12 +552,20 @@ class _Referrals:
             user = v.users.get(user_id)
             assert user is not None
             code = v.codes.get(user.referral_code_id) if user.referral_code_id is not None else None
+            status = v.referral_states.get(user.id)
+            current = status.state if status is not None else ReferralState.PENDING
+            if state is not None and current is not state:
+                continue
             page.append(
                 Referral(
                     user_id=user.id,
                     email=user.email,
                     join_time=user.create_time,
                     code=code.code if code is not None else "",
+                    state=current,
+                    review=status.review if status is not None else None,
+                    qualify_time=status.qualify_time if status is not None else None,
+                    reward_time=status.reward_time if status is not None else None,
                 )
             )
         return page
@@ -995,6 +1040,213 @@ class _Mails:
                 )
 
 
+class _Rewards:
+    """The referral programme's port: each method runs without an await between its check and
+    its write, so it is atomic like the statement it mirrors."""
+
+    def __init__(self, view: _View) -> None:
+        self._v = view
+
+    async def add_conversion(self, conversion: ports.NewConversion, now: datetime) -> Conversion:
+        key = (conversion.source, conversion.event_id)
+        if self._v.conversion_ids.get(key) is not None:
+            raise Conflict(ports.CONVERSION_TAKEN)
+        row = Conversion(
+            id=next(self._v.data.conversion_seq),
+            source=conversion.source,
+            event_id=conversion.event_id,
+            fingerprint=conversion.fingerprint,
+            user_id=conversion.user_id,
+            kind=conversion.kind,
+            occur_time=_utc(conversion.occur_time),
+            create_time=_utc(now),
+            value=conversion.value,
+        )
+        self._v.conversions.put(row.id, row)
+        self._v.conversion_ids.put(key, row.id)
+        return row
+
+    async def conversion(self, source: int, event_id: str) -> Conversion | None:
+        conversion_id = self._v.conversion_ids.get((source, event_id))
+        return self._v.conversions.get(conversion_id) if conversion_id is not None else None
+
+    async def reverse_conversion(self, conversion_id: int, now: datetime) -> bool:
+        row = self._v.conversions.get(conversion_id)
+        if row is None or row.reverse_time is not None:
+            return False
+        self._v.conversions.put(conversion_id, replace(row, reverse_time=_utc(now)))
+        return True
+
+    async def qualifying(self, user_id: int, kinds: Sequence[str]) -> tuple[int, int | None]:
+        ids = [
+            row.id
+            for _, row in self._v.conversions.items()
+            if row.user_id == user_id and row.kind in kinds and row.reverse_time is None
+        ]
+        return len(ids), max(ids, default=None)
+
+    async def ensure_referral(self, referee_id: int, referrer_id: int, now: datetime) -> None:
+        if self._v.referral_states.get(referee_id) is None:
+            self._v.referral_states.put(
+                referee_id,
+                ReferralStatus(
+                    referee_id=referee_id,
+                    referrer_id=referrer_id,
+                    state=ReferralState.PENDING,
+                    review=None,
+                    signals=(),
+                    review_note="",
+                    create_time=_utc(now),
+                    update_time=_utc(now),
+                ),
+            )
+
+    async def referral(self, referee_id: int, *, lock: bool = False) -> ReferralStatus | None:
+        return self._v.referral_states.get(referee_id)
+
+    async def move_referral(
+        self, referee_id: int, from_states: Sequence[ReferralState], to: ReferralState, now: datetime
+    ) -> bool:
+        row = self._v.referral_states.get(referee_id)
+        if row is None or row.state not in from_states:
+            return False
+        at = _utc(now)
+        row = replace(row, state=to, update_time=at)
+        if to is ReferralState.QUALIFIED:
+            row = replace(row, qualify_time=at)
+        elif to is ReferralState.REWARDED:
+            row = replace(row, reward_time=at)
+        self._v.referral_states.put(referee_id, row)
+        return True
+
+    async def record_signals(self, referee_id: int, signals: Sequence[str], now: datetime) -> None:
+        row = self._v.referral_states.get(referee_id)
+        if row is None:
+            return
+        review = row.review if row.review is not None or not signals else ReviewState.HELD
+        self._v.referral_states.put(
+            referee_id,
+            replace(
+                row, signals=tuple(sorted(set(signals))), screened=True, review=review, update_time=_utc(now)
+            ),
+        )
+
+    async def referred_between(self, referrer_id: int, start: datetime, end: datetime) -> int:
+        count = 0
+        for user_id in self._v.referral_ids.get(referrer_id) or ():
+            user = self._v.users.get(user_id)
+            if user is not None and start <= user.create_time <= end:
+                count += 1
+        return count
+
+    async def review_referral(self, referee_id: int, verdict: str, note: str, now: datetime) -> bool:
+        row = self._v.referral_states.get(referee_id)
+        if row is None or row.review is not ReviewState.HELD:
+            return False
+        at = _utc(now)
+        self._v.referral_states.put(
+            referee_id,
+            replace(row, review=ReviewState(verdict), review_note=note, review_time=at, update_time=at),
+        )
+        return True
+
+    async def held_page(self, after_id: int, limit: int) -> list[ReferralStatus]:
+        held = sorted(
+            (
+                row
+                for key, row in self._v.referral_states.items()
+                if key > after_id and row.review is ReviewState.HELD
+            ),
+            key=lambda row: row.referee_id,
+        )
+        return held[: max(limit, 0)]
+
+    async def add_entries(self, entries: Sequence[ports.NewRewardEntry], now: datetime) -> list[int]:
+        ids = []
+        for entry in entries:
+            if entry.corrects_id is not None and self._v.corrections.get(entry.corrects_id) is not None:
+                raise Conflict(ports.REWARD_CORRECTED)
+            entry_id = next(self._v.data.entry_seq)
+            if entry.corrects_id is not None:
+                self._v.corrections.put(entry.corrects_id, entry_id)
+            self._v.entries.put(entry_id, _EntryRow(entry_id, entry, _utc(now)))
+            ids.append(entry_id)
+        return ids
+
+    def _reward(self, row: _EntryRow) -> Reward:
+        entry = row.entry
+        correction_id = self._v.corrections.get(row.id)
+        correction = self._v.entries.get(correction_id) if correction_id is not None else None
+        return Reward(
+            id=row.id,
+            user_id=entry.user_id,
+            referee_id=entry.referee_id,
+            role=entry.role,
+            amount=entry.amount,
+            unit=entry.unit,
+            rule=entry.rule,
+            conversion_id=entry.conversion_id,
+            create_time=row.create_time,
+            available_time=_utc(entry.available_time) if entry.available_time is not None else None,
+            correction=correction.entry.kind if correction is not None else None,
+            correct_time=correction.create_time if correction is not None else None,
+        )
+
+    def _grants(self, keep: Callable[[ports.NewRewardEntry], bool]) -> list[Reward]:
+        rows = sorted(
+            (row for _, row in self._v.entries.items() if row.entry.kind == GRANT and keep(row.entry)),
+            key=lambda row: row.id,
+        )
+        return [self._reward(row) for row in rows]
+
+    async def rewards_of_conversion(self, conversion_id: int) -> list[Reward]:
+        return self._grants(lambda entry: entry.conversion_id == conversion_id)
+
+    async def rewards_page(self, user_id: int, after_id: int, limit: int) -> list[Reward]:
+        mine = [
+            r
+            for r in reversed(self._grants(lambda entry: entry.user_id == user_id))
+            if not after_id or r.id < after_id
+        ]
+        return mine[: max(limit, 0)]
+
+    async def rewards_of(self, user_id: int) -> list[Reward]:
+        return self._grants(lambda entry: entry.user_id == user_id)
+
+    async def bump(
+        self, referrer_id: int, period: str, name: str, delta: int, cap: int | None = None
+    ) -> bool:
+        key = (referrer_id, period, name)
+        value = (self._v.counters.get(key) or 0) + delta
+        if cap is not None and value > cap:
+            return False
+        self._v.counters.put(key, value)
+        return True
+
+    async def counters(self, referrer_id: int, period: str) -> dict[str, int]:
+        return {
+            name: value
+            for (owner, at, name), value in self._v.counters.items()
+            if owner == referrer_id and at == period
+        }
+
+    async def top(
+        self, period: str, name: str, after: tuple[int, int] | None, limit: int
+    ) -> list[tuple[int, int]]:
+        rows = sorted(
+            (
+                (owner, value)
+                for (owner, at, counter), value in self._v.counters.items()
+                if at == period and counter == name and value > 0
+            ),
+            key=lambda row: (-row[1], row[0]),
+        )
+        if after is not None:
+            value, owner = after
+            rows = [row for row in rows if row[1] < value or (row[1] == value and row[0] > owner)]
+        return rows[: max(limit, 0)]
+
+
 class MemoryUnitOfWork:
     """The six repositories over one view (a transaction's, or the committed rows for reads)."""
 
@@ -1009,6 +1261,7 @@ class MemoryUnitOfWork:
         self.service_accounts = _ServiceAccounts(view)
         self.email_tokens = _EmailTokens(view)
         self.mails = _Mails(view)
+        self.rewards = _Rewards(view)
 
     async def purge_expired(self, now: datetime) -> int:
         v = self._view
@@ -1088,6 +1341,13 @@ class MemoryStore:
         if row is None:
             raise KeyError(user_id)
         self._data.users[user_id] = replace(row, is_active=active)
+
+    def set_verified(self, user_id: int) -> None:
+        """Mark the account verified, as the email verification flow does. For tests."""
+        row = self._data.users.get(user_id)
+        if row is None:
+            raise KeyError(user_id)
+        self._data.users[user_id] = replace(row, is_verified=True)
 
 
 if TYPE_CHECKING:

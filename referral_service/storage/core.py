@@ -28,6 +28,10 @@ REQUESTS = Base.metadata.tables["idempotency_keys"]
 PROFILES = Base.metadata.tables["user_profiles"]
 EMAIL_TOKENS = Base.metadata.tables["email_tokens"]
 MAILS = Base.metadata.tables["mail_outbox"]
+STATES = Base.metadata.tables["referral_states"]
+CONVERSIONS = Base.metadata.tables["conversions"]
+ENTRIES = Base.metadata.tables["reward_entries"]
+COUNTERS = Base.metadata.tables["referrer_counters"]
 
 
 def at(name: str = "now") -> BindParameter[datetime]:
@@ -43,6 +47,8 @@ _CONSTRAINTS = {
     ports.OPEN_CODE_EXISTS: ("uq_referral_codes_open_owner", "referral_codes.owner_id"),
     ports.REQUEST_ID_TAKEN: ("pk_idempotency_keys", "idempotency_keys.scope"),
     ports.SERVICE_ACCOUNT_TAKEN: ("uq_service_accounts_name", "service_accounts.name"),
+    ports.CONVERSION_TAKEN: ("uq_conversions_source_event_id", "conversions.source"),
+    ports.REWARD_CORRECTED: ("uq_reward_entries_corrects_id", "reward_entries.corrects_id"),
 }
 _UNIQUE_VIOLATION = ("UNIQUE constraint failed", "duplicate key value violates unique constraint")
 

@@ -39,6 +39,7 @@ from referral_service.storage.mail import SqlEmailTokens, SqlMails
 from referral_service.storage.profiles import SqlProfiles
 from referral_service.storage.referrals import SqlReferrals
 from referral_service.storage.requests import SqlRequests
+from referral_service.storage.rewards import SqlRewards
 from referral_service.storage.service_accounts import SqlServiceAccounts
 from referral_service.storage.sessions import SqlSessions
 from referral_service.storage.users import SqlUsers
@@ -102,6 +103,10 @@ class SqlUnitOfWork:
     @cached_property
     def mails(self) -> SqlMails:
         return SqlMails(self.connection)
+
+    @cached_property
+    def rewards(self) -> SqlRewards:
+        return SqlRewards(self.connection, self._dialect)
 
     async def purge_expired(self, now: datetime) -> int:
         deleted = 0

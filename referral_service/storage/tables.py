@@ -296,3 +296,114 @@ class MailRow(Base):
         Index("ix_mail_outbox_state_next_attempt_time", "state", "next_attempt_time"),
         CheckConstraint("state IN ('pending', 'sent', 'skipped', 'failed')", name="state_known"),
     )
+
+
+class ReferralStateRow(Base):
+    """The lifecycle of a referral (issue 17): one row per referred user, made when the referral
+    first changes (a conversion, a fraud signal); a referred user without a row is PENDING.
+    ``state`` moves pending -> qualified -> rewarded (or rejected by a review); ``review`` is
+    the fraud hold (``held`` until a reviewer approves or rejects it)."""
+
+    __tablename__ = "referral_states"
+
+    referee_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    referrer_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"))
+    #: ``pending``, ``qualified``, ``rewarded`` or ``rejected``.
+    state: Mapped[str] = mapped_column(String(16))
+    #: NULL (never flagged), ``held``, ``approved`` or ``rejected``.
+    review: Mapped[str | None] = mapped_column(String(16))
+    #: The fraud signals recorded, space-separated.
+    signals: Mapped[str | None] = mapped_column(String(256))
+    review_note: Mapped[str | None] = mapped_column(String(500))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    qualify_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reward_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    review_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_referral_states_referrer_id_state", "referrer_id", "state"),
+        Index(
+            "ix_referral_states_review_held",
+            "referee_id",
+            sqlite_where=text("review = 'held'"),
+            postgresql_where=text("review = 'held'"),
+        ),
+        CheckConstraint("state IN ('pending', 'qualified', 'rewarded', 'rejected')", name="state_known"),
+    )
+
+
+class ConversionRow(Base):
+    """A qualifying event reported by a service (RecordConversion). ``(source, event_id)`` is
+    unique: a retry or a concurrent duplicate finds the first one."""
+
+    __tablename__ = "conversions"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    #: Who reported it: the service account's id.
+    source: Mapped[int] = mapped_column(Id)
+    event_id: Mapped[str] = mapped_column(String(128))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    value_currency: Mapped[str | None] = mapped_column(String(3))
+    value_units: Mapped[int | None] = mapped_column(BigInteger)
+    value_nanos: Mapped[int | None] = mapped_column(Integer)
+    occur_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    reverse_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("uq_conversions_source_event_id", "source", "event_id", unique=True),
+        Index("ix_conversions_user_id_id", "user_id", "id"),
+    )
+
+
+class RewardEntryRow(Base):
+    """The reward ledger, append-only: a ``grant`` (positive amount, available from
+    ``available_time``) and at most one correction of it (``cancel`` of a held grant, ``clawback``
+    of an available one: the negated amount, ``corrects_id`` naming the grant). Rows are never
+    updated; a reward's state is computed from its grant, its correction and the time."""
+
+    __tablename__ = "reward_entries"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    #: ``grant``, ``cancel`` or ``clawback``.
+    kind: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"))
+    #: The referral (its referred user) the reward is for.
+    referee_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"))
+    #: ``referrer`` or ``referee``.
+    role: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    unit: Mapped[str] = mapped_column(String(16))
+    #: The rule that produced the entry (``<program id>/referrer``).
+    rule: Mapped[str] = mapped_column(String(80))
+    conversion_id: Mapped[int | None] = mapped_column(Id, ForeignKey("conversions.id", ondelete="CASCADE"))
+    corrects_id: Mapped[int | None] = mapped_column(Id, ForeignKey("reward_entries.id", ondelete="CASCADE"))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    available_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_reward_entries_user_id_id", "user_id", "id"),
+        Index("ix_reward_entries_conversion_id", "conversion_id"),
+        Index("uq_reward_entries_corrects_id", "corrects_id", unique=True),
+        CheckConstraint("kind IN ('grant', 'cancel', 'clawback')", name="kind_known"),
+        CheckConstraint("(kind = 'grant') = (corrects_id IS NULL)", name="corrections_name_a_grant"),
+        CheckConstraint("(kind = 'grant') = (amount > 0)", name="grants_positive"),
+    )
+
+
+class ReferrerCounterRow(Base):
+    """Counters per referrer and period (``all`` or ``YYYY-MM``, UTC), kept in the transaction
+    of each change: caps, GetReferralStats and ListTopReferrers read them instead of counting
+    rows."""
+
+    __tablename__ = "referrer_counters"
+
+    referrer_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    name: Mapped[str] = mapped_column(String(48), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+    __table_args__ = (Index("ix_referrer_counters_board", "period", "name", "value", "referrer_id"),)

@@ -137,6 +137,21 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     down, slow or out of quota) and the server is configured to refuse
     unverified registrations; retry after the RetryInfo delay.
     """
+    ERROR_REASON_CONVERSION_EVENT_CONFLICT: _ErrorReason.ValueType  # 70
+    """70-79: conversions, rewards and the review of referrals.
+
+    ALREADY_EXISTS: the calling service already recorded a conversion with
+    this event_id but different values (user_id, kind, value, occur_time). A
+    retry with the same values returns the first result instead.
+    """
+    ERROR_REASON_CONVERSION_NOT_FOUND: _ErrorReason.ValueType  # 71
+    """NOT_FOUND: the calling service recorded no conversion with this event_id."""
+    ERROR_REASON_REFERRAL_NOT_FOUND: _ErrorReason.ValueType  # 72
+    """NOT_FOUND: this user was not referred by anyone."""
+    ERROR_REASON_REFERRAL_NOT_HELD: _ErrorReason.ValueType  # 73
+    """FAILED_PRECONDITION: the referral is not held for review (never flagged,
+    or already reviewed).
+    """
     ERROR_REASON_HTTP_ROUTE_NOT_FOUND: _ErrorReason.ValueType  # 90
     """Sent only by the HTTP/JSON gateway, before any RPC is called.
 
@@ -279,6 +294,21 @@ ERROR_REASON_EMAIL_VERIFICATION_UNAVAILABLE: ErrorReason.ValueType  # 62
 """UNAVAILABLE: the email could not be verified right now (the provider is
 down, slow or out of quota) and the server is configured to refuse
 unverified registrations; retry after the RetryInfo delay.
+"""
+ERROR_REASON_CONVERSION_EVENT_CONFLICT: ErrorReason.ValueType  # 70
+"""70-79: conversions, rewards and the review of referrals.
+
+ALREADY_EXISTS: the calling service already recorded a conversion with
+this event_id but different values (user_id, kind, value, occur_time). A
+retry with the same values returns the first result instead.
+"""
+ERROR_REASON_CONVERSION_NOT_FOUND: ErrorReason.ValueType  # 71
+"""NOT_FOUND: the calling service recorded no conversion with this event_id."""
+ERROR_REASON_REFERRAL_NOT_FOUND: ErrorReason.ValueType  # 72
+"""NOT_FOUND: this user was not referred by anyone."""
+ERROR_REASON_REFERRAL_NOT_HELD: ErrorReason.ValueType  # 73
+"""FAILED_PRECONDITION: the referral is not held for review (never flagged,
+or already reviewed).
 """
 ERROR_REASON_HTTP_ROUTE_NOT_FOUND: ErrorReason.ValueType  # 90
 """Sent only by the HTTP/JSON gateway, before any RPC is called.

@@ -240,4 +240,9 @@ The scopes, fixed strings granted to service accounts by the operator
 - `referrals:read`: ReferralService.ListReferrals of any referrer.
 - `tokens:introspect`: AuthService.IntrospectToken.
 - `sessions:revoke`: AuthService.RevokeUserSessions of any user.
+- `conversions:write`: ReferralService.RecordConversion and
+  ReverseConversion.
+- `rewards:read`: ReferralService.ListRewards and GetRewardBalance of any
+  user.
+- `referrals:review`: the review of referrals held for fraud review.
 """

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.type import money_pb2 as _money_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ReferralState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReferralStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReferralState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REFERRAL_STATE_UNSPECIFIED: _ReferralState.ValueType  # 0
+    """Never sent."""
+    REFERRAL_STATE_PENDING: _ReferralState.ValueType  # 1
+    """The referee registered with a code; no qualifying conversion yet (or the
+    referee is not verified yet, or the conversions were reversed).
+    """
+    REFERRAL_STATE_QUALIFIED: _ReferralState.ValueType  # 2
+    """The referee made the programme's qualifying conversions; the rewards wait
+    (for a fraud review).
+    """
+    REFERRAL_STATE_REWARDED: _ReferralState.ValueType  # 3
+    """The programme's rewards were granted."""
+    REFERRAL_STATE_REJECTED: _ReferralState.ValueType  # 4
+    """A reviewer rejected the referral; it earns nothing."""
+
+class ReferralState(_ReferralState, metaclass=_ReferralStateEnumTypeWrapper):
+    """The lifecycle of a referral."""
+
+REFERRAL_STATE_UNSPECIFIED: ReferralState.ValueType  # 0
+"""Never sent."""
+REFERRAL_STATE_PENDING: ReferralState.ValueType  # 1
+"""The referee registered with a code; no qualifying conversion yet (or the
+referee is not verified yet, or the conversions were reversed).
+"""
+REFERRAL_STATE_QUALIFIED: ReferralState.ValueType  # 2
+"""The referee made the programme's qualifying conversions; the rewards wait
+(for a fraud review).
+"""
+REFERRAL_STATE_REWARDED: ReferralState.ValueType  # 3
+"""The programme's rewards were granted."""
+REFERRAL_STATE_REJECTED: ReferralState.ValueType  # 4
+"""A reviewer rejected the referral; it earns nothing."""
+Global___ReferralState: _TypeAlias = ReferralState  # noqa: Y015
 
 @_typing.final
 class ReferralCode(_message.Message):
@@ -121,15 +162,49 @@ class Referral(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     JOIN_TIME_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    QUALIFY_TIME_FIELD_NUMBER: _builtins.int
+    REWARD_TIME_FIELD_NUMBER: _builtins.int
+    REFERRER_ID_FIELD_NUMBER: _builtins.int
+    HELD_FOR_REVIEW_FIELD_NUMBER: _builtins.int
+    FRAUD_SIGNALS_FIELD_NUMBER: _builtins.int
+    REVIEW_NOTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """The referred user's id."""
     email: _builtins.str
     """The referred user's email."""
     code: _builtins.str
-    """The referral code they registered with."""
+    """The referral code they registered with. Not set in RecordConversion's
+    response.
+    """
+    state: Global___ReferralState.ValueType
+    """Where the referral stands."""
+    referrer_id: _builtins.int
+    """The referrer's user id."""
+    held_for_review: _builtins.bool
+    """Whether the referral is held for fraud review: its rewards wait for a
+    reviewer.
+    """
+    review_note: _builtins.str
+    """The reviewer's note. Set by the review RPCs only."""
     @_builtins.property
     def join_time(self) -> _timestamp_pb2.Timestamp:
         """When the referred user registered."""
+
+    @_builtins.property
+    def qualify_time(self) -> _timestamp_pb2.Timestamp:
+        """When the referral qualified (unset until it did)."""
+
+    @_builtins.property
+    def reward_time(self) -> _timestamp_pb2.Timestamp:
+        """When the referral was rewarded (unset until it was)."""
+
+    @_builtins.property
+    def fraud_signals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The fraud signals recorded on the referral (`self_referral_alias`,
+        `shared_client_address`, `velocity`, `disposable_domain`). Set by the
+        review RPCs only.
+        """
 
     def __init__(
         self,
@@ -138,14 +213,239 @@ class Referral(_message.Message):
         email: _builtins.str = ...,
         join_time: _timestamp_pb2.Timestamp | None = ...,
         code: _builtins.str = ...,
+        state: Global___ReferralState.ValueType = ...,
+        qualify_time: _timestamp_pb2.Timestamp | None = ...,
+        reward_time: _timestamp_pb2.Timestamp | None = ...,
+        referrer_id: _builtins.int = ...,
+        held_for_review: _builtins.bool = ...,
+        fraud_signals: _abc.Iterable[_builtins.str] | None = ...,
+        review_note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["join_time", b"join_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["join_time", b"join_time", "qualify_time", b"qualify_time", "reward_time", b"reward_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "email", b"email", "join_time", b"join_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "email", b"email", "fraud_signals", b"fraud_signals", "held_for_review", b"held_for_review", "join_time", b"join_time", "qualify_time", b"qualify_time", "referrer_id", b"referrer_id", "review_note", b"review_note", "reward_time", b"reward_time", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Referral: _TypeAlias = Referral  # noqa: Y015
+
+@_typing.final
+class Conversion(_message.Message):
+    """A conversion: something a referred user did that matters to the business,
+    reported by an internal service.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    RECORD_TIME_FIELD_NUMBER: _builtins.int
+    REVERSE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The reporting service's id of the event."""
+    user_id: _builtins.int
+    """The user who converted."""
+    kind: _builtins.str
+    """What kind of conversion (`purchase`, `activation`)."""
+    @_builtins.property
+    def value(self) -> _money_pb2.Money:
+        """Its value, when the service reported one."""
+
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened, as reported (the record time when not reported)."""
+
+    @_builtins.property
+    def record_time(self) -> _timestamp_pb2.Timestamp:
+        """When this service recorded it."""
+
+    @_builtins.property
+    def reverse_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was reversed; unset unless it was."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        user_id: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        value: _money_pb2.Money | None = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+        record_time: _timestamp_pb2.Timestamp | None = ...,
+        reverse_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "record_time", b"record_time", "reverse_time", b"reverse_time", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "kind", b"kind", "occur_time", b"occur_time", "record_time", b"record_time", "reverse_time", b"reverse_time", "user_id", b"user_id", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Conversion: _TypeAlias = Conversion  # noqa: Y015
+
+@_typing.final
+class Reward(_message.Message):
+    """A reward of the ledger: a grant, and its state. The ledger is append-only:
+    a cancellation or clawback is a new, correcting entry; amounts never change.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Role:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Reward._Role.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ROLE_UNSPECIFIED: Reward._Role.ValueType  # 0
+        """Never sent."""
+        ROLE_REFERRER: Reward._Role.ValueType  # 1
+        """The user who referred."""
+        ROLE_REFEREE: Reward._Role.ValueType  # 2
+        """The user who was referred."""
+
+    class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+        """Which side of the referral a reward is for."""
+
+    ROLE_UNSPECIFIED: Reward.Role.ValueType  # 0
+    """Never sent."""
+    ROLE_REFERRER: Reward.Role.ValueType  # 1
+    """The user who referred."""
+    ROLE_REFEREE: Reward.Role.ValueType  # 2
+    """The user who was referred."""
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Reward._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Reward._State.ValueType  # 0
+        """Never sent."""
+        STATE_HELD: Reward._State.ValueType  # 1
+        """Granted; its hold has not ended yet."""
+        STATE_AVAILABLE: Reward._State.ValueType  # 2
+        """Its hold has ended: the user may use it."""
+        STATE_CANCELED: Reward._State.ValueType  # 3
+        """Canceled while held (the conversion was reversed)."""
+        STATE_CLAWED_BACK: Reward._State.ValueType  # 4
+        """Taken back after it became available (the conversion was reversed)."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """A reward's state, computed when it is read."""
+
+    STATE_UNSPECIFIED: Reward.State.ValueType  # 0
+    """Never sent."""
+    STATE_HELD: Reward.State.ValueType  # 1
+    """Granted; its hold has not ended yet."""
+    STATE_AVAILABLE: Reward.State.ValueType  # 2
+    """Its hold has ended: the user may use it."""
+    STATE_CANCELED: Reward.State.ValueType  # 3
+    """Canceled while held (the conversion was reversed)."""
+    STATE_CLAWED_BACK: Reward.State.ValueType  # 4
+    """Taken back after it became available (the conversion was reversed)."""
+
+    ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REFEREE_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    AVAILABLE_TIME_FIELD_NUMBER: _builtins.int
+    CORRECT_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The reward's id."""
+    user_id: _builtins.int
+    """The user it is granted to."""
+    referee_id: _builtins.int
+    """The referral it is for: the referred user's id."""
+    role: Global___Reward.Role.ValueType
+    """Which side of the referral."""
+    amount: _builtins.int
+    """The amount, in minor units of `unit` (cents for USD)."""
+    unit: _builtins.str
+    """The unit: a currency code (`USD`) or a programme unit (`points`)."""
+    state: Global___Reward.State.ValueType
+    """The state at the time of the read."""
+    rule: _builtins.str
+    """The programme rule that granted it (`<programme id>/referrer`)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was granted."""
+
+    @_builtins.property
+    def available_time(self) -> _timestamp_pb2.Timestamp:
+        """When its hold ends (or ended)."""
+
+    @_builtins.property
+    def correct_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was canceled or clawed back; unset otherwise."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        user_id: _builtins.int = ...,
+        referee_id: _builtins.int = ...,
+        role: Global___Reward.Role.ValueType = ...,
+        amount: _builtins.int = ...,
+        unit: _builtins.str = ...,
+        state: Global___Reward.State.ValueType = ...,
+        rule: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        available_time: _timestamp_pb2.Timestamp | None = ...,
+        correct_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_time", b"available_time", "correct_time", b"correct_time", "create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "available_time", b"available_time", "correct_time", b"correct_time", "create_time", b"create_time", "id", b"id", "referee_id", b"referee_id", "role", b"role", "rule", b"rule", "state", b"state", "unit", b"unit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reward: _TypeAlias = Reward  # noqa: Y015
+
+@_typing.final
+class RewardBalance(_message.Message):
+    """A user's reward totals in one unit, in minor units."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    CANCELED_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FIELD_NUMBER: _builtins.int
+    unit: _builtins.str
+    """The unit (`USD`, `points`)."""
+    available: _builtins.int
+    """Rewards whose hold has ended and that were not clawed back."""
+    held: _builtins.int
+    """Rewards still on hold."""
+    canceled: _builtins.int
+    """Rewards canceled while held."""
+    clawed_back: _builtins.int
+    """Rewards clawed back after they became available."""
+    def __init__(
+        self,
+        *,
+        unit: _builtins.str = ...,
+        available: _builtins.int = ...,
+        held: _builtins.int = ...,
+        canceled: _builtins.int = ...,
+        clawed_back: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "canceled", b"canceled", "clawed_back", b"clawed_back", "held", b"held", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardBalance: _TypeAlias = RewardBalance  # noqa: Y015
 
 @_typing.final
 class CreateReferralCodeRequest(_message.Message):
@@ -350,6 +650,7 @@ class ListReferralsRequest(_message.Message):
     REFERRER_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     referrer_id: _builtins.int
     """The referrer whose referrals to list."""
     page_size: _builtins.int
@@ -358,16 +659,19 @@ class ListReferralsRequest(_message.Message):
     """
     page_token: _builtins.str
     """The next_page_token of a previous call with the same referrer_id."""
+    state: Global___ReferralState.ValueType
+    """Only referrals in this state; unset: all of them."""
     def __init__(
         self,
         *,
         referrer_id: _builtins.int = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        state: Global___ReferralState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "referrer_id", b"referrer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "referrer_id", b"referrer_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -404,3 +708,626 @@ class ListReferralsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListReferralsResponse: _TypeAlias = ListReferralsResponse  # noqa: Y015
+
+@_typing.final
+class RecordConversionRequest(_message.Message):
+    """Request of ReferralService.RecordConversion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user who converted."""
+    event_id: _builtins.str
+    """The calling service's id of the event: 1 to 128 of A-Z a-z 0-9 . _ @ -,
+    starting with a letter or digit. A retry with the same event_id returns
+    the first result.
+    """
+    kind: _builtins.str
+    """What kind of conversion: 1 to 32 of a-z 0-9 _ . -, starting with a letter
+    (`purchase`, `activation`). The programme says which kinds qualify.
+    """
+    @_builtins.property
+    def value(self) -> _money_pb2.Money:
+        """The conversion's value (not negative: report refunds with
+        ReverseConversion).
+        """
+
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened; unset: now. Not more than 5 minutes in the future."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        value: _money_pb2.Money | None = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "kind", b"kind", "occur_time", b"occur_time", "user_id", b"user_id", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordConversionRequest: _TypeAlias = RecordConversionRequest  # noqa: Y015
+
+@_typing.final
+class RecordConversionResponse(_message.Message):
+    """Response of ReferralService.RecordConversion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSION_FIELD_NUMBER: _builtins.int
+    REFERRAL_FIELD_NUMBER: _builtins.int
+    REWARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversion(self) -> Global___Conversion:
+        """The conversion (the first one recorded with this event_id)."""
+
+    @_builtins.property
+    def referral(self) -> Global___Referral:
+        """The user's referral after the conversion; unset when the user was not
+        referred. `email` and `code` are not set.
+        """
+
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reward]:
+        """The rewards the conversion caused, with their current state."""
+
+    def __init__(
+        self,
+        *,
+        conversion: Global___Conversion | None = ...,
+        referral: Global___Referral | None = ...,
+        rewards: _abc.Iterable[Global___Reward] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversion", b"conversion", "referral", b"referral"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion", b"conversion", "referral", b"referral", "rewards", b"rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordConversionResponse: _TypeAlias = RecordConversionResponse  # noqa: Y015
+
+@_typing.final
+class ReverseConversionRequest(_message.Message):
+    """Request of ReferralService.ReverseConversion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The event_id the calling service recorded the conversion with."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseConversionRequest: _TypeAlias = ReverseConversionRequest  # noqa: Y015
+
+@_typing.final
+class ReverseConversionResponse(_message.Message):
+    """Response of ReferralService.ReverseConversion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSION_FIELD_NUMBER: _builtins.int
+    REWARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversion(self) -> Global___Conversion:
+        """The conversion, with its reverse_time."""
+
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reward]:
+        """The rewards it had caused, now CANCELED or CLAWED_BACK."""
+
+    def __init__(
+        self,
+        *,
+        conversion: Global___Conversion | None = ...,
+        rewards: _abc.Iterable[Global___Reward] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversion", b"conversion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion", b"conversion", "rewards", b"rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseConversionResponse: _TypeAlias = ReverseConversionResponse  # noqa: Y015
+
+@_typing.final
+class ListRewardsRequest(_message.Message):
+    """Request of ReferralService.ListRewards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user whose rewards to list."""
+    page_size: _builtins.int
+    """Maximum number of rewards to return: 0 means the default (50); larger
+    values are capped at 1000; negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same user_id."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRewardsRequest: _TypeAlias = ListRewardsRequest  # noqa: Y015
+
+@_typing.final
+class ListRewardsResponse(_message.Message):
+    """Response of ReferralService.ListRewards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWARDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reward]:
+        """The rewards, newest first."""
+
+    def __init__(
+        self,
+        *,
+        rewards: _abc.Iterable[Global___Reward] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rewards", b"rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRewardsResponse: _TypeAlias = ListRewardsResponse  # noqa: Y015
+
+@_typing.final
+class GetRewardBalanceRequest(_message.Message):
+    """Request of ReferralService.GetRewardBalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user whose balance to read."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRewardBalanceRequest: _TypeAlias = GetRewardBalanceRequest  # noqa: Y015
+
+@_typing.final
+class GetRewardBalanceResponse(_message.Message):
+    """Response of ReferralService.GetRewardBalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardBalance]:
+        """One entry per unit the user has rewards in, by unit."""
+
+    def __init__(
+        self,
+        *,
+        balances: _abc.Iterable[Global___RewardBalance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances", b"balances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRewardBalanceResponse: _TypeAlias = GetRewardBalanceResponse  # noqa: Y015
+
+@_typing.final
+class ListReferralsForReviewRequest(_message.Message):
+    """Request of ReferralService.ListReferralsForReview."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of referrals to return: 0 means the default (50); larger
+    values are capped at 1000; negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of a previous call."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReferralsForReviewRequest: _TypeAlias = ListReferralsForReviewRequest  # noqa: Y015
+
+@_typing.final
+class ListReferralsForReviewResponse(_message.Message):
+    """Response of ReferralService.ListReferralsForReview."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERRALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def referrals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Referral]:
+        """The held referrals (`email` and `code` are not set), by referred user id."""
+
+    def __init__(
+        self,
+        *,
+        referrals: _abc.Iterable[Global___Referral] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "referrals", b"referrals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReferralsForReviewResponse: _TypeAlias = ListReferralsForReviewResponse  # noqa: Y015
+
+@_typing.final
+class ReviewReferralRequest(_message.Message):
+    """Request of ReferralService.ReviewReferral."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Decision:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ReviewReferralRequest._Decision.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        DECISION_UNSPECIFIED: ReviewReferralRequest._Decision.ValueType  # 0
+        """Never sent (INVALID_ARGUMENT)."""
+        DECISION_APPROVE: ReviewReferralRequest._Decision.ValueType  # 1
+        """Release the referral: its rewards are granted (now, or when it
+        qualifies).
+        """
+        DECISION_REJECT: ReviewReferralRequest._Decision.ValueType  # 2
+        """Reject the referral: it earns nothing."""
+
+    class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
+        """A reviewer's decision."""
+
+    DECISION_UNSPECIFIED: ReviewReferralRequest.Decision.ValueType  # 0
+    """Never sent (INVALID_ARGUMENT)."""
+    DECISION_APPROVE: ReviewReferralRequest.Decision.ValueType  # 1
+    """Release the referral: its rewards are granted (now, or when it
+    qualifies).
+    """
+    DECISION_REJECT: ReviewReferralRequest.Decision.ValueType  # 2
+    """Reject the referral: it earns nothing."""
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The referred user whose referral to review."""
+    decision: Global___ReviewReferralRequest.Decision.ValueType
+    """Approve or reject."""
+    note: _builtins.str
+    """Why (kept with the referral), up to 500 characters."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        decision: Global___ReviewReferralRequest.Decision.ValueType = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "note", b"note", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewReferralRequest: _TypeAlias = ReviewReferralRequest  # noqa: Y015
+
+@_typing.final
+class ReviewReferralResponse(_message.Message):
+    """Response of ReferralService.ReviewReferral."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERRAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def referral(self) -> Global___Referral:
+        """The referral after the review."""
+
+    def __init__(
+        self,
+        *,
+        referral: Global___Referral | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["referral", b"referral"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referral", b"referral"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewReferralResponse: _TypeAlias = ReviewReferralResponse  # noqa: Y015
+
+@_typing.final
+class GetReferralStatsRequest(_message.Message):
+    """Request of ReferralService.GetReferralStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERRER_ID_FIELD_NUMBER: _builtins.int
+    referrer_id: _builtins.int
+    """The referrer whose statistics to read."""
+    def __init__(
+        self,
+        *,
+        referrer_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referrer_id", b"referrer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReferralStatsRequest: _TypeAlias = GetReferralStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetReferralStatsResponse(_message.Message):
+    """Response of ReferralService.GetReferralStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stats(self) -> Global___ReferralStats:
+        """The statistics."""
+
+    def __init__(
+        self,
+        *,
+        stats: Global___ReferralStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReferralStatsResponse: _TypeAlias = GetReferralStatsResponse  # noqa: Y015
+
+@_typing.final
+class ReferralStats(_message.Message):
+    """A referrer's statistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RewardTotals(_message.Message):
+        """Amounts of one unit granted to the referrer (minor units)."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        UNIT_FIELD_NUMBER: _builtins.int
+        GRANTED_FIELD_NUMBER: _builtins.int
+        CANCELED_FIELD_NUMBER: _builtins.int
+        CLAWED_BACK_FIELD_NUMBER: _builtins.int
+        unit: _builtins.str
+        """The unit (`USD`, `points`)."""
+        granted: _builtins.int
+        """Everything granted."""
+        canceled: _builtins.int
+        """Of that, canceled while held."""
+        clawed_back: _builtins.int
+        """Of that, clawed back after it became available."""
+        def __init__(
+            self,
+            *,
+            unit: _builtins.str = ...,
+            granted: _builtins.int = ...,
+            canceled: _builtins.int = ...,
+            clawed_back: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "clawed_back", b"clawed_back", "granted", b"granted", "unit", b"unit"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REFERRER_ID_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    QUALIFIED_FIELD_NUMBER: _builtins.int
+    REWARDED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    HELD_FOR_REVIEW_FIELD_NUMBER: _builtins.int
+    REWARDS_FIELD_NUMBER: _builtins.int
+    referrer_id: _builtins.int
+    """The referrer."""
+    pending: _builtins.int
+    """Referrals in state PENDING."""
+    qualified: _builtins.int
+    """Referrals in state QUALIFIED."""
+    rewarded: _builtins.int
+    """Referrals in state REWARDED."""
+    rejected: _builtins.int
+    """Referrals in state REJECTED."""
+    held_for_review: _builtins.int
+    """Referrals held for fraud review now."""
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReferralStats.RewardTotals]:
+        """Rewards granted to the referrer, per unit, by unit."""
+
+    def __init__(
+        self,
+        *,
+        referrer_id: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        qualified: _builtins.int = ...,
+        rewarded: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        held_for_review: _builtins.int = ...,
+        rewards: _abc.Iterable[Global___ReferralStats.RewardTotals] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_for_review", b"held_for_review", "pending", b"pending", "qualified", b"qualified", "referrer_id", b"referrer_id", "rejected", b"rejected", "rewarded", b"rewarded", "rewards", b"rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferralStats: _TypeAlias = ReferralStats  # noqa: Y015
+
+@_typing.final
+class ListTopReferrersRequest(_message.Message):
+    """Request of ReferralService.ListTopReferrers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Period:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _PeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ListTopReferrersRequest._Period.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PERIOD_UNSPECIFIED: ListTopReferrersRequest._Period.ValueType  # 0
+        """Never sent; treated as PERIOD_CURRENT_MONTH."""
+        PERIOD_CURRENT_MONTH: ListTopReferrersRequest._Period.ValueType  # 1
+        """The current calendar month (UTC)."""
+        PERIOD_PREVIOUS_MONTH: ListTopReferrersRequest._Period.ValueType  # 2
+        """The previous calendar month (UTC)."""
+        PERIOD_ALL_TIME: ListTopReferrersRequest._Period.ValueType  # 3
+        """All time."""
+
+    class Period(_Period, metaclass=_PeriodEnumTypeWrapper):
+        """Which period a leaderboard covers."""
+
+    PERIOD_UNSPECIFIED: ListTopReferrersRequest.Period.ValueType  # 0
+    """Never sent; treated as PERIOD_CURRENT_MONTH."""
+    PERIOD_CURRENT_MONTH: ListTopReferrersRequest.Period.ValueType  # 1
+    """The current calendar month (UTC)."""
+    PERIOD_PREVIOUS_MONTH: ListTopReferrersRequest.Period.ValueType  # 2
+    """The previous calendar month (UTC)."""
+    PERIOD_ALL_TIME: ListTopReferrersRequest.Period.ValueType  # 3
+    """All time."""
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    period: Global___ListTopReferrersRequest.Period.ValueType
+    """The period; unset: the current month."""
+    page_size: _builtins.int
+    """Maximum number of entries to return: 0 means the default (50); larger
+    values are capped at 1000; negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same period."""
+    def __init__(
+        self,
+        *,
+        period: Global___ListTopReferrersRequest.Period.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "period", b"period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopReferrersRequest: _TypeAlias = ListTopReferrersRequest  # noqa: Y015
+
+@_typing.final
+class ListTopReferrersResponse(_message.Message):
+    """Response of ReferralService.ListTopReferrers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Entry(_message.Message):
+        """A leaderboard entry."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        RANK_FIELD_NUMBER: _builtins.int
+        REFERRER_ID_FIELD_NUMBER: _builtins.int
+        REWARDED_REFERRALS_FIELD_NUMBER: _builtins.int
+        rank: _builtins.int
+        """1 for the first referrer, then in order (ties ordered by user id)."""
+        referrer_id: _builtins.int
+        """The referrer's user id."""
+        rewarded_referrals: _builtins.int
+        """Their rewarded referrals in the period."""
+        def __init__(
+            self,
+            *,
+            rank: _builtins.int = ...,
+            referrer_id: _builtins.int = ...,
+            rewarded_referrals: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "referrer_id", b"referrer_id", "rewarded_referrals", b"rewarded_referrals"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ListTopReferrersResponse.Entry]:
+        """The entries, most rewarded referrals first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___ListTopReferrersResponse.Entry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopReferrersResponse: _TypeAlias = ListTopReferrersResponse  # noqa: Y015

@@ -65,6 +65,46 @@ class ReferralServiceStub:
                 request_serializer=referral_dot_v1_dot_referral__pb2.ListReferralsRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_referral__pb2.ListReferralsResponse.FromString,
                 _registered_method=True)
+        self.RecordConversion = channel.unary_unary(
+                '/referral.v1.ReferralService/RecordConversion',
+                request_serializer=referral_dot_v1_dot_referral__pb2.RecordConversionRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.RecordConversionResponse.FromString,
+                _registered_method=True)
+        self.ReverseConversion = channel.unary_unary(
+                '/referral.v1.ReferralService/ReverseConversion',
+                request_serializer=referral_dot_v1_dot_referral__pb2.ReverseConversionRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.ReverseConversionResponse.FromString,
+                _registered_method=True)
+        self.ListRewards = channel.unary_unary(
+                '/referral.v1.ReferralService/ListRewards',
+                request_serializer=referral_dot_v1_dot_referral__pb2.ListRewardsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.ListRewardsResponse.FromString,
+                _registered_method=True)
+        self.GetRewardBalance = channel.unary_unary(
+                '/referral.v1.ReferralService/GetRewardBalance',
+                request_serializer=referral_dot_v1_dot_referral__pb2.GetRewardBalanceRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.GetRewardBalanceResponse.FromString,
+                _registered_method=True)
+        self.ListReferralsForReview = channel.unary_unary(
+                '/referral.v1.ReferralService/ListReferralsForReview',
+                request_serializer=referral_dot_v1_dot_referral__pb2.ListReferralsForReviewRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.ListReferralsForReviewResponse.FromString,
+                _registered_method=True)
+        self.ReviewReferral = channel.unary_unary(
+                '/referral.v1.ReferralService/ReviewReferral',
+                request_serializer=referral_dot_v1_dot_referral__pb2.ReviewReferralRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.ReviewReferralResponse.FromString,
+                _registered_method=True)
+        self.GetReferralStats = channel.unary_unary(
+                '/referral.v1.ReferralService/GetReferralStats',
+                request_serializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsResponse.FromString,
+                _registered_method=True)
+        self.ListTopReferrers = channel.unary_unary(
+                '/referral.v1.ReferralService/ListTopReferrers',
+                request_serializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersResponse.FromString,
+                _registered_method=True)
 
 
 class ReferralServiceServicer:
@@ -117,9 +157,102 @@ class ReferralServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListReferrals(self, request, context):
-        """Lists the users referred by `referrer_id`, oldest first. Callers may
+        """Lists the users referred by `referrer_id`, oldest first, each with the
+        state of the referral (optionally only those in one `state`). Callers may
         list their own referrals; superusers and services with `referrals:read`
         may list anyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordConversion(self, request, context):
+        """Records a conversion of a user (a purchase, an activation), reported by
+        an internal service with `conversions:write`. When the user was referred,
+        is verified, and has made the programme's number of qualifying
+        conversions, the referral is QUALIFIED and the programme's rewards are
+        granted to the referee and the referrer (within the referrer's caps), HELD
+        until the programme's hold period ends. A referral held for fraud review
+        is rewarded only once a reviewer approves it.
+
+        Idempotent on `event_id` per calling service: a retry, or the same
+        event_id sent concurrently, returns the first call's result and grants
+        nothing twice; the same event_id with other values is ALREADY_EXISTS
+        (CONVERSION_EVENT_CONFLICT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReverseConversion(self, request, context):
+        """Reverses a conversion the calling service recorded (a refund, a
+        chargeback): the rewards it caused are CANCELED while still held, and
+        CLAWED_BACK (a correcting ledger entry) once available; the referral goes
+        back to PENDING, so a later conversion may qualify it again. Reversing
+        again returns the same result. NOT_FOUND (CONVERSION_NOT_FOUND) when the
+        service recorded no conversion with this event_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRewards(self, request, context):
+        """Lists a user's rewards, newest first, with their state at the time of the
+        read (a held reward whose hold has ended is AVAILABLE: nothing has to
+        run). Callers may list their own; superusers and services with
+        `rewards:read` may list anyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRewardBalance(self, request, context):
+        """Returns a user's reward totals per unit at the time of the read. Callers
+        may read their own; superusers and services with `rewards:read` anyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReferralsForReview(self, request, context):
+        """Lists the referrals held for fraud review, by referred user id. A
+        referral's fraud signals are recorded when it is first evaluated (its
+        first conversion): the referee's mailbox is the referrer's under another
+        alias, the referee used a client address of the referrer's live sessions,
+        many referrals on the referrer's codes within an hour, or a disposable
+        email domain. A flagged referral is held, never blocked: it may qualify,
+        and its rewards wait for the review. For superusers and services with
+        `referrals:review`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviewReferral(self, request, context):
+        """Approves a held referral (it is rewarded now if it qualified, or when it
+        does) or rejects it (REJECTED: it earns nothing), with a note.
+        FAILED_PRECONDITION (REFERRAL_NOT_HELD) when it is not held. For
+        superusers and services with `referrals:review`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReferralStats(self, request, context):
+        """Returns a referrer's referrals per state and the rewards granted to them
+        per unit, from counters kept with every change (cheap for any referrer).
+        Held and available amounts are GetRewardBalance's. Callers may read their
+        own; superusers and services with `rewards:read` anyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTopReferrers(self, request, context):
+        """The leaderboard: referrers by rewarded referrals (reversed ones do not
+        count) in the current month, the previous month (UTC) or all time, most
+        first, paginated. Any signed-in user, and services with `rewards:read`.
+        Only user ids and counts are shown.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +285,46 @@ def add_ReferralServiceServicer_to_server(servicer, server):
                     servicer.ListReferrals,
                     request_deserializer=referral_dot_v1_dot_referral__pb2.ListReferralsRequest.FromString,
                     response_serializer=referral_dot_v1_dot_referral__pb2.ListReferralsResponse.SerializeToString,
+            ),
+            'RecordConversion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordConversion,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.RecordConversionRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.RecordConversionResponse.SerializeToString,
+            ),
+            'ReverseConversion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseConversion,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.ReverseConversionRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.ReverseConversionResponse.SerializeToString,
+            ),
+            'ListRewards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRewards,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.ListRewardsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.ListRewardsResponse.SerializeToString,
+            ),
+            'GetRewardBalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRewardBalance,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.GetRewardBalanceRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.GetRewardBalanceResponse.SerializeToString,
+            ),
+            'ListReferralsForReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReferralsForReview,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.ListReferralsForReviewRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.ListReferralsForReviewResponse.SerializeToString,
+            ),
+            'ReviewReferral': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewReferral,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.ReviewReferralRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.ReviewReferralResponse.SerializeToString,
+            ),
+            'GetReferralStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReferralStats,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.GetReferralStatsResponse.SerializeToString,
+            ),
+            'ListTopReferrers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTopReferrers,
+                    request_deserializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_referral__pb2.ListTopReferrersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -295,6 +468,222 @@ class ReferralService:
             '/referral.v1.ReferralService/ListReferrals',
             referral_dot_v1_dot_referral__pb2.ListReferralsRequest.SerializeToString,
             referral_dot_v1_dot_referral__pb2.ListReferralsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordConversion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/RecordConversion',
+            referral_dot_v1_dot_referral__pb2.RecordConversionRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.RecordConversionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseConversion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/ReverseConversion',
+            referral_dot_v1_dot_referral__pb2.ReverseConversionRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.ReverseConversionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRewards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/ListRewards',
+            referral_dot_v1_dot_referral__pb2.ListRewardsRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.ListRewardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRewardBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/GetRewardBalance',
+            referral_dot_v1_dot_referral__pb2.GetRewardBalanceRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.GetRewardBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReferralsForReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/ListReferralsForReview',
+            referral_dot_v1_dot_referral__pb2.ListReferralsForReviewRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.ListReferralsForReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewReferral(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/ReviewReferral',
+            referral_dot_v1_dot_referral__pb2.ReviewReferralRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.ReviewReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReferralStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/GetReferralStats',
+            referral_dot_v1_dot_referral__pb2.GetReferralStatsRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.GetReferralStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTopReferrers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.ReferralService/ListTopReferrers',
+            referral_dot_v1_dot_referral__pb2.ListTopReferrersRequest.SerializeToString,
+            referral_dot_v1_dot_referral__pb2.ListTopReferrersResponse.FromString,
             options,
             channel_credentials,
             insecure,

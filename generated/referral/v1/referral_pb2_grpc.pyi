@@ -63,9 +63,70 @@ class ReferralServiceStub:
     owner has no live code.
     """
     ListReferrals: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]
-    """Lists the users referred by `referrer_id`, oldest first. Callers may
+    """Lists the users referred by `referrer_id`, oldest first, each with the
+    state of the referral (optionally only those in one `state`). Callers may
     list their own referrals; superusers and services with `referrals:read`
     may list anyone's.
+    """
+    RecordConversion: _grpc.UnaryUnaryMultiCallable[_referral_pb2.RecordConversionRequest, _referral_pb2.RecordConversionResponse]
+    """Records a conversion of a user (a purchase, an activation), reported by
+    an internal service with `conversions:write`. When the user was referred,
+    is verified, and has made the programme's number of qualifying
+    conversions, the referral is QUALIFIED and the programme's rewards are
+    granted to the referee and the referrer (within the referrer's caps), HELD
+    until the programme's hold period ends. A referral held for fraud review
+    is rewarded only once a reviewer approves it.
+
+    Idempotent on `event_id` per calling service: a retry, or the same
+    event_id sent concurrently, returns the first call's result and grants
+    nothing twice; the same event_id with other values is ALREADY_EXISTS
+    (CONVERSION_EVENT_CONFLICT).
+    """
+    ReverseConversion: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ReverseConversionRequest, _referral_pb2.ReverseConversionResponse]
+    """Reverses a conversion the calling service recorded (a refund, a
+    chargeback): the rewards it caused are CANCELED while still held, and
+    CLAWED_BACK (a correcting ledger entry) once available; the referral goes
+    back to PENDING, so a later conversion may qualify it again. Reversing
+    again returns the same result. NOT_FOUND (CONVERSION_NOT_FOUND) when the
+    service recorded no conversion with this event_id.
+    """
+    ListRewards: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListRewardsRequest, _referral_pb2.ListRewardsResponse]
+    """Lists a user's rewards, newest first, with their state at the time of the
+    read (a held reward whose hold has ended is AVAILABLE: nothing has to
+    run). Callers may list their own; superusers and services with
+    `rewards:read` may list anyone's.
+    """
+    GetRewardBalance: _grpc.UnaryUnaryMultiCallable[_referral_pb2.GetRewardBalanceRequest, _referral_pb2.GetRewardBalanceResponse]
+    """Returns a user's reward totals per unit at the time of the read. Callers
+    may read their own; superusers and services with `rewards:read` anyone's.
+    """
+    ListReferralsForReview: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsForReviewRequest, _referral_pb2.ListReferralsForReviewResponse]
+    """Lists the referrals held for fraud review, by referred user id. A
+    referral's fraud signals are recorded when it is first evaluated (its
+    first conversion): the referee's mailbox is the referrer's under another
+    alias, the referee used a client address of the referrer's live sessions,
+    many referrals on the referrer's codes within an hour, or a disposable
+    email domain. A flagged referral is held, never blocked: it may qualify,
+    and its rewards wait for the review. For superusers and services with
+    `referrals:review`.
+    """
+    ReviewReferral: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ReviewReferralRequest, _referral_pb2.ReviewReferralResponse]
+    """Approves a held referral (it is rewarded now if it qualified, or when it
+    does) or rejects it (REJECTED: it earns nothing), with a note.
+    FAILED_PRECONDITION (REFERRAL_NOT_HELD) when it is not held. For
+    superusers and services with `referrals:review`.
+    """
+    GetReferralStats: _grpc.UnaryUnaryMultiCallable[_referral_pb2.GetReferralStatsRequest, _referral_pb2.GetReferralStatsResponse]
+    """Returns a referrer's referrals per state and the rewards granted to them
+    per unit, from counters kept with every change (cheap for any referrer).
+    Held and available amounts are GetRewardBalance's. Callers may read their
+    own; superusers and services with `rewards:read` anyone's.
+    """
+    ListTopReferrers: _grpc.UnaryUnaryMultiCallable[_referral_pb2.ListTopReferrersRequest, _referral_pb2.ListTopReferrersResponse]
+    """The leaderboard: referrers by rewarded referrals (reversed ones do not
+    count) in the current month, the previous month (UTC) or all time, most
+    first, paginated. Any signed-in user, and services with `rewards:read`.
+    Only user ids and counts are shown.
     """
 
 @_typing.type_check_only
@@ -103,9 +164,70 @@ class ReferralServiceAsyncStub(ReferralServiceStub):
     owner has no live code.
     """
     ListReferrals: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsRequest, _referral_pb2.ListReferralsResponse]  # type: ignore[assignment]
-    """Lists the users referred by `referrer_id`, oldest first. Callers may
+    """Lists the users referred by `referrer_id`, oldest first, each with the
+    state of the referral (optionally only those in one `state`). Callers may
     list their own referrals; superusers and services with `referrals:read`
     may list anyone's.
+    """
+    RecordConversion: _aio.UnaryUnaryMultiCallable[_referral_pb2.RecordConversionRequest, _referral_pb2.RecordConversionResponse]  # type: ignore[assignment]
+    """Records a conversion of a user (a purchase, an activation), reported by
+    an internal service with `conversions:write`. When the user was referred,
+    is verified, and has made the programme's number of qualifying
+    conversions, the referral is QUALIFIED and the programme's rewards are
+    granted to the referee and the referrer (within the referrer's caps), HELD
+    until the programme's hold period ends. A referral held for fraud review
+    is rewarded only once a reviewer approves it.
+
+    Idempotent on `event_id` per calling service: a retry, or the same
+    event_id sent concurrently, returns the first call's result and grants
+    nothing twice; the same event_id with other values is ALREADY_EXISTS
+    (CONVERSION_EVENT_CONFLICT).
+    """
+    ReverseConversion: _aio.UnaryUnaryMultiCallable[_referral_pb2.ReverseConversionRequest, _referral_pb2.ReverseConversionResponse]  # type: ignore[assignment]
+    """Reverses a conversion the calling service recorded (a refund, a
+    chargeback): the rewards it caused are CANCELED while still held, and
+    CLAWED_BACK (a correcting ledger entry) once available; the referral goes
+    back to PENDING, so a later conversion may qualify it again. Reversing
+    again returns the same result. NOT_FOUND (CONVERSION_NOT_FOUND) when the
+    service recorded no conversion with this event_id.
+    """
+    ListRewards: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListRewardsRequest, _referral_pb2.ListRewardsResponse]  # type: ignore[assignment]
+    """Lists a user's rewards, newest first, with their state at the time of the
+    read (a held reward whose hold has ended is AVAILABLE: nothing has to
+    run). Callers may list their own; superusers and services with
+    `rewards:read` may list anyone's.
+    """
+    GetRewardBalance: _aio.UnaryUnaryMultiCallable[_referral_pb2.GetRewardBalanceRequest, _referral_pb2.GetRewardBalanceResponse]  # type: ignore[assignment]
+    """Returns a user's reward totals per unit at the time of the read. Callers
+    may read their own; superusers and services with `rewards:read` anyone's.
+    """
+    ListReferralsForReview: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListReferralsForReviewRequest, _referral_pb2.ListReferralsForReviewResponse]  # type: ignore[assignment]
+    """Lists the referrals held for fraud review, by referred user id. A
+    referral's fraud signals are recorded when it is first evaluated (its
+    first conversion): the referee's mailbox is the referrer's under another
+    alias, the referee used a client address of the referrer's live sessions,
+    many referrals on the referrer's codes within an hour, or a disposable
+    email domain. A flagged referral is held, never blocked: it may qualify,
+    and its rewards wait for the review. For superusers and services with
+    `referrals:review`.
+    """
+    ReviewReferral: _aio.UnaryUnaryMultiCallable[_referral_pb2.ReviewReferralRequest, _referral_pb2.ReviewReferralResponse]  # type: ignore[assignment]
+    """Approves a held referral (it is rewarded now if it qualified, or when it
+    does) or rejects it (REJECTED: it earns nothing), with a note.
+    FAILED_PRECONDITION (REFERRAL_NOT_HELD) when it is not held. For
+    superusers and services with `referrals:review`.
+    """
+    GetReferralStats: _aio.UnaryUnaryMultiCallable[_referral_pb2.GetReferralStatsRequest, _referral_pb2.GetReferralStatsResponse]  # type: ignore[assignment]
+    """Returns a referrer's referrals per state and the rewards granted to them
+    per unit, from counters kept with every change (cheap for any referrer).
+    Held and available amounts are GetRewardBalance's. Callers may read their
+    own; superusers and services with `rewards:read` anyone's.
+    """
+    ListTopReferrers: _aio.UnaryUnaryMultiCallable[_referral_pb2.ListTopReferrersRequest, _referral_pb2.ListTopReferrersResponse]  # type: ignore[assignment]
+    """The leaderboard: referrers by rewarded referrals (reversed ones do not
+    count) in the current month, the previous month (UTC) or all time, most
+    first, paginated. Any signed-in user, and services with `rewards:read`.
+    Only user ids and counts are shown.
     """
 
 class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -170,9 +292,118 @@ class ReferralServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _referral_pb2.ListReferralsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_referral_pb2.ListReferralsResponse, _abc.Awaitable[_referral_pb2.ListReferralsResponse]]:
-        """Lists the users referred by `referrer_id`, oldest first. Callers may
+        """Lists the users referred by `referrer_id`, oldest first, each with the
+        state of the referral (optionally only those in one `state`). Callers may
         list their own referrals; superusers and services with `referrals:read`
         may list anyone's.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordConversion(
+        self,
+        request: _referral_pb2.RecordConversionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.RecordConversionResponse, _abc.Awaitable[_referral_pb2.RecordConversionResponse]]:
+        """Records a conversion of a user (a purchase, an activation), reported by
+        an internal service with `conversions:write`. When the user was referred,
+        is verified, and has made the programme's number of qualifying
+        conversions, the referral is QUALIFIED and the programme's rewards are
+        granted to the referee and the referrer (within the referrer's caps), HELD
+        until the programme's hold period ends. A referral held for fraud review
+        is rewarded only once a reviewer approves it.
+
+        Idempotent on `event_id` per calling service: a retry, or the same
+        event_id sent concurrently, returns the first call's result and grants
+        nothing twice; the same event_id with other values is ALREADY_EXISTS
+        (CONVERSION_EVENT_CONFLICT).
+        """
+
+    @_abc_1.abstractmethod
+    def ReverseConversion(
+        self,
+        request: _referral_pb2.ReverseConversionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.ReverseConversionResponse, _abc.Awaitable[_referral_pb2.ReverseConversionResponse]]:
+        """Reverses a conversion the calling service recorded (a refund, a
+        chargeback): the rewards it caused are CANCELED while still held, and
+        CLAWED_BACK (a correcting ledger entry) once available; the referral goes
+        back to PENDING, so a later conversion may qualify it again. Reversing
+        again returns the same result. NOT_FOUND (CONVERSION_NOT_FOUND) when the
+        service recorded no conversion with this event_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRewards(
+        self,
+        request: _referral_pb2.ListRewardsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.ListRewardsResponse, _abc.Awaitable[_referral_pb2.ListRewardsResponse]]:
+        """Lists a user's rewards, newest first, with their state at the time of the
+        read (a held reward whose hold has ended is AVAILABLE: nothing has to
+        run). Callers may list their own; superusers and services with
+        `rewards:read` may list anyone's.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRewardBalance(
+        self,
+        request: _referral_pb2.GetRewardBalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.GetRewardBalanceResponse, _abc.Awaitable[_referral_pb2.GetRewardBalanceResponse]]:
+        """Returns a user's reward totals per unit at the time of the read. Callers
+        may read their own; superusers and services with `rewards:read` anyone's.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReferralsForReview(
+        self,
+        request: _referral_pb2.ListReferralsForReviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.ListReferralsForReviewResponse, _abc.Awaitable[_referral_pb2.ListReferralsForReviewResponse]]:
+        """Lists the referrals held for fraud review, by referred user id. A
+        referral's fraud signals are recorded when it is first evaluated (its
+        first conversion): the referee's mailbox is the referrer's under another
+        alias, the referee used a client address of the referrer's live sessions,
+        many referrals on the referrer's codes within an hour, or a disposable
+        email domain. A flagged referral is held, never blocked: it may qualify,
+        and its rewards wait for the review. For superusers and services with
+        `referrals:review`.
+        """
+
+    @_abc_1.abstractmethod
+    def ReviewReferral(
+        self,
+        request: _referral_pb2.ReviewReferralRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.ReviewReferralResponse, _abc.Awaitable[_referral_pb2.ReviewReferralResponse]]:
+        """Approves a held referral (it is rewarded now if it qualified, or when it
+        does) or rejects it (REJECTED: it earns nothing), with a note.
+        FAILED_PRECONDITION (REFERRAL_NOT_HELD) when it is not held. For
+        superusers and services with `referrals:review`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetReferralStats(
+        self,
+        request: _referral_pb2.GetReferralStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.GetReferralStatsResponse, _abc.Awaitable[_referral_pb2.GetReferralStatsResponse]]:
+        """Returns a referrer's referrals per state and the rewards granted to them
+        per unit, from counters kept with every change (cheap for any referrer).
+        Held and available amounts are GetRewardBalance's. Callers may read their
+        own; superusers and services with `rewards:read` anyone's.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTopReferrers(
+        self,
+        request: _referral_pb2.ListTopReferrersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_referral_pb2.ListTopReferrersResponse, _abc.Awaitable[_referral_pb2.ListTopReferrersResponse]]:
+        """The leaderboard: referrers by rewarded referrals (reversed ones do not
+        count) in the current month, the previous month (UTC) or all time, most
+        first, paginated. Any signed-in user, and services with `rewards:read`.
+        Only user ids and counts are shown.
         """
 
 def add_ReferralServiceServicer_to_server(servicer: ReferralServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -247,6 +247,35 @@ class EmailVerificationUnavailable(ReferralError):
     REASON = "EMAIL_VERIFICATION_UNAVAILABLE"
 
 
+class ConversionEventConflict(ReferralError):
+    """ALREADY_EXISTS: the calling service already recorded a conversion with this event_id but
+    different values (user_id, kind, value, occur_time). A retry with the same values returns
+    the first result instead.
+    """
+
+    REASON = "CONVERSION_EVENT_CONFLICT"
+
+
+class ConversionNotFound(ReferralError):
+    """NOT_FOUND: the calling service recorded no conversion with this event_id."""
+
+    REASON = "CONVERSION_NOT_FOUND"
+
+
+class ReferralNotFound(ReferralError):
+    """NOT_FOUND: this user was not referred by anyone."""
+
+    REASON = "REFERRAL_NOT_FOUND"
+
+
+class ReferralNotHeld(ReferralError):
+    """FAILED_PRECONDITION: the referral is not held for review (never flagged, or already
+    reviewed).
+    """
+
+    REASON = "REFERRAL_NOT_HELD"
+
+
 class HttpRouteNotFound(ReferralError):
     """Sent only by the HTTP/JSON gateway, before any RPC is called. NOT_FOUND (HTTP 404): no RPC
     is bound to this HTTP path.
@@ -312,6 +341,10 @@ BY_REASON: dict[str, type[ReferralError]] = {
     EmailUndeliverable.REASON: EmailUndeliverable,
     EmailDisposable.REASON: EmailDisposable,
     EmailVerificationUnavailable.REASON: EmailVerificationUnavailable,
+    ConversionEventConflict.REASON: ConversionEventConflict,
+    ConversionNotFound.REASON: ConversionNotFound,
+    ReferralNotFound.REASON: ReferralNotFound,
+    ReferralNotHeld.REASON: ReferralNotHeld,
     HttpRouteNotFound.REASON: HttpRouteNotFound,
     HttpMethodNotAllowed.REASON: HttpMethodNotAllowed,
     HttpRequestTooLarge.REASON: HttpRequestTooLarge,
@@ -321,6 +354,8 @@ BY_REASON: dict[str, type[ReferralError]] = {
 __all__ = [
     "AccountDisabled",
     "Cancelled",
+    "ConversionEventConflict",
+    "ConversionNotFound",
     "EmailAlreadyRegistered",
     "EmailDisposable",
     "EmailTokenExpired",
@@ -346,6 +381,8 @@ __all__ = [
     "ReferralCodeRevoked",
     "ReferralCodeTaken",
     "ReferralCodeUnknown",
+    "ReferralNotFound",
+    "ReferralNotHeld",
     "RefreshTokenReused",
     "RequestIdConflict",
     "ScopeMissing",
