@@ -94,6 +94,9 @@ def load_account_pages() -> dict[str, Asset]:
         "/account/pages.js": Asset(
             static.joinpath("account.js").read_bytes(), "text/javascript; charset=utf-8", "no-cache"
         ),
+        "/account/pages.css": Asset(
+            static.joinpath("account.css").read_bytes(), "text/css; charset=utf-8", "no-cache"
+        ),
     }
 
 

@@ -714,13 +714,79 @@ class _Requests:
         )
 
 
-class _Profiles:
-    def __init__(self, view: _View) -> None:
-        self._v = view
+class _Queue:
+    """What the in-memory job queues share (enrichment lookups, the mail queue): a pending row's
+    ``next_attempt_time`` is when it is due, or the end of the lease of the worker holding it."""
 
-    def _pending(self, user_id: int) -> _ProfileRow | None:
-        row = self._v.profiles.get(user_id)
-        return row if row is not None and row.state is ProfileState.PENDING else None
+    def __init__(self, view: _View, rows: _Table[int, Any]) -> None:
+        self._v = view
+        self._rows = rows
+
+    @staticmethod
+    def _is_pending(row: Any) -> bool:
+        raise NotImplementedError
+
+    def _pending(self, job_id: int) -> Any:
+        row = self._rows.get(job_id)
+        return row if row is not None and self._is_pending(row) else None
+
+    def _pending_times(self) -> list[tuple[datetime, int]]:
+        return [
+            (row.next_attempt_time, job_id)
+            for job_id, row in self._rows.items()
+            if self._is_pending(row) and row.next_attempt_time is not None
+        ]
+
+    async def due(self, now: datetime, limit: int) -> list[int]:
+        due = sorted(entry for entry in self._pending_times() if entry[0] <= now)
+        return [job_id for _, job_id in due[: max(limit, 0)]]
+
+    async def next_due_time(self, exclude: Sequence[int] = ()) -> datetime | None:
+        skip = set(exclude)
+        return min((time for time, job_id in self._pending_times() if job_id not in skip), default=None)
+
+    def _lease(self, job_id: int, now: datetime, lease_until: datetime) -> Any:
+        """Claim a due job: its lease and one more attempt; None when it is not due."""
+        row = self._pending(job_id)
+        if row is None or row.next_attempt_time is None or row.next_attempt_time > now:
+            return None
+        row = replace(
+            row, next_attempt_time=_utc(lease_until), attempts=row.attempts + 1, update_time=_utc(now)
+        )
+        self._rows.put(job_id, row)
+        return row
+
+    async def reschedule(self, job_id: int, now: datetime, next_time: datetime, *, error: str) -> None:
+        row = self._pending(job_id)
+        if row is not None:
+            self._rows.put(
+                job_id,
+                replace(
+                    row,
+                    next_attempt_time=_utc(next_time),
+                    last_error=error[:_ERROR_MAX] or None,
+                    update_time=_utc(now),
+                ),
+            )
+
+    async def release(self, job_ids: Sequence[int], now: datetime) -> None:
+        now = _utc(now)
+        for job_id in dict.fromkeys(job_ids):
+            row = self._pending(job_id)
+            if row is not None:
+                self._rows.put(
+                    job_id,
+                    replace(row, next_attempt_time=now, attempts=max(row.attempts - 1, 0), update_time=now),
+                )
+
+
+class _Profiles(_Queue):
+    def __init__(self, view: _View) -> None:
+        super().__init__(view, view.profiles)
+
+    @staticmethod
+    def _is_pending(row: Any) -> bool:
+        return bool(row.state is ProfileState.PENDING)
 
     async def add_job(self, user_id: int, now: datetime) -> Profile:
         v = self._v
@@ -740,29 +806,10 @@ class _Profiles:
         v.profiles.put(user_id, row)
         return _profile_model(row)
 
-    def _pending_times(self) -> list[tuple[datetime, int]]:
-        return [
-            (row.next_attempt_time, user_id)
-            for user_id, row in self._v.profiles.items()
-            if row.state is ProfileState.PENDING and row.next_attempt_time is not None
-        ]
-
-    async def due(self, now: datetime, limit: int) -> list[int]:
-        due = sorted(entry for entry in self._pending_times() if entry[0] <= now)
-        return [user_id for _, user_id in due[: max(limit, 0)]]
-
-    async def next_due_time(self, exclude: Sequence[int] = ()) -> datetime | None:
-        skip = set(exclude)
-        return min((time for time, user_id in self._pending_times() if user_id not in skip), default=None)
-
     async def claim(self, user_id: int, now: datetime, lease_until: datetime) -> ports.ProfileClaim | None:
-        row = self._pending(user_id)
-        if row is None or row.next_attempt_time is None or row.next_attempt_time > now:
+        row = self._lease(user_id, now, lease_until)
+        if row is None:
             return None
-        row = replace(
-            row, next_attempt_time=_utc(lease_until), attempts=row.attempts + 1, update_time=_utc(now)
-        )
-        self._v.profiles.put(user_id, row)
         user = self._v.users.get(user_id)
         if user is None:
             return None
@@ -801,29 +848,6 @@ class _Profiles:
                 avatar_uri=person.avatar_uri,
             )
         self._v.profiles.put(user_id, row)
-
-    async def reschedule(self, user_id: int, now: datetime, next_time: datetime, *, error: str) -> None:
-        row = self._pending(user_id)
-        if row is not None:
-            self._v.profiles.put(
-                user_id,
-                replace(
-                    row,
-                    next_attempt_time=_utc(next_time),
-                    last_error=error[:_ERROR_MAX] or None,
-                    update_time=_utc(now),
-                ),
-            )
-
-    async def release(self, user_ids: Sequence[int], now: datetime) -> None:
-        now = _utc(now)
-        for user_id in dict.fromkeys(user_ids):
-            row = self._pending(user_id)
-            if row is not None:
-                self._v.profiles.put(
-                    user_id,
-                    replace(row, next_attempt_time=now, attempts=max(row.attempts - 1, 0), update_time=now),
-                )
 
 
 class _ServiceAccounts:
@@ -941,9 +965,13 @@ class _EmailTokens:
                 self._v.email_tokens.delete(token_id)
 
 
-class _Mails:
+class _Mails(_Queue):
     def __init__(self, view: _View) -> None:
-        self._v = view
+        super().__init__(view, view.mails)
+
+    @staticmethod
+    def _is_pending(row: Any) -> bool:
+        return bool(row.state == "pending")
 
     async def enqueue(
         self, kind: str, *, email_key: str, message_id: str, now: datetime, user_id: int | None = None
@@ -966,33 +994,10 @@ class _Mails:
         )
         v.mails.put(row.id, row)
 
-    def _pending(self, mail_id: int) -> _MailRow | None:
-        row = self._v.mails.get(mail_id)
-        return row if row is not None and row.state == "pending" else None
-
-    def _pending_times(self) -> list[tuple[datetime, int]]:
-        return [
-            (row.next_attempt_time, mail_id)
-            for mail_id, row in self._v.mails.items()
-            if row.state == "pending" and row.next_attempt_time is not None
-        ]
-
-    async def due(self, now: datetime, limit: int) -> list[int]:
-        due = sorted(entry for entry in self._pending_times() if entry[0] <= now)
-        return [mail_id for _, mail_id in due[: max(limit, 0)]]
-
-    async def next_due_time(self, exclude: Sequence[int] = ()) -> datetime | None:
-        skip = set(exclude)
-        return min((time for time, mail_id in self._pending_times() if mail_id not in skip), default=None)
-
     async def claim(self, mail_id: int, now: datetime, lease_until: datetime) -> ports.MailClaim | None:
-        row = self._pending(mail_id)
-        if row is None or row.next_attempt_time is None or row.next_attempt_time > now:
+        row = self._lease(mail_id, now, lease_until)
+        if row is None:
             return None
-        row = replace(
-            row, next_attempt_time=_utc(lease_until), attempts=row.attempts + 1, update_time=_utc(now)
-        )
-        self._v.mails.put(mail_id, row)
         return ports.MailClaim(
             id=row.id,
             kind=row.kind,
@@ -1015,29 +1020,6 @@ class _Mails:
                     update_time=_utc(now),
                 ),
             )
-
-    async def reschedule(self, mail_id: int, now: datetime, next_time: datetime, *, error: str) -> None:
-        row = self._pending(mail_id)
-        if row is not None:
-            self._v.mails.put(
-                mail_id,
-                replace(
-                    row,
-                    next_attempt_time=_utc(next_time),
-                    last_error=error[:_ERROR_MAX] or None,
-                    update_time=_utc(now),
-                ),
-            )
-
-    async def release(self, mail_ids: Sequence[int], now: datetime) -> None:
-        now = _utc(now)
-        for mail_id in dict.fromkeys(mail_ids):
-            row = self._pending(mail_id)
-            if row is not None:
-                self._v.mails.put(
-                    mail_id,
-                    replace(row, next_attempt_time=now, attempts=max(row.attempts - 1, 0), update_time=now),
-                )
 
 
 class _Rewards:
