@@ -371,7 +371,9 @@ asyncio.run(main())
 """
 
 
-async def test_a_scrape_has_another_worker_flush_its_pending_counts_first(tmp_path: Path) -> None:
+async def test_a_scrape_has_another_worker_flush_its_pending_counts_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The other worker flushes only on request here (an hour's interval): the scraping worker's
     request, answered before it renders, is what puts its 7 counts in the scrape."""
     import os
@@ -410,13 +412,15 @@ async def test_a_scrape_has_another_worker_flush_its_pending_counts_first(tmp_pa
         await worker.stdin.drain()
         assert await asyncio.wait_for(worker.wait(), 30) == 0
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".sock")]  # both removed
-    # a stopped worker's socket, left behind (killed), does not hold a scrape up
+    # a stopped worker's socket, left behind (killed), does not hold a scrape up: with a minute's
+    # wait for answers, a scrape that waited for it would not finish within half a minute
+    monkeypatch.setattr(metrics, "PEER_FLUSH_TIMEOUT_SECONDS", 60.0)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     stale.bind(str(tmp_path / "flush-999999.sock"))
     stale.close()
     scraper = metrics.Flusher(str(tmp_path))
     scraper.start()
     try:
-        await asyncio.wait_for(scraper.flush_everywhere(), metrics.PEER_FLUSH_TIMEOUT_SECONDS * 0.9)
+        await asyncio.wait_for(scraper.flush_everywhere(), 30)
     finally:
         await scraper.stop()
