@@ -723,6 +723,8 @@ class App:
     tracing: Tracing | None = None
     _housekeeper: asyncio.Task[None] | None = None
     _start_failed: bool = False
+    #: Flushes the per-process metric accumulators (``metrics.py``); made by ``build_app``.
+    metrics_flusher: metrics.Flusher | None = None
 
     @property
     def auth(self) -> AuthService:
@@ -780,6 +782,8 @@ class App:
             raise StartupError(str(error)) from None
         if self.stores.revocations.shared:
             await self.services.revocations.resync()
+        if self.metrics_flusher is not None:
+            self.metrics_flusher.start()
         await self.server.start()
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
         if self.enrichment is not None:
@@ -863,6 +867,8 @@ class App:
         await self.services.mail.mailer.close()
         if self.verifier is not None:
             await self.verifier.close()
+        if self.metrics_flusher is not None:  # the last calls' counts, before the process ends
+            await self.metrics_flusher.stop()
         await self.services.revocations.close()
         await self.stores.close()
         await self.db.dispose()
@@ -921,7 +927,20 @@ async def build_app(
     probes = build_probes(settings, health, on_api_port=True, metrics_dir=metrics_dir)
     http = build_http_gateway(settings, pipeline, servicers, probes, tracing)
     metrics_server = build_metrics_server(settings, health, metrics_dir)
-    return App(settings, db, store, fast, services, health, server, port, http, metrics_server, tracing)
+    return App(
+        settings,
+        db,
+        store,
+        fast,
+        services,
+        health,
+        server,
+        port,
+        http,
+        metrics_server,
+        tracing,
+        metrics_flusher=metrics.Flusher(metrics_dir),
+    )
 
 
 async def wait_for_database(settings: Settings) -> None:

@@ -305,3 +305,135 @@ async def test_probes_and_scrapes_are_logged_at_debug(
         "GET /metrics": logging.DEBUG,
         "GET /openapi.json": logging.INFO,
     }
+
+
+# --- the per-process accumulators (metrics.py): counted without a lock, flushed before a scrape ---
+
+
+async def test_a_histogram_flush_gives_the_series_observe_would_have() -> None:
+    """LocalHistogram writes into prometheus_client's histogram internals: pin that a flush is
+    exactly a series of ``observe`` calls (bucket edges included), so an upgrade that changes
+    them fails here."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from referral_service import metrics
+
+    registry = CollectorRegistry()
+    reference = Histogram("reference_seconds", "r", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    batched = Histogram("batched_seconds", "b", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    local = metrics.LocalHistogram.of(batched)
+    values = [0.0, 0.0001, 0.0005, 0.00050001, 0.001, 0.003, 0.25, 10.0, 10.5, 1e9, *metrics.LATENCY_BUCKETS]
+    for seconds in values:
+        reference.observe(seconds)
+        local.observe(seconds)
+    assert registry.get_sample_value("batched_seconds_count") == 0  # not flushed yet
+    metrics.flush()
+
+    def samples(name: str) -> list[tuple[str, frozenset[tuple[str, str]], float]]:
+        return sorted(
+            (sample.name.removeprefix(name), frozenset(sample.labels.items()), sample.value)
+            for family in registry.collect()
+            if family.name == name
+            for sample in family.samples
+        )
+
+    assert samples("batched_seconds") == samples("reference_seconds")
+    assert registry.get_sample_value("batched_seconds_count") == len(values)
+    metrics.flush()  # nothing pending: nothing added twice
+    assert samples("batched_seconds") == samples("reference_seconds")
+
+
+@pytest.mark.one_stack
+async def test_no_count_is_lost_at_a_graceful_stop(stack: Stack) -> None:
+    from prometheus_client import REGISTRY
+
+    from referral_service import metrics
+
+    labels = {**LOOKUP, "grpc_type": "unary", "transport": "grpc", "grpc_code": "NotFound"}
+    metrics.flush()
+    before = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0
+    api = await start_api(stack)
+    try:
+        request = referral_pb2.GetReferralCodeByEmailRequest(email="nobody@example.com")
+        for _ in range(5):
+            await expect_error(api.referral.GetReferralCodeByEmail(request), grpc.StatusCode.NOT_FOUND)
+    finally:
+        await stop_api(api)
+    assert REGISTRY.get_sample_value("grpc_server_handled_total", labels) == before + 5
+
+
+_WORKER = """
+import asyncio, sys
+from referral_service import metrics
+
+metrics.FLUSH_INTERVAL_SECONDS = 3600  # only a peer's request flushes
+counter = metrics.LocalCounter.of(metrics.CACHE_LOOKUPS.labels(cache="peer-test", result="hit"))
+
+
+async def main() -> None:
+    flusher = metrics.Flusher(sys.argv[1])
+    flusher.start()
+    for _ in range(7):
+        counter.inc()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await flusher.stop()
+
+
+asyncio.run(main())
+"""
+
+
+async def test_a_scrape_has_another_worker_flush_its_pending_counts_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other worker flushes only on request here (an hour's interval): the scraping worker's
+    request, answered before it renders, is what puts its 7 counts in the scrape."""
+    import os
+    import socket
+    import sys
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from referral_service import metrics
+
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WORKER,
+        str(tmp_path),
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert worker.stdin is not None
+    assert worker.stdout is not None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    labels = {"cache": "peer-test", "result": "hit"}
+    scraper = metrics.Flusher(str(tmp_path))
+    try:
+        assert await asyncio.wait_for(worker.stdout.readline(), 30) == b"ready\n"
+        assert registry.get_sample_value("referral_cache_lookups_total", labels) in (None, 0)
+        scraper.start()
+        await scraper.flush_everywhere()
+        assert registry.get_sample_value("referral_cache_lookups_total", labels) == 7
+    finally:
+        await scraper.stop()
+        worker.stdin.write(b"stop\n")
+        await worker.stdin.drain()
+        assert await asyncio.wait_for(worker.wait(), 30) == 0
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".sock")]  # both removed
+    # a stopped worker's socket, left behind (killed), does not hold a scrape up: with a minute's
+    # wait for answers, a scrape that waited for it would not finish within half a minute
+    monkeypatch.setattr(metrics, "PEER_FLUSH_TIMEOUT_SECONDS", 60.0)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(str(tmp_path / "flush-999999.sock"))
+    stale.close()
+    scraper = metrics.Flusher(str(tmp_path))
+    scraper.start()
+    try:
+        await asyncio.wait_for(scraper.flush_everywhere(), 30)
+    finally:
+        await scraper.stop()

@@ -6,7 +6,8 @@
   the providers) in the body.
 - ``/livez``: 200 while the process answers at all, whatever its dependencies: a liveness probe
   that does not restart a healthy process during a database outage.
-- ``/metrics``: the Prometheus text exposition, added up over every worker.
+- ``/metrics``: the Prometheus text exposition, added up over every worker (each worker's pending
+  counts flushed first, see ``metrics.py``).
 
 They are served on the HTTP port, and on the metrics port when ``REFERRAL_METRICS_PORT`` is set
 (``/metrics`` then only there). Their access lines are logged at DEBUG: probes come every few
@@ -15,8 +16,7 @@ seconds and would drown the calls.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from referral_service.gateway.transcoder import Response, json_response
@@ -32,7 +32,7 @@ class Probes:
     #: Each component's status by name (``database``, ``redis``, ...).
     components: Callable[[], Mapping[str, str]]
     #: The metrics exposition and its content type; None: no ``/metrics`` here.
-    metrics: Callable[[], tuple[bytes, str]] | None = None
+    metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
 
     async def respond(self, verb: str, path: str) -> tuple[str, Response] | None:
         """The route label and the response for a probe path, else None."""
@@ -42,7 +42,7 @@ class Probes:
         if path == "/metrics":
             if self.metrics is None:
                 return None
-            body, content_type = await asyncio.to_thread(self.metrics)
+            body, content_type = await self.metrics()
             return route, Response(
                 200, body if verb == "GET" else b"", content_type, {"cache-control": "no-store"}
             )

@@ -117,11 +117,12 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OP
 
 class HttpMetrics:
     """``http_server_request_duration_seconds`` and ``http_server_active_requests``; the labelled
-    series are kept once made (method, route and status all come from bounded sets)."""
+    series are kept once made (method, route and status all come from bounded sets), recorded in
+    the per-process accumulators of ``metrics.py``."""
 
     def __init__(self) -> None:
-        self._series: dict[tuple[str, str, int], Any] = {}
-        self.active = metrics.HTTP_ACTIVE
+        self._series: dict[tuple[str, str, int], metrics.LocalHistogram] = {}
+        self.active = metrics.LocalGauge.of(metrics.HTTP_ACTIVE)
 
     def observe(self, verb: str, route: str, status: int, seconds: float) -> None:
         key = (verb, route, status)
@@ -130,10 +131,12 @@ class HttpMetrics:
             method = verb if verb in _KNOWN_METHODS else "_OTHER"
             # The route label without the method the access line puts in front of it.
             template = route.partition(" ")[2] if route.startswith(f"{verb[:16]} ") else route
-            series = metrics.HTTP_DURATION.labels(
-                http_request_method=method,
-                http_route=template or "(none)",
-                http_response_status_code=str(status),
+            series = metrics.LocalHistogram.of(
+                metrics.HTTP_DURATION.labels(
+                    http_request_method=method,
+                    http_route=template or "(none)",
+                    http_response_status_code=str(status),
+                )
             )
             if len(self._series) < 4096:  # bounded anyway; never let a bug grow it without end
                 self._series[key] = series
