@@ -26,11 +26,12 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
+from referral.v1 import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service import metrics
 from referral_service.api import reflection
 from referral_service.api.auth import AuthServicer
+from referral_service.api.events import EventServicer
 from referral_service.api.health import GracefulHealthServicer, HealthReporter
 from referral_service.api.interceptors import ApiInterceptor
 from referral_service.api.referral import ReferralServicer
@@ -40,6 +41,7 @@ from referral_service.crypto.passwords import Argon2Params, Argon2PasswordHasher
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker
+from referral_service.domain.events import EventFeed, EventService
 from referral_service.domain.models import ClientInfo, Principal
 from referral_service.domain.ports import (
     EmailVerifier,
@@ -47,6 +49,7 @@ from referral_service.domain.ports import (
     ProfileProvider,
     RateLimiter,
     RevocationCache,
+    UnitOfWork,
     VersionedCache,
 )
 from referral_service.domain.referrals import ReferralService
@@ -77,6 +80,7 @@ log = logging.getLogger("referral_service")
 SERVICES = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     referral_pb2.DESCRIPTOR.services_by_name["ReferralService"],
+    events_pb2.DESCRIPTOR.services_by_name["EventService"],
 )
 #: Health of the backing stores and providers, reported under these service names.
 HEALTH_REDIS = "referral-service.redis"
@@ -302,6 +306,9 @@ class Services:
     #: Background profile enrichment; None when off.
     enrichment: EnrichmentWorker | None
     service_accounts: ServiceAccountService
+    #: This process's follower of new events (started with the server).
+    event_feed: EventFeed
+    events: EventService
 
 
 def build_services(
@@ -373,7 +380,12 @@ def build_services(
         max_sessions_per_user=settings.jwt.max_sessions_per_user,
     )
     service_accounts = ServiceAccountService(store, tokens, revocations, settings.resolve_client_secret_key())
-    return Services(tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts)
+    feed = EventFeed(store, poll_seconds=settings.events.poll_seconds)
+    store.on_events = feed.nudge
+    events = EventService(store, feed, progress_seconds=settings.events.progress_seconds)
+    return Services(
+        tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts, feed, events
+    )
 
 
 # --- transports ----------------------------------------------------------------------------------
@@ -450,9 +462,10 @@ class Servicers:
 
     auth: AuthServicer
     referral: ReferralServicer
+    events: EventServicer
 
     def by_service(self) -> dict[ServiceDescriptor, object]:
-        return {SERVICES[0]: self.auth, SERVICES[1]: self.referral}
+        return {SERVICES[0]: self.auth, SERVICES[1]: self.referral, SERVICES[2]: self.events}
 
 
 def build_tls_files(settings: Settings) -> TlsFiles | None:
@@ -513,6 +526,7 @@ def build_grpc_server(
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicers.auth, server)
     referral_pb2_grpc.add_ReferralServiceServicer_to_server(servicers.referral, server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(servicers.events, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # v1 and v1alpha, with the proto comments (api/reflection.py)
     reflection.enable(
@@ -649,9 +663,15 @@ class App:
         return self.http.port if self.http is not None else None
 
     async def housekeeping(self) -> int:
-        """Purge expired revocations, request ids and refresh tokens; returns rows deleted."""
+        """Purge expired revocations, request ids and refresh tokens, and events past their
+        retention; returns rows deleted."""
         now = utcnow()
-        return await self.store.transact(lambda uow: uow.purge_expired(now))
+        retained = now - self.settings.events.retention
+
+        async def purge(uow: UnitOfWork) -> int:
+            return await uow.purge_expired(now) + await uow.events.purge(retained)
+
+        return await self.store.transact(purge)
 
     async def _housekeeping_loop(self) -> None:
         while True:
@@ -679,6 +699,7 @@ class App:
             raise StartupError(str(error)) from None
         if self.stores.revocations.shared:
             await self.services.revocations.resync()
+        self.services.event_feed.start()
         await self.server.start()
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
         if self.enrichment is not None:
@@ -742,6 +763,7 @@ class App:
         enrichment = self.enrichment
         enrichment_stopping = loop.create_task(enrichment.stop(remaining)) if enrichment is not None else None
         await self.server.stop(remaining)
+        await self.services.event_feed.stop()
         if self.metrics_server is not None:  # scrapes answer until the calls have drained
             await self.metrics_server.stop(0)
         if enrichment_stopping is not None and enrichment is not None:
@@ -802,6 +824,7 @@ async def build_app(
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts, client_of(settings)),
         ReferralServicer(services.referrals),
+        EventServicer(services.events),
     )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer, tracing)
     probes = build_probes(settings, health, on_api_port=True, metrics_dir=metrics_dir)

@@ -539,6 +539,26 @@ class EnrichmentSettings(Group):
         return self
 
 
+class EventSettings(Group):
+    """Events for other services (``docs/events.md``): the outbox, WatchEvents, webhooks."""
+
+    env_prefix = "events_"
+    #: How long events are kept; housekeeping purges older ones (a consumer resuming from an
+    #: older cursor gets OUT_OF_RANGE).
+    retention: timedelta = timedelta(days=7)
+    #: How often a worker with watchers looks for events committed elsewhere (PostgreSQL
+    #: also notifies at once; this is the fallback, and SQLite's only way).
+    poll_seconds: Annotated[float, Field(gt=0, le=10)] = 0.25
+    #: A watcher with nothing to receive gets a progress message this often.
+    progress_seconds: Annotated[float, Field(gt=0)] = 5.0
+
+    @model_validator(mode="after")
+    def _check(self) -> EventSettings:
+        if self.retention < timedelta(hours=1):
+            raise ValueError("REFERRAL_EVENTS_RETENTION must be at least an hour")
+        return self
+
+
 class RateLimitSettings(Group):
     """Each limit is ``LIMIT/PERIOD`` (``10/15m``; ``off`` disables one), enforced with GCRA in
     Redis (atomic, shared by every worker and replica) or, without Redis or while it is down,
@@ -685,6 +705,7 @@ GROUPS: dict[str, type[Group]] = {
     "codes": CodeSettings,
     "hunter": HunterSettings,
     "enrichment": EnrichmentSettings,
+    "events": EventSettings,
     "rate_limits": RateLimitSettings,
     "registration": RegistrationSettings,
     "logging": LogSettings,
@@ -762,6 +783,7 @@ class Settings(BaseSettings):
     codes: CodeSettings = CodeSettings()
     hunter: HunterSettings = HunterSettings()
     enrichment: EnrichmentSettings = EnrichmentSettings()
+    events: EventSettings = EventSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     registration: RegistrationSettings = RegistrationSettings()
     logging: LogSettings = LogSettings()

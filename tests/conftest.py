@@ -162,9 +162,10 @@ async def truncate_postgres(url: str) -> None:
     try:
         await conn.execute(
             "TRUNCATE users, referral_codes, sessions, revocations, idempotency_keys, user_profiles, "
-            "service_accounts "
+            "service_accounts, events "
             "RESTART IDENTITY CASCADE"
         )
+        await conn.execute("UPDATE event_retention SET purged_through = 0")
     finally:
         await conn.close()
 

@@ -44,6 +44,8 @@ class Reason(StrEnum):
     EMAIL_UNDELIVERABLE = "EMAIL_UNDELIVERABLE"
     EMAIL_DISPOSABLE = "EMAIL_DISPOSABLE"
     EMAIL_VERIFICATION_UNAVAILABLE = "EMAIL_VERIFICATION_UNAVAILABLE"
+    EVENT_CURSOR_EXPIRED = "EVENT_CURSOR_EXPIRED"
+    EVENT_CURSOR_UNKNOWN = "EVENT_CURSOR_UNKNOWN"
     # Sent by the HTTP/JSON gateway only (referral_service/gateway/).
     HTTP_ROUTE_NOT_FOUND = "HTTP_ROUTE_NOT_FOUND"
     HTTP_METHOD_NOT_ALLOWED = "HTTP_METHOD_NOT_ALLOWED"
@@ -110,6 +112,10 @@ class ResourceExhausted(DomainError):
 
 
 class Unavailable(DomainError):
+    pass
+
+
+class OutOfRange(DomainError):
     pass
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum, StrEnum
+from typing import Any
 
 
 class EmailStatus(StrEnum):
@@ -200,3 +203,26 @@ class Introspection:
     scopes: tuple[str, ...] = ()
     expire_time: datetime | None = None
     issue_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event to append to the outbox (``uow.events.append``), in the transaction of the
+    change it describes. ``data`` holds the payload message's fields by their proto names
+    (JSON-compatible values: ints, strings, bools, RFC 3339 times)."""
+
+    type: str
+    data: Mapping[str, Any]
+    #: Unique id, for consumers to de-duplicate on.
+    id: str = field(default_factory=lambda: f"evt_{secrets.token_hex(12)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A committed event."""
+
+    id: str
+    cursor: int
+    type: str
+    time: datetime
+    data: Mapping[str, Any]

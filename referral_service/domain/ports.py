@@ -35,6 +35,8 @@ from typing import Protocol, TypeVar
 from referral_service.domain.models import (
     ClientInfo,
     EmailStatus,
+    Event,
+    EventDraft,
     Profile,
     ProfileState,
     Referral,
@@ -372,6 +374,37 @@ class ServiceAccounts(Protocol):
         ...
 
 
+class Events(Protocol):
+    """The outbox: events appended in the transaction of the change they describe, read back
+    by cursor. Cursors increase in commit order: once a reader has seen cursor ``c``, no event
+    with a cursor at or below ``c`` commits later (the adapter serialises appends where its
+    database would not)."""
+
+    async def append(self, draft: EventDraft, now: datetime) -> None:
+        """Add the event to this transaction (it commits, or rolls back, with the change)."""
+        ...
+
+    async def after(
+        self, cursor: int, types: Sequence[str], limit: int, upto: int | None = None
+    ) -> list[Event]:
+        """Events with ``cursor < event.cursor (<= upto)`` of the given types (all when empty),
+        by cursor, at most ``limit``."""
+        ...
+
+    async def head(self) -> int:
+        """The newest event's cursor (0 when there has never been one)."""
+        ...
+
+    async def purged_through(self) -> int:
+        """Every event up to this cursor has been purged (0: none ever was)."""
+        ...
+
+    async def purge(self, before: datetime) -> int:
+        """Delete events older than ``before``, always keeping the newest one (it holds the
+        head cursor); the rows deleted."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """The repositories of one transaction (or, from ``Store.read()``, of autocommit reads)."""
 
@@ -389,6 +422,8 @@ class UnitOfWork(Protocol):
     def profiles(self) -> Profiles: ...
     @property
     def service_accounts(self) -> ServiceAccounts: ...
+    @property
+    def events(self) -> Events: ...
 
     async def purge_expired(self, now: datetime) -> int:
         """Delete expired revocations, request ids and refresh tokens; the rows deleted."""

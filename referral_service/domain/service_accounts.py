@@ -47,7 +47,19 @@ USERS_READ = "users:read"
 REFERRALS_READ = "referrals:read"
 TOKENS_INTROSPECT = "tokens:introspect"
 SESSIONS_REVOKE = "sessions:revoke"
-SCOPES = frozenset({USERS_REGISTER, USERS_READ, REFERRALS_READ, TOKENS_INTROSPECT, SESSIONS_REVOKE})
+EVENTS_READ = "events:read"
+WEBHOOKS_MANAGE = "webhooks:manage"
+SCOPES = frozenset(
+    {
+        USERS_REGISTER,
+        USERS_READ,
+        REFERRALS_READ,
+        TOKENS_INTROSPECT,
+        SESSIONS_REVOKE,
+        EVENTS_READ,
+        WEBHOOKS_MANAGE,
+    }
+)
 
 #: How long a certificate-mapped account is used before it is read again (scopes; a revocation
 #: is seen at once through its revocation entry).

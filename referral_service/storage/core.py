@@ -26,6 +26,8 @@ SERVICE_ACCOUNTS = Base.metadata.tables["service_accounts"]
 REVOCATIONS = Base.metadata.tables["revocations"]
 REQUESTS = Base.metadata.tables["idempotency_keys"]
 PROFILES = Base.metadata.tables["user_profiles"]
+EVENTS = Base.metadata.tables["events"]
+EVENT_RETENTION = Base.metadata.tables["event_retention"]
 
 
 def at(name: str = "now") -> BindParameter[datetime]:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -235,3 +236,30 @@ class UserProfileRow(Base):
         Index("ix_user_profiles_state_next_attempt_time", "state", "next_attempt_time"),
         CheckConstraint("state IN ('pending', 'found', 'not_found', 'failed')", name="state_known"),
     )
+
+
+class EventRow(Base):
+    """The transactional outbox: one row per event, written in the transaction of its change.
+    ``cursor`` increases in commit order (appends serialise on PostgreSQL, see
+    ``storage/events.py``; SQLite has one writer) and is never reused (AUTOINCREMENT)."""
+
+    __tablename__ = "events"
+
+    cursor: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    #: The payload message's fields by their proto names, as JSON.
+    data: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+
+class EventRetentionRow(Base):
+    """One row: every event up to ``purged_through`` has been purged (retention), so a cursor
+    below it cannot be resumed from."""
+
+    __tablename__ = "event_retention"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    purged_through: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))

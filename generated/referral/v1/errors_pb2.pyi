@@ -124,6 +124,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     down, slow or out of quota) and the server is configured to refuse
     unverified registrations; retry after the RetryInfo delay.
     """
+    ERROR_REASON_EVENT_CURSOR_EXPIRED: _ErrorReason.ValueType  # 80
+    """Events and webhooks (EventService): 80-89.
+
+    OUT_OF_RANGE: the cursor is older than the events kept (the retention
+    window); ErrorInfo metadata `oldest_cursor` is the oldest cursor one can
+    resume after. Read the current state again and resume from there.
+    """
+    ERROR_REASON_EVENT_CURSOR_UNKNOWN: _ErrorReason.ValueType  # 81
+    """OUT_OF_RANGE: the cursor is past the newest event of this store (from
+    another deployment, or made up); ErrorInfo metadata `head_cursor` is the
+    newest one.
+    """
     ERROR_REASON_HTTP_ROUTE_NOT_FOUND: _ErrorReason.ValueType  # 90
     """Sent only by the HTTP/JSON gateway, before any RPC is called.
 
@@ -150,6 +162,9 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     `google.rpc.BadRequest` with one field violation per offending field, rate
     limits add `google.rpc.RetryInfo`, and every error adds a
     `google.rpc.RequestInfo` whose `request_id` matches the server's logs.
+
+    Numbers are allocated in ranges per feature area; 80-89 belong to events
+    and webhooks (EventService), 90-99 to the HTTP/JSON gateway.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
@@ -253,6 +268,18 @@ ERROR_REASON_EMAIL_VERIFICATION_UNAVAILABLE: ErrorReason.ValueType  # 62
 """UNAVAILABLE: the email could not be verified right now (the provider is
 down, slow or out of quota) and the server is configured to refuse
 unverified registrations; retry after the RetryInfo delay.
+"""
+ERROR_REASON_EVENT_CURSOR_EXPIRED: ErrorReason.ValueType  # 80
+"""Events and webhooks (EventService): 80-89.
+
+OUT_OF_RANGE: the cursor is older than the events kept (the retention
+window); ErrorInfo metadata `oldest_cursor` is the oldest cursor one can
+resume after. Read the current state again and resume from there.
+"""
+ERROR_REASON_EVENT_CURSOR_UNKNOWN: ErrorReason.ValueType  # 81
+"""OUT_OF_RANGE: the cursor is past the newest event of this store (from
+another deployment, or made up); ErrorInfo metadata `head_cursor` is the
+newest one.
 """
 ERROR_REASON_HTTP_ROUTE_NOT_FOUND: ErrorReason.ValueType  # 90
 """Sent only by the HTTP/JSON gateway, before any RPC is called.

@@ -225,6 +225,23 @@ class EmailVerificationUnavailable(ReferralError):
     REASON = "EMAIL_VERIFICATION_UNAVAILABLE"
 
 
+class EventCursorExpired(ReferralError):
+    """Events and webhooks (EventService): 80-89. OUT_OF_RANGE: the cursor is older than the events
+    kept (the retention window); ErrorInfo metadata `oldest_cursor` is the oldest cursor one can
+    resume after. Read the current state again and resume from there.
+    """
+
+    REASON = "EVENT_CURSOR_EXPIRED"
+
+
+class EventCursorUnknown(ReferralError):
+    """OUT_OF_RANGE: the cursor is past the newest event of this store (from another deployment, or
+    made up); ErrorInfo metadata `head_cursor` is the newest one.
+    """
+
+    REASON = "EVENT_CURSOR_UNKNOWN"
+
+
 class HttpRouteNotFound(ReferralError):
     """Sent only by the HTTP/JSON gateway, before any RPC is called. NOT_FOUND (HTTP 404): no RPC
     is bound to this HTTP path.
@@ -287,6 +304,8 @@ BY_REASON: dict[str, type[ReferralError]] = {
     EmailUndeliverable.REASON: EmailUndeliverable,
     EmailDisposable.REASON: EmailDisposable,
     EmailVerificationUnavailable.REASON: EmailVerificationUnavailable,
+    EventCursorExpired.REASON: EventCursorExpired,
+    EventCursorUnknown.REASON: EventCursorUnknown,
     HttpRouteNotFound.REASON: HttpRouteNotFound,
     HttpMethodNotAllowed.REASON: HttpMethodNotAllowed,
     HttpRequestTooLarge.REASON: HttpRequestTooLarge,
@@ -300,6 +319,8 @@ __all__ = [
     "EmailDisposable",
     "EmailUndeliverable",
     "EmailVerificationUnavailable",
+    "EventCursorExpired",
+    "EventCursorUnknown",
     "HttpMethodNotAllowed",
     "HttpRequestTooLarge",
     "HttpRouteNotFound",
