@@ -57,9 +57,11 @@ from referral_service.domain.revocations import Revocations
 from referral_service.domain.service_accounts import SCOPES, ServiceAccountService
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification
+from referral_service.domain.webhooks import WebhookService, WebhookWorker
 from referral_service.gateway import HttpGateway, bind
 from referral_service.gateway.probes import Probes
 from referral_service.gateway.server import MetricsServer
+from referral_service.integrations.webhooks import HttpWebhookSender
 from referral_service.memory.cache import MemoryCache, NoCache
 from referral_service.memory.limiter import MemoryRateLimiter
 from referral_service.memory.revocations import MemoryRevocations
@@ -72,6 +74,7 @@ from referral_service.resilience import CircuitBreaker
 from referral_service.startup import StartupError
 from referral_service.storage.db import Database, DatabaseUnreachable
 from referral_service.storage.store import SqlStore
+from referral_service.storage.webhooks import SqlWebhooks
 from referral_service.tls import TlsError, TlsFiles, grpc_credentials, http_context
 from referral_service.tracing import Tracing
 
@@ -309,6 +312,9 @@ class Services:
     #: This process's follower of new events (started with the server).
     event_feed: EventFeed
     events: EventService
+    webhooks: WebhookService
+    #: Sends the webhooks in the background (started with the server).
+    webhook_worker: WebhookWorker
 
 
 def build_services(
@@ -381,10 +387,44 @@ def build_services(
     )
     service_accounts = ServiceAccountService(store, tokens, revocations, settings.resolve_client_secret_key())
     feed = EventFeed(store, poll_seconds=settings.events.poll_seconds)
-    store.on_events = feed.nudge
     events = EventService(store, feed, progress_seconds=settings.events.progress_seconds)
+    hooks = settings.webhooks
+    webhook_store = SqlWebhooks(store)
+    webhooks = WebhookService(store, webhook_store, allow_private=hooks.allow_private)
+    worker = WebhookWorker(
+        webhook_store,
+        HttpWebhookSender(
+            allow_private=hooks.allow_private,
+            connect_timeout=min(hooks.timeout_seconds, 5.0),
+            read_timeout=hooks.timeout_seconds,
+            instrument=instrument,
+        ),
+        max_attempts=hooks.max_attempts,
+        retry_base=hooks.retry_backoff,
+        retry_max=hooks.retry_max,
+        disable_after=hooks.disable_after_failures,
+        poll_seconds=hooks.poll_seconds,
+        concurrency=hooks.concurrency,
+    )
+
+    def committed() -> None:
+        feed.nudge()
+        worker.notify()
+
+    store.on_events = committed
     return Services(
-        tokens, hasher, revocations, auth, referrals, verifier, enrichment, service_accounts, feed, events
+        tokens,
+        hasher,
+        revocations,
+        auth,
+        referrals,
+        verifier,
+        enrichment,
+        service_accounts,
+        feed,
+        events,
+        webhooks,
+        worker,
     )
 
 
@@ -700,6 +740,8 @@ class App:
         if self.stores.revocations.shared:
             await self.services.revocations.resync()
         self.services.event_feed.start()
+        # Sends what earlier runs left pending (shutdown, crash) at once.
+        self.services.webhook_worker.start()
         await self.server.start()
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
         if self.enrichment is not None:
@@ -764,6 +806,8 @@ class App:
         enrichment_stopping = loop.create_task(enrichment.stop(remaining)) if enrichment is not None else None
         await self.server.stop(remaining)
         await self.services.event_feed.stop()
+        await self.services.webhook_worker.stop()
+        await self.services.webhook_worker.sender.close()
         if self.metrics_server is not None:  # scrapes answer until the calls have drained
             await self.metrics_server.stop(0)
         if enrichment_stopping is not None and enrichment is not None:
@@ -824,7 +868,7 @@ async def build_app(
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts, client_of(settings)),
         ReferralServicer(services.referrals),
-        EventServicer(services.events),
+        EventServicer(services.events, services.webhooks),
     )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer, tracing)
     probes = build_probes(settings, health, on_api_port=True, metrics_dir=metrics_dir)

@@ -559,6 +559,27 @@ class EventSettings(Group):
         return self
 
 
+class WebhookSettings(Group):
+    """Webhook deliveries (``docs/events.md``)."""
+
+    env_prefix = "webhooks_"
+    #: Allow http and private, loopback or link-local targets (tests, closed networks). Off:
+    #: https to public addresses only (SSRF).
+    allow_private: bool = False
+    #: Attempts per delivery before it is failed (the default spans about a day).
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = 14
+    #: First retry delay, doubled after each failed attempt up to ``webhooks_retry_max``.
+    retry_backoff: timedelta = timedelta(seconds=30)
+    retry_max: timedelta = timedelta(hours=4)
+    #: Failed attempts in a row after which an endpoint is disabled.
+    disable_after_failures: Annotated[int, Field(ge=1)] = 30
+    #: How often each worker looks for due deliveries (new events wake it at once).
+    poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+    #: Deliveries sent at once per worker.
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
+
+
 class RateLimitSettings(Group):
     """Each limit is ``LIMIT/PERIOD`` (``10/15m``; ``off`` disables one), enforced with GCRA in
     Redis (atomic, shared by every worker and replica) or, without Redis or while it is down,
@@ -706,6 +727,7 @@ GROUPS: dict[str, type[Group]] = {
     "hunter": HunterSettings,
     "enrichment": EnrichmentSettings,
     "events": EventSettings,
+    "webhooks": WebhookSettings,
     "rate_limits": RateLimitSettings,
     "registration": RegistrationSettings,
     "logging": LogSettings,
@@ -784,6 +806,7 @@ class Settings(BaseSettings):
     hunter: HunterSettings = HunterSettings()
     enrichment: EnrichmentSettings = EnrichmentSettings()
     events: EventSettings = EventSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     registration: RegistrationSettings = RegistrationSettings()
     logging: LogSettings = LogSettings()

@@ -14,9 +14,11 @@ from google.protobuf import json_format
 from referral.v1 import events_pb2, events_pb2_grpc
 
 from referral_service.api import convert
-from referral_service.domain import events
+from referral_service.domain import events, models
 from referral_service.domain.events import EventService
 from referral_service.domain.models import Event
+from referral_service.domain.webhooks import WebhookService
+from referral_service.pipeline.context import current_principal
 
 #: Event type -> the ``Event.payload`` oneof field it sets.
 PAYLOADS: dict[str, str] = {
@@ -24,6 +26,13 @@ PAYLOADS: dict[str, str] = {
     events.REFERRAL_CREATED: "referral_created",
     events.REFERRAL_CODE_CREATED: "referral_code_created",
     events.REFERRAL_CODE_DELETED: "referral_code_deleted",
+    events.WEBHOOK_ENDPOINT_DISABLED: "webhook_endpoint_disabled",
+}
+
+_STATES = {
+    models.DELIVERY_PENDING: events_pb2.WebhookDelivery.STATE_PENDING,
+    models.DELIVERY_SUCCEEDED: events_pb2.WebhookDelivery.STATE_SUCCEEDED,
+    models.DELIVERY_FAILED: events_pb2.WebhookDelivery.STATE_FAILED,
 }
 
 
@@ -37,9 +46,105 @@ def event(item: Event) -> events_pb2.Event:
     return message
 
 
+def endpoint(value: models.WebhookEndpoint) -> events_pb2.WebhookEndpoint:
+    return events_pb2.WebhookEndpoint(
+        id=value.id,
+        url=value.url,
+        event_types=list(value.event_types),
+        description=value.description,
+        disabled=value.disabled_time is not None,
+        disabled_reason=value.disabled_reason,
+        consecutive_failures=value.consecutive_failures,
+        create_time=convert.timestamp(value.create_time),
+        update_time=convert.timestamp(value.update_time),
+    )
+
+
+def delivery(value: models.WebhookDelivery) -> events_pb2.WebhookDelivery:
+    message = events_pb2.WebhookDelivery(
+        id=value.id,
+        endpoint_id=value.endpoint_id,
+        event_id=value.event_id,
+        event_type=value.event_type,
+        state=_STATES[value.state],
+        create_time=convert.timestamp(value.create_time),
+    )
+    if value.next_attempt_time is not None:
+        message.next_attempt_time.CopyFrom(convert.timestamp(value.next_attempt_time))
+    for attempt in value.attempts:
+        item = message.attempts.add(
+            time=convert.timestamp(attempt.time), http_status=attempt.http_status, error=attempt.error
+        )
+        item.latency.FromMilliseconds(attempt.latency_ms)
+    return message
+
+
 class EventServicer(events_pb2_grpc.EventServiceServicer):
-    def __init__(self, service: EventService) -> None:
+    def __init__(self, service: EventService, webhooks: WebhookService) -> None:
         self._service = service
+        self._webhooks = webhooks
+
+    async def CreateWebhookEndpoint(
+        self, request: events_pb2.CreateWebhookEndpointRequest, context: object
+    ) -> events_pb2.CreateWebhookEndpointResponse:
+        given = request.webhook_endpoint
+        created, secret = await self._webhooks.create(
+            current_principal(), given.url, list(given.event_types), given.description
+        )
+        return events_pb2.CreateWebhookEndpointResponse(webhook_endpoint=endpoint(created), secret=secret)
+
+    async def ListWebhookEndpoints(
+        self, request: events_pb2.ListWebhookEndpointsRequest, context: object
+    ) -> events_pb2.ListWebhookEndpointsResponse:
+        page = await self._webhooks.list(current_principal(), request.page_size, request.page_token)
+        return events_pb2.ListWebhookEndpointsResponse(
+            webhook_endpoints=[endpoint(item) for item in page.endpoints],
+            next_page_token=page.next_page_token,
+        )
+
+    async def UpdateWebhookEndpoint(
+        self, request: events_pb2.UpdateWebhookEndpointRequest, context: object
+    ) -> events_pb2.UpdateWebhookEndpointResponse:
+        given = request.webhook_endpoint
+        values = {
+            "url": given.url,
+            "event_types": list(given.event_types),
+            "description": given.description,
+            "disabled": given.disabled,
+        }
+        updated = await self._webhooks.update(
+            current_principal(), request.endpoint_id, list(request.update_mask.paths), values
+        )
+        return events_pb2.UpdateWebhookEndpointResponse(webhook_endpoint=endpoint(updated))
+
+    async def DeleteWebhookEndpoint(
+        self, request: events_pb2.DeleteWebhookEndpointRequest, context: object
+    ) -> events_pb2.DeleteWebhookEndpointResponse:
+        await self._webhooks.delete(current_principal(), request.endpoint_id)
+        return events_pb2.DeleteWebhookEndpointResponse()
+
+    async def RotateWebhookSecret(
+        self, request: events_pb2.RotateWebhookSecretRequest, context: object
+    ) -> events_pb2.RotateWebhookSecretResponse:
+        secret = await self._webhooks.rotate_secret(current_principal(), request.endpoint_id)
+        return events_pb2.RotateWebhookSecretResponse(secret=secret)
+
+    async def ListWebhookDeliveries(
+        self, request: events_pb2.ListWebhookDeliveriesRequest, context: object
+    ) -> events_pb2.ListWebhookDeliveriesResponse:
+        page = await self._webhooks.deliveries(
+            current_principal(), request.endpoint_id, request.page_size, request.page_token
+        )
+        return events_pb2.ListWebhookDeliveriesResponse(
+            webhook_deliveries=[delivery(item) for item in page.deliveries],
+            next_page_token=page.next_page_token,
+        )
+
+    async def RetryWebhookDelivery(
+        self, request: events_pb2.RetryWebhookDeliveryRequest, context: object
+    ) -> events_pb2.RetryWebhookDeliveryResponse:
+        retried = await self._webhooks.retry(current_principal(), request.delivery_id)
+        return events_pb2.RetryWebhookDeliveryResponse(webhook_delivery=delivery(retried))
 
     async def ListEvents(
         self, request: events_pb2.ListEventsRequest, context: object

@@ -35,11 +35,18 @@ USER_REGISTERED = "user.registered"
 REFERRAL_CREATED = "referral.created"
 REFERRAL_CODE_CREATED = "referral_code.created"
 REFERRAL_CODE_DELETED = "referral_code.deleted"
+WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
 
 #: Every type this server emits (a type filter naming another one is INVALID_ARGUMENT).
 #: Adding a type: a payload message in events.proto, its entry in ``api/events.py``, here.
 TYPES: frozenset[str] = frozenset(
-    {USER_REGISTERED, REFERRAL_CREATED, REFERRAL_CODE_CREATED, REFERRAL_CODE_DELETED}
+    {
+        USER_REGISTERED,
+        REFERRAL_CREATED,
+        REFERRAL_CODE_CREATED,
+        REFERRAL_CODE_DELETED,
+        WEBHOOK_ENDPOINT_DISABLED,
+    }
 )
 
 

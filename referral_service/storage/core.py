@@ -28,6 +28,10 @@ REQUESTS = Base.metadata.tables["idempotency_keys"]
 PROFILES = Base.metadata.tables["user_profiles"]
 EVENTS = Base.metadata.tables["events"]
 EVENT_RETENTION = Base.metadata.tables["event_retention"]
+WEBHOOK_ENDPOINTS = Base.metadata.tables["webhook_endpoints"]
+WEBHOOK_DELIVERIES = Base.metadata.tables["webhook_deliveries"]
+WEBHOOK_ATTEMPTS = Base.metadata.tables["webhook_attempts"]
+WEBHOOK_DISPATCH = Base.metadata.tables["webhook_dispatch"]
 
 
 def at(name: str = "now") -> BindParameter[datetime]:

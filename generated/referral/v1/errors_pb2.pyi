@@ -136,6 +136,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     another deployment, or made up); ErrorInfo metadata `head_cursor` is the
     newest one.
     """
+    ERROR_REASON_WEBHOOK_ENDPOINT_NOT_FOUND: _ErrorReason.ValueType  # 82
+    """NOT_FOUND: no webhook endpoint with this id."""
+    ERROR_REASON_WEBHOOK_DELIVERY_NOT_FOUND: _ErrorReason.ValueType  # 83
+    """NOT_FOUND: no webhook delivery with this id."""
+    ERROR_REASON_WEBHOOK_URL_FORBIDDEN: _ErrorReason.ValueType  # 84
+    """INVALID_ARGUMENT: the webhook URL is not allowed: not https, or its host
+    is (or resolves to) a private, loopback or link-local address. BadRequest
+    names the field.
+    """
+    ERROR_REASON_WEBHOOK_ENDPOINT_DISABLED: _ErrorReason.ValueType  # 85
+    """FAILED_PRECONDITION: the delivery's endpoint is disabled; enable it first."""
     ERROR_REASON_HTTP_ROUTE_NOT_FOUND: _ErrorReason.ValueType  # 90
     """Sent only by the HTTP/JSON gateway, before any RPC is called.
 
@@ -281,6 +292,17 @@ ERROR_REASON_EVENT_CURSOR_UNKNOWN: ErrorReason.ValueType  # 81
 another deployment, or made up); ErrorInfo metadata `head_cursor` is the
 newest one.
 """
+ERROR_REASON_WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason.ValueType  # 82
+"""NOT_FOUND: no webhook endpoint with this id."""
+ERROR_REASON_WEBHOOK_DELIVERY_NOT_FOUND: ErrorReason.ValueType  # 83
+"""NOT_FOUND: no webhook delivery with this id."""
+ERROR_REASON_WEBHOOK_URL_FORBIDDEN: ErrorReason.ValueType  # 84
+"""INVALID_ARGUMENT: the webhook URL is not allowed: not https, or its host
+is (or resolves to) a private, loopback or link-local address. BadRequest
+names the field.
+"""
+ERROR_REASON_WEBHOOK_ENDPOINT_DISABLED: ErrorReason.ValueType  # 85
+"""FAILED_PRECONDITION: the delivery's endpoint is disabled; enable it first."""
 ERROR_REASON_HTTP_ROUTE_NOT_FOUND: ErrorReason.ValueType  # 90
 """Sent only by the HTTP/JSON gateway, before any RPC is called.
 

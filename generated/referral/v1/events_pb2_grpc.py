@@ -56,6 +56,41 @@ class EventServiceStub:
                 request_serializer=referral_dot_v1_dot_events__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=referral_dot_v1_dot_events__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.CreateWebhookEndpoint = channel.unary_unary(
+                '/referral.v1.EventService/CreateWebhookEndpoint',
+                request_serializer=referral_dot_v1_dot_events__pb2.CreateWebhookEndpointRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_events__pb2.CreateWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookEndpoints = channel.unary_unary(
+                '/referral.v1.EventService/ListWebhookEndpoints',
+                request_serializer=referral_dot_v1_dot_events__pb2.ListWebhookEndpointsRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_events__pb2.ListWebhookEndpointsResponse.FromString,
+                _registered_method=True)
+        self.UpdateWebhookEndpoint = channel.unary_unary(
+                '/referral.v1.EventService/UpdateWebhookEndpoint',
+                request_serializer=referral_dot_v1_dot_events__pb2.UpdateWebhookEndpointRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_events__pb2.UpdateWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhookEndpoint = channel.unary_unary(
+                '/referral.v1.EventService/DeleteWebhookEndpoint',
+                request_serializer=referral_dot_v1_dot_events__pb2.DeleteWebhookEndpointRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_events__pb2.DeleteWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/referral.v1.EventService/RotateWebhookSecret',
+                request_serializer=referral_dot_v1_dot_events__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_events__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/referral.v1.EventService/ListWebhookDeliveries',
+                request_serializer=referral_dot_v1_dot_events__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_events__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RetryWebhookDelivery = channel.unary_unary(
+                '/referral.v1.EventService/RetryWebhookDelivery',
+                request_serializer=referral_dot_v1_dot_events__pb2.RetryWebhookDeliveryRequest.SerializeToString,
+                response_deserializer=referral_dot_v1_dot_events__pb2.RetryWebhookDeliveryResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -93,6 +128,67 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWebhookEndpoint(self, request, context):
+        """Registers a webhook endpoint: events of the chosen types committed from
+        now on are POSTed to `url`, signed per the Standard Webhooks
+        specification (`webhook-id`, `webhook-timestamp`, `webhook-signature`:
+        HMAC-SHA256 with the secret returned here, once). Failed deliveries are
+        retried with exponential back-off for about a day; an endpoint that fails
+        too many times in a row is disabled (`webhook_endpoint.disabled`). The URL
+        must be https and must not point at a private or loopback address
+        (WEBHOOK_URL_FORBIDDEN), unless the server allows it. Callers: services
+        with `webhooks:manage`, and superusers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookEndpoints(self, request, context):
+        """Lists the webhook endpoints, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWebhookEndpoint(self, request, context):
+        """Changes an endpoint's `url`, `event_types`, `description` or `disabled`
+        (the fields named in `update_mask`). Enabling a disabled endpoint resets
+        its failure count; deliveries that failed meanwhile can be retried.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhookEndpoint(self, request, context):
+        """Deletes an endpoint and its delivery history; nothing more is sent to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """Replaces the endpoint's signing secret; returns the new one, once. From
+        now on deliveries are signed with the new secret only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Lists an endpoint's deliveries, newest first, with every attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryWebhookDelivery(self, request, context):
+        """Sends a delivery again now (a failed one, or a succeeded one the receiver
+        lost); FAILED_PRECONDITION while its endpoint is disabled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +201,41 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=referral_dot_v1_dot_events__pb2.ListEventsRequest.FromString,
                     response_serializer=referral_dot_v1_dot_events__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'CreateWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhookEndpoint,
+                    request_deserializer=referral_dot_v1_dot_events__pb2.CreateWebhookEndpointRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_events__pb2.CreateWebhookEndpointResponse.SerializeToString,
+            ),
+            'ListWebhookEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookEndpoints,
+                    request_deserializer=referral_dot_v1_dot_events__pb2.ListWebhookEndpointsRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_events__pb2.ListWebhookEndpointsResponse.SerializeToString,
+            ),
+            'UpdateWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWebhookEndpoint,
+                    request_deserializer=referral_dot_v1_dot_events__pb2.UpdateWebhookEndpointRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_events__pb2.UpdateWebhookEndpointResponse.SerializeToString,
+            ),
+            'DeleteWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhookEndpoint,
+                    request_deserializer=referral_dot_v1_dot_events__pb2.DeleteWebhookEndpointRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_events__pb2.DeleteWebhookEndpointResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=referral_dot_v1_dot_events__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_events__pb2.RotateWebhookSecretResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=referral_dot_v1_dot_events__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_events__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RetryWebhookDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWebhookDelivery,
+                    request_deserializer=referral_dot_v1_dot_events__pb2.RetryWebhookDeliveryRequest.FromString,
+                    response_serializer=referral_dot_v1_dot_events__pb2.RetryWebhookDeliveryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +304,195 @@ class EventService:
             '/referral.v1.EventService/ListEvents',
             referral_dot_v1_dot_events__pb2.ListEventsRequest.SerializeToString,
             referral_dot_v1_dot_events__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.EventService/CreateWebhookEndpoint',
+            referral_dot_v1_dot_events__pb2.CreateWebhookEndpointRequest.SerializeToString,
+            referral_dot_v1_dot_events__pb2.CreateWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.EventService/ListWebhookEndpoints',
+            referral_dot_v1_dot_events__pb2.ListWebhookEndpointsRequest.SerializeToString,
+            referral_dot_v1_dot_events__pb2.ListWebhookEndpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.EventService/UpdateWebhookEndpoint',
+            referral_dot_v1_dot_events__pb2.UpdateWebhookEndpointRequest.SerializeToString,
+            referral_dot_v1_dot_events__pb2.UpdateWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.EventService/DeleteWebhookEndpoint',
+            referral_dot_v1_dot_events__pb2.DeleteWebhookEndpointRequest.SerializeToString,
+            referral_dot_v1_dot_events__pb2.DeleteWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.EventService/RotateWebhookSecret',
+            referral_dot_v1_dot_events__pb2.RotateWebhookSecretRequest.SerializeToString,
+            referral_dot_v1_dot_events__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.EventService/ListWebhookDeliveries',
+            referral_dot_v1_dot_events__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            referral_dot_v1_dot_events__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWebhookDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/referral.v1.EventService/RetryWebhookDelivery',
+            referral_dot_v1_dot_events__pb2.RetryWebhookDeliveryRequest.SerializeToString,
+            referral_dot_v1_dot_events__pb2.RetryWebhookDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,36 @@ class EventServiceStub:
     """Returns a page of events after `after_cursor`, in cursor order: the
     unary pull variant of WatchEvents.
     """
+    CreateWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_events_pb2.CreateWebhookEndpointRequest, _events_pb2.CreateWebhookEndpointResponse]
+    """Registers a webhook endpoint: events of the chosen types committed from
+    now on are POSTed to `url`, signed per the Standard Webhooks
+    specification (`webhook-id`, `webhook-timestamp`, `webhook-signature`:
+    HMAC-SHA256 with the secret returned here, once). Failed deliveries are
+    retried with exponential back-off for about a day; an endpoint that fails
+    too many times in a row is disabled (`webhook_endpoint.disabled`). The URL
+    must be https and must not point at a private or loopback address
+    (WEBHOOK_URL_FORBIDDEN), unless the server allows it. Callers: services
+    with `webhooks:manage`, and superusers.
+    """
+    ListWebhookEndpoints: _grpc.UnaryUnaryMultiCallable[_events_pb2.ListWebhookEndpointsRequest, _events_pb2.ListWebhookEndpointsResponse]
+    """Lists the webhook endpoints, oldest first."""
+    UpdateWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_events_pb2.UpdateWebhookEndpointRequest, _events_pb2.UpdateWebhookEndpointResponse]
+    """Changes an endpoint's `url`, `event_types`, `description` or `disabled`
+    (the fields named in `update_mask`). Enabling a disabled endpoint resets
+    its failure count; deliveries that failed meanwhile can be retried.
+    """
+    DeleteWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_events_pb2.DeleteWebhookEndpointRequest, _events_pb2.DeleteWebhookEndpointResponse]
+    """Deletes an endpoint and its delivery history; nothing more is sent to it."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_events_pb2.RotateWebhookSecretRequest, _events_pb2.RotateWebhookSecretResponse]
+    """Replaces the endpoint's signing secret; returns the new one, once. From
+    now on deliveries are signed with the new secret only.
+    """
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_events_pb2.ListWebhookDeliveriesRequest, _events_pb2.ListWebhookDeliveriesResponse]
+    """Lists an endpoint's deliveries, newest first, with every attempt."""
+    RetryWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_events_pb2.RetryWebhookDeliveryRequest, _events_pb2.RetryWebhookDeliveryResponse]
+    """Sends a delivery again now (a failed one, or a succeeded one the receiver
+    lost); FAILED_PRECONDITION while its endpoint is disabled.
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -86,6 +116,36 @@ class EventServiceAsyncStub(EventServiceStub):
     ListEvents: _aio.UnaryUnaryMultiCallable[_events_pb2.ListEventsRequest, _events_pb2.ListEventsResponse]  # type: ignore[assignment]
     """Returns a page of events after `after_cursor`, in cursor order: the
     unary pull variant of WatchEvents.
+    """
+    CreateWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_events_pb2.CreateWebhookEndpointRequest, _events_pb2.CreateWebhookEndpointResponse]  # type: ignore[assignment]
+    """Registers a webhook endpoint: events of the chosen types committed from
+    now on are POSTed to `url`, signed per the Standard Webhooks
+    specification (`webhook-id`, `webhook-timestamp`, `webhook-signature`:
+    HMAC-SHA256 with the secret returned here, once). Failed deliveries are
+    retried with exponential back-off for about a day; an endpoint that fails
+    too many times in a row is disabled (`webhook_endpoint.disabled`). The URL
+    must be https and must not point at a private or loopback address
+    (WEBHOOK_URL_FORBIDDEN), unless the server allows it. Callers: services
+    with `webhooks:manage`, and superusers.
+    """
+    ListWebhookEndpoints: _aio.UnaryUnaryMultiCallable[_events_pb2.ListWebhookEndpointsRequest, _events_pb2.ListWebhookEndpointsResponse]  # type: ignore[assignment]
+    """Lists the webhook endpoints, oldest first."""
+    UpdateWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_events_pb2.UpdateWebhookEndpointRequest, _events_pb2.UpdateWebhookEndpointResponse]  # type: ignore[assignment]
+    """Changes an endpoint's `url`, `event_types`, `description` or `disabled`
+    (the fields named in `update_mask`). Enabling a disabled endpoint resets
+    its failure count; deliveries that failed meanwhile can be retried.
+    """
+    DeleteWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_events_pb2.DeleteWebhookEndpointRequest, _events_pb2.DeleteWebhookEndpointResponse]  # type: ignore[assignment]
+    """Deletes an endpoint and its delivery history; nothing more is sent to it."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_events_pb2.RotateWebhookSecretRequest, _events_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Replaces the endpoint's signing secret; returns the new one, once. From
+    now on deliveries are signed with the new secret only.
+    """
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_events_pb2.ListWebhookDeliveriesRequest, _events_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists an endpoint's deliveries, newest first, with every attempt."""
+    RetryWebhookDelivery: _aio.UnaryUnaryMultiCallable[_events_pb2.RetryWebhookDeliveryRequest, _events_pb2.RetryWebhookDeliveryResponse]  # type: ignore[assignment]
+    """Sends a delivery again now (a failed one, or a succeeded one the receiver
+    lost); FAILED_PRECONDITION while its endpoint is disabled.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +185,78 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_events_pb2.ListEventsResponse, _abc.Awaitable[_events_pb2.ListEventsResponse]]:
         """Returns a page of events after `after_cursor`, in cursor order: the
         unary pull variant of WatchEvents.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateWebhookEndpoint(
+        self,
+        request: _events_pb2.CreateWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.CreateWebhookEndpointResponse, _abc.Awaitable[_events_pb2.CreateWebhookEndpointResponse]]:
+        """Registers a webhook endpoint: events of the chosen types committed from
+        now on are POSTed to `url`, signed per the Standard Webhooks
+        specification (`webhook-id`, `webhook-timestamp`, `webhook-signature`:
+        HMAC-SHA256 with the secret returned here, once). Failed deliveries are
+        retried with exponential back-off for about a day; an endpoint that fails
+        too many times in a row is disabled (`webhook_endpoint.disabled`). The URL
+        must be https and must not point at a private or loopback address
+        (WEBHOOK_URL_FORBIDDEN), unless the server allows it. Callers: services
+        with `webhooks:manage`, and superusers.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookEndpoints(
+        self,
+        request: _events_pb2.ListWebhookEndpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.ListWebhookEndpointsResponse, _abc.Awaitable[_events_pb2.ListWebhookEndpointsResponse]]:
+        """Lists the webhook endpoints, oldest first."""
+
+    @_abc_1.abstractmethod
+    def UpdateWebhookEndpoint(
+        self,
+        request: _events_pb2.UpdateWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.UpdateWebhookEndpointResponse, _abc.Awaitable[_events_pb2.UpdateWebhookEndpointResponse]]:
+        """Changes an endpoint's `url`, `event_types`, `description` or `disabled`
+        (the fields named in `update_mask`). Enabling a disabled endpoint resets
+        its failure count; deliveries that failed meanwhile can be retried.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteWebhookEndpoint(
+        self,
+        request: _events_pb2.DeleteWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.DeleteWebhookEndpointResponse, _abc.Awaitable[_events_pb2.DeleteWebhookEndpointResponse]]:
+        """Deletes an endpoint and its delivery history; nothing more is sent to it."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _events_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_events_pb2.RotateWebhookSecretResponse]]:
+        """Replaces the endpoint's signing secret; returns the new one, once. From
+        now on deliveries are signed with the new secret only.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _events_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_events_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists an endpoint's deliveries, newest first, with every attempt."""
+
+    @_abc_1.abstractmethod
+    def RetryWebhookDelivery(
+        self,
+        request: _events_pb2.RetryWebhookDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.RetryWebhookDeliveryResponse, _abc.Awaitable[_events_pb2.RetryWebhookDeliveryResponse]]:
+        """Sends a delivery again now (a failed one, or a succeeded one the receiver
+        lost); FAILED_PRECONDITION while its endpoint is disabled.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

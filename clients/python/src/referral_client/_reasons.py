@@ -242,6 +242,32 @@ class EventCursorUnknown(ReferralError):
     REASON = "EVENT_CURSOR_UNKNOWN"
 
 
+class WebhookEndpointNotFound(ReferralError):
+    """NOT_FOUND: no webhook endpoint with this id."""
+
+    REASON = "WEBHOOK_ENDPOINT_NOT_FOUND"
+
+
+class WebhookDeliveryNotFound(ReferralError):
+    """NOT_FOUND: no webhook delivery with this id."""
+
+    REASON = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
+class WebhookUrlForbidden(ReferralError):
+    """INVALID_ARGUMENT: the webhook URL is not allowed: not https, or its host is (or resolves to)
+    a private, loopback or link-local address. BadRequest names the field.
+    """
+
+    REASON = "WEBHOOK_URL_FORBIDDEN"
+
+
+class WebhookEndpointDisabled(ReferralError):
+    """FAILED_PRECONDITION: the delivery's endpoint is disabled; enable it first."""
+
+    REASON = "WEBHOOK_ENDPOINT_DISABLED"
+
+
 class HttpRouteNotFound(ReferralError):
     """Sent only by the HTTP/JSON gateway, before any RPC is called. NOT_FOUND (HTTP 404): no RPC
     is bound to this HTTP path.
@@ -306,6 +332,10 @@ BY_REASON: dict[str, type[ReferralError]] = {
     EmailVerificationUnavailable.REASON: EmailVerificationUnavailable,
     EventCursorExpired.REASON: EventCursorExpired,
     EventCursorUnknown.REASON: EventCursorUnknown,
+    WebhookEndpointNotFound.REASON: WebhookEndpointNotFound,
+    WebhookDeliveryNotFound.REASON: WebhookDeliveryNotFound,
+    WebhookUrlForbidden.REASON: WebhookUrlForbidden,
+    WebhookEndpointDisabled.REASON: WebhookEndpointDisabled,
     HttpRouteNotFound.REASON: HttpRouteNotFound,
     HttpMethodNotAllowed.REASON: HttpMethodNotAllowed,
     HttpRequestTooLarge.REASON: HttpRequestTooLarge,
@@ -351,4 +381,8 @@ __all__ = [
     "TokenRevoked",
     "UserNotFound",
     "ValidationFailed",
+    "WebhookDeliveryNotFound",
+    "WebhookEndpointDisabled",
+    "WebhookEndpointNotFound",
+    "WebhookUrlForbidden",
 ]
