@@ -73,6 +73,7 @@ from referral_service.pipeline.limits import RateLimits
 from referral_service.resilience import CircuitBreaker
 from referral_service.startup import StartupError
 from referral_service.storage.db import Database, DatabaseUnreachable
+from referral_service.storage.listen import EventListener
 from referral_service.storage.store import SqlStore
 from referral_service.storage.webhooks import SqlWebhooks
 from referral_service.tls import TlsError, TlsFiles, grpc_credentials, http_context
@@ -675,6 +676,8 @@ class App:
     #: OpenTelemetry (None when REFERRAL_TRACING_ENABLED is false).
     tracing: Tracing | None = None
     _housekeeper: asyncio.Task[None] | None = None
+    #: PostgreSQL only: wakes the event feed and webhook worker on other workers' commits.
+    event_listener: EventListener | None = None
     _start_failed: bool = False
 
     @property
@@ -739,6 +742,15 @@ class App:
             raise StartupError(str(error)) from None
         if self.stores.revocations.shared:
             await self.services.revocations.resync()
+        if self.db.dialect == "postgresql":
+            feed, worker = self.services.event_feed, self.services.webhook_worker
+
+            def notified() -> None:
+                feed.nudge()
+                worker.notify()
+
+            self.event_listener = EventListener(self.db, notified)
+            self.event_listener.start()
         self.services.event_feed.start()
         # Sends what earlier runs left pending (shutdown, crash) at once.
         self.services.webhook_worker.start()
@@ -806,6 +818,8 @@ class App:
         enrichment_stopping = loop.create_task(enrichment.stop(remaining)) if enrichment is not None else None
         await self.server.stop(remaining)
         await self.services.event_feed.stop()
+        if self.event_listener is not None:
+            await self.event_listener.stop()
         await self.services.webhook_worker.stop()
         await self.services.webhook_worker.sender.close()
         if self.metrics_server is not None:  # scrapes answer until the calls have drained
