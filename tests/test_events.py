@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -305,3 +306,51 @@ async def test_two_workers_each_watcher_sees_every_event_once(api: Api) -> None:
                 assert [e.user_registered.user_id for e in seen] == expected
     finally:
         await stop_api(other)
+
+
+async def test_watch_over_http_as_ndjson_and_sse(api: Api) -> None:
+    import httpx
+
+    token = await service_token(api, "events:read")
+    headers = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.app.http_port}", timeout=DEADLINE) as http:
+        # Refused before the stream starts: a plain error envelope.
+        refused = await http.get("/v1/events:watch", params={"types": "nope"}, headers=headers)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["details"][0]["reason"] == "VALIDATION_FAILED"
+        assert (await http.get("/v1/events:watch")).status_code == 401
+        listed = await http.get("/v1/events", headers=headers)
+        assert listed.status_code == 200
+        assert listed.json()["events"] == []
+        async with http.stream(
+            "GET", "/v1/events:watch", params={"afterCursor": "0"}, headers=headers
+        ) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("application/x-ndjson")
+            lines = stream.aiter_lines()
+            first = json.loads(await anext(lines))
+            assert first == {"events": [], "cursor": "0"}
+            user = await api.register()
+            async with asyncio.timeout(DEADLINE):
+                while True:
+                    message = json.loads(await anext(lines))
+                    if message["events"]:
+                        break
+            (event,) = message["events"]
+            assert event["type"] == "user.registered"
+            assert event["userRegistered"]["userId"] == str(user.id)
+            assert message["cursor"] == event["cursor"]
+        async with http.stream(
+            "GET",
+            "/v1/events:watch",
+            params={"afterCursor": "0"},
+            headers={**headers, "accept": "text/event-stream"},
+        ) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.aiter_lines()
+            async with asyncio.timeout(DEADLINE):
+                while True:
+                    line = await anext(lines)
+                    if line.startswith("data: ") and '"user.registered"' in line:
+                        break
+            assert json.loads(line.removeprefix("data: "))["events"][0]["id"] == event["id"]

@@ -442,11 +442,13 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
     assert flow["tokenUrl"] == "/v1/auth/service-token"
     assert flow["scopes"]["users:read"] == "Call AuthService.GetUser"
     assert sorted(flow["scopes"]) == [
+        "events:read",
         "referrals:read",
         "sessions:revoke",
         "tokens:introspect",
         "users:read",
         "users:register",
+        "webhooks:manage",
     ]
     lookup = operations[("GET", "/v1/users:lookup")]
     assert lookup["security"] == [{"serviceAuth": ["users:read"]}]

@@ -79,6 +79,13 @@ def delivery(value: models.WebhookDelivery) -> events_pb2.WebhookDelivery:
     return message
 
 
+def _check_times(given: events_pb2.WebhookEndpoint) -> None:
+    """Output-only times sent anyway are ignored, but must still be valid Timestamps."""
+    for name in ("create_time", "update_time"):
+        if given.HasField(name):
+            convert.to_datetime(getattr(given, name), f"webhook_endpoint.{name}")
+
+
 class EventServicer(events_pb2_grpc.EventServiceServicer):
     def __init__(self, service: EventService, webhooks: WebhookService) -> None:
         self._service = service
@@ -88,6 +95,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         self, request: events_pb2.CreateWebhookEndpointRequest, context: object
     ) -> events_pb2.CreateWebhookEndpointResponse:
         given = request.webhook_endpoint
+        _check_times(given)
         created, secret = await self._webhooks.create(
             current_principal(), given.url, list(given.event_types), given.description
         )
@@ -106,6 +114,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         self, request: events_pb2.UpdateWebhookEndpointRequest, context: object
     ) -> events_pb2.UpdateWebhookEndpointResponse:
         given = request.webhook_endpoint
+        _check_times(given)
         values = {
             "url": given.url,
             "event_types": list(given.event_types),

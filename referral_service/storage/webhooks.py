@@ -230,6 +230,13 @@ class SqlWebhooks:
         return await self.delivery(delivery_id)
 
     async def fan_out(self, now: datetime, limit: int, body: Callable[[Event], str]) -> int:
+        async with self._store.read() as uow:  # most rounds have nothing to do: no write transaction
+            dispatched = (
+                await _conn(uow).execute(select(WEBHOOK_DISPATCH.c.cursor).where(WEBHOOK_DISPATCH.c.id == 1))
+            ).scalar_one_or_none()
+            if dispatched is not None and dispatched >= await uow.events.head():
+                return 0
+
         async def work(uow: UnitOfWork) -> int:
             conn = _conn(uow)
             locked = select(WEBHOOK_DISPATCH.c.cursor).where(WEBHOOK_DISPATCH.c.id == 1)
