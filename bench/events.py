@@ -104,6 +104,40 @@ async def _run(
     }
 
 
+async def _outbox_cost(url: str, rounds: int = 5, per_round: int = 100) -> dict[str, float]:
+    """What the outbox adds to Register's transaction on PostgreSQL: the transaction that
+    inserts the user, with and without its event (advisory lock, NOTIFY, the event row),
+    alternating rounds so that drift hits both alike."""
+    from referral_service.domain import events
+    from referral_service.domain.clock import utcnow
+    from referral_service.domain.ports import NewUser, UnitOfWork
+    from referral_service.storage.db import Database
+    from referral_service.storage.store import SqlStore
+
+    db = Database(url, pool_size=2, timeout=5)
+    store = SqlStore(db)
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    serial = 0
+    for _ in range(rounds):
+        for with_event in (False, True):
+            for _ in range(per_round):
+                serial += 1
+                email = f"outbox-{serial}@example.com"
+
+                async def work(uow: UnitOfWork, email: str = email, with_event: bool = with_event) -> None:
+                    now = utcnow()
+                    user = await uow.users.add(NewUser(email=email, email_key=email, password_hash="x"), now)
+                    if with_event:
+                        await uow.events.append(events.user_registered(user), now)
+
+                started = time.perf_counter()
+                await store.transact(work)
+                timings[with_event].append((time.perf_counter() - started) * 1000)
+    await db.dispose()
+    without, with_ = percentile(timings[False], 50), percentile(timings[True], 50)
+    return {"without_ms": without, "with_ms": with_, "added_ms": with_ - without}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,6 +156,7 @@ def main() -> None:
                 figures = asyncio.run(_measure(server.port, args.watchers, args.events))
             finally:
                 server.stop()
+            cost = asyncio.run(_outbox_cost(url))
     finally:
         drop_postgres(url.replace("postgresql+asyncpg://", "postgresql://", 1))
     print("| watchers | events | received / expected | p50 ms | p99 ms | writer call p50 ms |")
@@ -131,6 +166,12 @@ def main() -> None:
         f"{figures['deliveries_received']:.0f} / {figures['deliveries_expected']:.0f} | "
         f"{figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} | {figures['writer_call_p50_ms']:.1f} |"
     )
+    print()
+    print("| Register's transaction on PostgreSQL | p50 ms |")
+    print("| --- | --- |")
+    print(f"| without its event | {cost['without_ms']:.2f} |")
+    print(f"| with its event (the outbox) | {cost['with_ms']:.2f} |")
+    print(f"| added by the outbox | {cost['added_ms']:.2f} |")
 
 
 def _service_token(port: int, url: str, work: Path) -> str:

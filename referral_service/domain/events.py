@@ -117,6 +117,7 @@ class EventFeed:
         self._changed = asyncio.Event()
         self._watchers = 0
         self._task: asyncio.Task[None] | None = None
+        self._failing = False
 
     def nudge(self) -> None:
         """Something was committed: read now (safe from any task of this loop)."""
@@ -156,8 +157,12 @@ class EventFeed:
             try:
                 await self._read()
             except Exception:
-                log.warning("reading new events failed; retrying", exc_info=True)
+                if not self._failing:  # once per outage, not every poll
+                    log.warning("reading new events failed; retrying", exc_info=True)
+                self._failing = True
                 await asyncio.sleep(self._poll)
+            else:
+                self._failing = False
 
     async def _read(self) -> None:
         async with self._store.read() as uow:

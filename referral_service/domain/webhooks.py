@@ -406,11 +406,19 @@ class WebhookWorker:
             self._task = None
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 await self.run_once()
             except Exception:
-                log.warning("webhook delivery round failed; retrying", exc_info=True)
+                # Once per outage (the database down, say), not every poll.
+                if not failing:
+                    log.warning("webhook delivery round failed; retrying", exc_info=True)
+                failing = True
+            else:
+                if failing:
+                    log.info("webhook deliveries resumed")
+                failing = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
             self._wake.clear()

@@ -45,14 +45,19 @@ class EventListener:
         self._on_notify()
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             try:
                 await self._listen()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.warning("listening for event notifications failed; polling meanwhile", exc_info=True)
-            await asyncio.sleep(1.0)
+                if failures == 0:  # once per outage, not every retry
+                    log.warning("listening for event notifications failed; polling meanwhile", exc_info=True)
+                failures += 1
+            else:
+                failures = 0
+            await asyncio.sleep(min(1.0 * 2 ** min(failures, 5), 30.0))
 
     async def _listen(self) -> None:
         async with self._database.engine.connect() as conn:
