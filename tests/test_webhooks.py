@@ -304,3 +304,34 @@ async def test_who_may_manage_and_forbidden_urls(api: Api) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "WEBHOOK_URL_FORBIDDEN",
     )
+
+
+async def test_redirects_are_never_followed(hooks_api: Api) -> None:
+    api = hooks_api
+    stub, metadata = await manager(api)
+    async with Receiver() as target:
+        redirecting = FakeHttp(lambda request: Response(302, "", {"location": target.url}))
+        await redirecting.start()
+        try:
+            endpoint = (
+                await stub.CreateWebhookEndpoint(
+                    events_pb2.CreateWebhookEndpointRequest(
+                        webhook_endpoint=events_pb2.WebhookEndpoint(url=redirecting.url + "/hooks")
+                    ),
+                    metadata=metadata,
+                )
+            ).webhook_endpoint
+            await api.register()
+
+            async def attempted() -> list[events_pb2.WebhookAttempt]:
+                page = await stub.ListWebhookDeliveries(
+                    events_pb2.ListWebhookDeliveriesRequest(endpoint_id=endpoint.id), metadata=metadata
+                )
+                return list(page.webhook_deliveries[0].attempts) if page.webhook_deliveries else []
+
+            first = (await until(attempted, "no attempt was made"))[0]
+            assert first.http_status == 302
+            assert "redirect" in first.error
+            assert target.server.requests == []
+        finally:
+            await redirecting.close()
