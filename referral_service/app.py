@@ -391,7 +391,6 @@ def build_services(
     events = EventService(store, feed, progress_seconds=settings.events.progress_seconds)
     hooks = settings.webhooks
     webhook_store = SqlWebhooks(store)
-    webhooks = WebhookService(store, webhook_store, allow_private=hooks.allow_private)
     worker = WebhookWorker(
         webhook_store,
         HttpWebhookSender(
@@ -406,6 +405,10 @@ def build_services(
         disable_after=hooks.disable_after_failures,
         poll_seconds=hooks.poll_seconds,
         concurrency=hooks.concurrency,
+    )
+
+    webhooks = WebhookService(
+        store, webhook_store, allow_private=hooks.allow_private, on_endpoints_changed=worker.endpoints_changed
     )
 
     def committed() -> None:

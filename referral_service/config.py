@@ -573,8 +573,10 @@ class WebhookSettings(Group):
     retry_max: timedelta = timedelta(hours=4)
     #: Failed attempts in a row after which an endpoint is disabled.
     disable_after_failures: Annotated[int, Field(ge=1)] = 30
-    #: How often each worker looks for due deliveries (new events wake it at once).
-    poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+    #: Longest wait of an idle worker before it looks again (new events wake it at once, and it
+    #: wakes for the next retry it knows of): what is left to it are deliveries whose sender
+    #: died (after their lease).
+    poll_seconds: Annotated[float, Field(gt=0)] = 30.0
     #: Deliveries sent at once per worker.
     concurrency: Annotated[int, Field(ge=1, le=256)] = 8
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0

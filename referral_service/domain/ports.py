@@ -454,6 +454,10 @@ class Webhooks(Protocol):
         """Take the lease of due deliveries of enabled endpoints (compare-and-set)."""
         ...
 
+    async def next_due_time(self) -> datetime | None:
+        """When the next pending delivery of an enabled endpoint is due (or its lease ends)."""
+        ...
+
     async def record(
         self,
         delivery: DueDelivery,

@@ -196,11 +196,13 @@ class WebhookService:
         webhooks: Webhooks,
         *,
         allow_private: bool = False,
+        on_endpoints_changed: Callable[[], None] | None = None,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self._store = store
         self._webhooks = webhooks
         self._allow_private = allow_private
+        self._changed = on_endpoints_changed or (lambda: None)
         self._now = now
 
     async def _admit(self, principal: Principal) -> None:
@@ -244,6 +246,7 @@ class WebhookService:
             now=self._now(),
         )
         log.info("webhook endpoint created", extra={"endpoint_id": endpoint.id})
+        self._changed()
         return endpoint, secret
 
     async def list(self, principal: Principal, page_size: int, page_token: str) -> EndpointPage:
@@ -301,6 +304,7 @@ class WebhookService:
         updated = await self._webhooks.update_endpoint(endpoint_id, changes, now)
         if updated is None:
             raise NotFound(Reason.WEBHOOK_ENDPOINT_NOT_FOUND, f"no webhook endpoint with id {endpoint_id}")
+        self._changed()
         return updated
 
     async def delete(self, principal: Principal, endpoint_id: int) -> None:
@@ -343,6 +347,7 @@ class WebhookService:
         retried = await self._webhooks.retry(delivery_id, self._now())
         if retried is None:
             raise NotFound(Reason.WEBHOOK_DELIVERY_NOT_FOUND, f"no webhook delivery with id {delivery_id}")
+        self._changed()
         return retried
 
 
@@ -372,7 +377,7 @@ class WebhookWorker:
         retry_base: timedelta = timedelta(seconds=30),
         retry_max: timedelta = timedelta(hours=4),
         disable_after: int = 30,
-        poll_seconds: float = 1.0,
+        poll_seconds: float = 30.0,
         concurrency: int = 8,
         lease: timedelta = timedelta(minutes=2),
         now: Callable[[], datetime] = utcnow,
@@ -389,9 +394,18 @@ class WebhookWorker:
         self._now = now
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: Whether any endpoint exists, as last read (at most ``poll_seconds`` ago, or since this
+        #: process changed one): without endpoints a round touches no database at all.
+        self._has_endpoints = True
+        self._endpoints_checked = float("-inf")
 
     def notify(self) -> None:
         """Events were committed: look now."""
+        self._wake.set()
+
+    def endpoints_changed(self) -> None:
+        """An endpoint was created or changed here: read again, and look now."""
+        self._endpoints_checked = float("-inf")
         self._wake.set()
 
     def start(self) -> None:
@@ -420,11 +434,31 @@ class WebhookWorker:
                     log.info("webhook deliveries resumed")
                 failing = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll)
+                await asyncio.wait_for(self._wake.wait(), await self._idle_seconds(failing))
             self._wake.clear()
+
+    async def _idle_seconds(self, failing: bool) -> float:
+        """Until the next delivery is due (a retry, a lease ending), at most the poll interval.
+        Commits wake the worker at once (here, or through NOTIFY), so an idle service does not
+        query the database every second."""
+        if failing or self._wake.is_set() or not self._has_endpoints:
+            return 0.0 if self._wake.is_set() and not failing else self._poll
+        try:
+            due = await self._webhooks.next_due_time()
+        except Exception:
+            return self._poll
+        if due is None:
+            return self._poll
+        return min(self._poll, max((due - self._now()).total_seconds(), 0.05))
 
     async def run_once(self) -> int:
         """One round: fan out new events, send the due deliveries; how many were sent."""
+        clock = asyncio.get_running_loop().time()
+        if clock - self._endpoints_checked >= self._poll:
+            self._has_endpoints = bool(await self._webhooks.endpoints(0, 1))
+            self._endpoints_checked = clock
+        if not self._has_endpoints:
+            return 0
         now = self._now()
         while await self._webhooks.fan_out(now, 500, _body) == 500:
             pass

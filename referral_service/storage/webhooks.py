@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from referral_service.domain.models import (
@@ -327,6 +327,17 @@ class SqlWebhooks:
             return [DueDelivery(*row) for row in rows]
 
         return await self._store.transact(work)
+
+    async def next_due_time(self) -> datetime | None:
+        async with self._store.read() as uow:
+            value: datetime | None = (
+                await _conn(uow).execute(
+                    select(func.min(_D.next_attempt_time))
+                    .join(WEBHOOK_ENDPOINTS, _E.id == _D.endpoint_id)
+                    .where(_D.state == DELIVERY_PENDING, _E.disabled_time.is_(None))
+                )
+            ).scalar_one_or_none()
+        return value
 
     async def record(
         self,
