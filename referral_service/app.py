@@ -27,11 +27,12 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from referral.v1 import auth_pb2, auth_pb2_grpc, referral_pb2, referral_pb2_grpc
+from referral.v1 import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc, referral_pb2, referral_pb2_grpc
 
 from referral_service import metrics
 from referral_service.api import reflection
 from referral_service.api.auth import AuthServicer
+from referral_service.api.events import EventServicer
 from referral_service.api.health import GracefulHealthServicer, HealthReporter
 from referral_service.api.interceptors import ApiInterceptor
 from referral_service.api.referral import ReferralServicer
@@ -42,6 +43,7 @@ from referral_service.domain.accounts import AccountEmails, MailTokenPolicy
 from referral_service.domain.auth import AuthService
 from referral_service.domain.clock import utcnow
 from referral_service.domain.enrichment import EnrichmentWorker, queue_lookup
+from referral_service.domain.events import EventFeed, EventService
 from referral_service.domain.mail import MailWorker
 from referral_service.domain.models import ClientInfo, Principal, User
 from referral_service.domain.ports import (
@@ -60,9 +62,11 @@ from referral_service.domain.rewards import NO_PROGRAM, Program, RewardService, 
 from referral_service.domain.service_accounts import SCOPES, ServiceAccountService
 from referral_service.domain.validation import DisposableDomains
 from referral_service.domain.verification import EmailVerification
+from referral_service.domain.webhooks import WebhookService, WebhookWorker
 from referral_service.gateway import HttpGateway, bind
 from referral_service.gateway.probes import Probes
 from referral_service.gateway.server import MetricsServer
+from referral_service.integrations.webhooks import HttpWebhookSender
 from referral_service.memory.cache import MemoryCache, NoCache
 from referral_service.memory.limiter import MemoryRateLimiter
 from referral_service.memory.revocations import MemoryRevocations
@@ -74,7 +78,9 @@ from referral_service.pipeline.limits import RateLimits
 from referral_service.resilience import CircuitBreaker
 from referral_service.startup import StartupError
 from referral_service.storage.db import Database, DatabaseUnreachable
+from referral_service.storage.listen import EventListener
 from referral_service.storage.store import SqlStore
+from referral_service.storage.webhooks import SqlWebhooks
 from referral_service.tls import TlsError, TlsFiles, grpc_credentials, http_context
 from referral_service.tracing import Tracing
 
@@ -83,6 +89,7 @@ log = logging.getLogger("referral_service")
 SERVICES = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     referral_pb2.DESCRIPTOR.services_by_name["ReferralService"],
+    events_pb2.DESCRIPTOR.services_by_name["EventService"],
 )
 #: Health of the backing stores and providers, reported under these service names.
 HEALTH_REDIS = "referral-service.redis"
@@ -313,6 +320,12 @@ class Services:
     mail: MailWorker
     #: The referral programme: conversions, the reward ledger.
     rewards: RewardService
+    #: This process's follower of new events (started with the server).
+    event_feed: EventFeed
+    events: EventService
+    webhooks: WebhookService
+    #: Sends the webhooks in the background (started with the server).
+    webhook_worker: WebhookWorker
 
 
 def build_program(settings: Settings) -> Program:
@@ -425,6 +438,35 @@ def build_services(
         await rewards.referee_verified(uow, user.id, rewards.clock())
 
     accounts.add_on_verified(qualify_referral)
+    feed = EventFeed(store, poll_seconds=settings.events.poll_seconds)
+    events = EventService(store, feed, progress_seconds=settings.events.progress_seconds)
+    hooks = settings.webhooks
+    webhook_store = SqlWebhooks(store)
+    worker = WebhookWorker(
+        webhook_store,
+        HttpWebhookSender(
+            allow_private=hooks.allow_private,
+            connect_timeout=min(hooks.timeout_seconds, 5.0),
+            read_timeout=hooks.timeout_seconds,
+            instrument=instrument,
+        ),
+        max_attempts=hooks.max_attempts,
+        retry_base=hooks.retry_backoff,
+        retry_max=hooks.retry_max,
+        disable_after=hooks.disable_after_failures,
+        poll_seconds=hooks.poll_seconds,
+        concurrency=hooks.concurrency,
+    )
+
+    webhooks = WebhookService(
+        store, webhook_store, allow_private=hooks.allow_private, on_endpoints_changed=worker.endpoints_changed
+    )
+
+    def committed() -> None:
+        feed.nudge()
+        worker.notify()
+
+    store.on_events = committed
     return Services(
         tokens,
         hasher,
@@ -437,6 +479,10 @@ def build_services(
         accounts,
         mail,
         rewards,
+        feed,
+        events,
+        webhooks,
+        worker,
     )
 
 
@@ -551,9 +597,10 @@ class Servicers:
 
     auth: AuthServicer
     referral: ReferralServicer
+    events: EventServicer
 
     def by_service(self) -> dict[ServiceDescriptor, object]:
-        return {SERVICES[0]: self.auth, SERVICES[1]: self.referral}
+        return {SERVICES[0]: self.auth, SERVICES[1]: self.referral, SERVICES[2]: self.events}
 
 
 def build_tls_files(settings: Settings) -> TlsFiles | None:
@@ -614,6 +661,7 @@ def build_grpc_server(
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicers.auth, server)
     referral_pb2_grpc.add_ReferralServiceServicer_to_server(servicers.referral, server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(servicers.events, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # v1 and v1alpha, with the proto comments (api/reflection.py)
     reflection.enable(
@@ -722,6 +770,8 @@ class App:
     #: OpenTelemetry (None when REFERRAL_TRACING_ENABLED is false).
     tracing: Tracing | None = None
     _housekeeper: asyncio.Task[None] | None = None
+    #: PostgreSQL only: wakes the event feed and webhook worker on other workers' commits.
+    event_listener: EventListener | None = None
     _start_failed: bool = False
     #: Flushes the per-process metric accumulators (``metrics.py``); made by ``build_app``.
     metrics_flusher: metrics.Flusher | None = None
@@ -752,9 +802,15 @@ class App:
         return self.http.port if self.http is not None else None
 
     async def housekeeping(self) -> int:
-        """Purge expired revocations, request ids and refresh tokens; returns rows deleted."""
+        """Purge expired revocations, request ids and refresh tokens, and events past their
+        retention; returns rows deleted."""
         now = utcnow()
-        return await self.store.transact(lambda uow: uow.purge_expired(now))
+        retained = now - self.settings.events.retention
+
+        async def purge(uow: UnitOfWork) -> int:
+            return await uow.purge_expired(now) + await uow.events.purge(retained)
+
+        return await self.store.transact(purge)
 
     async def _housekeeping_loop(self) -> None:
         while True:
@@ -784,6 +840,18 @@ class App:
             await self.services.revocations.resync()
         if self.metrics_flusher is not None:
             self.metrics_flusher.start()
+        if self.db.dialect == "postgresql":
+            feed, worker = self.services.event_feed, self.services.webhook_worker
+
+            def notified() -> None:
+                feed.nudge()
+                worker.notify()
+
+            self.event_listener = EventListener(self.db, notified)
+            self.event_listener.start()
+        self.services.event_feed.start()
+        # Sends what earlier runs left pending (shutdown, crash) at once.
+        self.services.webhook_worker.start()
         await self.server.start()
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
         if self.enrichment is not None:
@@ -858,6 +926,11 @@ class App:
         enrichment_stopping = loop.create_task(enrichment.stop(remaining)) if enrichment is not None else None
         mail_stopping = loop.create_task(self.services.mail.stop(remaining))
         await self.server.stop(remaining)
+        await self.services.event_feed.stop()
+        if self.event_listener is not None:
+            await self.event_listener.stop()
+        await self.services.webhook_worker.stop()
+        await self.services.webhook_worker.sender.close()
         if self.metrics_server is not None:  # scrapes answer until the calls have drained
             await self.metrics_server.stop(0)
         if enrichment_stopping is not None and enrichment is not None:
@@ -922,6 +995,7 @@ async def build_app(
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts, services.accounts, client_of(settings)),
         ReferralServicer(services.referrals, services.rewards),
+        EventServicer(services.events, services.webhooks),
     )
     server, port = build_grpc_server(settings, pipeline, servicers, health.servicer, tracing)
     probes = build_probes(settings, health, on_api_port=True, metrics_dir=metrics_dir)

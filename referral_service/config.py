@@ -631,6 +631,49 @@ class MailSettings(Group):
         return self.reset_link or f"{self.public_url}/reset-password#token={{token}}"
 
 
+class EventSettings(Group):
+    """Events for other services (``docs/events.md``): the outbox, WatchEvents, webhooks."""
+
+    env_prefix = "events_"
+    #: How long events are kept; housekeeping purges older ones (a consumer resuming from an
+    #: older cursor gets OUT_OF_RANGE).
+    retention: timedelta = timedelta(days=7)
+    #: How often a worker with watchers looks for events committed elsewhere (PostgreSQL
+    #: also notifies at once; this is the fallback, and SQLite's only way).
+    poll_seconds: Annotated[float, Field(gt=0, le=10)] = 0.25
+    #: A watcher with nothing to receive gets a progress message this often.
+    progress_seconds: Annotated[float, Field(gt=0)] = 5.0
+
+    @model_validator(mode="after")
+    def _check(self) -> EventSettings:
+        if self.retention < timedelta(hours=1):
+            raise ValueError("REFERRAL_EVENTS_RETENTION must be at least an hour")
+        return self
+
+
+class WebhookSettings(Group):
+    """Webhook deliveries (``docs/events.md``)."""
+
+    env_prefix = "webhooks_"
+    #: Allow http and private, loopback or link-local targets (tests, closed networks). Off:
+    #: https to public addresses only (SSRF).
+    allow_private: bool = False
+    #: Attempts per delivery before it is failed (the default spans about a day).
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = 14
+    #: First retry delay, doubled after each failed attempt up to ``webhooks_retry_max``.
+    retry_backoff: timedelta = timedelta(seconds=30)
+    retry_max: timedelta = timedelta(hours=4)
+    #: Failed attempts in a row after which an endpoint is disabled.
+    disable_after_failures: Annotated[int, Field(ge=1)] = 30
+    #: Longest wait of an idle worker before it looks again (new events wake it at once, and it
+    #: wakes for the next retry it knows of): what is left to it are deliveries whose sender
+    #: died (after their lease).
+    poll_seconds: Annotated[float, Field(gt=0)] = 30.0
+    #: Deliveries sent at once per worker.
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
+
+
 class RateLimitSettings(Group):
     """Each limit is ``LIMIT/PERIOD`` (``10/15m``; ``off`` disables one), enforced with GCRA in
     Redis (atomic, shared by every worker and replica) or, without Redis or while it is down,
@@ -798,6 +841,8 @@ GROUPS: dict[str, type[Group]] = {
     "codes": CodeSettings,
     "hunter": HunterSettings,
     "enrichment": EnrichmentSettings,
+    "events": EventSettings,
+    "webhooks": WebhookSettings,
     "rate_limits": RateLimitSettings,
     "registration": RegistrationSettings,
     "rewards": RewardSettings,
@@ -878,6 +923,8 @@ class Settings(BaseSettings):
     hunter: HunterSettings = HunterSettings()
     enrichment: EnrichmentSettings = EnrichmentSettings()
     mail: MailSettings = MailSettings()
+    events: EventSettings = EventSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     registration: RegistrationSettings = RegistrationSettings()
     rewards: RewardSettings = RewardSettings()

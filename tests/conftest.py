@@ -162,9 +162,11 @@ async def truncate_postgres(url: str) -> None:
     try:
         await conn.execute(
             "TRUNCATE users, referral_codes, sessions, revocations, idempotency_keys, user_profiles, "
-            "service_accounts "
+            "service_accounts, events, webhook_endpoints, webhook_deliveries, webhook_attempts "
             "RESTART IDENTITY CASCADE"
         )
+        await conn.execute("UPDATE event_retention SET purged_through = 0")
+        await conn.execute("UPDATE webhook_dispatch SET cursor = 0")
     finally:
         await conn.close()
 

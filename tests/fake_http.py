@@ -22,6 +22,7 @@ class Request:
     #: The request target as sent, e.g. ``/v2/email-verifier?email=a%2Bb%40x.com``.
     target: str
     headers: dict[str, str]
+    body: bytes = b""
 
     @property
     def path(self) -> str:
@@ -100,9 +101,8 @@ class FakeHttp:
                         name, _, value = line.partition(":")
                         headers[name.strip().lower()] = value.strip()
                 length = int(headers.get("content-length", "0") or 0)
-                if length:
-                    await reader.readexactly(length)
-                request = Request(method, target, headers)
+                received = await reader.readexactly(length) if length else b""
+                request = Request(method, target, headers, received)
                 self.requests.append(request)
                 result = self.handler(request)
                 response = await result if asyncio.iscoroutine(result) else result

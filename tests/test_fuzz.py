@@ -280,10 +280,23 @@ class Caller:
             metadata = bearer("garbage.token.here")
         else:
             metadata = ()
-        rpc = self.api.channel.unary_unary(_path(method), request_serializer=None, response_deserializer=None)
         failure = None
         try:
-            await rpc(payload, metadata=metadata, timeout=30)
+            if method.server_streaming:
+                # A stream that starts is fine (WatchEvents' first message is its cursor): read
+                # the first message or the error, then hang up.
+                stream = self.api.channel.unary_stream(
+                    _path(method), request_serializer=None, response_deserializer=None
+                )(payload, metadata=metadata, timeout=30)
+                try:
+                    await stream.read()
+                finally:
+                    stream.cancel()
+            else:
+                rpc = self.api.channel.unary_unary(
+                    _path(method), request_serializer=None, response_deserializer=None
+                )
+                await rpc(payload, metadata=metadata, timeout=30)
         except grpc.aio.AioRpcError as error:
             _check(error, f"{method.name}({payload[:200]!r})")
             failure = error

@@ -443,6 +443,7 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
     assert flow["scopes"]["users:read"] == "Call AuthService.GetUser"
     assert sorted(flow["scopes"]) == [
         "conversions:write",
+        "events:read",
         "referrals:read",
         "referrals:review",
         "rewards:read",
@@ -450,6 +451,7 @@ async def test_openapi_document_is_valid_and_complete(http: httpx.AsyncClient) -
         "tokens:introspect",
         "users:read",
         "users:register",
+        "webhooks:manage",
     ]
     lookup = operations[("GET", "/v1/users:lookup")]
     assert lookup["security"] == [{"serviceAuth": ["users:read"]}]

@@ -127,6 +127,7 @@ async def test_the_typescript_client_is_generated_and_runs_the_flow(api: Api) ->
     assert generated(TS_EXAMPLE / "gen/ts") == [
         "referral/v1/auth_pb.ts",
         "referral/v1/errors_pb.ts",
+        "referral/v1/events_pb.ts",
         "referral/v1/options_pb.ts",
         "referral/v1/referral_pb.ts",
     ]  # Google's protos are the @referral-service/googleapis package, not a copy in ours

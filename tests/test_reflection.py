@@ -56,6 +56,7 @@ async def test_both_versions_list_every_service(api: Api, version: str) -> None:
     assert {s.name for s in listed.list_services_response.service} == {
         "referral.v1.AuthService",
         "referral.v1.ReferralService",
+        "referral.v1.EventService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -14,14 +14,17 @@ common name): ``pipeline/identity.py`` decides which name counts.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from referral_service.domain.errors import DomainError
+from referral_service.pipeline import errors
 from referral_service.pipeline.call import (
     AUTHORIZATION,
     END_USER_ADDRESS,
@@ -84,22 +87,64 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not self._pipeline.handles(method):
+        if handler is None or not self._pipeline.handles(method):
             return handler
-        chain = self._pipeline.build(method, handler.unary_unary, parse=handler.request_deserializer)
-        wrapped: RpcHandler = grpc.unary_unary_rpc_method_handler(
-            self._transport(method, chain),
-            request_deserializer=None,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped: RpcHandler
+        if handler.unary_unary is not None:
+            chain = self._pipeline.build(method, handler.unary_unary, parse=handler.request_deserializer)
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._transport(method, chain),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.unary_stream is not None:
+            chain = self._pipeline.build(method, handler.unary_stream, parse=handler.request_deserializer)
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._stream_transport(method, chain),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        else:
+            return handler
         self._handlers[method] = wrapped
         return wrapped
 
-    def _transport(self, method: str, chain: Callable[[Any, Call], Awaitable[Any]]) -> Any:
+    def _stream_transport(self, method: str, chain: Callable[[Any, Call], Awaitable[Any]]) -> Any:
+        """A server-streaming method: the chain (authentication, limits, error mapping) runs
+        the servicer method, which validates and returns the stream; the stream is sent here,
+        an error in it mapped as the chain maps one."""
+        make_call = self._call_maker(method)
+
+        async def behavior(raw: bytes, context: Context) -> AsyncIterator[Any]:
+            call = make_call(context)
+            try:
+                stream = await chain(raw, call)
+            except CallFailed as failed:
+                await _abort(context, failed.status, call)
+                return
+            status: status_pb2.Status | None = None
+            async with contextlib.aclosing(stream):
+                try:
+                    async for response in stream:
+                        yield response
+                except DomainError as error:
+                    status = errors.from_domain(error, call.request_id)
+                except Exception:
+                    errors.log.exception(
+                        "unhandled error in %s", method, extra={"request_id": call.request_id}
+                    )
+                    status = errors.internal(call.request_id)
+            if status is not None:
+                await _abort(context, status, call)
+            context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
+
+        return behavior
+
+    def _call_maker(self, method: str) -> Callable[[Context], Call]:
         address_header = self._pipeline.client_address_header
         client_certificates = self._client_certificates
 
-        async def behavior(raw: bytes, context: Context) -> Any:
+        def make(context: Context) -> Call:
             started = time.perf_counter()
             authorization = given_id = end_user = user_agent = None
             forwarded: list[str] = []
@@ -116,7 +161,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     end_user = value
                 elif key == USER_AGENT and user_agent is None and isinstance(value, str):
                     user_agent = value
-            call = Call(
+            return Call(
                 method,
                 "grpc",
                 request_id(given_id),
@@ -128,15 +173,27 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 peer_identity=peer_identity(context) if client_certificates else None,
                 user_agent=user_agent,
             )
+
+        return make
+
+    def _transport(self, method: str, chain: Callable[[Any, Call], Awaitable[Any]]) -> Any:
+        make_call = self._call_maker(method)
+
+        async def behavior(raw: bytes, context: Context) -> Any:
+            call = make_call(context)
             try:
                 response = await chain(raw, call)
             except CallFailed as failed:
-                status = grpc_status(failed.status, call.request_id)
-                # The code first: a tracing interceptor's context wrapper records it on the span
-                # (abort_with_status passes it by); the abort sets it again with the details.
-                context.set_code(status.code)
-                await cast(Any, context).abort_with_status(status)
+                await _abort(context, failed.status, call)
             context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
             return response
 
         return behavior
+
+
+async def _abort(context: Context, status: status_pb2.Status, call: Call) -> None:
+    converted = grpc_status(status, call.request_id)
+    # The code first: a tracing interceptor's context wrapper records it on the span
+    # (abort_with_status passes it by); the abort sets it again with the details.
+    context.set_code(converted.code)
+    await cast(Any, context).abort_with_status(converted)

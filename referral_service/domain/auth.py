@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from referral_service.domain import idempotency
+from referral_service.domain import events, idempotency
 from referral_service.domain import validation as v
 from referral_service.domain.accounts import new_message_id
 from referral_service.domain.clock import utcnow
@@ -201,6 +201,11 @@ class AuthService:
             await uow.mails.enqueue(
                 VERIFY_EMAIL, user_id=user.id, email_key=email.key, message_id=new_message_id(), now=now
             )
+            await uow.events.append(events.user_registered(user), now)
+            if claimed is not None:
+                await uow.events.append(
+                    events.referral_created(user.id, claimed.referrer_id, claimed.code_id), now
+                )
             if cmd.request_id:
                 await uow.requests.remember(
                     scope="register",
@@ -382,7 +387,13 @@ class AuthService:
             is_superuser=True,
         )
         try:
-            user = await self._store.transact(lambda uow: uow.users.add(new_user, now))
+
+            async def add(uow: UnitOfWork) -> User:
+                user = await uow.users.add(new_user, now)
+                await uow.events.append(events.user_registered(user), now)
+                return user
+
+            user = await self._store.transact(add)
         except Conflict:
             raise AlreadyExists(
                 Reason.EMAIL_ALREADY_REGISTERED,

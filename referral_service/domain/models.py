@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum, StrEnum
+from typing import Any
 
 
 class EmailStatus(StrEnum):
@@ -328,3 +331,85 @@ class Introspection:
     scopes: tuple[str, ...] = ()
     expire_time: datetime | None = None
     issue_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event to append to the outbox (``uow.events.append``), in the transaction of the
+    change it describes. ``data`` holds the payload message's fields by their proto names
+    (JSON-compatible values: ints, strings, bools, RFC 3339 times)."""
+
+    type: str
+    data: Mapping[str, Any]
+    #: Unique id, for consumers to de-duplicate on.
+    id: str = field(default_factory=lambda: f"evt_{secrets.token_hex(12)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A committed event."""
+
+    id: str
+    cursor: int
+    type: str
+    time: datetime
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    """Where events are POSTed (its secret is never part of it)."""
+
+    id: int
+    url: str
+    #: Empty: every type.
+    event_types: tuple[str, ...]
+    description: str
+    consecutive_failures: int
+    create_time: datetime
+    update_time: datetime
+    disabled_time: datetime | None = None
+    #: ``failures`` or ``operator``; "" when enabled.
+    disabled_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAttempt:
+    time: datetime
+    #: 0 when there was no HTTP answer.
+    http_status: int
+    latency_ms: int
+    error: str = ""
+
+
+#: ``WebhookDelivery.state`` values.
+DELIVERY_PENDING = "pending"
+DELIVERY_SUCCEEDED = "succeeded"
+DELIVERY_FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    id: int
+    endpoint_id: int
+    event_id: str
+    event_type: str
+    state: str
+    attempt_count: int
+    next_attempt_time: datetime | None
+    create_time: datetime
+    attempts: tuple[WebhookAttempt, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DueDelivery:
+    """A claimed delivery: what to send, where, signed with what."""
+
+    id: int
+    endpoint_id: int
+    url: str
+    secret: str
+    event_id: str
+    body: str
+    #: Attempts made before this one.
+    attempt_count: int

@@ -25,7 +25,7 @@ store cannot be reached.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,7 +35,10 @@ from typing import Protocol, TypeVar
 from referral_service.domain.models import (
     ClientInfo,
     Conversion,
+    DueDelivery,
     EmailStatus,
+    Event,
+    EventDraft,
     Money,
     Profile,
     ProfileState,
@@ -47,6 +50,9 @@ from referral_service.domain.models import (
     RewardRole,
     ServiceAccount,
     User,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 
 T = TypeVar("T")
@@ -590,6 +596,103 @@ class Rewards(Protocol):
         self, period: str, name: str, after: tuple[int, int] | None, limit: int
     ) -> list[tuple[int, int]]:
         """(referrer id, value) by value descending then id, after (value, id) (keyset)."""
+
+
+class Events(Protocol):
+    """The outbox: events appended in the transaction of the change they describe, read back
+    by cursor. Cursors increase in commit order: once a reader has seen cursor ``c``, no event
+    with a cursor at or below ``c`` commits later (the adapter serialises appends where its
+    database would not)."""
+
+    async def append(self, draft: EventDraft, now: datetime) -> None:
+        """Add the event to this transaction (it commits, or rolls back, with the change)."""
+        ...
+
+    async def after(
+        self, cursor: int, types: Sequence[str], limit: int, upto: int | None = None
+    ) -> list[Event]:
+        """Events with ``cursor < event.cursor (<= upto)`` of the given types (all when empty),
+        by cursor, at most ``limit``."""
+        ...
+
+    async def head(self) -> int:
+        """The newest event's cursor (0 when there has never been one)."""
+        ...
+
+    async def purged_through(self) -> int:
+        """Every event up to this cursor has been purged (0: none ever was)."""
+        ...
+
+    async def purge(self, before: datetime) -> int:
+        """Delete events older than ``before``, always keeping the newest one (it holds the
+        head cursor); the rows deleted."""
+        ...
+
+
+class Webhooks(Protocol):
+    """Webhook endpoints and their deliveries. Each method is its own transaction (the
+    deliveries are background work, never part of a user's call)."""
+
+    async def add_endpoint(
+        self, *, url: str, event_types: Sequence[str], description: str, secret: str, now: datetime
+    ) -> WebhookEndpoint:
+        """Register an endpoint; it receives the events committed after this."""
+        ...
+
+    async def endpoints(self, after_id: int, limit: int) -> list[WebhookEndpoint]: ...
+
+    async def endpoint(self, endpoint_id: int) -> WebhookEndpoint | None: ...
+
+    async def update_endpoint(
+        self, endpoint_id: int, changes: Mapping[str, object], now: datetime
+    ) -> WebhookEndpoint | None:
+        """Set the columns in ``changes`` (url, event_types, description, disabled_time,
+        disabled_reason, consecutive_failures); None when there is no such endpoint."""
+        ...
+
+    async def delete_endpoint(self, endpoint_id: int) -> bool: ...
+
+    async def set_secret(self, endpoint_id: int, secret: str, now: datetime) -> bool: ...
+
+    async def deliveries(self, endpoint_id: int, before_id: int | None, limit: int) -> list[WebhookDelivery]:
+        """Newest first, with their attempts."""
+        ...
+
+    async def delivery(self, delivery_id: int) -> WebhookDelivery | None: ...
+
+    async def retry(self, delivery_id: int, now: datetime) -> WebhookDelivery | None:
+        """Make the delivery pending, due now."""
+        ...
+
+    async def fan_out(self, now: datetime, limit: int, body: Callable[[Event], str]) -> int:
+        """Turn the events after the dispatch cursor into deliveries for the enabled endpoints
+        that want them, and move the cursor past them, in one transaction (safe from any
+        number of workers); the events handled."""
+        ...
+
+    async def claim_due(self, now: datetime, lease_until: datetime, limit: int) -> list[DueDelivery]:
+        """Take the lease of due deliveries of enabled endpoints (compare-and-set)."""
+        ...
+
+    async def next_due_time(self) -> datetime | None:
+        """When the next pending delivery of an enabled endpoint is due (or its lease ends)."""
+        ...
+
+    async def record(
+        self,
+        delivery: DueDelivery,
+        attempt: WebhookAttempt,
+        *,
+        succeeded: bool,
+        next_attempt_time: datetime | None,
+        disable_after: int,
+        disabled_event: Callable[[WebhookEndpoint], EventDraft],
+        now: datetime,
+    ) -> bool:
+        """Record the attempt: succeeded, pending again at ``next_attempt_time``, or failed for
+        good (None). The endpoint's run of failures grows or resets; at ``disable_after`` it is
+        disabled and ``disabled_event`` appended, in the same transaction. True when this
+        disabled it."""
         ...
 
 
@@ -616,6 +719,8 @@ class UnitOfWork(Protocol):
     def mails(self) -> Mails: ...
     @property
     def rewards(self) -> Rewards: ...
+    @property
+    def events(self) -> Events: ...
 
     async def purge_expired(self, now: datetime) -> int:
         """Delete expired revocations, request ids and refresh tokens; the rows deleted."""
@@ -893,5 +998,24 @@ class Mailer(Protocol):
     name: str
 
     async def send(self, mail: OutgoingMail) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookResponse:
+    #: 0 when there was no HTTP answer.
+    status: int
+    latency_ms: int
+    #: Why there was no usable answer (``timeout``, ``connect``, ``redirect``, ``forbidden
+    #: address``); "" when the endpoint answered.
+    error: str = ""
+
+
+class WebhookSender(Protocol):
+    """POSTs a signed webhook. Never follows redirects, never raises for the receiver's
+    trouble, refuses addresses the server may not call (SSRF)."""
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> WebhookResponse: ...
 
     async def close(self) -> None: ...

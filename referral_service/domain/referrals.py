@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from referral_service.domain import idempotency
+from referral_service.domain import events, idempotency
 from referral_service.domain import validation as v
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import (
@@ -242,6 +242,7 @@ class ReferralService:
             ),
             now,
         )
+        await uow.events.append(events.referral_code_created(created), now)
         if cmd.request_id:
             await uow.requests.remember(
                 scope=f"code:{cmd.owner_id}",
@@ -282,6 +283,8 @@ class ReferralService:
 
         async def work(uow: UnitOfWork) -> str | None:
             revoked = await uow.codes.revoke_open(owner_id, now)
+            if revoked is not None:
+                await uow.events.append(events.referral_code_deleted(revoked), now)
             owner = await uow.users.get(owner_id)
             return owner.email_key if revoked is not None and owner is not None else None
 

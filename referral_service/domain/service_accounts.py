@@ -50,6 +50,8 @@ SESSIONS_REVOKE = "sessions:revoke"
 CONVERSIONS_WRITE = "conversions:write"
 REWARDS_READ = "rewards:read"
 REFERRALS_REVIEW = "referrals:review"
+EVENTS_READ = "events:read"
+WEBHOOKS_MANAGE = "webhooks:manage"
 SCOPES = frozenset(
     {
         USERS_REGISTER,
@@ -60,6 +62,8 @@ SCOPES = frozenset(
         CONVERSIONS_WRITE,
         REWARDS_READ,
         REFERRALS_REVIEW,
+        EVENTS_READ,
+        WEBHOOKS_MANAGE,
     }
 )
 

@@ -26,17 +26,19 @@ from google.protobuf.descriptor import (
     MethodDescriptor,
     ServiceDescriptor,
 )
-from referral.v1 import auth_pb2, errors_pb2, options_pb2, referral_pb2
+from referral.v1 import auth_pb2, errors_pb2, events_pb2, options_pb2, referral_pb2
 
 #: The services the gateway exposes, in the order they are documented.
 SERVICES: tuple[ServiceDescriptor, ...] = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     referral_pb2.DESCRIPTOR.services_by_name["ReferralService"],
+    events_pb2.DESCRIPTOR.services_by_name["EventService"],
 )
 #: Our proto files, for the reference (errors.proto has no service but documents ErrorReason).
 FILES: tuple[FileDescriptor, ...] = (
     auth_pb2.DESCRIPTOR,
     referral_pb2.DESCRIPTOR,
+    events_pb2.DESCRIPTOR,
     errors_pb2.DESCRIPTOR,
     options_pb2.DESCRIPTOR,
 )

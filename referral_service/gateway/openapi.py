@@ -292,11 +292,22 @@ def document(title: str = "referral-service API") -> dict[str, Any]:
             if binding.response_body
             else builder.message(method.output_type)
         )
+        ok: dict[str, Any] = {
+            "description": "OK",
+            "content": {"application/json": {"schema": response_schema}},
+        }
+        if method.server_streaming:
+            ok = {
+                "description": "A stream of messages: newline-delimited JSON (one message per line), or "
+                "server-sent events (`data:` lines) when the request sends `Accept: text/event-stream`. An "
+                "error after the stream started is a last line (event `error`) holding the error envelope.",
+                "content": {
+                    "application/x-ndjson": {"schema": response_schema},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            }
         operation["responses"] = {
-            "200": {
-                "description": "OK",
-                "content": {"application/json": {"schema": response_schema}},
-            },
+            "200": ok,
             "default": {
                 "description": "An error (AIP-193 envelope).",
                 "content": {"application/json": {"schema": error_ref}},

@@ -28,6 +28,8 @@ method, else ``_OTHER``), route template and status, so no label takes a value f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -44,7 +46,7 @@ from google.protobuf.message_factory import GetMessageClass
 from google.rpc import status_pb2
 
 from referral_service import metrics
-from referral_service.domain.errors import Reason, Unauthenticated
+from referral_service.domain.errors import DomainError, Reason, Unauthenticated
 from referral_service.gateway import descriptors, envelope
 from referral_service.gateway.jsonmap import (
     RequestError,
@@ -90,6 +92,69 @@ class Response:
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+@dataclass
+class StreamResponse(Response):
+    """A server-streaming RPC's messages as they come: one JSON document per line (NDJSON), or
+    one server-sent event each (``data: <json>``). Ends when the client goes away (the stream
+    is closed then) or the stream ends; an error midway is a last line / ``event: error`` with
+    the AIP-193 envelope (the status line has long been sent)."""
+
+    stream: Any = None
+    sse: bool = False
+    receive: Receive | None = None
+    call: Call | None = None
+
+    def _frame(self, data: Any, event: str = "") -> bytes:
+        text = json.dumps(data, separators=(",", ":"))
+        if not self.sse:
+            return text.encode() + b"\n"
+        return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode()
+
+    async def send(self, send: Send) -> None:
+        headers = [(b"content-type", self.content_type.encode("latin-1"))]
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        stream, receive = self.stream, self.receive
+        assert stream is not None
+        assert receive is not None
+
+        async def pump() -> None:
+            async with contextlib.aclosing(stream):
+                try:
+                    async for message in stream:
+                        data = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+                        await send(
+                            {"type": "http.response.body", "body": self._frame(data), "more_body": True}
+                        )
+                except Exception as error:
+                    request_id = self.call.request_id if self.call is not None else ""
+                    if isinstance(error, DomainError):
+                        status = codes.from_domain(error, request_id)
+                    else:
+                        log.exception("unhandled error in a stream", extra={"request_id": request_id})
+                        status = codes.internal(request_id)
+                    _, body, _ = envelope.from_status(status)
+                    await send(
+                        {"type": "http.response.body", "body": self._frame(body, "error"), "more_body": True}
+                    )
+
+        async def gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        pumping = asyncio.ensure_future(pump())
+        watching = asyncio.ensure_future(gone())
+        try:
+            done, _ = await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, watching):
+                task.cancel()
+            await asyncio.gather(pumping, watching, return_exceptions=True)
+        if watching not in done:  # the stream ended: end the response
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 #: What is served beside the RPCs (docs, /openapi.json, /healthz): (HTTP method, path) -> the
@@ -366,6 +431,8 @@ class Transcoder:
         if isinstance(found, Response):
             return found, False
         route, request = found
+        if route.binding.method.server_streaming:
+            return await self._open_stream(route, request, call, headers, receive), True
         return await self._invoke(route, request, call), True
 
     # --- CORS ---------------------------------------------------------------------------
@@ -551,6 +618,30 @@ class Transcoder:
             return json_response(http_status, body, extra)
         except Exception:  # past the chain's error mapping (rendering the response, say)
             return self._internal(call)
+
+    async def _open_stream(
+        self, route: Route, request: Message, call: Call, headers: dict[str, str], receive: Receive
+    ) -> Response:
+        """A server-streaming RPC: its chain admits the call and returns the stream, sent as
+        NDJSON, or as server-sent events when the client accepts ``text/event-stream``."""
+        try:
+            stream = await self._invokers[call.method](request, call)
+        except CallFailed as failed:
+            http_status, body, extra = envelope.from_status(failed.status)
+            return json_response(http_status, body, extra)
+        except Exception:
+            return self._internal(call)
+        sse = "text/event-stream" in headers.get("accept", "")
+        return StreamResponse(
+            200,
+            b"",
+            "text/event-stream" if sse else "application/x-ndjson",
+            {"cache-control": "no-store", "x-accel-buffering": "no"},
+            stream=stream,
+            sse=sse,
+            receive=receive,
+            call=call,
+        )
 
     def _internal(self, call: Call) -> Response:
         """An unexpected exception (being handled) -> logged once with its traceback; the client

@@ -40,6 +40,8 @@ from referral_service.domain.models import (
     CodeState,
     Conversion,
     EmailStatus,
+    Event,
+    EventDraft,
     Profile,
     ProfileState,
     Referral,
@@ -243,6 +245,10 @@ class _Data:
     entry_seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     user_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     code_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    events: dict[int, Event] = field(default_factory=dict)
+    event_cursors: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    #: "purged_through" -> every event up to it was purged.
+    event_retention: dict[str, int] = field(default_factory=dict)
 
 
 class _View:
@@ -270,6 +276,8 @@ class _View:
         self.entries = _Table(data.entries, writable)
         self.corrections = _Table(data.corrections, writable)
         self.counters = _Table(data.counters, writable)
+        self.events = _Table(data.events, writable)
+        self.event_retention = _Table(data.event_retention, writable)
 
     def _tables(self) -> tuple[_Table[Any, Any], ...]:
         return (
@@ -293,6 +301,8 @@ class _View:
             self.entries,
             self.corrections,
             self.counters,
+            self.events,
+            self.event_retention,
         )
 
     def commit(self) -> None:
@@ -1229,6 +1239,46 @@ class _Rewards:
         return rows[: max(limit, 0)]
 
 
+class _Events:
+    def __init__(self, view: _View) -> None:
+        self._v = view
+
+    async def append(self, draft: EventDraft, now: datetime) -> None:
+        cursor = next(self._v.data.event_cursors)
+        self._v.events.put(cursor, Event(draft.id, cursor, draft.type, _utc(now), dict(draft.data)))
+
+    async def after(
+        self, cursor: int, types: Sequence[str], limit: int, upto: int | None = None
+    ) -> list[Event]:
+        found = sorted(
+            (
+                event
+                for key, event in self._v.events.items()
+                if key > cursor and (upto is None or key <= upto)
+            ),
+            key=lambda event: event.cursor,
+        )
+        return [event for event in found if not types or event.type in types][:limit]
+
+    async def head(self) -> int:
+        return max((key for key, _ in self._v.events.items()), default=0)
+
+    async def purged_through(self) -> int:
+        return self._v.event_retention.get("purged_through") or 0
+
+    async def purge(self, before: datetime) -> int:
+        head = await self.head()
+        old = [key for key, event in self._v.events.items() if event.time < before and key < head]
+        if not old:
+            return 0
+        last = max(old)
+        doomed = [key for key, _ in self._v.events.items() if key <= last]
+        for key in doomed:
+            self._v.events.delete(key)
+        self._v.event_retention.put("purged_through", max(last, await self.purged_through()))
+        return len(doomed)
+
+
 class MemoryUnitOfWork:
     """The six repositories over one view (a transaction's, or the committed rows for reads)."""
 
@@ -1244,6 +1294,7 @@ class MemoryUnitOfWork:
         self.email_tokens = _EmailTokens(view)
         self.mails = _Mails(view)
         self.rewards = _Rewards(view)
+        self.events = _Events(view)
 
     async def purge_expired(self, now: datetime) -> int:
         v = self._view

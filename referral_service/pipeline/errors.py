@@ -72,6 +72,7 @@ _CODES: dict[type[d.DomainError], int] = {
     d.PermissionDenied: code_pb2.PERMISSION_DENIED,
     d.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
     d.Unavailable: code_pb2.UNAVAILABLE,
+    d.OutOfRange: code_pb2.OUT_OF_RANGE,
 }
 
 

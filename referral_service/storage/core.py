@@ -32,6 +32,12 @@ STATES = Base.metadata.tables["referral_states"]
 CONVERSIONS = Base.metadata.tables["conversions"]
 ENTRIES = Base.metadata.tables["reward_entries"]
 COUNTERS = Base.metadata.tables["referrer_counters"]
+EVENTS = Base.metadata.tables["events"]
+EVENT_RETENTION = Base.metadata.tables["event_retention"]
+WEBHOOK_ENDPOINTS = Base.metadata.tables["webhook_endpoints"]
+WEBHOOK_DELIVERIES = Base.metadata.tables["webhook_deliveries"]
+WEBHOOK_ATTEMPTS = Base.metadata.tables["webhook_attempts"]
+WEBHOOK_DISPATCH = Base.metadata.tables["webhook_dispatch"]
 
 
 def at(name: str = "now") -> BindParameter[datetime]:

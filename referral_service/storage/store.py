@@ -35,6 +35,7 @@ from referral_service.domain.ports import MAIL_RETENTION, UnitOfWork
 from referral_service.storage.codes import SqlCodes
 from referral_service.storage.core import EMAIL_TOKENS, MAILS, REQUESTS, REVOCATIONS, SESSIONS, at
 from referral_service.storage.db import Database
+from referral_service.storage.events import SqlEvents
 from referral_service.storage.mail import SqlEmailTokens, SqlMails
 from referral_service.storage.profiles import SqlProfiles
 from referral_service.storage.referrals import SqlReferrals
@@ -108,6 +109,16 @@ class SqlUnitOfWork:
     def rewards(self) -> SqlRewards:
         return SqlRewards(self.connection, self._dialect)
 
+    @cached_property
+    def events(self) -> SqlEvents:
+        return SqlEvents(self.connection, self._dialect)
+
+    @property
+    def appended_events(self) -> bool:
+        """Whether this unit of work appended an event (looked up without making the repo)."""
+        events = self.__dict__.get("events")
+        return events is not None and events.appended
+
     async def purge_expired(self, now: datetime) -> int:
         deleted = 0
         for statement in _PURGE:
@@ -126,6 +137,9 @@ class SqlStore:
         self._read_engine = database.read_engine
         self._write_engine = database.write_engine
         self._finish_when_cancelled = database.dialect == "sqlite"
+        #: Called after a transaction that appended events has committed (the event feed's
+        #: nudge, so that watchers in this process see it at once).
+        self.on_events: Callable[[], None] | None = None
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[SqlUnitOfWork]:
@@ -154,12 +168,15 @@ class SqlStore:
         try:
             async with self._write_engine.connect() as conn:
                 transaction = await conn.begin()
+                uow = SqlUnitOfWork(conn, self._dialect)
                 try:
-                    result = await work(SqlUnitOfWork(conn, self._dialect))
+                    result = await work(uow)
                 except BaseException:
                     await self._roll_back(transaction)
                     raise
                 await transaction.commit()
+                if uow.appended_events and self.on_events is not None:
+                    self.on_events()
                 return result
         except Exception as error:
             self.database.raise_if_unavailable(error)

@@ -27,6 +27,8 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -407,3 +409,102 @@ class ReferrerCounterRow(Base):
     value: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
     __table_args__ = (Index("ix_referrer_counters_board", "period", "name", "value", "referrer_id"),)
+
+
+class EventRow(Base):
+    """The transactional outbox: one row per event, written in the transaction of its change.
+    ``cursor`` increases in commit order (appends serialise on PostgreSQL, see
+    ``storage/events.py``; SQLite has one writer) and is never reused (AUTOINCREMENT)."""
+
+    __tablename__ = "events"
+
+    cursor: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    #: The payload message's fields by their proto names, as JSON.
+    data: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+
+class EventRetentionRow(Base):
+    """One row: every event up to ``purged_through`` has been purged (retention), so a cursor
+    below it cannot be resumed from."""
+
+    __tablename__ = "event_retention"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    purged_through: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class WebhookEndpointRow(Base):
+    """Where events are POSTed. ``secret`` signs them, so it is kept as issued (a hash would
+    not sign); ``start_cursor``: only events after it are sent (those committed after the
+    endpoint was registered)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    #: Space-separated; empty: every type.
+    event_types: Mapped[str] = mapped_column(String(1024))
+    description: Mapped[str] = mapped_column(String(500))
+    secret: Mapped[str] = mapped_column(String(128))
+    start_cursor: Mapped[int] = mapped_column(BigInteger)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    disabled_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    disabled_reason: Mapped[str | None] = mapped_column(String(16))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WebhookDeliveryRow(Base):
+    """One event to send to one endpoint: the durable job (``state`` ``pending`` with its next
+    attempt time, which doubles as the lease of the worker sending it) and its outcome."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[int] = mapped_column(Id, ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(40))
+    event_type: Mapped[str] = mapped_column(String(64))
+    #: The JSON body, as first built (every attempt sends the same bytes).
+    body: Mapped[str] = mapped_column(Text)
+    #: ``pending``, ``succeeded`` or ``failed``.
+    state: Mapped[str] = mapped_column(String(16))
+    attempt_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id"),
+        Index("ix_webhook_deliveries_endpoint_id_id", "endpoint_id", "id"),
+        Index("ix_webhook_deliveries_state_next_attempt_time", "state", "next_attempt_time"),
+        CheckConstraint("state IN ('pending', 'succeeded', 'failed')", name="state_known"),
+    )
+
+
+class WebhookAttemptRow(Base):
+    """One HTTP request of a delivery."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    http_status: Mapped[int] = mapped_column(Integer)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(200))
+
+
+class WebhookDispatchRow(Base):
+    """One row: the cursor of the last event turned into deliveries."""
+
+    __tablename__ = "webhook_dispatch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cursor: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from referral_service.domain import ports
-from referral_service.domain.models import Profile, ProfileState, ReferralCode, User
+from referral_service.domain.models import EventDraft, Profile, ProfileState, ReferralCode, User
 from referral_service.domain.ports import (
     CODE_TAKEN,
     EMAIL_TAKEN,
@@ -1305,3 +1305,65 @@ async def test_marking_a_user_verified_happens_once(store: Store) -> None:
         stored = await uow.users.get(user.id)
     assert stored is not None
     assert (stored.is_verified, stored.verify_time) == (True, at(5))
+
+
+# --- events (the outbox) ---------------------------------------------------------------------------
+
+
+def _draft(n: int, kind: str = "user.registered") -> EventDraft:
+    return EventDraft(kind, {"user_id": n, "email": f"u{n}@example.com"})
+
+
+async def test_events_commit_with_their_transaction_and_read_back_in_cursor_order(store: Store) -> None:
+    assert await read(store, lambda uow: uow.events.head()) == 0
+
+    async def append(uow: UnitOfWork, n: int, kind: str = "user.registered") -> None:
+        await uow.events.append(_draft(n, kind), at(n))
+
+    for n in range(1, 4):
+        await store.transact(lambda uow, n=n: append(uow, n))
+    await store.transact(lambda uow: append(uow, 4, "referral_code.created"))
+
+    async def failing(uow: UnitOfWork) -> None:
+        await append(uow, 99)
+        raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        await store.transact(failing)
+    found = await read(store, lambda uow: uow.events.after(0, (), 10))
+    assert [e.data["user_id"] for e in found] == [1, 2, 3, 4]
+    cursors = [e.cursor for e in found]
+    assert cursors == sorted(cursors)
+    assert len(set(cursors)) == 4
+    assert found[0].time == at(1)
+    assert found[0].id.startswith("evt_")
+    assert await read(store, lambda uow: uow.events.head()) == cursors[-1]
+    assert [e.cursor for e in await read(store, lambda uow: uow.events.after(cursors[0], (), 2))] == cursors[
+        1:3
+    ]
+    only = await read(store, lambda uow: uow.events.after(0, ("referral_code.created",), 10))
+    assert [e.cursor for e in only] == [cursors[3]]
+    upto = await read(store, lambda uow: uow.events.after(0, (), 10, upto=cursors[1]))
+    assert [e.cursor for e in upto] == cursors[:2]
+
+
+async def test_concurrent_appends_commit_in_cursor_order(store: Store) -> None:
+    async def append(uow: UnitOfWork, n: int) -> None:
+        await uow.events.append(_draft(n), T0)
+        await asyncio.sleep(0)
+
+    await asyncio.gather(*(store.transact(lambda uow, n=n: append(uow, n)) for n in range(N)))
+    found = await read(store, lambda uow: uow.events.after(0, (), 100))
+    assert sorted(e.data["user_id"] for e in found) == list(range(N))
+
+
+async def test_purge_keeps_the_newest_event_and_records_how_far_it_went(store: Store) -> None:
+    for n in range(1, 5):
+        await store.transact(lambda uow, n=n: uow.events.append(_draft(n), at(n)))
+    assert await read(store, lambda uow: uow.events.purged_through()) == 0
+    assert await store.transact(lambda uow: uow.events.purge(at(3))) == 2  # at(1), at(2)
+    remaining = await read(store, lambda uow: uow.events.after(0, (), 10))
+    assert [e.data["user_id"] for e in remaining] == [3, 4]
+    assert await read(store, lambda uow: uow.events.purged_through()) == remaining[0].cursor - 1
+    assert await store.transact(lambda uow: uow.events.purge(at(100))) == 1  # never the newest
+    assert [e.data["user_id"] for e in await read(store, lambda uow: uow.events.after(0, (), 10))] == [4]

@@ -152,6 +152,29 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the referral is not held for review (never flagged,
     or already reviewed).
     """
+    ERROR_REASON_EVENT_CURSOR_EXPIRED: _ErrorReason.ValueType  # 80
+    """Events and webhooks (EventService): 80-89.
+
+    OUT_OF_RANGE: the cursor is older than the events kept (the retention
+    window); ErrorInfo metadata `oldest_cursor` is the oldest cursor one can
+    resume after. Read the current state again and resume from there.
+    """
+    ERROR_REASON_EVENT_CURSOR_UNKNOWN: _ErrorReason.ValueType  # 81
+    """OUT_OF_RANGE: the cursor is past the newest event of this store (from
+    another deployment, or made up); ErrorInfo metadata `head_cursor` is the
+    newest one.
+    """
+    ERROR_REASON_WEBHOOK_ENDPOINT_NOT_FOUND: _ErrorReason.ValueType  # 82
+    """NOT_FOUND: no webhook endpoint with this id."""
+    ERROR_REASON_WEBHOOK_DELIVERY_NOT_FOUND: _ErrorReason.ValueType  # 83
+    """NOT_FOUND: no webhook delivery with this id."""
+    ERROR_REASON_WEBHOOK_URL_FORBIDDEN: _ErrorReason.ValueType  # 84
+    """INVALID_ARGUMENT: the webhook URL is not allowed: not https, or its host
+    is (or resolves to) a private, loopback or link-local address. BadRequest
+    names the field.
+    """
+    ERROR_REASON_WEBHOOK_ENDPOINT_DISABLED: _ErrorReason.ValueType  # 85
+    """FAILED_PRECONDITION: the delivery's endpoint is disabled; enable it first."""
     ERROR_REASON_HTTP_ROUTE_NOT_FOUND: _ErrorReason.ValueType  # 90
     """Sent only by the HTTP/JSON gateway, before any RPC is called.
 
@@ -178,6 +201,9 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     `google.rpc.BadRequest` with one field violation per offending field, rate
     limits add `google.rpc.RetryInfo`, and every error adds a
     `google.rpc.RequestInfo` whose `request_id` matches the server's logs.
+
+    Numbers are allocated in ranges per feature area; 80-89 belong to events
+    and webhooks (EventService), 90-99 to the HTTP/JSON gateway.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
@@ -310,6 +336,29 @@ ERROR_REASON_REFERRAL_NOT_HELD: ErrorReason.ValueType  # 73
 """FAILED_PRECONDITION: the referral is not held for review (never flagged,
 or already reviewed).
 """
+ERROR_REASON_EVENT_CURSOR_EXPIRED: ErrorReason.ValueType  # 80
+"""Events and webhooks (EventService): 80-89.
+
+OUT_OF_RANGE: the cursor is older than the events kept (the retention
+window); ErrorInfo metadata `oldest_cursor` is the oldest cursor one can
+resume after. Read the current state again and resume from there.
+"""
+ERROR_REASON_EVENT_CURSOR_UNKNOWN: ErrorReason.ValueType  # 81
+"""OUT_OF_RANGE: the cursor is past the newest event of this store (from
+another deployment, or made up); ErrorInfo metadata `head_cursor` is the
+newest one.
+"""
+ERROR_REASON_WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason.ValueType  # 82
+"""NOT_FOUND: no webhook endpoint with this id."""
+ERROR_REASON_WEBHOOK_DELIVERY_NOT_FOUND: ErrorReason.ValueType  # 83
+"""NOT_FOUND: no webhook delivery with this id."""
+ERROR_REASON_WEBHOOK_URL_FORBIDDEN: ErrorReason.ValueType  # 84
+"""INVALID_ARGUMENT: the webhook URL is not allowed: not https, or its host
+is (or resolves to) a private, loopback or link-local address. BadRequest
+names the field.
+"""
+ERROR_REASON_WEBHOOK_ENDPOINT_DISABLED: ErrorReason.ValueType  # 85
+"""FAILED_PRECONDITION: the delivery's endpoint is disabled; enable it first."""
 ERROR_REASON_HTTP_ROUTE_NOT_FOUND: ErrorReason.ValueType  # 90
 """Sent only by the HTTP/JSON gateway, before any RPC is called.
 

@@ -276,6 +276,49 @@ class ReferralNotHeld(ReferralError):
     REASON = "REFERRAL_NOT_HELD"
 
 
+class EventCursorExpired(ReferralError):
+    """Events and webhooks (EventService): 80-89. OUT_OF_RANGE: the cursor is older than the events
+    kept (the retention window); ErrorInfo metadata `oldest_cursor` is the oldest cursor one can
+    resume after. Read the current state again and resume from there.
+    """
+
+    REASON = "EVENT_CURSOR_EXPIRED"
+
+
+class EventCursorUnknown(ReferralError):
+    """OUT_OF_RANGE: the cursor is past the newest event of this store (from another deployment, or
+    made up); ErrorInfo metadata `head_cursor` is the newest one.
+    """
+
+    REASON = "EVENT_CURSOR_UNKNOWN"
+
+
+class WebhookEndpointNotFound(ReferralError):
+    """NOT_FOUND: no webhook endpoint with this id."""
+
+    REASON = "WEBHOOK_ENDPOINT_NOT_FOUND"
+
+
+class WebhookDeliveryNotFound(ReferralError):
+    """NOT_FOUND: no webhook delivery with this id."""
+
+    REASON = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
+class WebhookUrlForbidden(ReferralError):
+    """INVALID_ARGUMENT: the webhook URL is not allowed: not https, or its host is (or resolves to)
+    a private, loopback or link-local address. BadRequest names the field.
+    """
+
+    REASON = "WEBHOOK_URL_FORBIDDEN"
+
+
+class WebhookEndpointDisabled(ReferralError):
+    """FAILED_PRECONDITION: the delivery's endpoint is disabled; enable it first."""
+
+    REASON = "WEBHOOK_ENDPOINT_DISABLED"
+
+
 class HttpRouteNotFound(ReferralError):
     """Sent only by the HTTP/JSON gateway, before any RPC is called. NOT_FOUND (HTTP 404): no RPC
     is bound to this HTTP path.
@@ -345,6 +388,12 @@ BY_REASON: dict[str, type[ReferralError]] = {
     ConversionNotFound.REASON: ConversionNotFound,
     ReferralNotFound.REASON: ReferralNotFound,
     ReferralNotHeld.REASON: ReferralNotHeld,
+    EventCursorExpired.REASON: EventCursorExpired,
+    EventCursorUnknown.REASON: EventCursorUnknown,
+    WebhookEndpointNotFound.REASON: WebhookEndpointNotFound,
+    WebhookDeliveryNotFound.REASON: WebhookDeliveryNotFound,
+    WebhookUrlForbidden.REASON: WebhookUrlForbidden,
+    WebhookEndpointDisabled.REASON: WebhookEndpointDisabled,
     HttpRouteNotFound.REASON: HttpRouteNotFound,
     HttpMethodNotAllowed.REASON: HttpMethodNotAllowed,
     HttpRequestTooLarge.REASON: HttpRequestTooLarge,
@@ -363,6 +412,8 @@ __all__ = [
     "EmailTokenUsed",
     "EmailUndeliverable",
     "EmailVerificationUnavailable",
+    "EventCursorExpired",
+    "EventCursorUnknown",
     "HttpMethodNotAllowed",
     "HttpRequestTooLarge",
     "HttpRouteNotFound",
@@ -395,4 +446,8 @@ __all__ = [
     "TokenRevoked",
     "UserNotFound",
     "ValidationFailed",
+    "WebhookDeliveryNotFound",
+    "WebhookEndpointDisabled",
+    "WebhookEndpointNotFound",
+    "WebhookUrlForbidden",
 ]
