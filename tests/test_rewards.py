@@ -730,3 +730,46 @@ async def test_the_programme_over_http(programme: tuple[Api, FakeClock]) -> None
         assert board.status_code == 200, board.text
         bad = await http.post("/v1/conversions/bad%20id:reverse", json={}, headers=billing)
         assert bad.status_code == 400
+
+
+async def test_the_programme_emits_its_events(programme: tuple[Api, FakeClock]) -> None:
+    """Every step of the story is an event, in the transaction of its change and in order:
+    verification, conversion, qualification, the rewards held, and the refund's corrections."""
+    from referral.v1 import events_pb2
+
+    from tests.test_events import all_events
+
+    api, clock = programme
+    alice, _alice_token, code = await referrer_and_code(api)
+    bob, _ = await referee(api, code, verified=True, clock=clock)
+    billing = bearer(await service_token(api, "conversions:write"))
+    await api.referral.RecordConversion(purchase(bob.id, "inv_events_1"), metadata=billing)
+    await api.referral.ReverseConversion(
+        referral_pb2.ReverseConversionRequest(event_id="inv_events_1"), metadata=billing
+    )
+    found = [e for e in await all_events(api) if e.type not in ("user.registered", "referral_code.created")]
+    assert [e.type for e in found] == [
+        "referral.created",
+        "user.email_verified",
+        "conversion.recorded",
+        "referral.qualified",
+        "reward.held",
+        "reward.held",
+        "conversion.reversed",
+        "reward.canceled",
+        "reward.canceled",
+    ]
+    by_type: dict[str, list[events_pb2.Event]] = {}
+    for event in found:
+        by_type.setdefault(event.type, []).append(event)
+    assert by_type["user.email_verified"][0].email_verified.user_id == bob.id
+    recorded = by_type["conversion.recorded"][0].conversion_recorded
+    assert (recorded.user_id, recorded.event_id, recorded.kind) == (bob.id, "inv_events_1", "purchase")
+    qualified = by_type["referral.qualified"][0].referral_qualified
+    assert (qualified.user_id, qualified.referrer_id) == (bob.id, alice.id)
+    held = {(e.reward_held.user_id, e.reward_held.role, e.reward_held.amount) for e in by_type["reward.held"]}
+    assert held == {(bob.id, "referee", 500), (alice.id, "referrer", 1000)}
+    assert all(e.reward_held.unit == "USD" and e.reward_held.rule for e in by_type["reward.held"])
+    canceled = {(e.reward_corrected.user_id, e.reward_corrected.amount) for e in by_type["reward.canceled"]}
+    assert canceled == {(bob.id, -500), (alice.id, -1000)}
+    assert all(e.reward_corrected.reward_id for e in by_type["reward.canceled"])

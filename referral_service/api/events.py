@@ -27,6 +27,14 @@ PAYLOADS: dict[str, str] = {
     events.REFERRAL_CODE_CREATED: "referral_code_created",
     events.REFERRAL_CODE_DELETED: "referral_code_deleted",
     events.WEBHOOK_ENDPOINT_DISABLED: "webhook_endpoint_disabled",
+    events.EMAIL_VERIFIED: "email_verified",
+    events.CONVERSION_RECORDED: "conversion_recorded",
+    events.CONVERSION_REVERSED: "conversion_reversed",
+    events.REFERRAL_QUALIFIED: "referral_qualified",
+    events.REFERRAL_REJECTED: "referral_rejected",
+    events.REWARD_HELD: "reward_held",
+    events.REWARD_CANCELED: "reward_corrected",
+    events.REWARD_CLAWED_BACK: "reward_corrected",
 }
 
 _STATES = {

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from referral_service.domain import events
 from referral_service.domain import validation as v
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import (
@@ -223,6 +224,7 @@ class AccountEmails:
         user = await uow.users.get(user_id)
         assert user is not None
         if changed:
+            await uow.events.append(events.email_verified(user), now)
             for hook in self._on_verified:
                 await hook(uow, user, now)
             user = await uow.users.get(user_id)

@@ -36,6 +36,14 @@ REFERRAL_CREATED = "referral.created"
 REFERRAL_CODE_CREATED = "referral_code.created"
 REFERRAL_CODE_DELETED = "referral_code.deleted"
 WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
+EMAIL_VERIFIED = "user.email_verified"
+CONVERSION_RECORDED = "conversion.recorded"
+CONVERSION_REVERSED = "conversion.reversed"
+REFERRAL_QUALIFIED = "referral.qualified"
+REFERRAL_REJECTED = "referral.rejected"
+REWARD_HELD = "reward.held"
+REWARD_CANCELED = "reward.canceled"
+REWARD_CLAWED_BACK = "reward.clawed_back"
 
 #: Every type this server emits (a type filter naming another one is INVALID_ARGUMENT).
 #: Adding a type: a payload message in events.proto, its entry in ``api/events.py``, here.
@@ -46,6 +54,14 @@ TYPES: frozenset[str] = frozenset(
         REFERRAL_CODE_CREATED,
         REFERRAL_CODE_DELETED,
         WEBHOOK_ENDPOINT_DISABLED,
+        EMAIL_VERIFIED,
+        CONVERSION_RECORDED,
+        CONVERSION_REVERSED,
+        REFERRAL_QUALIFIED,
+        REFERRAL_REJECTED,
+        REWARD_HELD,
+        REWARD_CANCELED,
+        REWARD_CLAWED_BACK,
     }
 )
 
@@ -88,6 +104,53 @@ def referral_code_created(code: ReferralCode) -> EventDraft:
 def referral_code_deleted(code: ReferralCode) -> EventDraft:
     return EventDraft(
         REFERRAL_CODE_DELETED, {"referral_code_id": code.id, "code": code.code, "owner_id": code.owner_id}
+    )
+
+
+def email_verified(user: User) -> EventDraft:
+    return EventDraft(EMAIL_VERIFIED, {"user_id": user.id, "email": user.email})
+
+
+def conversion_recorded(user_id: int, event_id: str, kind: str, occur_time: datetime) -> EventDraft:
+    return EventDraft(
+        CONVERSION_RECORDED,
+        {"user_id": user_id, "event_id": event_id, "kind": kind, "occur_time": _time(occur_time)},
+    )
+
+
+def conversion_reversed(user_id: int, event_id: str) -> EventDraft:
+    return EventDraft(CONVERSION_REVERSED, {"user_id": user_id, "event_id": event_id})
+
+
+def referral_qualified(user_id: int, referrer_id: int) -> EventDraft:
+    return EventDraft(REFERRAL_QUALIFIED, {"user_id": user_id, "referrer_id": referrer_id})
+
+
+def referral_rejected(user_id: int, referrer_id: int) -> EventDraft:
+    return EventDraft(REFERRAL_REJECTED, {"user_id": user_id, "referrer_id": referrer_id})
+
+
+def reward_held(
+    user_id: int, referee_id: int, role: str, amount: int, unit: str, available_time: datetime, rule: str
+) -> EventDraft:
+    return EventDraft(
+        REWARD_HELD,
+        {
+            "user_id": user_id,
+            "referee_id": referee_id,
+            "role": role,
+            "amount": amount,
+            "unit": unit,
+            "available_time": _time(available_time),
+            "rule": rule,
+        },
+    )
+
+
+def reward_corrected(clawed_back: bool, reward_id: int, user_id: int, amount: int, unit: str) -> EventDraft:
+    return EventDraft(
+        REWARD_CLAWED_BACK if clawed_back else REWARD_CANCELED,
+        {"reward_id": reward_id, "user_id": user_id, "amount": amount, "unit": unit},
     )
 
 

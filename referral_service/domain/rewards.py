@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from referral_service.domain import idempotency
+from referral_service.domain import events, idempotency
 from referral_service.domain import validation as v
 from referral_service.domain.clock import utcnow
 from referral_service.domain.errors import (
@@ -453,6 +453,9 @@ class RewardService:
             ),
             now,
         )
+        await uow.events.append(
+            events.conversion_recorded(cmd.user_id, cmd.event_id, cmd.kind, occur_time), now
+        )
         await self._evaluate(uow, user, now)
         return conversion.id
 
@@ -502,6 +505,7 @@ class RewardService:
                 await uow.rewards.referral(user.id, lock=True)
             if not await uow.rewards.reverse_conversion(conversion.id, now):
                 return False
+            await uow.events.append(events.conversion_reversed(conversion.user_id, event_id), now)
             rewards = [
                 r for r in await uow.rewards.rewards_of_conversion(conversion.id) if r.correction is None
             ]
@@ -525,6 +529,12 @@ class RewardService:
             for reward in rewards:
                 kind = CANCEL if reward.state(now) is RewardState.HELD else CLAWBACK
                 await uow.rewards.bump(reward.user_id, ALL_TIME, f"{kind}:{reward.unit}", reward.amount)
+                await uow.events.append(
+                    events.reward_corrected(
+                        kind == CLAWBACK, reward.id, reward.user_id, -reward.amount, reward.unit
+                    ),
+                    now,
+                )
             referrer_id = user.referrer_id if user is not None else None
             if (
                 rewards
@@ -585,6 +595,7 @@ class RewardService:
             user.id, [ReferralState.PENDING], ReferralState.QUALIFIED, now
         ):
             tally.add(referrer_id, ALL_TIME, QUALIFIED, 1)
+            await uow.events.append(events.referral_qualified(user.id, referrer_id), now)
         if status.review is not None and status.review is not ReviewState.APPROVED:
             return []  # held for review (or rejected): rewards wait for the reviewer
         return await self._grant(uow, user.id, referrer_id, latest, now, tally)
@@ -682,6 +693,18 @@ class RewardService:
         await uow.rewards.add_entries(entries, now)
         for entry in entries:
             tally.add(entry.user_id, ALL_TIME, f"{GRANT}:{entry.unit}", entry.amount)
+            await uow.events.append(
+                events.reward_held(
+                    entry.user_id,
+                    entry.referee_id,
+                    entry.role.value,
+                    entry.amount,
+                    entry.unit,
+                    available,
+                    entry.rule,
+                ),
+                now,
+            )
         tally.add(referrer_id, ALL_TIME, QUALIFIED, -1)
         tally.add(referrer_id, ALL_TIME, REWARDED, 1)
         tally.add(referrer_id, month_of(now), REWARDED, 1)
@@ -789,6 +812,7 @@ class RewardService:
                 referee_id, [ReferralState.PENDING, ReferralState.QUALIFIED], ReferralState.REJECTED, now
             ):
                 await uow.rewards.bump(referrer_id, ALL_TIME, REJECTED, 1)
+                await uow.events.append(events.referral_rejected(referee_id, referrer_id), now)
                 if status.state is ReferralState.QUALIFIED:
                     await uow.rewards.bump(referrer_id, ALL_TIME, QUALIFIED, -1)
             reviewed = await uow.rewards.referral(referee_id)

@@ -37,6 +37,13 @@ class Event(_message.Message):
     REFERRAL_CODE_CREATED_FIELD_NUMBER: _builtins.int
     REFERRAL_CODE_DELETED_FIELD_NUMBER: _builtins.int
     WEBHOOK_ENDPOINT_DISABLED_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
+    CONVERSION_RECORDED_FIELD_NUMBER: _builtins.int
+    CONVERSION_REVERSED_FIELD_NUMBER: _builtins.int
+    REFERRAL_QUALIFIED_FIELD_NUMBER: _builtins.int
+    REFERRAL_REJECTED_FIELD_NUMBER: _builtins.int
+    REWARD_HELD_FIELD_NUMBER: _builtins.int
+    REWARD_CORRECTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id of the event (`evt_` and 24 hex digits): de-duplicate on it."""
     cursor: _builtins.int
@@ -71,6 +78,34 @@ class Event(_message.Message):
     def webhook_endpoint_disabled(self) -> Global___WebhookEndpointDisabledEvent:
         """Set for `webhook_endpoint.disabled`."""
 
+    @_builtins.property
+    def email_verified(self) -> Global___EmailVerifiedEvent:
+        """Set for `user.email_verified`."""
+
+    @_builtins.property
+    def conversion_recorded(self) -> Global___ConversionRecordedEvent:
+        """Set for `conversion.recorded`."""
+
+    @_builtins.property
+    def conversion_reversed(self) -> Global___ConversionReversedEvent:
+        """Set for `conversion.reversed`."""
+
+    @_builtins.property
+    def referral_qualified(self) -> Global___ReferralQualifiedEvent:
+        """Set for `referral.qualified`."""
+
+    @_builtins.property
+    def referral_rejected(self) -> Global___ReferralRejectedEvent:
+        """Set for `referral.rejected`."""
+
+    @_builtins.property
+    def reward_held(self) -> Global___RewardHeldEvent:
+        """Set for `reward.held`."""
+
+    @_builtins.property
+    def reward_corrected(self) -> Global___RewardCorrectedEvent:
+        """Set for `reward.canceled` and `reward.clawed_back`."""
+
     def __init__(
         self,
         *,
@@ -83,12 +118,19 @@ class Event(_message.Message):
         referral_code_created: Global___ReferralCodeCreatedEvent | None = ...,
         referral_code_deleted: Global___ReferralCodeDeletedEvent | None = ...,
         webhook_endpoint_disabled: Global___WebhookEndpointDisabledEvent | None = ...,
+        email_verified: Global___EmailVerifiedEvent | None = ...,
+        conversion_recorded: Global___ConversionRecordedEvent | None = ...,
+        conversion_reversed: Global___ConversionReversedEvent | None = ...,
+        referral_qualified: Global___ReferralQualifiedEvent | None = ...,
+        referral_rejected: Global___ReferralRejectedEvent | None = ...,
+        reward_held: Global___RewardHeldEvent | None = ...,
+        reward_corrected: Global___RewardCorrectedEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "referral_code_created", b"referral_code_created", "referral_code_deleted", b"referral_code_deleted", "referral_created", b"referral_created", "time", b"time", "user_registered", b"user_registered", "webhook_endpoint_disabled", b"webhook_endpoint_disabled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversion_recorded", b"conversion_recorded", "conversion_reversed", b"conversion_reversed", "email_verified", b"email_verified", "payload", b"payload", "referral_code_created", b"referral_code_created", "referral_code_deleted", b"referral_code_deleted", "referral_created", b"referral_created", "referral_qualified", b"referral_qualified", "referral_rejected", b"referral_rejected", "reward_corrected", b"reward_corrected", "reward_held", b"reward_held", "time", b"time", "user_registered", b"user_registered", "webhook_endpoint_disabled", b"webhook_endpoint_disabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "id", b"id", "payload", b"payload", "referral_code_created", b"referral_code_created", "referral_code_deleted", b"referral_code_deleted", "referral_created", b"referral_created", "time", b"time", "type", b"type", "user_registered", b"user_registered", "webhook_endpoint_disabled", b"webhook_endpoint_disabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_recorded", b"conversion_recorded", "conversion_reversed", b"conversion_reversed", "cursor", b"cursor", "email_verified", b"email_verified", "id", b"id", "payload", b"payload", "referral_code_created", b"referral_code_created", "referral_code_deleted", b"referral_code_deleted", "referral_created", b"referral_created", "referral_qualified", b"referral_qualified", "referral_rejected", b"referral_rejected", "reward_corrected", b"reward_corrected", "reward_held", b"reward_held", "time", b"time", "type", b"type", "user_registered", b"user_registered", "webhook_endpoint_disabled", b"webhook_endpoint_disabled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "referral_created", "referral_code_created", "referral_code_deleted", "webhook_endpoint_disabled"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "referral_created", "referral_code_created", "referral_code_deleted", "webhook_endpoint_disabled", "email_verified", "conversion_recorded", "conversion_reversed", "referral_qualified", "referral_rejected", "reward_held", "reward_corrected"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -111,7 +153,7 @@ class UserRegisteredEvent(_message.Message):
     referrer_id: _builtins.int
     """Who referred them (0 when nobody did)."""
     is_verified: _builtins.bool
-    """Whether the email was verified at registration."""
+    """Always false: the owner proves the address later (`user.email_verified`)."""
     def __init__(
         self,
         *,
@@ -127,6 +169,236 @@ class UserRegisteredEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UserRegisteredEvent: _TypeAlias = UserRegisteredEvent  # noqa: Y015
+
+@_typing.final
+class EmailVerifiedEvent(_message.Message):
+    """`user.email_verified`: the owner proved the address (a verification link
+    or code, or a password reset).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user's id."""
+    email: _builtins.str
+    """The address verified."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailVerifiedEvent: _TypeAlias = EmailVerifiedEvent  # noqa: Y015
+
+@_typing.final
+class ConversionRecordedEvent(_message.Message):
+    """`conversion.recorded`: a service reported a conversion (RecordConversion)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user who converted."""
+    event_id: _builtins.str
+    """The reporting service's id of the conversion."""
+    kind: _builtins.str
+    """What the user did (`purchase`, `activation`, ...)."""
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened, as reported."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "kind", b"kind", "occur_time", b"occur_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversionRecordedEvent: _TypeAlias = ConversionRecordedEvent  # noqa: Y015
+
+@_typing.final
+class ConversionReversedEvent(_message.Message):
+    """`conversion.reversed`: a conversion was reversed (ReverseConversion, a
+    refund).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user who converted."""
+    event_id: _builtins.str
+    """The reporting service's id of the conversion."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversionReversedEvent: _TypeAlias = ConversionReversedEvent  # noqa: Y015
+
+@_typing.final
+class ReferralQualifiedEvent(_message.Message):
+    """`referral.qualified`: a referral met the programme's rules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REFERRER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The referred user's id."""
+    referrer_id: _builtins.int
+    """The referrer's id."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        referrer_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referrer_id", b"referrer_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferralQualifiedEvent: _TypeAlias = ReferralQualifiedEvent  # noqa: Y015
+
+@_typing.final
+class ReferralRejectedEvent(_message.Message):
+    """`referral.rejected`: a reviewer rejected a referral held for review."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REFERRER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The referred user's id."""
+    referrer_id: _builtins.int
+    """The referrer's id."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        referrer_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referrer_id", b"referrer_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferralRejectedEvent: _TypeAlias = ReferralRejectedEvent  # noqa: Y015
+
+@_typing.final
+class RewardHeldEvent(_message.Message):
+    """`reward.held`: a reward was granted and is held until `available_time`
+    (it becomes available then without a further event).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REFEREE_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    AVAILABLE_TIME_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """Who gets it."""
+    referee_id: _builtins.int
+    """The referral's referred user."""
+    role: _builtins.str
+    """`referrer` or `referee`."""
+    amount: _builtins.int
+    """The amount in minor units of `unit`."""
+    unit: _builtins.str
+    """`USD`, `points`, ..."""
+    rule: _builtins.str
+    """The programme rule that produced it."""
+    @_builtins.property
+    def available_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold ends."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        referee_id: _builtins.int = ...,
+        role: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        unit: _builtins.str = ...,
+        available_time: _timestamp_pb2.Timestamp | None = ...,
+        rule: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_time", b"available_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "available_time", b"available_time", "referee_id", b"referee_id", "role", b"role", "rule", b"rule", "unit", b"unit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardHeldEvent: _TypeAlias = RewardHeldEvent  # noqa: Y015
+
+@_typing.final
+class RewardCorrectedEvent(_message.Message):
+    """`reward.canceled` (while held) or `reward.clawed_back` (after it became
+    available): a correction entry for a reversed conversion.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWARD_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    reward_id: _builtins.int
+    """The id of the reward corrected."""
+    user_id: _builtins.int
+    """Whose reward it is."""
+    amount: _builtins.int
+    """The correction in minor units (negative)."""
+    unit: _builtins.str
+    """`USD`, `points`, ..."""
+    def __init__(
+        self,
+        *,
+        reward_id: _builtins.int = ...,
+        user_id: _builtins.int = ...,
+        amount: _builtins.int = ...,
+        unit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "reward_id", b"reward_id", "unit", b"unit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardCorrectedEvent: _TypeAlias = RewardCorrectedEvent  # noqa: Y015
 
 @_typing.final
 class ReferralCreatedEvent(_message.Message):
