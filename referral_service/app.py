@@ -772,7 +772,9 @@ class App:
     _housekeeper: asyncio.Task[None] | None = None
     #: PostgreSQL only: wakes the event feed and webhook worker on other workers' commits.
     event_listener: EventListener | None = None
-    _start_failed: bool = False
+    #: Set once start() has begun serving: a process stopped before (a failed start-up, or a
+    #: sibling worker's failure ending it) leaves the one line the operator reads alone.
+    _serving: bool = False
     #: Flushes the per-process metric accumulators (``metrics.py``); made by ``build_app``.
     metrics_flusher: metrics.Flusher | None = None
 
@@ -834,7 +836,6 @@ class App:
             with self._untraced():
                 await self.db.wait_until_reachable(self.settings.database.startup_timeout_seconds)
         except DatabaseUnreachable as error:
-            self._start_failed = True  # the one line the operator reads is the error's
             raise StartupError(str(error)) from None
         if self.stores.revocations.shared:
             await self.services.revocations.resync()
@@ -853,6 +854,7 @@ class App:
         # Sends what earlier runs left pending (shutdown, crash) at once.
         self.services.webhook_worker.start()
         await self.server.start()
+        self._serving = True
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping_loop())
         if self.enrichment is not None:
             # Picks up lookups left pending by an earlier run (shutdown, crash) at once.
@@ -948,7 +950,7 @@ class App:
         self.services.hasher.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes the last spans
-        if not self._start_failed:
+        if self._serving:
             log.info("stopped")
 
 

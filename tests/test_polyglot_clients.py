@@ -66,6 +66,8 @@ def test_go_templates_generate_our_code_with_googles_published_packages(tmp_path
             "auth.pb.go",
             "auth_grpc.pb.go",
             "errors.pb.go",
+            "events.pb.go",
+            "events_grpc.pb.go",
             "options.pb.go",
             "referral.pb.go",
             "referral_grpc.pb.go",

@@ -157,7 +157,8 @@ def test_an_unreachable_database_is_one_line_and_exit_code_1_after_a_bounded_wai
     }
     code, output = run(tmp_path, *args, env=env)
     assert code == 1, output
-    (line,) = lines(output)  # one line, from one worker or the only process; no restart
+    assert len(lines(output)) == 1, output  # one line, from one worker or the only process; no restart
+    (line,) = lines(output)
     assert "ERROR" in line
     assert f"cannot reach the database at postgresql+asyncpg://app:***@127.0.0.1:{port}/app after 1s" in line
     assert "hunter2secret" not in output
