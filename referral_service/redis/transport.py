@@ -195,6 +195,12 @@ class RedisTransport:
             return None
         future = self._batch.call(script, keys, args)
         future.add_done_callback(self._account)
+        if self._spans is not None:
+            name = self._script_names.get(script.sha, "script")
+            span = self._spans.start(
+                f"EVALSHA {name}", **{"db.operation.name": "EVALSHA", "db.query.summary": name}
+            )
+            future.add_done_callback(lambda _: span.end())
         return future
 
     def _account(self, future: asyncio.Future[Any]) -> None:
