@@ -57,7 +57,8 @@ def chain(spans: tuple[ReadableSpan, ...], server: ReadableSpan) -> list[Readabl
 
 def check_miss_chain(stack: Stack, spans: tuple[ReadableSpan, ...], server: ReadableSpan) -> list[str]:
     """The look-up's server span continues the caller's trace; its children are the cache look-up
-    and the rate limit (queued together: one round trip), the database query and the cache fill, in that order."""
+    and the rate limit (queued together: one round trip), the database query and the cache
+    fill, in that order."""
     assert format(server.context.trace_id, "032x") == TRACE_ID
     assert server.parent is not None
     assert format(server.parent.span_id, "016x") == CALLER_SPAN
