@@ -189,7 +189,7 @@ def draw(runs: Path = RUNS, out: Path = CHARTS) -> list[Path]:
     ax.set_yticks(list(positions), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(
-        "ms per call, client side (log scale; closed loop: 64 calls in flight, or 16 for python-client rows)"
+        "ms per call, client side (log scale; closed loop: each scenario's concurrency is in bench/README.md)"
     )
     ax.legend(loc="lower right")
     ax.set_title(_title(latest), fontsize=9)
