@@ -13,7 +13,8 @@ per run, and the charts are redrawn from all of them:
   runs; the machine is shared and drifts, absolute calls/s do not compare);
 - ``latency.png``: p50 and p99 per scenario and stack in the latest run (client side, log scale);
 - ``history.png``: the ratio to echo of the headline scenarios over every run of the same mode,
-  one line per scenario and stack, the x axis the runs in time order labelled by commit.
+  one line per scenario and stack (dashed: in-process cache), the x axis the runs in time order
+  labelled by commit.
 """
 
 from __future__ import annotations
@@ -210,9 +211,13 @@ def draw(runs: Path = RUNS, out: Path = CHARTS) -> list[Path]:
             if ratio is not None:
                 series.setdefault(_label(r), {})[index] = ratio
     fig, ax = plt.subplots(figsize=(12, 6))
-    for name, points in sorted(series.items()):
+    colours = plt.get_cmap("tab20").colors
+    for number, (name, points) in enumerate(sorted(series.items())):
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+        style = "--" if "memory]" in name else "-"  # in-process cache dashed, Redis solid
+        ax.plot(
+            xs, [points[x] for x in xs], marker="o", linestyle=style, color=colours[number % 20], label=name
+        )
     ticks = [
         f"{(r.get('machine', {}).get('commit') or '?')[:7]}\n{r['meta']['time'][5:16].replace('T', ' ')}"
         for r in same_mode
