@@ -10,7 +10,7 @@ PROTO_FILES := $(wildcard protos/referral/v1/*.proto)
 CLIENT_REASONS := clients/python/src/referral_client/_reasons.py
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test generate docs check-generated lint buf-lint buf-breaking fmt migrate clean bench bench-events bench-full common-passwords fuzz soak
+.PHONY: help install run test generate docs check-generated lint buf-lint buf-breaking fmt migrate clean bench bench-charts bench-events bench-full common-passwords fuzz soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -110,6 +110,9 @@ bench: $(STAMP) ## benchmark against a bare grpc.aio echo server (short mode, < 
 
 bench-events: $(STAMP) ## WatchEvents commit-to-watcher latency, 100 watchers, PostgreSQL, two workers
 	$(PY) -m bench.events
+
+bench-charts: $(STAMP) ## redraw bench/results/charts/ from the run files in bench/results/runs/
+	$(PY) -m bench.charts
 
 bench-full: $(STAMP) ## the full benchmark (1,000,000 referrals, longer runs)
 	@command -v h2load >/dev/null || (echo "h2load is missing: apt-get install nghttp2-client"; exit 1)

@@ -10,7 +10,8 @@ grpc.aio client instead. The cached look-up is also loaded as HTTP/JSON (``h2loa
 gateway's port, same service process), and the server CPU per HTTP request is compared with the
 gRPC call's and with the predecessor FastAPI service's (a recorded constant). For every scenario the harness reads the server's CPU time and peak RSS
 from /proc, computes p50/p99 from h2load's per-request log, prints a Markdown table and writes
-JSON next to it (bench/results/).
+JSON next to it (bench/results/); each run is also kept as its own JSON file with the machine's
+description (bench/results/runs/) and drawn as PNG charts (bench/results/charts/, bench/charts.py).
 """
 
 from __future__ import annotations
@@ -202,13 +203,20 @@ def start_echo(workdir: Path, loop: str) -> Server:
     )
 
 
+def _other_port(taken: int) -> int:
+    """A free port other than ``taken`` (the kernel may hand out a just-released port again)."""
+    while (port := free_port()) == taken:
+        pass
+    return port
+
+
 def start_service(workdir: Path, database_url: str, redis_url: str | None, loop: str, **env: str) -> Server:
     port = free_port()
     variables = {k: v for k, v in os.environ.items() if not k.startswith("REFERRAL_")}
     variables.update(
         {
             "REFERRAL_GRPC_PORT": str(port),
-            "REFERRAL_HTTP_PORT": str(free_port()),
+            "REFERRAL_HTTP_PORT": str(_other_port(port)),
             "REFERRAL_DATABASE_URL": database_url,
             "REFERRAL_DATA_DIR": str(workdir),
             "REFERRAL_JWT_SECRET": SECRET,
@@ -1163,6 +1171,14 @@ def main() -> None:
     print()
     print(text)
     print(f"\nwritten to {args.out}/{name}.json and .md in {report['meta']['wall_s']}s")
+    from bench.charts import record
+
+    try:
+        run_file = record(report, args.out / "runs", args.out / "charts")
+    except ImportError as error:  # matplotlib missing: keep the run, skip the charts
+        run_file = record(report, args.out / "runs", None)
+        print(f"charts not drawn ({error}): pip install -e '.[bench]'")
+    print(f"this run: {run_file}; charts in {args.out}/charts/")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from referral_service.domain.ports import (
     UnitOfWork,
     VersionedCache,
 )
-from referral_service.domain.referrals import ReferralService
+from referral_service.domain.referrals import ReferralService, code_by_email_cache_key
 from referral_service.domain.revocations import Revocations
 from referral_service.domain.rewards import NO_PROGRAM, Program, RewardService, RulesError, parse_rules
 from referral_service.domain.service_accounts import SCOPES, ServiceAccountService
@@ -121,6 +121,9 @@ class FastStores:
     ping: Callable[[], Awaitable[bool]]
     #: Stops background work and closes connections.
     close: Callable[[], Awaitable[None]]
+    #: Starts a look-up of the versioned cache early (``RedisCache.prefetch``), so that it
+    #: shares the rate limit's round trip; None when there is no round trip to share.
+    prefetch: Callable[[str], None] | None = None
 
 
 def build_fast_stores(
@@ -161,6 +164,7 @@ def build_fast_stores(
             backend="redis",
             ping=transport.ping,
             close=close,
+            prefetch=cache.prefetch,
         )
 
     async def always_up() -> bool:
@@ -564,6 +568,7 @@ def build_pipeline(
     limiter: RateLimiter,
     trust: KeyValueCache,
     service_accounts: ServiceAccountService,
+    prefetch: Callable[[str], None] | None = None,
 ) -> Pipeline:
     """Authentication from ``(referral.v1.access)``, the limits the protos declare with
     ``(referral.v1.rate_limit)`` at the configured rates, error mapping, access log."""
@@ -579,6 +584,7 @@ def build_pipeline(
                 trust,
                 limits.trust_ttl.total_seconds(),
                 limits.service_rates,
+                _prefetches(prefetch),
             )
             if limits.enabled
             else None
@@ -589,6 +595,20 @@ def build_pipeline(
     except RuntimeError as error:
         raise StartupError(str(error)) from None
     return Pipeline(authentication, rate_limits)
+
+
+def _prefetches(prefetch: Callable[[str], None] | None) -> dict[str, Callable[[Any], None]]:
+    """The cached look-up's cache read starts before its rate limit is taken: both scripts
+    leave in one batch, one Redis round trip per call."""
+    if prefetch is None:
+        return {}
+
+    def code_by_email(request: Any) -> None:
+        key = code_by_email_cache_key(request.email)
+        if key is not None:
+            prefetch(key)
+
+    return {"/referral.v1.ReferralService/GetReferralCodeByEmail": code_by_email}
 
 
 @dataclass(frozen=True)
@@ -993,7 +1013,9 @@ async def build_app(
         health.add_component,
     )
 
-    pipeline = build_pipeline(settings, services.auth, fast.limiter, fast.values, services.service_accounts)
+    pipeline = build_pipeline(
+        settings, services.auth, fast.limiter, fast.values, services.service_accounts, fast.prefetch
+    )
     servicers = Servicers(
         AuthServicer(services.auth, services.service_accounts, services.accounts, client_of(settings)),
         ReferralServicer(services.referrals, services.rewards),

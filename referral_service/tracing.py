@@ -109,6 +109,11 @@ class ClientSpans:
         ) as span:
             yield span
 
+    def start(self, name: str, **attributes: Any) -> Any:
+        """A span started now, a child of the current one, without becoming current (for a
+        call that is queued now and awaited later); the caller ends it."""
+        return self._tracer.start_span(name, kind=self._kind, attributes={**self._attributes, **attributes})
+
 
 class HttpServerSpans:
     """The gateway's server span per HTTP request: continues the caller's ``traceparent``, is

@@ -1,6 +1,10 @@
 """A loopback TCP proxy that tests (and the soak) can cut: ``refuse`` (connections reset at
 once, like a stopped server) or ``hang`` (connections accepted, nothing ever answered, like a
-frozen one), then ``restore``. It fronts Redis or PostgreSQL alike."""
+frozen one), then ``restore``. It fronts Redis or PostgreSQL alike.
+
+It also records the client's *round trips*: ``requests`` holds, per connection, each burst of
+bytes the client sent before the server answered (a pipeline of commands is one burst, however
+the kernel splits it), so a test can count round trips and the commands in each."""
 
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ class Proxy:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        #: The client's round trips, in order: (connection number, bytes sent before an answer).
+        self.requests: list[tuple[int, bytes]] = []
+        self._connections = 0
 
     async def start(self) -> Proxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -48,13 +55,24 @@ class Proxy:
             writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
+        self._connections += 1
+        connection = self._connections
+        current = [-1]  # this connection's round trip in ``requests``; -1: the server answered
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            upstream = dst is up_writer
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
                     if self.mode != "up":
                         # frozen: swallow the bytes, answer nothing
                         continue
+                    if not upstream:
+                        current[0] = -1
+                    elif current[0] < 0:
+                        current[0] = len(self.requests)
+                        self.requests.append((connection, data))
+                    else:
+                        self.requests[current[0]] = (connection, self.requests[current[0]][1] + data)
                     dst.write(data)
                     await dst.drain()
             with contextlib.suppress(Exception):

@@ -210,3 +210,34 @@ async def test_lookups_recover_when_redis_forgets_its_scripts(api: Api) -> None:
         await client.aclose()
     results = await asyncio.gather(*(_lookup(api, email) for email, _, _ in owners for _ in range(5)))
     assert [r.code for r in results] == [code.code for _, _, code in owners for _ in range(5)]
+
+
+def _round_trips(proxy: Proxy) -> list[bytes]:
+    """The round trips the server made to Redis since the last call, the health probe's PINGs
+    left out (they run on their own schedule)."""
+    sent = [data for _, data in proxy.requests if not data.upper().endswith(b"PING\r\n")]
+    proxy.requests.clear()
+    return sent
+
+
+async def test_a_cached_lookup_costs_one_redis_round_trip(proxied: tuple[Api, Proxy]) -> None:
+    """GetReferralCodeByEmail on a warm cache: its rate limit and its cache read leave in one
+    batch (two scripts, one write and one read), counted at a proxy in front of Redis."""
+    api, proxy = proxied
+    email, _, code = await _owner_with_code(api)
+    assert (await _lookup(api, email)).code == code.code  # a miss: fills the cache
+    _round_trips(proxy)
+    for _ in range(5):
+        assert (await _lookup(api, email)).code == code.code
+    sent = _round_trips(proxy)
+    assert len(sent) == 5, sent
+    assert all(data.count(b"EVALSHA") == 2 for data in sent), sent
+
+    # A miss: the same round trip, then the fill.
+    unknown = api.unique_email()
+    await expect_error(_lookup(api, unknown), grpc.StatusCode.NOT_FOUND, "REFERRAL_CODE_NOT_FOUND")
+    sent = _round_trips(proxy)
+    assert [data.count(b"EVALSHA") for data in sent] == [2, 1], sent
+    # ... and the negative answer is a hit of one round trip from then on.
+    await expect_error(_lookup(api, unknown), grpc.StatusCode.NOT_FOUND, "REFERRAL_CODE_NOT_FOUND")
+    assert [data.count(b"EVALSHA") for data in _round_trips(proxy)] == [2]

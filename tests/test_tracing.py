@@ -56,8 +56,9 @@ def chain(spans: tuple[ReadableSpan, ...], server: ReadableSpan) -> list[Readabl
 
 
 def check_miss_chain(stack: Stack, spans: tuple[ReadableSpan, ...], server: ReadableSpan) -> list[str]:
-    """The look-up's server span continues the caller's trace; its children are the rate limit,
-    the cache look-up, the database query and the cache fill, in that order."""
+    """The look-up's server span continues the caller's trace; its children are the cache look-up
+    and the rate limit (queued together: one round trip), the database query and the cache
+    fill, in that order."""
     assert format(server.context.trace_id, "032x") == TRACE_ID
     assert server.parent is not None
     assert format(server.parent.span_id, "016x") == CALLER_SPAN
@@ -85,7 +86,8 @@ def check_miss_chain(stack: Stack, spans: tuple[ReadableSpan, ...], server: Read
             for child in children
             if child.attributes and child.attributes.get("db.system") == "redis"
         ]
-        assert redis == ["EVALSHA rate_limit", "EVALSHA cache.lookup", "EVALSHA cache.fill"], names
+        # The look-up is queued first, then the rate limit: both leave in one round trip.
+        assert redis == ["EVALSHA cache.lookup", "EVALSHA rate_limit", "EVALSHA cache.fill"], names
         first_query = names.index(queries[0].name)
         assert names.index("EVALSHA cache.lookup") < first_query < names.index("EVALSHA cache.fill")
     return names

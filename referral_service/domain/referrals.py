@@ -69,6 +69,13 @@ def _cache_key(email_key: str) -> str:
     return f"public-code-by-email:{email_key}"
 
 
+def code_by_email_cache_key(email_raw: str) -> str | None:
+    """The cache key ``code_by_email(email_raw)`` will look up (None for an invalid email), so
+    that the look-up can be started before the call's rate limit is taken."""
+    parsed = v.parse_email(email_raw)
+    return None if isinstance(parsed, FieldViolation) else _cache_key(parsed.key)
+
+
 def _encode(code: PublicCode) -> bytes:
     """Only the public projection is cached: nothing in the cache is more than the look-up
     returns to anyone."""

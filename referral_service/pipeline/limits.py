@@ -237,8 +237,12 @@ class RateLimits:
         trust: KeyValueCache | None = None,
         trust_seconds: float = TRUST_SECONDS,
         service_rates: Mapping[str, Rate] | None = None,
+        prefetch: Mapping[str, Callable[[Any], None]] | None = None,
     ) -> None:
         self._limiter = limiter
+        #: Per method: starts, from the request, work that can share the round trip of the
+        #: limits (the look-up's cache read), before the limits are taken.
+        self._prefetch = dict(prefetch or {})
         self._service_rates = dict(service_rates or {})
         self._rules = {method: tuple(found) for method, found in rules.items() if found}
         self.address = address
@@ -262,8 +266,11 @@ class RateLimits:
         trust: KeyValueCache | None = None,
         trust_seconds: float = TRUST_SECONDS,
         service_rates: Mapping[str, Rate] | None = None,
+        prefetch: Mapping[str, Callable[[Any], None]] | None = None,
     ) -> RateLimits:
-        return cls(limiter, declared_rules(services, rates), address, trust, trust_seconds, service_rates)
+        return cls(
+            limiter, declared_rules(services, rates), address, trust, trust_seconds, service_rates, prefetch
+        )
 
     def stage(self, method: str) -> Stage | None:
         """The method's rate-limit stage; None when it has no limits."""
@@ -271,9 +278,12 @@ class RateLimits:
         if not rules:
             return None
         resolve = self.address.resolve
+        prefetch = self._prefetch.get(method)
 
         def wrap(inner: Handler) -> Handler:
             async def limited(request: Any, call: Call) -> Any:
+                if prefetch is not None:
+                    prefetch(request)  # queued now: leaves in the same batch as the limits
                 service = call.principal if call.principal is not None and call.principal.is_service else None
                 if service is None:
                     client = resolve(call.peer, call.forwarded)

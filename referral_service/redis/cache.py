@@ -13,6 +13,14 @@ If an invalidation cannot reach Redis, this process stops using the cache until 
 the global epoch, which makes every value written before the outage unreadable for every
 replica (a cached value carries the epoch and version it was filled under).
 
+A look-up can be *started early* (``prefetch(key)``): the rate-limit stage starts the
+look-up of ``GetReferralCodeByEmail`` before taking its rate-limit event, so that both
+scripts leave in the same batch of the auto-pipeline (one round trip per call instead of two).
+The started look-up is remembered for the current task (a context variable) and the next
+``lookup(key)`` in that task uses its answer. It is an ordinary look-up taken a moment earlier,
+within the same call: its stamp guards the fill as any other, and an ``invalidate(key)`` in the
+task forgets it.
+
 Plain values (``get``/``set``) serve answers that are never invalidated, such as email
 verification results.
 
@@ -24,7 +32,11 @@ value).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+from typing import Any
+
+from redis.exceptions import RedisError
 
 from referral_service.domain.backoff import backoff_delay
 from referral_service.domain.ports import CacheLookup
@@ -35,6 +47,11 @@ log = logging.getLogger("referral_service.redis.cache")
 #: How long an invalidation version outlives the last invalidation of its key (longer than any
 #: value's lifetime, so that a stamp taken before it can never match again).
 _VERSION_TTL_MS = 24 * 3600 * 1000
+
+#: Look-ups started early in this task (``prefetch``), by key, waiting for their ``lookup``.
+_STARTED: contextvars.ContextVar[dict[str, asyncio.Future[Any]] | None] = contextvars.ContextVar(
+    "referral_cache_prefetched", default=None
+)
 
 _LOOKUP = """
 local v = redis.call('GET', KEYS[1])
@@ -80,11 +97,34 @@ class RedisCache:
 
     # --- versioned ---------------------------------------------------------------------------
 
+    def prefetch(self, key: str) -> None:
+        """Start the look-up of ``key`` now (it joins the next batch); the next ``lookup(key)``
+        in this task uses its answer. Nothing is started while the cache is bypassed or the
+        breaker is open."""
+        if self._dirty:
+            return
+        future = self._redis.start_script(self._lookup, self._keys(key), [])
+        if future is None:
+            return
+        started = _STARTED.get()
+        if started is None:
+            started = {}
+            _STARTED.set(started)
+        started[key] = future
+
     async def lookup(self, key: str) -> CacheLookup:
+        started = _STARTED.get()
+        future = started.pop(key, None) if started else None
         if self._dirty:
             return CacheLookup(hit=False)
         try:
-            raw, version, epoch = await self._redis.run_script(self._lookup, self._keys(key), [])
+            if future is not None:
+                try:
+                    raw, version, epoch = await future
+                except (RedisError, OSError, TimeoutError) as error:
+                    raise RedisUnavailable(str(error)) from error
+            else:
+                raw, version, epoch = await self._redis.run_script(self._lookup, self._keys(key), [])
         except RedisUnavailable:
             return CacheLookup(hit=False)
         version = _text(version)
@@ -107,6 +147,9 @@ class RedisCache:
             return
 
     async def invalidate(self, key: str) -> None:
+        started = _STARTED.get()
+        if started:
+            started.pop(key, None)
         try:
             await self._redis.run_script(self._invalidate, self._keys(key)[:2], [_VERSION_TTL_MS])
         except RedisUnavailable:

@@ -183,6 +183,35 @@ class RedisTransport:
         ):
             return await self._guarded(lambda: self._batch.call(script, keys, args), deadline=False)
 
+    def start_script(
+        self, script: AsyncScript, keys: list[Any], args: list[Any]
+    ) -> asyncio.Future[Any] | None:
+        """Queue a Lua script call now, without awaiting it: it leaves in the next batch, with
+        whatever the caller queues before yielding (so a look-up started before a rate-limit
+        check shares that check's round trip). None when the breaker is open. The breaker
+        counts the outcome when it arrives, whether or not anyone awaits the future (which
+        raises the error of a failed call)."""
+        if not self.breaker.allow():
+            return None
+        future = self._batch.call(script, keys, args)
+        future.add_done_callback(self._account)
+        if self._spans is not None:
+            name = self._script_names.get(script.sha, "script")
+            span = self._spans.start(
+                f"EVALSHA {name}", **{"db.operation.name": "EVALSHA", "db.query.summary": name}
+            )
+            future.add_done_callback(lambda _: span.end())
+        return future
+
+    def _account(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()  # also marks it retrieved: no warning for an unread future
+        if error is None:
+            self.breaker.success()
+        elif isinstance(error, (RedisError, OSError, TimeoutError)):
+            self.breaker.failure(error)
+
     async def _guarded(self, fn: Callable[[], Awaitable[T]], *, deadline: bool) -> T:
         if not self.breaker.allow():
             raise RedisUnavailable("redis circuit breaker is open")
