@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class LiveServer:
         self.env.update(env or {})
         self.process: subprocess.Popen[str] | None = None
         self.output = ""
+        #: What the server has printed so far (read by a thread while it runs).
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
 
     @property
     def target(self) -> str:
@@ -49,6 +53,9 @@ class LiveServer:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        self._lines = []
+        self._reader = threading.Thread(target=self._read, args=(self.process,), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -61,16 +68,38 @@ class LiveServer:
         self.process.kill()
         raise RuntimeError(f"server did not start:\n{self.stop()}")
 
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self._lines.append(line)
+
+    @property
+    def log(self) -> str:
+        """What the running server has printed so far."""
+        return "".join(self._lines)
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Until the server has printed ``text`` (bounded; fails with what it printed)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            if time.monotonic() > deadline or (self.process is not None and self.process.poll() is not None):
+                raise AssertionError(f"the server never printed {text!r}:\n{self.log}")
+            time.sleep(0.1)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> str:
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            out, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            out, _ = self.process.communicate()
-        self.output += out or ""
+            self.process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+            self._reader = None
+        self.output += "".join(self._lines)
+        self._lines = []
         return self.output
 
     @property

@@ -45,6 +45,7 @@ LOOKUP = {"grpc_service": "referral.v1.ReferralService", "grpc_method": "GetRefe
 async def test_a_two_worker_server_counts_the_calls_of_both_workers_in_every_scrape(tmp_path: Path) -> None:
     server = LiveServer(tmp_path, "--migrate", "--workers", "2").start()
     try:
+        await asyncio.to_thread(server.wait_for_log, "with 2 workers")  # both serve
         # One connection per call: SO_REUSEPORT spreads connections over the workers.
         for n in range(16):
             async with grpc.aio.insecure_channel(server.target) as channel:

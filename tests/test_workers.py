@@ -52,6 +52,8 @@ async def test_workers_share_the_port_are_replaced_when_they_die_and_drain_on_si
             if len(_children(server.process.pid)) >= 2:
                 break
             await asyncio.sleep(0.2)
+        # Both workers serve (a worker dying before it served stops the server instead).
+        await asyncio.to_thread(server.wait_for_log, "with 2 workers")
         workers = _children(server.process.pid)
         assert len(workers) >= 2
         for _ in range(20):
