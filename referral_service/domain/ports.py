@@ -398,9 +398,8 @@ class ServiceAccounts(Protocol):
 #: Purposes of email tokens.
 VERIFY_EMAIL = "verify_email"
 PASSWORD_RESET = "password_reset"
-#: Kinds of mail in the queue (the two token purposes, and a notice).
+#: A kind of mail in the queue besides the two token purposes: a notice.
 PASSWORD_CHANGED = "password_changed"
-MAIL_KINDS = (VERIFY_EMAIL, PASSWORD_RESET, PASSWORD_CHANGED)
 #: Messages sent, skipped or refused are kept this long (for operators), then purged.
 MAIL_RETENTION = timedelta(days=7)
 
@@ -929,10 +928,6 @@ class Verification:
     detail: str = ""
     #: A hint from the provider (Retry-After) or the circuit breaker.
     retry_after_seconds: float | None = None
-
-    @property
-    def is_verified(self) -> bool:
-        return self.status is EmailStatus.VALID
 
 
 class EmailVerifier(Protocol):
