@@ -26,6 +26,7 @@ from datetime import datetime
 from referral_service.domain.errors import FieldViolation, InvalidArgument, OutOfRange, Reason, check
 from referral_service.domain.models import Event, EventDraft, ReferralCode, User
 from referral_service.domain.ports import Store
+from referral_service.domain.tasks import BackgroundTask
 
 log = logging.getLogger("referral_service.events")
 
@@ -157,7 +158,7 @@ def reward_corrected(clawed_back: bool, reward_id: int, user_id: int, amount: in
 # --- the per-process feed ----------------------------------------------------------------------
 
 
-class EventFeed:
+class EventFeed(BackgroundTask):
     """Follows the store's newest events for the watchers of this process.
 
     While someone watches, a task reads the events after the feed's head whenever it is
@@ -165,6 +166,8 @@ class EventFeed:
     read wakes every watcher. The newest ``buffer_size`` events stay in memory: a watcher that
     is live (at or near the head) reads them from there; one further behind reads the store.
     """
+
+    task_name = "event-feed"
 
     def __init__(self, store: Store, *, poll_seconds: float = 0.25, buffer_size: int = 1024) -> None:
         self._store = store
@@ -179,23 +182,12 @@ class EventFeed:
         self._nudged = asyncio.Event()
         self._changed = asyncio.Event()
         self._watchers = 0
-        self._task: asyncio.Task[None] | None = None
+        self._task = None
         self._failing = False
 
     def nudge(self) -> None:
         """Something was committed: read now (safe from any task of this loop)."""
         self._nudged.set()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="event-feed")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     @contextlib.asynccontextmanager
     async def watching(self) -> AsyncIterator[None]:

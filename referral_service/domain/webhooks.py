@@ -54,6 +54,7 @@ from referral_service.domain.models import (
     WebhookEndpoint,
 )
 from referral_service.domain.ports import Store, Webhooks, WebhookSender
+from referral_service.domain.tasks import BackgroundTask
 
 log = logging.getLogger("referral_service.webhooks")
 
@@ -365,8 +366,10 @@ def endpoint_disabled(endpoint: WebhookEndpoint) -> EventDraft:
     )
 
 
-class WebhookWorker:
+class WebhookWorker(BackgroundTask):
     """Fans events out into deliveries and sends the due ones, in the background."""
+
+    task_name = "webhooks"
 
     def __init__(
         self,
@@ -393,7 +396,7 @@ class WebhookWorker:
         self._lease = lease
         self._now = now
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = None
         #: Whether any endpoint exists, as last read (at most ``poll_seconds`` ago, or since this
         #: process changed one): without endpoints a round touches no database at all.
         self._has_endpoints = True
@@ -407,17 +410,6 @@ class WebhookWorker:
         """An endpoint was created or changed here: read again, and look now."""
         self._endpoints_checked = float("-inf")
         self._wake.set()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="webhooks")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         failing = False

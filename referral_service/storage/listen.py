@@ -13,33 +13,25 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from referral_service.domain.tasks import BackgroundTask
 from referral_service.storage.db import Database
 from referral_service.storage.events import CHANNEL
 
 log = logging.getLogger("referral_service.events")
 
 
-class EventListener:
+class EventListener(BackgroundTask):
+    task_name = "event-listener"
+
     def __init__(
         self, database: Database, on_notify: Callable[[], None], *, check_seconds: float = 5.0
     ) -> None:
         self._database = database
         self._on_notify = on_notify
         self._check = check_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._task = None
         #: Set once the first LISTEN is in place (tests wait for it).
         self.listening = asyncio.Event()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="event-listener")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def _notified(self, *_: Any) -> None:
         self._on_notify()
